@@ -1,0 +1,48 @@
+"""lightning-dwf: sparse training by Deep Weight Factorization, as a PyTorch Lightning callback.
+
+Plain-PyTorch mechanics (no Trainer needed): :func:`factorize_`, :func:`collapse_`,
+:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`; the callback
+:class:`DWFCallback` orchestrates them inside ``Trainer.fit``.
+"""
+
+from lightning_dwf import functional
+from lightning_dwf.callback import DWFCallback, DWFLearningRateWarning
+from lightning_dwf.collapse import collapse_, collapse_state_dict
+from lightning_dwf.factorize import (
+    DEFAULT_LAYER_TYPES,
+    FactorizedTensor,
+    factor_parameters,
+    factorize_,
+    factorized_tensors,
+    is_factorized,
+)
+from lightning_dwf.functional import DEFAULT_THRESHOLD
+from lightning_dwf.init import dwf_init_
+from lightning_dwf.optim import FactorPenalty, LearningRateCheck, check_learning_rates
+from lightning_dwf.parametrization import HadamardProduct
+from lightning_dwf.report import LayerSparsity, SparsityReport, sparsity_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "DEFAULT_THRESHOLD",
+    "DWFCallback",
+    "DWFLearningRateWarning",
+    "FactorPenalty",
+    "FactorizedTensor",
+    "HadamardProduct",
+    "LayerSparsity",
+    "LearningRateCheck",
+    "SparsityReport",
+    "check_learning_rates",
+    "collapse_",
+    "collapse_state_dict",
+    "dwf_init_",
+    "factor_parameters",
+    "factorize_",
+    "factorized_tensors",
+    "functional",
+    "is_factorized",
+    "sparsity_report",
+]

@@ -1,0 +1,56 @@
+"""Argument checks shared by the plain-PyTorch functions and the callback.
+
+Every check raises early with a message that names the argument and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: Depths above this train poorly (D-Gating follow-up: no gain beyond D = 4, more instability).
+MAX_RECOMMENDED_DEPTH = 6
+
+
+def check_depth(depth: Any) -> int:
+    """Return ``depth`` if it is an int >= 2, else raise."""
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"`depth` must be an int >= 2 (the number of factors D), got {depth!r} of type {type(depth).__name__}.")
+    if depth < 2:
+        raise ValueError(f"`depth` must be >= 2 (D=2 is the lasso, D=3 the recommended default), got {depth}.")
+    return depth
+
+
+def check_nonnegative(name: str, value: Any, hint: str = "") -> float:
+    """Return ``value`` as float if it is a finite real >= 0, else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a finite float >= 0, got {value!r} of type {type(value).__name__}.{hint}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}.{hint}")
+    return float(value)
+
+
+def check_positive(name: str, value: Any, hint: str = "") -> float:
+    """Return ``value`` as float if it is a finite real > 0, else raise."""
+    value = check_nonnegative(name, value, hint)
+    if value == 0:
+        raise ValueError(f"`{name}` must be > 0, got 0.{hint}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+    return value
+
+
+def check_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """Return a tuple of glob patterns from a string or a sequence of strings."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"`{name}` must be a glob pattern or a list of glob patterns (e.g. ['encoder.*']), got {value!r}.")
+    return tuple(value)

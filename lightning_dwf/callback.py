@@ -1,0 +1,306 @@
+r"""
+DWFCallback
+===========
+
+Sparse training by Deep Weight Factorization (Kolb et al., ICLR 2025, https://arxiv.org/abs/2502.02496)
+as a Lightning callback: factorize at ``setup``, penalize the factors every optimizer step, log
+sparsity live, collapse to a plain sparse model at the end of ``fit``.
+
+.. code-block:: python
+
+    trainer = Trainer(callbacks=[DWFCallback(depth=3, lam=2e-3)])
+    trainer.fit(model)                      # model is plain and sparse again afterwards
+    MyModule.load_from_checkpoint(trainer.callbacks[0].collapsed_checkpoint_path)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_positive
+from lightning_dwf.collapse import collapse_
+from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
+from lightning_dwf.functional import DEFAULT_THRESHOLD
+from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
+from lightning_dwf.optim import FactorPenalty, check_learning_rates
+from lightning_dwf.report import SparsityReport, sparsity_report
+
+_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+class DWFLearningRateWarning(UserWarning):
+    """The factor learning rate is below the floor needed to reach exact zeros (silence with ``lr_check="off"``)."""
+
+
+class DWFCallback(Callback):
+    r"""Train a sparse model by Deep Weight Factorization and hand back a plain, collapsed one.
+
+    At ``setup`` (fit only, before the model is moved, wrapped or given an optimizer) every selected
+    weight becomes ``w = ω1 ⊙ … ⊙ ωD``. Each optimizer step the factors get the gradient of
+    ``(lam/D)·Σ_d ||ω_d||²`` (whatever optimizers and schedulers ``configure_optimizers`` returns; the
+    user's weight decay on factors is neutralized, see :mod:`lightning_dwf.optim`), which makes
+    training minimize ``loss + lam·Σ|w|^(2/D)``. Metrics ``dwf/sparsity``, ``dwf/compression_ratio``,
+    ``dwf/misalignment``, ``dwf/penalty`` and ``dwf/sparsity/<layer>`` go through ``LightningModule.log``
+    (every logger, ``ModelCheckpoint``/``EarlyStopping`` can monitor them). At the end of ``fit`` the
+    model is collapsed in place (exact zeros below ``threshold``) and written as a checkpoint that
+    ``MyModule.load_from_checkpoint`` loads without this package.
+
+    Args:
+        depth: number of factors D (>= 2; 3 recommended, 2 is the lasso).
+        lam: λ, the strength of the collapsed penalty ``lam·Σ|w|^(2/D)`` in units of a *mean*
+            training loss. Larger λ gives more zeros; see the README for measured values.
+        threshold: absolute magnitude below which collapsed weights become exact zeros
+            (default 1.19e-7, float32 epsilon).
+        layer_types: layer classes or ``torch.nn`` names to factorize (default Linear, Conv1d/2d/3d).
+        include: glob patterns of module names to factorize (default all of ``layer_types``).
+        exclude: glob patterns of module names to keep plain (e.g. ``["classifier"]``).
+        param_names: tensors to factorize on each layer (``["weight", "bias"]`` adds biases).
+        init: ``"dwf"`` (truncated variance-matched init, for training from scratch) or ``"balanced"``
+            (exact factorization of the current weights, to sparsify a pretrained model).
+        init_std: σ_w of the DWF init: ``"kaiming"`` (sqrt(2/fan_in)), ``"current"`` or a float.
+        init_eps_ratio: lower bound of the initial ``|w|`` relative to σ_w.
+        factor_lr_multiplier: scales the factors' updates, i.e. their learning rate (DWF needs larger
+            learning rates than dense training; this leaves the other parameters' LR alone).
+        lr_check: at train start, compare the factor LR with the floor needed to reach exact zeros in
+            the planned steps: ``"warn"`` (default), ``"error"`` or ``"off"``. An LR at which the
+            penalty alone diverges is always an error.
+        log_every_n_steps: metric cadence in optimizer steps (default: the Trainer's ``log_every_n_steps``).
+        log_per_layer: also log ``dwf/sparsity/<layer>``.
+        collapse_on_fit_end: collapse the model in place when ``fit`` ends.
+        collapsed_ckpt_path: where to write the collapsed checkpoint (default
+            ``<ModelCheckpoint dirpath or log dir>/dwf-collapsed.ckpt``); ignored without collapse.
+        save_collapsed: write the collapsed checkpoint.
+        verbose: print the per-layer rich table on rank zero at fit end.
+
+    Raises:
+        TypeError, ValueError: on invalid arguments, at construction.
+    """
+
+    def __init__(
+        self,
+        depth: int = 3,
+        lam: float | None = None,
+        *,
+        threshold: float = DEFAULT_THRESHOLD,
+        layer_types: LayerTypes | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        param_names: Sequence[str] = ("weight",),
+        init: Literal["dwf", "balanced"] = "dwf",
+        init_std: InitStd = "kaiming",
+        init_eps_ratio: float = DEFAULT_EPS_RATIO,
+        factor_lr_multiplier: float = 1.0,
+        lr_check: Literal["warn", "error", "off"] = "warn",
+        log_every_n_steps: int | None = None,
+        log_per_layer: bool = True,
+        collapse_on_fit_end: bool = True,
+        collapsed_ckpt_path: str | None = None,
+        save_collapsed: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        self.depth = check_depth(depth)
+        if lam is None:
+            raise ValueError("`lam` is required: the penalty strength λ in mean-loss units (e.g. DWFCallback(depth=3, lam=2e-3)).")
+        self.lam = check_nonnegative("lam", lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3.")
+        self.threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
+        self.layer_types = resolve_layer_types(layer_types)
+        self.include, self.exclude = include, exclude
+        self.param_names = tuple([param_names] if isinstance(param_names, str) else param_names)
+        self.init = check_choice("init", init, ("dwf", "balanced"))
+        if not (init_std in ("kaiming", "current") or (not isinstance(init_std, (bool, str)) and isinstance(init_std, (int, float)) and init_std > 0)):
+            raise ValueError(f"`init_std` must be 'kaiming', 'current' or a float > 0, got {init_std!r}.")
+        self.init_std = init_std
+        self.init_eps_ratio = check_positive("init_eps_ratio", init_eps_ratio)
+        self.factor_lr_multiplier = check_positive("factor_lr_multiplier", factor_lr_multiplier)
+        self.lr_check = check_choice("lr_check", lr_check, ("warn", "error", "off"))
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"`log_every_n_steps` must be an int >= 1 or None (the Trainer's value), got {log_every_n_steps!r}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.log_per_layer = log_per_layer
+        self.collapse_on_fit_end = collapse_on_fit_end
+        self.collapsed_ckpt_path = collapsed_ckpt_path
+        self.save_collapsed = save_collapsed
+        self.verbose = verbose
+
+        self.factorized_names: list[str] = []
+        self.final_report: SparsityReport | None = None
+        self.collapsed_checkpoint_path: str | None = None
+        self._penalty: FactorPenalty | None = None
+        self._last_logged_step = -1
+        self._fits_collapsed = 0
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Factorize the selected weights (fit only), before weights are restored, the model is wrapped and optimizers built."""
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"DWFCallback does not support {type(trainer.strategy).__name__} yet: sharded parameters break the "
+                "elementwise factor product and the in-place collapse. Use strategy='ddp' (or a single device)."
+            )
+        if is_overridden("configure_model", pl_module):
+            rank_zero_info("DWFCallback: calling `configure_model()` before factorizing, so that its layers exist (it must be idempotent).")
+            pl_module.configure_model()
+        # A model this callback already collapsed keeps its trained weights: continue from them exactly.
+        init = "balanced" if self._fits_collapsed else self.init
+        self.factorized_names = factorize_(
+            pl_module, self.depth, layer_types=self.layer_types, include=self.include, exclude=self.exclude,
+            param_names=self.param_names, init=init, init_std=self.init_std, eps_ratio=self.init_eps_ratio,
+        )
+        rank_zero_info(f"DWFCallback: factorized {len(self.factorized_names)} tensors with depth {self.depth} ({init} init).")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
+        precision = str(trainer.precision)
+        if precision in ("16-true", "bf16-true"):
+            rank_zero_warn(
+                f"DWFCallback with precision={precision!r}: the factors are stored in half precision and their product "
+                "loses small weights to rounding and underflow. Prefer '16-mixed' or 'bf16-mixed'."
+            )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        for opt in trainer.optimizers:
+            if scaler is not None and getattr(opt, "_step_supports_amp_scaling", False):
+                raise MisconfigurationException(
+                    f"{type(opt).__name__} unscales gradients inside step() (e.g. fused=True), after DWFCallback adds the "
+                    "penalty, which would then be scaled wrongly. Use fused=False with precision='16-mixed'."
+                )
+        self._penalty = FactorPenalty(factor_parameters(pl_module), self.lam, self.depth, self.factor_lr_multiplier)
+        self._penalty.bind(trainer.optimizers)
+        neutralized = self._penalty.user_weight_decay()
+        if neutralized:
+            rank_zero_info(
+                f"DWFCallback: the weight_decay of param groups {neutralized} is neutralized on the DWF factors; they get "
+                f"the DWF penalty (λ={self.lam:g}) instead. Other parameters keep your weight decay."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the factor learning rate against the floor and the stability limit (after a resume restored it)."""
+        if self.lr_check == "off" or self.lam == 0:
+            return
+        steps = int(trainer.estimated_stepping_batches) - trainer.global_step
+        if not math.isfinite(steps) or steps <= 0:
+            return
+        with torch.no_grad():
+            scale = max(float(t.product().pow(2).mean().sqrt()) for t in factorized_tensors(pl_module))
+        result = check_learning_rates(
+            trainer.optimizers, factor_parameters(pl_module), self.lam, self.depth, steps, scale, self.threshold, self.factor_lr_multiplier
+        )
+        if result.errors:
+            raise MisconfigurationException("DWFCallback: " + " ".join(result.errors))
+        for message in result.warnings:
+            if self.lr_check == "error":
+                raise MisconfigurationException(f"DWFCallback: {message} (lr_check='error')")
+            rank_zero_warn(f"DWFCallback: {message} Silence with lr_check='off'.", category=DWFLearningRateWarning)
+
+    # --------------------------------------------------------------- training
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """Add the penalty gradient: gradients are unscaled (AMP) and not clipped yet, once per optimizer step."""
+        if self._penalty is not None:
+            self._penalty.before_step(optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop on non-finite factors; log the metrics every ``log_every_n_steps`` optimizer steps and at epoch end."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss) and not bool(torch.isfinite(loss)):
+            self._check_finite(trainer, pl_module)
+        step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if step == self._last_logged_step or not (step % every == 0 or trainer.is_last_batch):
+            return
+        self._last_logged_step = step
+        report = sparsity_report(pl_module, self.threshold, self.lam)
+        if not report.finite:
+            self._check_finite(trainer, pl_module)
+        pl_module.log_dict(
+            report.metrics(per_layer=self.log_per_layer), on_step=True, on_epoch=False, sync_dist=False, batch_size=1
+        )
+
+    def _check_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bad = [t.name for t in factorized_tensors(pl_module) if not all(bool(torch.isfinite(f).all()) for f in t.factors)]
+        if bad:
+            lrs = sorted({float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups})
+            raise RuntimeError(
+                f"DWFCallback: the factors of {bad[:5]} became NaN/Inf at step {trainer.global_step} (learning rates {lrs}, "
+                f"depth {self.depth}). The factor learning rate is too large for this depth: lower it (or factor_lr_multiplier), "
+                "add a warm-up, or clip gradients (Trainer(gradient_clip_val=...)). No collapsed checkpoint was written."
+            )
+
+    # ---------------------------------------------------------------- the end
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Collapse in place, write the collapsed checkpoint, print the table and send final numbers to the loggers."""
+        if self._penalty is not None:
+            self._penalty.unbind()
+        if not self.collapse_on_fit_end or not factorized_tensors(pl_module):
+            return
+        report = sparsity_report(pl_module, self.threshold, self.lam)
+        if not report.finite:
+            self._check_finite(trainer, pl_module)
+        self.final_report = report
+        collapse_(pl_module, self.threshold)
+        self._fits_collapsed += 1
+        if self.save_collapsed:
+            self.collapsed_checkpoint_path = self._save_collapsed(trainer)
+        final = {f"dwf/final/{k[4:]}": v for k, v in report.metrics(per_layer=False).items()}
+        final["dwf/final/compression_ratio_all_params"] = report.compression_ratio_all
+        for logger in trainer.loggers:
+            logger.log_metrics(final, step=trainer.global_step)
+            logger.save()
+        if self.verbose and trainer.is_global_zero:
+            from rich.console import Console
+
+            Console().print(report.table(title=f"DWF (D={self.depth}, λ={self.lam:g}) — collapsed at |w| < {self.threshold:g}"))
+            if self.collapsed_checkpoint_path:
+                rank_zero_info(f"DWFCallback: collapsed checkpoint written to {self.collapsed_checkpoint_path}")
+
+    def default_collapsed_ckpt_path(self, trainer: pl.Trainer) -> str:
+        """``<ModelCheckpoint dirpath>/dwf-collapsed.ckpt``, else ``<log_dir or default_root_dir>/dwf-collapsed.ckpt``."""
+        ckpt = trainer.checkpoint_callback
+        directory = getattr(ckpt, "dirpath", None) or trainer.log_dir or trainer.default_root_dir
+        return os.path.join(directory, "dwf-collapsed.ckpt")
+
+    def _save_collapsed(self, trainer: pl.Trainer) -> str:
+        path = str(self.collapsed_ckpt_path or self.default_collapsed_ckpt_path(trainer))
+        if "://" in path:  # remote storage: the CheckpointIO plugin handles it
+            trainer.save_checkpoint(path, weights_only=True)
+            return path
+        tmp = f"{path}.tmp-{os.getpid()}"
+        if trainer.is_global_zero:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = trainer.strategy.broadcast(tmp)
+        trainer.save_checkpoint(tmp, weights_only=True)  # writes on rank zero, then barrier
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        trainer.strategy.barrier("dwf_collapsed_checkpoint")
+        return path
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"depth": self.depth, "lam": self.lam, "factorized": list(self.factorized_names)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("depth", self.depth) != self.depth:
+            raise ValueError(
+                f"The checkpoint was trained with DWFCallback(depth={state_dict['depth']}), this callback has depth={self.depth}. "
+                "Resume with the same depth."
+            )

@@ -1,0 +1,250 @@
+"""Selecting layers and factorizing their weights in place (plain PyTorch, no Lightning needed)."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_choice, check_depth, check_patterns
+from lightning_dwf.functional import balanced_factors, hadamard_product
+from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd, dwf_init_, resolve_init_std
+from lightning_dwf.parametrization import HadamardProduct
+
+#: Layers factorized by default: the weights of Linear and Conv1d/2d/3d. Biases, norm layers and
+#: embeddings stay plain unless selected explicitly.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+LayerTypes = Sequence[Union[type, str]]
+InitMode = Literal["dwf", "balanced"]
+
+
+@dataclass(frozen=True)
+class FactorizedTensor:
+    """One factorized tensor: ``module.<param_name> = ω1 ⊙ … ⊙ ωD``.
+
+    Attributes:
+        name: qualified name of the tensor in the root module (e.g. ``"net.0.weight"``).
+        module: the submodule that owns it.
+        param_name: attribute name on ``module`` (usually ``"weight"``).
+    """
+
+    name: str
+    module: nn.Module
+    param_name: str
+
+    @property
+    def factors(self) -> tuple[nn.Parameter, ...]:
+        """The D factor parameters (``original0 … original{D-1}``)."""
+        plist = self.module.parametrizations[self.param_name]
+        return tuple(getattr(plist, f"original{d}") for d in range(self.depth))
+
+    @property
+    def depth(self) -> int:
+        return self.module.parametrizations[self.param_name][0].depth
+
+    def product(self) -> Tensor:
+        """The collapsed tensor ω1 ⊙ … ⊙ ωD (computed once, without the parametrize machinery)."""
+        return hadamard_product(self.factors)
+
+
+def factorized_tensors(module: nn.Module) -> list[FactorizedTensor]:
+    """All tensors of ``module`` factorized by :func:`factorize_`, in ``named_modules`` order."""
+    found = []
+    for mod_name, mod in module.named_modules():
+        if not parametrize.is_parametrized(mod):
+            continue
+        for param_name, plist in mod.parametrizations.items():
+            if len(plist) == 1 and isinstance(plist[0], HadamardProduct):
+                found.append(FactorizedTensor(f"{mod_name}.{param_name}" if mod_name else param_name, mod, param_name))
+    return found
+
+
+def factor_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Every factor parameter of ``module`` (what the DWF penalty applies to)."""
+    return [f for t in factorized_tensors(module) for f in t.factors]
+
+
+def resolve_layer_types(layer_types: LayerTypes | None) -> tuple[type[nn.Module], ...]:
+    """Layer classes from classes or ``torch.nn`` class names (``"Linear"``, ``"torch.nn.Conv2d"``)."""
+    if layer_types is None:
+        return DEFAULT_LAYER_TYPES
+    if isinstance(layer_types, (str, type)):
+        layer_types = [layer_types]
+    resolved = []
+    for t in layer_types:
+        if isinstance(t, str):
+            cls = getattr(nn, t.rsplit(".", 1)[-1], None)
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise ValueError(f"`layer_types` entry {t!r} is not a torch.nn layer class name; use e.g. 'Linear' or 'Conv2d', or pass the class.")
+            t = cls
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"`layer_types` entries must be nn.Module subclasses or their names, got {t!r}.")
+        resolved.append(t)
+    if not resolved:
+        raise ValueError("`layer_types` is empty: nothing could be factorized. Leave it unset for Linear and Conv layers.")
+    return tuple(resolved)
+
+
+def select_tensors(
+    module: nn.Module,
+    layer_types: LayerTypes | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    param_names: Sequence[str] = ("weight",),
+) -> list[tuple[str, nn.Module, str]]:
+    """The ``(qualified_name, module, param_name)`` targets that :func:`factorize_` would factorize.
+
+    A target is a tensor ``param_name`` of a submodule of one of ``layer_types`` whose qualified
+    module name matches an ``include`` glob pattern (all modules when ``include`` is None) and no
+    ``exclude`` pattern. Tensors that are already factorized are included; others must be Parameters.
+
+    Raises:
+        ValueError: if an ``include`` pattern matches no module of the selected types.
+    """
+    types = resolve_layer_types(layer_types)
+    include_p, exclude_p = check_patterns("include", include), check_patterns("exclude", exclude)
+    if isinstance(param_names, str):
+        param_names = (param_names,)
+    candidates = [(n, m) for n, m in module.named_modules() if isinstance(m, types)]
+    for pattern in include_p:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in candidates):
+            raise ValueError(
+                f"`include` pattern {pattern!r} matches no {'/'.join(t.__name__ for t in types)} module; "
+                f"candidates are {[n for n, _ in candidates][:10]}. Fix the pattern or `layer_types`."
+            )
+    targets = []
+    for mod_name, mod in candidates:
+        if include_p and not any(fnmatch.fnmatchcase(mod_name, p) for p in include_p):
+            continue
+        if any(fnmatch.fnmatchcase(mod_name, p) for p in exclude_p):
+            continue
+        for pname in param_names:
+            already = parametrize.is_parametrized(mod, pname)
+            if already or isinstance(mod._parameters.get(pname), nn.Parameter):
+                targets.append((f"{mod_name}.{pname}" if mod_name else pname, mod, pname))
+    return targets
+
+
+def factorize_(
+    module: nn.Module,
+    depth: int = 3,
+    *,
+    layer_types: LayerTypes | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    param_names: Sequence[str] = ("weight",),
+    init: InitMode = "dwf",
+    init_std: InitStd = "kaiming",
+    eps_ratio: float = DEFAULT_EPS_RATIO,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Replace selected weights of ``module`` by D Hadamard factors, in place.
+
+    Uses ``torch.nn.utils.parametrize`` with a multi-tensor ``right_inverse``: ``layer.weight`` keeps
+    working (computed as ω1 ⊙ … ⊙ ωD), ``isinstance`` checks still hold, and the factors become the
+    trainable Parameters ``layer.parametrizations.weight.original0 … original{D-1}``. Tensors already
+    factorized with the same depth are left alone, so calling this twice is harmless.
+
+    Args:
+        module: the model (changed in place).
+        depth: number of factors D >= 2 (3 is the recommended default).
+        layer_types: layer classes (or ``torch.nn`` class names) whose tensors are factorized.
+        include: glob patterns on qualified module names to factorize (default: all of ``layer_types``).
+        exclude: glob patterns on qualified module names to leave plain.
+        param_names: tensor names to factorize on each selected layer (``("weight", "bias")`` adds biases).
+        init: ``"dwf"`` draws fresh factors with the truncated variance-matched DWF init (training from
+            scratch); ``"balanced"`` factorizes the current weights exactly (``|ω_d| = |w|^(1/D)``), so a
+            pretrained module computes the same function. 1-D tensors (biases, norm scales) always get
+            the balanced factorization of their current values.
+        init_std: σ_w for ``init="dwf"``: ``"kaiming"`` (sqrt(2/fan_in), the default), ``"current"``
+            (std of the present weight) or a float.
+        eps_ratio: lower truncation bound of ``|w|`` at init, relative to σ_w.
+        generator: RNG for the DWF init.
+
+    Returns:
+        Qualified names of the tensors that are factorized now (new and pre-existing).
+
+    Raises:
+        ValueError: if nothing is selected, a pattern matches nothing, or a tensor is already
+            factorized with another depth.
+    """
+    depth = check_depth(depth)
+    check_choice("init", init, ("dwf", "balanced"))
+    if depth > MAX_RECOMMENDED_DEPTH:
+        warnings.warn(f"depth={depth} > {MAX_RECOMMENDED_DEPTH}: deeper factorizations rarely help and train less stably; D=3 or 4 is recommended.", stacklevel=2)
+    targets = select_tensors(module, layer_types, include, exclude, param_names)
+    if not targets:
+        raise ValueError(
+            f"Nothing to factorize in {type(module).__name__}: no {param_names} Parameter of a "
+            f"{[t.__name__ for t in resolve_layer_types(layer_types)]} layer is selected. "
+            "Check `layer_types`, `include` and `exclude`."
+        )
+    names = []
+    for name, mod, pname in targets:
+        if parametrize.is_parametrized(mod, pname):
+            plist = mod.parametrizations[pname]
+            if not (len(plist) == 1 and isinstance(plist[0], HadamardProduct)):
+                raise ValueError(f"{name!r} already carries another parametrization ({plist}); exclude it from DWF.")
+            if plist[0].depth != depth:
+                raise ValueError(
+                    f"{name!r} is already factorized with depth {plist[0].depth}, not {depth}. "
+                    "Collapse it first (lightning_dwf.collapse_) or use the same depth."
+                )
+            names.append(name)
+            continue
+        weight = getattr(mod, pname)
+        std = resolve_init_std(weight, init_std) if init == "dwf" and weight.dim() >= 2 else None
+        parametrize.register_parametrization(mod, pname, HadamardProduct(depth), unsafe=True)
+        if std is not None:
+            dwf_init_(FactorizedTensor(name, mod, pname).factors, std, eps_ratio, generator)
+        _register_load_hook(mod)
+        names.append(name)
+    return names
+
+
+_HOOK_FLAG = "_dwf_load_hook_registered"
+
+
+def _register_load_hook(mod: nn.Module) -> None:
+    if not getattr(mod, _HOOK_FLAG, False):
+        mod.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
+        object.__setattr__(mod, _HOOK_FLAG, True)
+
+
+def _load_state_dict_pre_hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Let a factorized module load plain, collapsed or same-depth factorized state dicts.
+
+    A plain ``<prefix><name>`` entry (a dense or collapsed checkpoint) is replaced by its balanced
+    factors; factor entries of another depth raise a clear error instead of a wall of key mismatches.
+    """
+    if not parametrize.is_parametrized(mod):
+        return
+    for pname, plist in mod.parametrizations.items():
+        if not (len(plist) == 1 and isinstance(plist[0], HadamardProduct)):
+            continue
+        depth = plist[0].depth
+        base = f"{prefix}parametrizations.{pname}.original"
+        present = sorted(int(k[len(base):]) for k in state_dict if k.startswith(base) and k[len(base):].isdigit())
+        if present and present != list(range(depth)):
+            raise ValueError(
+                f"The state dict holds {len(present)} factors for '{prefix}{pname}' but the model is factorized "
+                f"with depth {depth}. Use DWF depth={len(present)} to resume it, or convert it first with "
+                "lightning_dwf.collapse_state_dict()."
+            )
+        plain_key = prefix + pname
+        if not present and plain_key in state_dict:
+            for d, f in enumerate(balanced_factors(state_dict.pop(plain_key), depth)):
+                state_dict[f"{base}{d}"] = f
+
+
+def is_factorized(module: nn.Module) -> bool:
+    """Whether any tensor of ``module`` is DWF-factorized."""
+    return bool(factorized_tensors(module))
+

@@ -1,0 +1,94 @@
+"""Pure tensor math of Deep Weight Factorization (no modules, no state).
+
+Conventions: ``lam`` is λ in the units of a *mean* (per-sample averaged) training loss, the factor
+penalty is ``(lam / D) * Σ_d ||ω_d||²`` and its collapsed equivalent is ``lam * Σ_j |w_j|^(2/D)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: Float32 machine epsilon: collapsed weights with ``|w| <`` this are set to exact zero.
+DEFAULT_THRESHOLD = 1.19e-7
+
+
+def hadamard_product(factors: Sequence[Tensor]) -> Tensor:
+    """Elementwise product ω1 ⊙ … ⊙ ωD."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = out * f
+    return out
+
+
+def balanced_factors(weight: Tensor, depth: int) -> tuple[Tensor, ...]:
+    """Factors with ``|ω_d| = |w|^(1/D)`` whose product is ``weight`` (the AM–GM minimizer).
+
+    The sign goes on the first factor. Exact zeros give all-zero factors, which stay zero in training.
+    """
+    magnitude = weight.abs().pow(1.0 / depth)
+    return (torch.sign(weight) * magnitude,) + tuple(magnitude.clone() for _ in range(depth - 1))
+
+
+def factor_sq_norm(factors: Sequence[Tensor]) -> Tensor:
+    """Σ_d ||ω_d||² (a scalar tensor)."""
+    return torch.stack([f.pow(2).sum() for f in factors]).sum()
+
+
+def factor_penalty(factors: Sequence[Tensor], lam: float) -> Tensor:
+    """The smooth DWF penalty ``(lam / D) * Σ_d ||ω_d||²`` of one factorized tensor."""
+    return factor_sq_norm(factors) * (lam / len(factors))
+
+
+def l2d_quasinorm(weight: Tensor, depth: int) -> Tensor:
+    """Σ_j |w_j|^(2/D): the collapsed penalty per unit λ (the L1 norm for D = 2)."""
+    return weight.abs().pow(2.0 / depth).sum()
+
+
+def misalignment(factors: Sequence[Tensor]) -> Tensor:
+    """``(1/D) Σ_d ||ω_d||² − Σ_j |w_j|^(2/D)`` (≥ 0, zero iff the factorization is balanced).
+
+    The factorized objective equals the collapsed L_{2/D} objective plus ``lam * misalignment``.
+    """
+    depth = len(factors)
+    return factor_sq_norm(factors) / depth - l2d_quasinorm(hadamard_product(factors), depth)
+
+
+def lam_to_weight_decay(lam: float, depth: int) -> float:
+    """SGD ``weight_decay`` on the factors that equals the penalty ``(lam/D) Σ||ω_d||²``: ``2·lam/D``."""
+    return 2.0 * lam / depth
+
+
+def weight_decay_to_lam(weight_decay: float, depth: int) -> float:
+    """Inverse of :func:`lam_to_weight_decay`: ``lam = D·weight_decay/2``."""
+    return depth * weight_decay / 2.0
+
+
+def lr_floor(lam: float, steps: int, init_std: float, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Smallest peak SGD learning rate that lets an unsupported weight reach ``threshold`` in ``steps``.
+
+    An unsupported weight shrinks by ``1 − 2·η·lam`` per step, so reaching ``threshold`` from
+    ``init_std`` needs ``2·lam·Σ_t η_t ≥ ln(init_std / threshold)``. With cosine decay from ``η0``
+    (``Σ_t η_t = η0·steps/2``) this is ``η0 ≥ ln(init_std / threshold) / (lam·steps)``.
+    Returns ``inf`` when ``lam``, ``steps`` or ``threshold`` is zero.
+    """
+    if lam <= 0 or steps <= 0 or threshold <= 0:
+        return math.inf
+    return max(math.log(init_std / threshold), 0.0) / (lam * steps)
+
+
+def threshold_(weight: Tensor, threshold: float) -> Tensor:
+    """Set entries with ``|w| < threshold`` to exact zero, in place; returns ``weight``."""
+    if threshold > 0:
+        weight.masked_fill_(weight.abs() < threshold, 0.0)
+    return weight
+
+
+def count_nonzero(weight: Tensor, threshold: float = DEFAULT_THRESHOLD) -> int:
+    """Entries that survive :func:`threshold_` (``|w| >= threshold`` and ``w != 0``)."""
+    if threshold > 0:
+        return int((weight.abs() >= threshold).sum())
+    return int(weight.count_nonzero())

@@ -1,0 +1,244 @@
+"""Applying the DWF penalty inside any optimizer, and checking the factors' learning rate.
+
+:class:`FactorPenalty` adds the gradient of ``(λ/D)·Σ_d ||ω_d||²`` (``2λ/D · ω_d``) to every factor
+right before each optimizer step, after AMP unscaling and before gradient clipping, so the penalty is
+applied once per optimizer step whatever optimizer, parameter groups and schedulers the user built.
+It never changes the param-group layout, so LR schedulers keep driving the factors and optimizer
+and scheduler state resume as usual. The user's own ``weight_decay`` on the factors is neutralized
+(the factors get exactly λ, no double penalty):
+
+* coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) is cancelled by subtracting ``wd·ω``;
+* decoupled decay (AdamW, or ``decoupled_weight_decay=True``: ``p *= 1 − lr·wd``) is cancelled by
+  scaling ω by ``1/(1 − lr·wd)`` before the step. The factors then get the *coupled* L2 penalty,
+  which is the DWF objective; AdamW's decoupled decay is not (it induces a different regularizer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_dwf.functional import lam_to_weight_decay, lr_floor
+
+#: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
+COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.ASGD,
+)
+#: Optimizers for which the learning-rate floor of the method doc (§3.2) is derived.
+SGD_LIKE_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.SGD,)
+
+
+def _unwrap(optimizer: Any) -> Optimizer:
+    """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def decay_kind(optimizer: Optimizer, group: dict[str, Any]) -> str:
+    """``"coupled"``, ``"decoupled"`` or ``"unknown"``: how ``optimizer`` applies ``weight_decay``."""
+    if group.get("decoupled_weight_decay", False) or isinstance(optimizer, torch.optim.AdamW):
+        return "decoupled"
+    if isinstance(optimizer, COUPLED_DECAY_OPTIMIZERS):
+        return "coupled"
+    return "unknown"
+
+
+def peak_lr(group: dict[str, Any]) -> float:
+    """The largest learning rate a group's schedule starts from or aims for (lr, initial_lr, max_lr)."""
+    values = [group.get(k) for k in ("lr", "initial_lr", "max_lr")]
+    return max(float(v) for v in values if isinstance(v, (int, float)) or torch.is_tensor(v))
+
+
+@dataclass
+class _GroupPlan:
+    group: dict[str, Any]
+    params: list[nn.Parameter]
+    kind: str
+
+
+class FactorPenalty:
+    """Apply the DWF penalty (and an optional factor LR multiplier) to the factors inside optimizers.
+
+    Usage without Lightning::
+
+        penalty = FactorPenalty(factor_parameters(model), lam=1e-3, depth=3)
+        penalty.bind([optimizer])
+        ...
+        loss.backward()
+        penalty.before_step(optimizer)   # after unscaling, before clipping
+        optimizer.step()
+
+    Args:
+        factors: the factor Parameters (:func:`lightning_dwf.factor_parameters`).
+        lam: λ in mean-loss units; may be changed between steps (``penalty.lam = ...``).
+        depth: D.
+        lr_multiplier: the factors' updates are scaled by this, which equals multiplying their
+            learning rate for every optimizer whose update is linear in the LR (SGD, Adam, …).
+    """
+
+    def __init__(self, factors: Sequence[nn.Parameter], lam: float, depth: int, lr_multiplier: float = 1.0) -> None:
+        self.factors = list(factors)
+        self.lam = lam
+        self.depth = depth
+        self.lr_multiplier = lr_multiplier
+        self._plans: dict[int, list[_GroupPlan]] = {}
+        self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self._hooks: list[Any] = []
+
+    def bind(self, optimizers: Sequence[Any]) -> None:
+        """Find the factors in ``optimizers``' param groups and check how their weight decay works.
+
+        Raises:
+            ValueError: if a factor is in no optimizer or in two, or an optimizer of unknown weight-decay
+                semantics applies ``weight_decay`` to factors.
+        """
+        self.unbind()
+        factor_ids = {id(p): p for p in self.factors}
+        owner: dict[int, str] = {}
+        for i, opt in enumerate(map(_unwrap, optimizers)):
+            plans = []
+            for j, group in enumerate(opt.param_groups):
+                params = [p for p in group["params"] if id(p) in factor_ids]
+                if not params:
+                    continue
+                for p in params:
+                    if id(p) in owner:
+                        raise ValueError(f"A DWF factor is in two optimizers ({owner[id(p)]} and optimizer {i}); give each factor to one optimizer.")
+                    owner[id(p)] = f"optimizer {i}"
+                kind = decay_kind(opt, group)
+                if kind == "unknown" and group.get("weight_decay", 0):
+                    raise ValueError(
+                        f"{type(opt).__name__} (param group {j}) applies weight_decay={group['weight_decay']} to DWF factors and "
+                        "lightning_dwf cannot tell whether it is coupled or decoupled. Put the factors "
+                        "(lightning_dwf.factor_parameters(model)) in a param group with weight_decay=0; DWF applies λ itself."
+                    )
+                plans.append(_GroupPlan(group, params, kind))
+            if plans:
+                self._plans[id(opt)] = plans
+                if self.lr_multiplier != 1.0:
+                    self._hooks.append(opt.register_step_pre_hook(self._snapshot))
+                    self._hooks.append(opt.register_step_post_hook(self._scale_update))
+        missing = [p for p in self.factors if id(p) not in owner and p.requires_grad]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} DWF factor Parameters are in no optimizer, so they would never train or shrink. "
+                "Build the optimizer from self.parameters() (or include lightning_dwf.factor_parameters(self))."
+            )
+
+    def unbind(self) -> None:
+        """Forget the optimizers and remove the LR-multiplier hooks."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._plans.clear()
+        self._snapshots.clear()
+
+    def user_weight_decay(self) -> dict[str, float]:
+        """``{"optimizer.group": weight_decay}`` for groups whose own nonzero decay on factors is neutralized."""
+        return {
+            f"{i}.{j}": float(plan.group.get("weight_decay", 0.0))
+            for i, plans in enumerate(self._plans.values())
+            for j, plan in enumerate(plans)
+            if plan.group.get("weight_decay", 0.0)
+        }
+
+    @torch.no_grad()
+    def before_step(self, optimizer: Any) -> None:
+        """Add ``2λ/D·ω`` (minus the user's coupled decay) to the factors' gradients of ``optimizer``."""
+        opt = _unwrap(optimizer)
+        coef = lam_to_weight_decay(self.lam, self.depth)
+        for plan in self._plans.get(id(opt), ()):
+            params = [p for p in plan.params if p.requires_grad]
+            if not params:
+                continue
+            wd = float(plan.group.get("weight_decay", 0.0) or 0.0)
+            group_coef = coef - wd if plan.kind == "coupled" else coef
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if group_coef:
+                torch._foreach_add_([p.grad for p in params], params, alpha=group_coef)
+            if plan.kind == "decoupled" and wd:  # undo the step's `p *= 1 - lr·wd` in advance
+                shrink = 1.0 - float(plan.group["lr"]) * wd
+                if shrink <= 0:
+                    raise ValueError(f"lr·weight_decay = {1 - shrink:.3g} >= 1 in a group with DWF factors; set weight_decay=0 for the factors.")
+                torch._foreach_mul_(params, 1.0 / shrink)
+
+    @torch.no_grad()
+    def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
+        self._snapshots[id(optimizer)] = [p.detach().clone() for plan in self._plans[id(optimizer)] for p in plan.params]
+
+    @torch.no_grad()
+    def _scale_update(self, optimizer: Optimizer, *_: Any) -> None:
+        before = self._snapshots.pop(id(optimizer), None)
+        if before is None:
+            return
+        params = [p for plan in self._plans[id(optimizer)] for p in plan.params]
+        torch._foreach_lerp_(before, params, self.lr_multiplier)
+        torch._foreach_copy_(params, before)
+
+
+@dataclass(frozen=True)
+class LearningRateCheck:
+    """Outcome of :func:`check_learning_rates`: ``errors`` make training pointless, ``warnings`` predict few zeros."""
+
+    errors: list[str]
+    warnings: list[str]
+    floor: float
+
+
+def check_learning_rates(
+    optimizers: Sequence[Any],
+    factors: Sequence[nn.Parameter],
+    lam: float,
+    depth: int,
+    steps: int,
+    init_std: float,
+    threshold: float,
+    lr_multiplier: float = 1.0,
+) -> LearningRateCheck:
+    """Check each factor group's peak LR against the floor and the stability limit (method doc §3.2).
+
+    * Floor (SGD only; the derivation assumes plain SGD steps): an unsupported weight reaches
+      ``threshold`` within ``steps`` only if ``η0 ≥ ln(init_std/threshold)/(λ·steps)``
+      (cosine decay; a constant LR gets there twice as fast).
+    * Stability: ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
+
+    η is the effective LR ``peak lr × lr_multiplier / (1 − momentum)``.
+
+    Args:
+        optimizers: the optimizers (or LightningOptimizers). factors: the factor Parameters.
+        lam: λ (mean-loss units). depth: D. steps: optimizer steps left in the run.
+        init_std: typical magnitude of the collapsed weights now. threshold: zero threshold.
+        lr_multiplier: the factor LR multiplier in use.
+    """
+    ids = {id(p) for p in factors}
+    floor = lr_floor(lam, steps, init_std, threshold)
+    errors: list[str] = []
+    warns: list[str] = []
+    for i, opt in enumerate(map(_unwrap, optimizers)):
+        for j, group in enumerate(opt.param_groups):
+            if not any(id(p) in ids for p in group["params"]):
+                continue
+            # heavy-ball momentum μ multiplies the step of a slowly varying gradient by 1/(1-μ)
+            eta = peak_lr(group) * lr_multiplier / (1.0 - float(group.get("momentum", 0.0) or 0.0))
+            where = f"{type(opt).__name__} (optimizer {i}, group {j})"
+            if lam > 0 and lam_to_weight_decay(lam, depth) * eta >= 1:
+                errors.append(
+                    f"{where}: effective factor lr {eta:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta:.3g} >= 1, so the penalty step "
+                    f"alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a smaller lam."
+                )
+            elif isinstance(opt, SGD_LIKE_OPTIMIZERS) and math.isfinite(floor) and eta < floor:
+                warns.append(
+                    f"{where}: effective factor lr {eta:.3g} (lr × factor_lr_multiplier / (1 − momentum)) is below the floor {floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
+                    f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model will have "
+                    f"few exact zeros. Raise the lr (or factor_lr_multiplier) to >= {floor:.3g}, raise lam, or train "
+                    f"{floor / eta:.1f}× longer."
+                )
+    return LearningRateCheck(errors, warns, floor)

@@ -1,0 +1,196 @@
+"""Sparsity, compression and factor-balance statistics of a (factorized or collapsed) model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_dwf.factorize import factorized_tensors, select_tensors
+from lightning_dwf.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Statistics of one factorized (or, for a plain model, prunable) tensor.
+
+    Attributes:
+        name: qualified tensor name. shape: its shape. numel: number of weights.
+        nonzero: weights with ``|w| >= threshold`` (non-zeros after collapse).
+        depth: D (None for a plain tensor).
+        l2d: Σ|w|^(2/D) of the collapsed weight (None when D is unknown).
+        factor_sq_norm_mean: (1/D)·Σ_d ||ω_d||² (equals ``l2d`` for a plain tensor).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    nonzero: int
+    depth: int | None
+    l2d: float | None
+    factor_sq_norm_mean: float | None
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights that are zero after collapse."""
+        return 1.0 - self.nonzero / self.numel
+
+    @property
+    def compression_ratio(self) -> float:
+        """weights / non-zeros (``inf`` for an all-zero tensor)."""
+        return self.numel / self.nonzero if self.nonzero else math.inf
+
+    @property
+    def misalignment(self) -> float:
+        """(1/D)Σ||ω_d||² − Σ|w|^(2/D) ≥ 0; zero iff balanced (0 for a plain tensor)."""
+        if self.factor_sq_norm_mean is None or self.l2d is None:
+            return 0.0
+        return max(self.factor_sq_norm_mean - self.l2d, 0.0)
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer and global statistics; see :func:`sparsity_report`.
+
+    Attributes:
+        layers: one entry per factorized tensor.
+        threshold: absolute magnitude below which a weight counts as zero.
+        lam: λ used for the penalty values (None if not given).
+        total_params: every parameter of the model after collapse (factorized tensors count once).
+        total_nonzero: non-zeros among them (unfactorized parameters count as they are).
+    """
+
+    layers: list[LayerSparsity]
+    threshold: float
+    lam: float | None
+    total_params: int
+    total_nonzero: int
+    finite: bool = field(default=True)
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def nonzero(self) -> int:
+        return sum(layer.nonzero for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the factorized weights that are zero after collapse."""
+        return 1.0 - self.nonzero / self.numel if self.numel else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Factorized weights / their non-zeros (the paper's CR)."""
+        return self.numel / self.nonzero if self.nonzero else math.inf
+
+    @property
+    def compression_ratio_all(self) -> float:
+        """All parameters / all non-zeros (biases and norm layers included)."""
+        return self.total_params / self.total_nonzero if self.total_nonzero else math.inf
+
+    @property
+    def misalignment(self) -> float:
+        """Σ over layers of the absolute misalignment M."""
+        return sum(layer.misalignment for layer in self.layers)
+
+    @property
+    def relative_misalignment(self) -> float:
+        """M / ((1/D)Σ||ω_d||²) in [0, 1]: the share of the factor penalty that is imbalance."""
+        total = sum(layer.factor_sq_norm_mean or 0.0 for layer in self.layers)
+        return self.misalignment / total if total > 0 else 0.0
+
+    @property
+    def l2d_penalty(self) -> float | None:
+        """λ·Σ|w|^(2/D) over all layers: the collapsed, sparsity-inducing penalty (None without λ)."""
+        if self.lam is None or any(layer.l2d is None for layer in self.layers):
+            return None
+        return self.lam * sum(layer.l2d for layer in self.layers)  # type: ignore[misc]
+
+    @property
+    def factor_penalty(self) -> float | None:
+        """(λ/D)·Σ||ω_d||²: the smooth penalty that training applies (None without λ)."""
+        if self.lam is None or any(layer.factor_sq_norm_mean is None for layer in self.layers):
+            return None
+        return self.lam * sum(layer.factor_sq_norm_mean for layer in self.layers)  # type: ignore[misc]
+
+    def metrics(self, prefix: str = "dwf/", per_layer: bool = True) -> dict[str, float]:
+        """Flat ``{name: value}`` dict for loggers (``dwf/sparsity``, ``dwf/sparsity/<layer>`` …)."""
+        out = {
+            f"{prefix}sparsity": self.sparsity,
+            f"{prefix}compression_ratio": self.compression_ratio,
+            f"{prefix}misalignment": self.relative_misalignment,
+        }
+        if self.l2d_penalty is not None:
+            out[f"{prefix}penalty"] = self.l2d_penalty
+        if self.factor_penalty is not None:
+            out[f"{prefix}factor_penalty"] = self.factor_penalty
+        if per_layer:
+            out.update({f"{prefix}sparsity/{layer.name}": layer.sparsity for layer in self.layers})
+        return out
+
+    def table(self, title: str = "DWF sparsity") -> "rich.table.Table":  # noqa: F821
+        """A ``rich`` table with one row per layer and a total row."""
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in ("layer", "shape", "weights", "non-zeros", "sparsity", "CR", "misalignment"):
+            table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+        for layer in self.layers:
+            table.add_row(
+                layer.name, "×".join(map(str, layer.shape)), f"{layer.numel:,}", f"{layer.nonzero:,}",
+                f"{layer.sparsity:.2%}", f"{layer.compression_ratio:.1f}", f"{layer.misalignment:.3g}",
+            )
+        table.add_row(
+            "total", "", f"{self.numel:,}", f"{self.nonzero:,}", f"{self.sparsity:.2%}",
+            f"{self.compression_ratio:.1f}", f"{self.relative_misalignment:.2%} rel.", end_section=True,
+        )
+        table.add_row("all parameters", "", f"{self.total_params:,}", f"{self.total_nonzero:,}", "", f"{self.compression_ratio_all:.1f}", "")
+        return table
+
+
+@torch.no_grad()
+def sparsity_report(
+    module: nn.Module, threshold: float = DEFAULT_THRESHOLD, lam: float | None = None, depth: int | None = None
+) -> SparsityReport:
+    """Measure how sparse ``module`` would be after :func:`collapse_` at ``threshold``.
+
+    For a factorized model the layers are its factorized tensors (with misalignment and L_{2/D}
+    penalty). For a plain model they are the Linear/Conv weights; pass ``depth`` to get their
+    L_{2/D} penalty.
+
+    Args:
+        module: factorized or plain model.
+        threshold: absolute magnitude below which a weight counts as zero.
+        lam: λ (mean-loss units) for the penalty values.
+        depth: D for the penalty of a plain model (ignored for factorized tensors).
+    """
+    layers: list[LayerSparsity] = []
+    finite = True
+    counted: set[int] = set()
+    tensors = factorized_tensors(module)
+    for t in tensors:
+        factors = t.factors
+        counted.update(id(f) for f in factors)
+        w = t.product()
+        finite = finite and bool(torch.isfinite(w).all())
+        layers.append(LayerSparsity(
+            t.name, tuple(w.shape), w.numel(), count_nonzero(w, threshold),
+            t.depth, float(l2d_quasinorm(w, t.depth)), float(factor_sq_norm(factors)) / t.depth,
+        ))
+    if not tensors:
+        for name, mod, pname in select_tensors(module):
+            w = getattr(mod, pname)
+            counted.add(id(w))
+            l2d = float(l2d_quasinorm(w, depth)) if depth else None
+            layers.append(LayerSparsity(
+                name, tuple(w.shape), w.numel(), count_nonzero(w, threshold),
+                depth, l2d, l2d,
+            ))
+    rest = [p for p in module.parameters() if id(p) not in counted]
+    total_params = sum(layer.numel for layer in layers) + sum(p.numel() for p in rest)
+    total_nonzero = sum(layer.nonzero for layer in layers) + sum(int(p.count_nonzero()) for p in rest)
+    return SparsityReport(layers, threshold, lam, total_params, total_nonzero, finite)

@@ -1,0 +1,254 @@
+"""DWFCallback end to end on tiny Linear and Conv+BatchNorm models (Lightning's test style)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import pytest
+import torch
+from conftest import FactorSnapshot, ToyModel, toy_data, trainer_kwargs
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_dwf import DWFCallback, DWFLearningRateWarning, factor_parameters, factorize_, factorized_tensors
+
+
+class OutputsBeforeCollapse(Callback):
+    """Records the (factorized) model's outputs on fixed inputs at train end, before DWF collapses it."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.outputs: torch.Tensor | None = None
+
+    def on_train_end(self, trainer, pl_module):
+        assert factorized_tensors(pl_module)
+        pl_module.eval()
+        with torch.no_grad():
+            self.outputs = pl_module(self.x).clone()
+        pl_module.train()
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fit_logs_metrics_and_writes_collapsed_checkpoint(tmp_path, depth, kind):
+    model = ToyModel(kind=kind, lr=0.5, scheduler=True)
+    dwf = DWFCallback(depth=depth, lam=0.02, lr_check="off")
+    x = toy_data(16, kind, seed=3).tensors[0]
+    probe = OutputsBeforeCollapse(x)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=3, logger=logger, callbacks=[dwf, probe]))
+    trainer.fit(model)
+
+    for key in ("dwf/sparsity", "dwf/compression_ratio", "dwf/misalignment", "dwf/penalty", "dwf/sparsity/net.0.weight"):
+        assert key in trainer.callback_metrics, key
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert any(row.get("dwf/sparsity") for row in rows)
+    assert any(row.get("dwf/final/compression_ratio") for row in rows)
+
+    # the model is plain again, and the collapsed checkpoint loads into the plain class, strict, with no callback
+    assert not factorized_tensors(model) and type(model.net[0]) in (nn.Linear, nn.Conv2d)
+    path = dwf.collapsed_checkpoint_path
+    assert path and os.path.isfile(path) and os.path.dirname(path) == trainer.checkpoint_callback.dirpath
+    assert not glob.glob(path + ".tmp*")
+    loaded = ToyModel.load_from_checkpoint(path)
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), probe.outputs, rtol=1e-4, atol=1e-5)
+    assert dwf.final_report is not None
+    nonzero = sum(int(m.weight.count_nonzero()) for m in loaded.net if hasattr(m, "weight") and m.weight.dim() > 1)
+    assert nonzero == dwf.final_report.nonzero
+
+
+def test_training_produces_exact_zeros(tmp_path):
+    """The whole mechanism works: penalty + LR above the floor gives exact zeros and a compressed model that still learns."""
+    model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512)
+    dwf = DWFCallback(depth=3, lam=0.03, lr_check="error")  # above the LR floor
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf], enable_checkpointing=False))
+    trainer.fit(model)
+    report = dwf.final_report
+    assert report.compression_ratio > 5, report.metrics(per_layer=False)
+    assert trainer.callback_metrics["val_acc"] > 0.85
+    assert os.path.isfile(os.path.join(tmp_path, "dwf-collapsed.ckpt"))
+
+
+def test_penalty_applied_once_per_optimizer_step(tmp_path):
+    """With a zero data loss, every factor shrinks by exactly (1 - lr·2λ/D) per optimizer step (accumulation included)."""
+    lam, lr, depth = 0.5, 0.2, 3
+    model = ToyModel(lr=lr, zero_loss=True, n=64, batch_size=16)
+    dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
+    snap = FactorSnapshot()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], accumulate_grad_batches=2,
+                                       enable_checkpointing=False))
+    trainer.fit(model)
+    assert trainer.global_step == 2
+    shrink = (1 - lr * 2 * lam / depth) ** trainer.global_step
+    for end, start in zip(factor_parameters(model), snap.factors):
+        torch.testing.assert_close(end, start * shrink)
+
+
+@pytest.mark.parametrize("form", ["optimizer", "list", "tuple_of_lists", "dict", "dict_list"])
+def test_every_configure_optimizers_form_gets_the_penalty(tmp_path, form):
+    """Whatever configure_optimizers returns, factors get the penalty once per step and the scheduler drives their LR."""
+
+    class Model(ToyModel):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.2)
+            sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+            return {
+                "optimizer": opt,
+                "list": [opt],
+                "tuple_of_lists": ([opt], [sched]),
+                "dict": {"optimizer": opt, "lr_scheduler": sched},
+                "dict_list": [{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}],
+            }[form]
+
+    model = Model(zero_loss=True, n=32, batch_size=16)
+    snap = FactorSnapshot()
+    dwf = DWFCallback(depth=3, lam=0.5, lr_check="off", collapse_on_fit_end=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, snap], enable_checkpointing=False))
+    trainer.fit(model)
+    scheduled = form not in ("optimizer", "list")
+    shrink = 1.0
+    for lr in [0.2, 0.2] + ([0.1, 0.1] if scheduled else [0.2, 0.2]):
+        shrink *= 1 - lr * 2 * 0.5 / 3
+    for end, start in zip(factor_parameters(model), snap.factors):
+        torch.testing.assert_close(end, start * shrink)
+
+
+def test_wandb_offline_run_gets_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), project="dwf-test", offline=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=logger, callbacks=[DWFCallback(depth=3, lam=0.01, lr_check="off")]))
+    trainer.fit(ToyModel())
+    logger.experiment.finish()
+    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*"))
+    assert len(runs) == 1
+    blob = b"".join(open(p, "rb").read() for p in glob.glob(os.path.join(runs[0], "*.wandb")))
+    assert b"dwf/sparsity" in blob and b"dwf/final/compression_ratio" in blob
+    summary = glob.glob(os.path.join(runs[0], "files", "wandb-summary.json"))
+    if summary:
+        assert "dwf/final/sparsity" in json.load(open(summary[0]))
+
+
+def test_resume_is_exact(tmp_path):
+    """A run interrupted after 2 epochs and resumed from its checkpoint ends with the same collapsed model."""
+    def run(max_epochs, ckpt_path=None, root="a"):
+        torch.manual_seed(0)
+        model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1, save_top_k=-1)
+        dwf = DWFCallback(depth=3, lam=0.02, lr_check="off")
+        trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=max_epochs, callbacks=[dwf, ckpt]))
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model, trainer
+
+    full, _ = run(4, root="full")
+    run(2, root="part")
+    torch.manual_seed(123)  # resuming must not depend on the fresh init
+    resumed, trainer = run(4, ckpt_path=str(tmp_path / "part" / "last.ckpt"), root="part")
+    assert trainer.global_step == 4 * 8
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_dense_checkpoint_starts_dwf_with_balanced_init(tmp_path):
+    dense = ToyModel()
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(dense)
+    path = tmp_path / "dense.ckpt"
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.strategy.connect(dense)
+    trainer.save_checkpoint(path, weights_only=True)
+    x = toy_data(8).tensors[0]
+
+    class Check(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            assert factorized_tensors(pl_module)
+            with torch.no_grad():
+                torch.testing.assert_close(pl_module(x), expected, rtol=1e-5, atol=1e-6)
+            self.ok = True
+
+    model = ToyModel.load_from_checkpoint(path)
+    with torch.no_grad():
+        expected = model(x)
+    check = Check()
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=0.01, init="balanced", lr_check="off"), check])).fit(model)
+    assert check.ok
+
+
+def test_lr_check_warns_and_errors(tmp_path):
+    with pytest.warns(DWFLearningRateWarning, match="below the floor"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(ToyModel(lr=0.01))
+    with pytest.raises(MisconfigurationException, match="below the floor"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4, lr_check="error")])).fit(ToyModel(lr=0.01))
+    with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(ToyModel(lr=0.5))
+
+
+def test_divergence_is_caught_and_no_checkpoint_written(tmp_path):
+    dwf = DWFCallback(depth=3, lam=1e-3, lr_check="off")
+    with pytest.raises(RuntimeError, match="became NaN/Inf"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[dwf])).fit(ToyModel(lr=1e4, momentum=0.9))
+    assert not glob.glob(os.path.join(tmp_path, "**", "dwf-collapsed.ckpt*"), recursive=True)
+
+
+def test_validate_test_predict_do_not_factorize(tmp_path):
+    model = ToyModel()
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.01)]))
+    trainer.validate(model)
+    assert not factorized_tensors(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(depth=1, lam=0.1), ValueError, "`depth` must be >= 2"),
+        (dict(depth=2.0, lam=0.1), TypeError, "`depth` must be an int"),
+        (dict(depth=True, lam=0.1), TypeError, "`depth` must be an int"),
+        (dict(depth=3), ValueError, "`lam` is required"),
+        (dict(depth=3, lam=-1.0), ValueError, "`lam` must be a finite float >= 0"),
+        (dict(depth=3, lam=float("nan")), ValueError, "`lam` must be a finite float >= 0"),
+        (dict(depth=3, lam="0.1"), TypeError, "`lam` must be a finite float"),
+        (dict(depth=3, lam=0.1, threshold=-1e-7), ValueError, "`threshold` must be a finite float >= 0"),
+        (dict(depth=3, lam=0.1, init="xavier"), ValueError, "`init` must be one of"),
+        (dict(depth=3, lam=0.1, init_std=-1.0), ValueError, "`init_std` must be"),
+        (dict(depth=3, lam=0.1, factor_lr_multiplier=0), ValueError, "`factor_lr_multiplier` must be > 0"),
+        (dict(depth=3, lam=0.1, lr_check="loud"), ValueError, "`lr_check` must be one of"),
+        (dict(depth=3, lam=0.1, log_every_n_steps=0), ValueError, "`log_every_n_steps` must be an int >= 1"),
+        (dict(depth=3, lam=0.1, layer_types=["Linearr"]), ValueError, "not a torch.nn layer class name"),
+        (dict(depth=3, lam=0.1, layer_types=[]), ValueError, "`layer_types` is empty"),
+    ],
+)
+def test_bad_arguments_raise_in_init(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DWFCallback(**kwargs)
+
+
+def test_bad_setups_raise_in_setup(tmp_path):
+    with pytest.raises(ValueError, match="Nothing to factorize"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.1, layer_types=["Conv2d"])])).fit(ToyModel())
+    with pytest.raises(ValueError, match="matches no"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.1, include=["encoder.*"])])).fit(ToyModel())
+    model = ToyModel()
+    factorize_(model, 2)
+    with pytest.raises(ValueError, match="already factorized with depth 2"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.1)])).fit(model)
+    dwf = DWFCallback(depth=3, lam=0.1)
+    trainer = Trainer(**trainer_kwargs(tmp_path))
+    trainer.strategy.__class__ = type("FakeFSDP", (FSDPStrategy,), {})  # an FSDP strategy without needing CUDA
+    with pytest.raises(MisconfigurationException, match="does not support"):
+        dwf.setup(trainer, ToyModel(), "fit")
+
+
+def test_checkpoint_of_other_depth_is_refused(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=2, lam=0.01, lr_check="off"), ckpt])).fit(ToyModel())
+    with pytest.raises(ValueError, match="factorized with depth 3"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.01, lr_check="off")])).fit(
+            ToyModel(), ckpt_path=str(tmp_path / "last.ckpt"))
