@@ -6,7 +6,7 @@ import fnmatch
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from lightning_dwf.parametrization import HadamardProduct
 #: embeddings stay plain unless selected explicitly.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-LayerTypes = Sequence[Union[type, str]]
+LayerTypes = Sequence[type | str]
 InitMode = Literal["dwf", "balanced"]
 
 

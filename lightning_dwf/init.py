@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
 #: How σ_w (the target std of the collapsed weight) is chosen: ``"kaiming"`` = sqrt(2 / fan_in),
 #: ``"current"`` = std of the weight the module holds now, or a float.
-InitStd = Union[str, float]
+InitStd = str | float
 
 #: Lower truncation bound of the collapsed weight, relative to σ_w (value of the reference reimplementation).
 DEFAULT_EPS_RATIO = 0.25

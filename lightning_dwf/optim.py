@@ -236,7 +236,8 @@ def check_learning_rates(
                 )
             elif isinstance(opt, SGD_LIKE_OPTIMIZERS) and math.isfinite(floor) and eta < floor:
                 warns.append(
-                    f"{where}: effective factor lr {eta:.3g} (lr × factor_lr_multiplier / (1 − momentum)) is below the floor {floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
+                    f"{where}: effective factor lr {eta:.3g} (lr × factor_lr_multiplier / (1 − momentum)) is below the floor "
+                    f"{floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
                     f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model will have "
                     f"few exact zeros. Raise the lr (or factor_lr_multiplier) to >= {floor:.3g}, raise lam, or train "
                     f"{floor / eta:.1f}× longer."

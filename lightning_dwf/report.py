@@ -132,7 +132,7 @@ class SparsityReport:
             out.update({f"{prefix}sparsity/{layer.name}": layer.sparsity for layer in self.layers})
         return out
 
-    def table(self, title: str = "DWF sparsity") -> "rich.table.Table":  # noqa: F821
+    def table(self, title: str = "DWF sparsity") -> rich.table.Table:  # noqa: F821
         """A ``rich`` table with one row per layer and a total row."""
         from rich.table import Table
 
