@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_positive
+from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_patterns, check_positive
 from lightning_dwf.collapse import collapse_
 from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
 from lightning_dwf.functional import DEFAULT_THRESHOLD
@@ -116,7 +116,7 @@ class DWFCallback(Callback):
         self.lam = check_nonnegative("lam", lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3.")
         self.threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
         self.layer_types = resolve_layer_types(layer_types)
-        self.include, self.exclude = include, exclude
+        self.include, self.exclude = check_patterns("include", include) or None, check_patterns("exclude", exclude)
         self.param_names = tuple([param_names] if isinstance(param_names, str) else param_names)
         self.init = check_choice("init", init, ("dwf", "balanced"))
         if not (init_std in ("kaiming", "current") or (not isinstance(init_std, (bool, str)) and isinstance(init_std, (int, float)) and init_std > 0)):

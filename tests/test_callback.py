@@ -223,6 +223,7 @@ def test_validate_test_predict_do_not_factorize(tmp_path):
         (dict(depth=3, lam=0.1, log_every_n_steps=0), ValueError, "`log_every_n_steps` must be an int >= 1"),
         (dict(depth=3, lam=0.1, layer_types=["Linearr"]), ValueError, "not a torch.nn layer class name"),
         (dict(depth=3, lam=0.1, layer_types=[]), ValueError, "`layer_types` is empty"),
+        (dict(depth=3, lam=0.1, include=[3]), TypeError, "`include` must be a glob pattern"),
     ],
 )
 def test_bad_arguments_raise_in_init(kwargs, error, match):
