@@ -193,9 +193,9 @@ class DWFCallback(Callback):
         """Check the factor learning rate against the floor and the stability limit (after a resume restored it)."""
         if self.lr_check == "off" or self.lam == 0:
             return
-        steps = int(trainer.estimated_stepping_batches) - trainer.global_step
-        if not math.isfinite(steps) or steps <= 0:
-            return
+        # an open-ended run (max_epochs=-1, max_time) has no step budget: only the stability limit is checked
+        total = trainer.estimated_stepping_batches
+        steps = max(int(total) - trainer.global_step, 0) if math.isfinite(total) else 0
         with torch.no_grad():
             scale = max(float(t.product().pow(2).mean().sqrt()) for t in factorized_tensors(pl_module))
         result = check_learning_rates(

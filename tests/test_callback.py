@@ -191,6 +191,14 @@ def test_lr_check_warns_and_errors(tmp_path):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(ToyModel(lr=0.5))
 
 
+def test_lr_check_without_a_step_budget(tmp_path):
+    """An open-ended run (no max_epochs/max_steps) skips the floor but still refuses an unstable LR."""
+    open_ended = dict(max_epochs=-1, max_steps=-1, max_time={"seconds": 1})
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=1e-4, lr_check="error")], **open_ended)).fit(ToyModel(lr=0.01))
+    with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=10.0)], **open_ended)).fit(ToyModel(lr=0.5))
+
+
 def test_divergence_is_caught_and_no_checkpoint_written(tmp_path):
     dwf = DWFCallback(depth=3, lam=1e-3, lr_check="off")
     with pytest.raises(RuntimeError, match="became NaN/Inf"):
