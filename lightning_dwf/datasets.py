@@ -144,8 +144,11 @@ def load_mnist_subset(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     return ImageData("mnist-subset", train_x, torch.from_numpy(y[train].astype(np.int64)), test_x, torch.from_numpy(y[test].astype(np.int64)))
 
 
-def load_dataset(name: str = "auto", root: str | os.PathLike | None = None, download: bool = False) -> ImageData:
-    """Load a dataset by name; ``"auto"`` takes Fashion-MNIST when its files are present, else the MNIST subset."""
+def load_dataset(name: str = "auto", root: str | os.PathLike | None = None, download: bool = True) -> ImageData:
+    """Load a dataset by name; ``"auto"`` takes Fashion-MNIST when its files are present, else the MNIST subset.
+
+    ``"auto"`` never downloads; an explicit ``"fashion-mnist"``/``"mnist"`` downloads missing files if ``download``.
+    """
     if name == "auto":
         name = "fashion-mnist" if find_idx_dir("fashion-mnist", root) else "mnist-subset"
     if name == "mnist-subset":
