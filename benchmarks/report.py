@@ -1,0 +1,121 @@
+"""Tables and frontier plots from the sweep results.
+
+    python -m benchmarks.report            # full results -> benchmarks/results/full_table.md, full_<dataset>_<model>.png
+    python -m benchmarks.report --quick    # quick results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+CRS = (10, 20, 50, 100, 200, 500)
+METHODS = ("dense", "dwf-d2", "dwf-d3", "dwf-d4", "model-pruning", "oneshot", "oneshot-ft")
+LABELS = {"dense": "dense", "dwf-d2": "DWF D=2 (shallow)", "dwf-d3": "DWF D=3", "dwf-d4": "DWF D=4",
+          "model-pruning": "ModelPruning (gradual L1)", "oneshot": "one-shot magnitude", "oneshot-ft": "one-shot + fine-tune"}
+
+
+def load(mode: str) -> list[dict]:
+    path = RESULTS / f"{mode}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_at(rows: list[dict], cr: float) -> float | None:
+    """Best accuracy among runs whose compression ratio is at least ``cr`` (None if no run gets there)."""
+    accs = [r["results"]["acc"] for r in rows if r["results"]["compression_ratio"] >= cr]
+    return max(accs) if accs else None
+
+
+def fmt_cr(cr: float) -> str:
+    return "∞" if math.isinf(cr) else f"{cr:.1f}"
+
+
+def tables(rows: list[dict]) -> str:
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["config"]["dataset"], r["config"]["model"])][r["config"]["method"]].append(r)
+    out = []
+    for (dataset, model), by_method in groups.items():
+        cfg = next(iter(by_method.values()))[0]["config"]
+        out.append(f"### {dataset} / {model} ({cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']} momentum {cfg['momentum']})\n")
+        out.append("Best test accuracy (%) among runs with compression ratio ≥ CR (— : no run reached it).\n")
+        out.append("| method | " + " | ".join(f"CR ≥ {c}" for c in CRS) + " |")
+        out.append("|---|" + "---|" * len(CRS))
+        for method in METHODS:
+            if method not in by_method:
+                continue
+            if method == "dense":
+                acc = by_method["dense"][0]["results"]["acc"]
+                out.append(f"| dense (CR 1) | {100 * acc:.2f} |" + " |" * (len(CRS) - 1))
+                continue
+            cells = [best_at(by_method[method], c) for c in CRS]
+            out.append(f"| {LABELS[method]} | " + " | ".join("—" if a is None else f"{100 * a:.2f}" for a in cells) + " |")
+        out.append("\nEvery run (λ for DWF, target sparsity for pruning):\n")
+        out.append("| method | λ / target | accuracy (%) | CR | train s |")
+        out.append("|---|---|---|---|---|")
+        for method in METHODS:
+            for r in sorted(by_method.get(method, []), key=lambda r: r["config"].get("lam", r["config"].get("target", 0))):
+                c, res = r["config"], r["results"]
+                knob = c.get("lam", c.get("target", ""))
+                out.append(f"| {LABELS[method]} | {knob} | {100 * res['acc']:.2f} | {fmt_cr(res['compression_ratio'])} | "
+                           f"{res.get('train_seconds', 0):.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(rows: list[dict], mode: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["config"]["dataset"], r["config"]["model"])].append(r)
+    paths = []
+    for (dataset, model), group in groups.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in METHODS:
+            pts = sorted((r["results"]["compression_ratio"], 100 * r["results"]["acc"]) for r in group
+                         if r["config"]["method"] == method and math.isfinite(r["results"]["compression_ratio"]))
+            if not pts:
+                continue
+            if method == "dense":
+                ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=f"dense ({pts[0][1]:.2f} %)")
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=LABELS[method])
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio (weights / non-zeros), log scale")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{dataset} / {model}, {group[0]['config']['epochs']} epochs ({mode})")
+        ax.set_ylim(bottom=max(10, ax.get_ylim()[0]))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = RESULTS / f"{mode}_{dataset}_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    rows = load(mode)
+    flag = " --quick" if args.quick else ""
+    text = f"# Benchmark results ({mode})\n\nReproduce: `python -m benchmarks.sweep{flag} && python -m benchmarks.report{flag}`\n\n" + tables(rows)
+    (RESULTS / f"{mode}_table.md").write_text(text)
+    for p in plots(rows, mode):
+        print(p)
+    print(RESULTS / f"{mode}_table.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Accuracy vs compression on real data: dense, DWF (D = 2, 3, 4) over a λ grid, Lightning's ModelPruning
+(gradual global L1) and one-shot magnitude pruning (with and without fine-tuning), at the same epochs,
+batch size and data order.
+
+    python -m benchmarks.sweep --quick      # about 5 minutes on 2 CPU cores
+    python -m benchmarks.sweep              # the full sweep, about an hour
+    python -m benchmarks.report             # table + plots from the results file
+
+One JSON row per run (full config + results) is appended to ``benchmarks/results/<mode>.jsonl``;
+runs already there are skipped, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.models import Classifier, accuracy
+from lightning_dwf import DEFAULT_THRESHOLD, DWFCallback, sparsity_report
+from lightning_dwf.datasets import ImageData, load_dataset
+from lightning_dwf.factorize import DEFAULT_LAYER_TYPES
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = (0.9, 0.95, 0.98, 0.99, 0.995)
+#: λ grid as multiples of the LR-floor λ (the smallest λ that lets unsupported weights reach the threshold in time).
+LAM_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
+
+MODES: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        datasets=["fashion-mnist"], models=["lenet300"], depths=[2, 3], lam_multiples=(1, 3, 9), targets=(0.95, 0.99),
+        epochs={"fashion-mnist": {"lenet300": 5}}, finetune_epochs=1,
+    ),
+    "full": dict(
+        datasets=["fashion-mnist", "mnist-subset"], models=["lenet300", "lenet5", "cnn-bn"], depths=[2, 3, 4],
+        lam_multiples=LAM_MULTIPLES, targets=TARGETS,
+        epochs={"fashion-mnist": {"lenet300": 20, "lenet5": 6, "cnn-bn": 4}, "mnist-subset": {"lenet300": 30, "lenet5": 20, "cnn-bn": 15}},
+        finetune_epochs=2,
+    ),
+}
+BATCH_SIZE = {"fashion-mnist": 256, "mnist": 256, "mnist-subset": 64}
+LR, MOMENTUM, FACTOR_LR_MULTIPLIER, FINETUNE_LR, SEED = 0.1, 0.9, 5.0, 0.01, 0
+
+
+def floor_lam(steps: int, init_std: float = 0.05) -> float:
+    """λ at which the effective factor LR (lr × multiplier / (1 − momentum)) is exactly the LR floor."""
+    eta = LR * FACTOR_LR_MULTIPLIER / (1 - MOMENTUM)
+    return math.log(init_std / DEFAULT_THRESHOLD) / (eta * steps)
+
+
+def loader(data: ImageData, batch_size: int) -> DataLoader:
+    g = torch.Generator().manual_seed(SEED)  # the same data order for every method
+    return DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=batch_size, shuffle=True, generator=g)
+
+
+def trainer(epochs: int, callbacks: list) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+
+def prunable(net: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The weights every method sparsifies and counts: Linear and Conv weights (DWF's default selection)."""
+    return [(m, "weight") for m in net.modules() if isinstance(m, DEFAULT_LAYER_TYPES)]
+
+
+def gradual_amounts(target: float, epochs: int) -> list[float]:
+    """Per-epoch fractions of the *remaining* weights to prune so that sparsity follows the cubic schedule of
+    Zhu & Gupta (2017) to ``target`` at 70 % of training, then stays (fine-tuning for the rest)."""
+    prune_epochs = max(1, math.ceil(0.7 * epochs))
+    amounts, previous = [], 0.0
+    for k in range(1, prune_epochs + 1):
+        current = target * (1 - (1 - k / prune_epochs) ** 3)
+        amounts.append(1 - (1 - current) / (1 - previous))
+        previous = current
+    return amounts + [0.0] * (epochs - prune_epochs)
+
+
+class _Amount:
+    """Picklable ``amount(epoch)`` for ModelPruning."""
+
+    def __init__(self, amounts: list[float]) -> None:
+        self.amounts = amounts
+
+    def __call__(self, epoch: int) -> float:
+        return self.amounts[epoch] if epoch < len(self.amounts) else 0.0
+
+
+class LayerPruning(ModelPruning):
+    """Lightning's ModelPruning restricted to the Linear/Conv weights (not BatchNorm scales), like the other methods."""
+
+    def filter_parameters_to_prune(self, parameters_to_prune):
+        return [(m, n) for m, n in parameters_to_prune if isinstance(m, DEFAULT_LAYER_TYPES)]
+
+
+def measure(net: nn.Module, data: ImageData) -> dict[str, float]:
+    report = sparsity_report(net, threshold=0.0)
+    return dict(acc=accuracy(net, data.test_x, data.test_y), compression_ratio=report.compression_ratio,
+                sparsity=report.sparsity, nonzero=report.nonzero, numel=report.numel)
+
+
+def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifier, float]:
+    seed_everything(SEED, verbose=False)
+    module = Classifier(cfg["model"], lr=LR, momentum=MOMENTUM, num_classes=data.num_classes)
+    start = time.perf_counter()
+    trainer(cfg["epochs"], callbacks).fit(module, loader(data, cfg["batch_size"]))
+    return module, time.perf_counter() - start
+
+
+def oneshot(dense_net: nn.Module, cfg: dict, data: ImageData) -> tuple[dict, dict]:
+    """Global L1 magnitude pruning of the trained dense net to ``target``, then a short fine-tune with masks kept."""
+    net = copy.deepcopy(dense_net)
+    prune.global_unstructured(prunable(net), pruning_method=prune.L1Unstructured, amount=cfg["target"])
+    pruned = copy.deepcopy(net)
+    for m, name in prunable(pruned):
+        prune.remove(m, name)
+    no_ft = measure(pruned, data)
+    module = Classifier(cfg["model"], lr=FINETUNE_LR, momentum=MOMENTUM, num_classes=data.num_classes)
+    module.net = net
+    seed_everything(SEED, verbose=False)
+    start = time.perf_counter()
+    trainer(cfg["finetune_epochs"], []).fit(module, loader(data, cfg["batch_size"]))
+    for m, name in prunable(net):
+        prune.remove(m, name)
+    return no_ft, dict(measure(net, data), train_seconds=time.perf_counter() - start)
+
+
+def configs(mode: str, dataset: str, model: str, data: ImageData) -> list[dict]:
+    spec = MODES[mode]
+    epochs, batch_size = spec["epochs"][dataset][model], BATCH_SIZE[dataset]
+    steps = epochs * math.ceil(len(data.train_y) / batch_size)
+    base = dict(mode=mode, dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=LR, momentum=MOMENTUM, seed=SEED)
+    out = [dict(base, method="dense")]
+    lam0 = floor_lam(steps)
+    for depth in spec["depths"]:
+        for k in spec["lam_multiples"]:
+            out.append(dict(base, method=f"dwf-d{depth}", depth=depth, lam=float(f"{lam0 * k:.3g}"),
+                            factor_lr_multiplier=FACTOR_LR_MULTIPLIER, threshold=DEFAULT_THRESHOLD))
+    for target in spec["targets"]:
+        out.append(dict(base, method="model-pruning", target=target))
+        out.append(dict(base, method="oneshot", target=target, finetune_epochs=0))
+        out.append(dict(base, method="oneshot-ft", target=target, finetune_epochs=spec["finetune_epochs"], finetune_lr=FINETUNE_LR))
+    return out
+
+
+def key(cfg: dict) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one dataset/model, small grid (about 5 minutes)")
+    parser.add_argument("--datasets", nargs="*", help="restrict to these datasets")
+    parser.add_argument("--models", nargs="*", help="restrict to these models")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    mode = "quick" if args.quick else "full"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{mode}.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[key(row["config"])] = row
+    versions = dict(torch=torch.__version__, lightning=lightning.__version__)
+    for dataset in args.datasets or MODES[mode]["datasets"]:
+        data = load_dataset(dataset, args.data_dir)
+        for model in args.models or MODES[mode]["models"]:
+            dense_net = None
+            for cfg in configs(mode, dataset, model, data):
+                if key(cfg) in done and cfg["method"] != "dense":
+                    continue
+                method = cfg["method"]
+                if method == "dense":
+                    module, seconds = run_training(cfg, data, [])
+                    dense_net = module.net
+                    if key(cfg) in done:
+                        continue
+                    results = dict(measure(module.net, data), train_seconds=seconds)
+                elif method.startswith("dwf"):
+                    dwf = DWFCallback(depth=cfg["depth"], lam=cfg["lam"], factor_lr_multiplier=cfg["factor_lr_multiplier"],
+                                      threshold=cfg["threshold"], lr_check="off", save_collapsed=False, verbose=False)
+                    module, seconds = run_training(cfg, data, [dwf])
+                    results = dict(measure(module.net, data), train_seconds=seconds)
+                elif method == "model-pruning":
+                    mp = LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
+                                      amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
+                                      make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)
+                    module, seconds = run_training(cfg, data, [mp])
+                    results = dict(measure(module.net, data), train_seconds=seconds)
+                else:
+                    no_ft, ft = oneshot(dense_net, cfg, data)
+                    results = no_ft if method == "oneshot" else ft
+                row = dict(config=cfg, results=results, versions=versions, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                with path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{dataset:13s} {model:8s} {method:13s} {cfg.get('lam', cfg.get('target', '')):>8} "
+                      f"acc {results['acc']:.4f}  CR {results['compression_ratio']:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The benchmark helpers: the gradual pruning schedule, the λ grid, and the report's table/plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import report, sweep
+
+
+@pytest.mark.parametrize("target", sweep.TARGETS)
+@pytest.mark.parametrize("epochs", [1, 5, 20])
+def test_gradual_schedule_reaches_target(target, epochs):
+    amounts = sweep.gradual_amounts(target, epochs)
+    assert len(amounts) == epochs and all(0 <= a < 1 for a in amounts)
+    remaining = math.prod(1 - a for a in amounts)
+    assert 1 - remaining == pytest.approx(target)
+
+
+def test_floor_lam_matches_the_callback_floor():
+    from lightning_dwf.functional import lr_floor
+
+    steps = 1000
+    eta = sweep.LR * sweep.FACTOR_LR_MULTIPLIER / (1 - sweep.MOMENTUM)
+    assert lr_floor(sweep.floor_lam(steps), steps, 0.05) == pytest.approx(eta)
+
+
+def test_report_tables_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    base = dict(dataset="toy", model="m", epochs=1, batch_size=8, lr=0.1, momentum=0.9)
+    rows = [
+        dict(config=dict(base, method="dense"), results=dict(acc=0.9, compression_ratio=1.0)),
+        dict(config=dict(base, method="dwf-d3", lam=1e-3), results=dict(acc=0.85, compression_ratio=60.0)),
+        dict(config=dict(base, method="dwf-d3", lam=1e-2), results=dict(acc=0.70, compression_ratio=math.inf)),
+        dict(config=dict(base, method="model-pruning", target=0.99), results=dict(acc=0.8, compression_ratio=100.0)),
+    ]
+    (tmp_path / "full.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    text = report.tables(report.load("full"))
+    assert "| DWF D=3 | 85.00 | 85.00 | 85.00 | 70.00 | 70.00 | 70.00 |" in text
+    assert "| ModelPruning (gradual L1) | 80.00 | 80.00 | 80.00 | 80.00 | — | — |" in text
+    paths = report.plots(report.load("full"), "full")
+    assert [p.name for p in paths] == ["full_toy_m.png"] and paths[0].stat().st_size > 0
