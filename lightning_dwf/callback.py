@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -38,6 +38,12 @@ from lightning_dwf.optim import FactorPenalty, check_learning_rates
 from lightning_dwf.report import SparsityReport, sparsity_report
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+#: Callbacks that cannot compose with DWF, and why.
+_INCOMPATIBLE_CALLBACKS: dict[type[Callback], str] = {
+    ModelPruning: "it only sees nn.Parameter weights, so it would silently skip every factorized layer; DWF already makes the zeros",
+    StochasticWeightAveraging: "it averages the factors, and the product of averaged factors is not the average of the weights",
+    WeightAveraging: "it averages the factors, and the product of averaged factors is not the average of the weights",
+}
 
 
 class DWFLearningRateWarning(UserWarning):
@@ -152,6 +158,13 @@ class DWFCallback(Callback):
                 f"DWFCallback does not support {type(trainer.strategy).__name__} yet: sharded parameters break the "
                 "elementwise factor product and the in-place collapse. Use strategy='ddp' (or a single device)."
             )
+        for callback in trainer.callbacks:
+            for cls, why in _INCOMPATIBLE_CALLBACKS.items():
+                if isinstance(callback, cls):
+                    raise MisconfigurationException(
+                        f"DWFCallback cannot be combined with {type(callback).__name__}: {why}. Remove one of the two "
+                        "(average or prune after DWF's collapsed checkpoint instead)."
+                    )
         if is_overridden("configure_model", pl_module):
             rank_zero_info("DWFCallback: calling `configure_model()` before factorizing, so that its layers exist (it must be idempotent).")
             pl_module.configure_model()

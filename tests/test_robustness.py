@@ -1,0 +1,150 @@
+"""DWFCallback together with the rest of Lightning: precision, manual optimization, several optimizers,
+clipping, other callbacks, repeated fits, other entry points and LightningCLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FactorSnapshot, ToyModel, toy_data, trainer_kwargs
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, ModelPruning, StochasticWeightAveraging
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
+
+from lightning_dwf import DWFCallback, factor_parameters, factorized_tensors
+
+
+def test_fit_twice_continues_from_the_collapsed_model(tmp_path):
+    model = ToyModel(lr=0.3, momentum=0.9)
+    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf])).fit(model)
+    x = toy_data(8).tensors[0]
+    with torch.no_grad():
+        after_first = model(x)
+    first_zeros = int((model.net[0].weight == 0).sum())
+
+    class Check(FactorSnapshot):
+        def on_train_start(self, trainer, pl_module):
+            with torch.no_grad():
+                torch.testing.assert_close(pl_module(x), after_first, rtol=1e-5, atol=1e-6)
+            self.checked = True
+
+    check = Check()
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, check])).fit(model)
+    assert check.checked and not factorized_tensors(model)
+    assert int((model.net[0].weight == 0).sum()) >= first_zeros  # exact zeros stay dead
+
+
+def test_validate_test_predict_before_and_after_fit(tmp_path):
+    model = ToyModel()
+    dwf = DWFCallback(depth=3, lam=0.01, lr_check="off", verbose=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf]))
+    loader = DataLoader(toy_data(32), batch_size=16)
+    for _ in range(2):
+        trainer.validate(model, loader)
+        trainer.test(model, loader)
+        preds = trainer.predict(model, loader)
+        assert len(preds) == 2 and not factorized_tensors(model)
+        trainer.fit(model)
+
+
+def test_checkpoint_and_early_stopping_monitor_sparsity(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="dwf/sparsity", mode="max", save_top_k=1)
+    stop = EarlyStopping(monitor="dwf/sparsity", mode="max", patience=50, check_on_train_epoch_end=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off"), ckpt, stop]))
+    trainer.fit(ToyModel(lr=0.3))
+    assert ckpt.best_model_score is not None and ckpt.best_model_path
+    assert stop.best_score is not None and torch.isfinite(stop.best_score)
+
+
+@pytest.mark.parametrize("other", [
+    lambda: ModelPruning("l1_unstructured", amount=0.5), lambda: StochasticWeightAveraging(swa_lrs=0.01), lambda: EMAWeightAveraging(),
+], ids=["ModelPruning", "SWA", "EMA"])
+def test_incompatible_callbacks_are_refused(tmp_path, other):
+    with pytest.raises(MisconfigurationException, match="cannot be combined with"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.01), other()])).fit(ToyModel())
+
+
+def test_bf16_mixed_on_cpu(tmp_path):
+    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=2, precision="bf16-mixed", callbacks=[dwf])).fit(ToyModel(lr=0.3))
+    assert dwf.final_report.finite
+    ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path)
+
+
+def test_true_half_precision_warns(tmp_path):
+    with pytest.warns(UserWarning, match="half precision"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision="bf16-true",
+                                 callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)])).fit(ToyModel())
+
+
+class ManualModel(ToyModel):
+    """Manual optimization with two optimizers: one for the first layer, one for the rest."""
+
+    def __init__(self, **kwargs):
+        super().__init__(zero_loss=True, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y) * 0.0
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        first = list(self.net[0].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.2)
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    lam, depth = 0.5, 3
+    model = ManualModel(n=32, batch_size=16)
+    snap = FactorSnapshot()
+    dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
+    first = {id(p) for p in model.net[0].parameters()}
+    for end, start in zip(factor_parameters(model), snap.factors):
+        lr = 0.1 if id(end) in first else 0.2
+        torch.testing.assert_close(end, start * (1 - lr * 2 * lam / depth) ** 2)
+
+
+def test_gradient_clipping_includes_the_penalty(tmp_path):
+    lam, depth, lr, clip = 0.5, 3, 0.2, 1e-3
+    model = ToyModel(lr=lr, zero_loss=True, n=16, batch_size=16)
+    snap = FactorSnapshot()
+    dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, gradient_clip_val=clip, callbacks=[dwf, snap],
+                             enable_checkpointing=False)).fit(model)
+    coef = 2 * lam / depth
+    norm = coef * torch.sqrt(sum(f.pow(2).sum() for f in snap.factors))
+    scale = clip / (float(norm) + 1e-6)
+    for end, start in zip(factor_parameters(model), snap.factors):
+        torch.testing.assert_close(end, start - lr * coef * start * scale)
+
+
+def test_lightning_cli_builds_the_callback(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "dwf.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n  - class_path: lightning_dwf.DWFCallback\n    init_args:\n      depth: 4\n      lam: 0.02\n"
+        "      exclude: [net.2]\n      lr_check: 'off'\n"
+    )
+    common = ["--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
+    cli = LightningCLI(ToyModel, run=False, save_config_callback=None, args=common + ["--trainer.callbacks+=lightning_dwf.DWFCallback",
+                                                           "--trainer.callbacks.depth=3", "--trainer.callbacks.lam=0.01"])
+    dwf = [c for c in cli.trainer.callbacks if isinstance(c, DWFCallback)]
+    assert len(dwf) == 1 and dwf[0].depth == 3 and dwf[0].lam == 0.01
+    cli.trainer.fit(cli.model)
+    assert dwf[0].final_report is not None
+    cli = LightningCLI(ToyModel, run=False, save_config_callback=None, args=[f"--config={config}"] + common)
+    dwf = [c for c in cli.trainer.callbacks if isinstance(c, DWFCallback)][0]
+    assert (dwf.depth, dwf.lam, dwf.exclude, dwf.lr_check) == (4, 0.02, ("net.2",), "off")
+    with pytest.raises(ValueError, match="`depth` must be >= 2"):  # our own message reaches the CLI user
+        LightningCLI(ToyModel, run=False, save_config_callback=None, args=common + ["--trainer.callbacks+=lightning_dwf.DWFCallback", "--trainer.callbacks.depth=1",
+                                                         "--trainer.callbacks.lam=0.01"])
