@@ -158,6 +158,12 @@ class DWFCallback(Callback):
                 f"DWFCallback does not support {type(trainer.strategy).__name__} yet: sharded parameters break the "
                 "elementwise factor product and the in-place collapse. Use strategy='ddp' (or a single device)."
             )
+        if getattr(pl_module, "_compiler_ctx", None):
+            raise MisconfigurationException(
+                "DWFCallback does not support `trainer.fit(torch.compile(model))`: the whole-module compile is set up before DWF "
+                "factorizes the weights (and fails in Lightning 2.6 / torch 2.13 even without DWF). Compile the network inside "
+                "your LightningModule instead, e.g. `self.net = torch.compile(self.net)`; that works with DWF."
+            )
         for callback in trainer.callbacks:
             for cls, why in _INCOMPATIBLE_CALLBACKS.items():
                 if isinstance(callback, cls):

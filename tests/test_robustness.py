@@ -148,3 +148,19 @@ def test_lightning_cli_builds_the_callback(tmp_path):
     with pytest.raises(ValueError, match="`depth` must be >= 2"):  # our own message reaches the CLI user
         LightningCLI(ToyModel, run=False, save_config_callback=None, args=common + ["--trainer.callbacks+=lightning_dwf.DWFCallback", "--trainer.callbacks.depth=1",
                                                          "--trainer.callbacks.lam=0.01"])
+
+
+def test_compile(tmp_path):
+    """Compiling the inner network works; compiling the whole LightningModule is refused with the alternative."""
+    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+    with pytest.raises(MisconfigurationException, match=r"self.net = torch.compile\(self.net\)"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(torch.compile(ToyModel()))
+    model = ToyModel(lr=0.3)
+    model.net = torch.compile(model.net)
+    x = toy_data(8).tensors[0]
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(model)
+    assert not factorized_tensors(model)
+    plain = ToyModel()
+    plain.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
