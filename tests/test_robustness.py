@@ -164,3 +164,53 @@ def test_compile(tmp_path):
     plain.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()})
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x))
+
+
+CRASHING_RUN = """
+import os, signal, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
+import torch
+from conftest import ToyModel, trainer_kwargs
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_dwf import DWFCallback
+
+class Kill(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 20:  # mid-epoch 3 of 4 (8 steps per epoch)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+torch.manual_seed(0)
+ckpt = ModelCheckpoint(dirpath={root!r}, save_last=True, every_n_epochs=1)
+trainer = Trainer(**trainer_kwargs({root!r}, max_epochs=4, callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off"), ckpt, Kill()]))
+trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32))
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
+    """A run killed hard mid-epoch resumes from its last checkpoint and ends with the same collapsed model as an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    root = str(tmp_path / "crash")
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_RUN.format(tests=os.path.dirname(__file__), root=root))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(os.listdir(root)) == ["epoch=1-step=16.ckpt", "last.ckpt"]  # no half-written file
+
+    def fit(directory, ckpt_path=None):
+        torch.manual_seed(0)
+        model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32)
+        ckpt = ModelCheckpoint(dirpath=directory, save_last=True, every_n_epochs=1)
+        dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+        Trainer(**trainer_kwargs(directory, max_epochs=4, callbacks=[dwf, ckpt])).fit(model, ckpt_path=ckpt_path)
+        return model
+
+    resumed = fit(root, ckpt_path="last")
+    uninterrupted = fit(str(tmp_path / "clean"))
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
