@@ -26,7 +26,7 @@ def load(mode: str) -> list[dict]:
 
 def best_at(rows: list[dict], cr: float) -> float | None:
     """Best accuracy among runs whose compression ratio is at least ``cr`` (None if no run gets there)."""
-    accs = [r["results"]["acc"] for r in rows if r["results"]["compression_ratio"] >= cr]
+    accs = [r["results"]["acc"] for r in rows if r["results"]["acc"] is not None and r["results"]["compression_ratio"] >= cr]
     return max(accs) if accs else None
 
 
@@ -61,6 +61,9 @@ def tables(rows: list[dict]) -> str:
             for r in sorted(by_method.get(method, []), key=lambda r: r["config"].get("lam", r["config"].get("target", 0))):
                 c, res = r["config"], r["results"]
                 knob = c.get("lam", c.get("target", ""))
+                if res["acc"] is None:
+                    out.append(f"| {LABELS[method]} | {knob} | diverged (NaN/Inf factors, stopped by the callback) | — | — |")
+                    continue
                 out.append(f"| {LABELS[method]} | {knob} | {100 * res['acc']:.2f} | {fmt_cr(res['compression_ratio'])} | "
                            f"{res.get('train_seconds', 0):.0f} |")
         out.append("")
@@ -81,7 +84,8 @@ def plots(rows: list[dict], mode: str) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method in METHODS:
             pts = sorted((r["results"]["compression_ratio"], 100 * r["results"]["acc"]) for r in group
-                         if r["config"]["method"] == method and math.isfinite(r["results"]["compression_ratio"]))
+                         if r["config"]["method"] == method and r["results"]["acc"] is not None
+                         and math.isfinite(r["results"]["compression_ratio"]))
             if not pts:
                 continue
             if method == "dense":

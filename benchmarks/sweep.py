@@ -194,8 +194,13 @@ def main() -> None:
                 elif method.startswith("dwf"):
                     dwf = DWFCallback(depth=cfg["depth"], lam=cfg["lam"], factor_lr_multiplier=cfg["factor_lr_multiplier"],
                                       threshold=cfg["threshold"], lr_check="off", save_collapsed=False, verbose=False)
-                    module, seconds = run_training(cfg, data, [dwf])
-                    results = dict(measure(module.net, data), train_seconds=seconds)
+                    try:
+                        module, seconds = run_training(cfg, data, [dwf])
+                        results = dict(measure(module.net, data), train_seconds=seconds)
+                    except RuntimeError as err:  # DWFCallback stops a run whose factors became NaN/Inf
+                        if "NaN/Inf" not in str(err):
+                            raise
+                        results = dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
                 elif method == "model-pruning":
                     mp = LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
                                       amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
@@ -208,8 +213,8 @@ def main() -> None:
                 row = dict(config=cfg, results=results, versions=versions, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 with path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"{dataset:13s} {model:8s} {method:13s} {cfg.get('lam', cfg.get('target', '')):>8} "
-                      f"acc {results['acc']:.4f}  CR {results['compression_ratio']:8.1f}", flush=True)
+                outcome = "diverged" if results["acc"] is None else f"acc {results['acc']:.4f}  CR {results['compression_ratio']:8.1f}"
+                print(f"{dataset:13s} {model:8s} {method:13s} {cfg.get('lam', cfg.get('target', '')):>8} {outcome}", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_patterns, check_positive
-from lightning_dwf.collapse import collapse_
+from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
 from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
 from lightning_dwf.functional import DEFAULT_THRESHOLD
 from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
 from lightning_dwf.optim import FactorPenalty, check_learning_rates
 from lightning_dwf.report import SparsityReport, sparsity_report
 
+#: Where checkpoints written during fit keep the factors (their ``state_dict`` holds the collapsed weights).
+FACTORIZED_STATE_KEY = "dwf_factorized_state_dict"
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 #: Callbacks that cannot compose with DWF, and why.
 _INCOMPATIBLE_CALLBACKS: dict[type[Callback], str] = {
@@ -158,6 +160,14 @@ class DWFCallback(Callback):
                 f"DWFCallback does not support {type(trainer.strategy).__name__} yet: sharded parameters break the "
                 "elementwise factor product and the in-place collapse. Use strategy='ddp' (or a single device)."
             )
+        precision = str(trainer.precision)
+        if precision in ("16-true", "bf16-true"):
+            raise MisconfigurationException(
+                f"DWFCallback does not support precision={precision!r}: with half-precision factors the per-step penalty "
+                "shrink factor 1 − 2·lr·λ/D rounds to exactly 1 (half-precision epsilon is 1e-3 for float16 and 8e-3 for "
+                "bfloat16, typical lr·λ is 1e-4), so no weight ever reaches zero, and the product of D small factors "
+                "underflows. Use precision='16-mixed' or 'bf16-mixed' (float32 factors, half-precision compute)."
+            )
         if getattr(pl_module, "_compiler_ctx", None):
             raise MisconfigurationException(
                 "DWFCallback does not support `trainer.fit(torch.compile(model))`: the whole-module compile is set up before DWF "
@@ -185,12 +195,6 @@ class DWFCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
-        precision = str(trainer.precision)
-        if precision in ("16-true", "bf16-true"):
-            rank_zero_warn(
-                f"DWFCallback with precision={precision!r}: the factors are stored in half precision and their product "
-                "loses small weights to rounding and underflow. Prefer '16-mixed' or 'bf16-mixed'."
-            )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         for opt in trainer.optimizers:
             if scaler is not None and getattr(opt, "_step_supports_amp_scaling", False):
@@ -312,6 +316,33 @@ class DWFCallback(Callback):
         return path
 
     # ------------------------------------------------------------------ state
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Make every checkpoint loadable into the plain class: collapsed weights in ``state_dict``, factors kept aside.
+
+        The factors go to ``checkpoint["dwf_factorized_state_dict"]`` and are reloaded on resume, so resuming stays
+        exact (the pattern of Lightning's WeightAveraging). ``ModelCheckpoint(save_weights_only=True)`` files skip
+        this hook and stay factorized; ``collapse_state_dict`` converts them.
+        """
+        state = checkpoint.get("state_dict", {})
+        if has_factors(state):
+            checkpoint[FACTORIZED_STATE_KEY] = state
+            checkpoint["state_dict"] = collapse_state_dict(state, self.threshold)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """On resume, reload the exact factors (the collapsed ``state_dict`` was loaded as balanced factors just before)."""
+        factorized = checkpoint.get(FACTORIZED_STATE_KEY)
+        if factorized is not None:
+            pl_module.load_state_dict(factorized, strict=pl_module.strict_loading)
+        elif not has_factors(checkpoint.get("state_dict", {})):
+            raise ValueError(
+                "`ckpt_path` points to a plain checkpoint (dense, or DWF's collapsed one) but resuming DWF training needs a "
+                "checkpoint written during DWF training (it holds the factors and the optimizer state). To start DWF from "
+                "these weights, load them (MyModule.load_from_checkpoint(path)) and call trainer.fit(model) without "
+                "ckpt_path, with DWFCallback(init='balanced')."
+            )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"depth": self.depth, "lam": self.lam, "factorized": list(self.factorized_names)}

@@ -47,6 +47,11 @@ def collapse_(module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> nn.Mod
     return module
 
 
+def has_factors(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` holds DWF factors (``...parametrizations.<name>.original<d>`` keys)."""
+    return any(_FACTOR_KEY.match(k) for k in state_dict)
+
+
 def collapse_state_dict(state_dict: Mapping[str, Any], threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Collapse the factors in a (Lightning or plain) state dict, without a model.
 

@@ -35,10 +35,12 @@ def test_report_tables_and_plots(tmp_path, monkeypatch):
         dict(config=dict(base, method="dwf-d3", lam=1e-3), results=dict(acc=0.85, compression_ratio=60.0)),
         dict(config=dict(base, method="dwf-d3", lam=1e-2), results=dict(acc=0.70, compression_ratio=math.inf)),
         dict(config=dict(base, method="model-pruning", target=0.99), results=dict(acc=0.8, compression_ratio=100.0)),
+        dict(config=dict(base, method="dwf-d4", lam=1.0), results=dict(acc=None, compression_ratio=None, diverged="NaN")),
     ]
     (tmp_path / "full.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     text = report.tables(report.load("full"))
     assert "| DWF D=3 | 85.00 | 85.00 | 85.00 | 70.00 | 70.00 | 70.00 |" in text
     assert "| ModelPruning (gradual L1) | 80.00 | 80.00 | 80.00 | 80.00 | — | — |" in text
+    assert "| DWF D=4 | — | — | — | — | — | — |" in text and "diverged" in text
     paths = report.plots(report.load("full"), "full")
     assert [p.name for p in paths] == ["full_toy_m.png"] and paths[0].stat().st_size > 0

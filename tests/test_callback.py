@@ -201,8 +201,10 @@ def test_lr_check_without_a_step_budget(tmp_path):
 
 def test_divergence_is_caught_and_no_checkpoint_written(tmp_path):
     dwf = DWFCallback(depth=3, lam=1e-3, lr_check="off")
-    with pytest.raises(RuntimeError, match="became NaN/Inf"):
+    with pytest.raises(RuntimeError, match="became NaN/Inf") as err:
         Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[dwf])).fit(ToyModel(lr=1e4, momentum=0.9))
+    step = int(str(err.value).split(" at step ")[1].split(" ")[0])
+    assert step <= 3  # the first non-finite loss (the batch after the factors overflow) stops the run
     assert not glob.glob(os.path.join(tmp_path, "**", "dwf-collapsed.ckpt*"), recursive=True)
 
 
@@ -261,3 +263,33 @@ def test_checkpoint_of_other_depth_is_refused(tmp_path):
     with pytest.raises(ValueError, match="factorized with depth 3"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.01, lr_check="off")])).fit(
             ToyModel(), ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_mid_fit_checkpoints_load_into_the_plain_class(tmp_path):
+    """Checkpoints written during fit hold collapsed weights in state_dict (factors kept aside for resume)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", collapse_on_fit_end=False)
+    model = ToyModel(lr=0.3)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, ckpt])).fit(model)
+    plain = ToyModel.load_from_checkpoint(tmp_path / "last.ckpt")
+    x = toy_data(8).tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-4, atol=1e-5)
+    raw = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert any("original0" in k for k in raw["dwf_factorized_state_dict"])
+
+
+@pytest.mark.parametrize("kind", ["collapsed", "dense"])
+def test_resuming_from_a_plain_checkpoint_is_refused(tmp_path, kind):
+    """A dense run's checkpoint gets DWF's explanation; the weights-only collapsed one gets Lightning's own."""
+    match = "points to a plain checkpoint" if kind == "dense" else "checkpoint contains only the model"
+    if kind == "collapsed":
+        dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(ToyModel())
+        path = dwf.collapsed_checkpoint_path
+    else:
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])).fit(ToyModel())
+        path = str(tmp_path / "last.ckpt")
+    with pytest.raises((ValueError, KeyError), match=match):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off")])).fit(
+            ToyModel(), ckpt_path=path)

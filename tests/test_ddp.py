@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from conftest import ToyModel, trainer_kwargs
@@ -42,3 +43,44 @@ def test_ddp_spawn_two_processes(tmp_path):
     loaded = ToyModel.load_from_checkpoint(paths[0])
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k])
+
+
+DDP_SCRIPT = """
+import glob, json, os, sys
+sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
+import pytest
+import torch
+from conftest import ToyModel, trainer_kwargs
+from lightning.pytorch import Trainer
+from test_ddp import RankAgreement
+from lightning_dwf import DWFCallback, factorized_tensors
+
+torch.manual_seed(0)
+model = ToyModel(lr=0.3, momentum=0.9)
+dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+trainer = Trainer(**trainer_kwargs({root!r}, strategy="ddp", devices=2, max_epochs=2, callbacks=[dwf, RankAgreement()]))
+trainer.fit(model)
+assert not factorized_tensors(model)
+with open(os.path.join({root!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
+    json.dump(dict(path=dwf.collapsed_checkpoint_path, nonzero=dwf.final_report.nonzero,
+                   weight_sum=float(model.net[0].weight.abs().sum())), f)
+"""
+
+
+def test_ddp_subprocess_two_processes(tmp_path):
+    """strategy='ddp' (Lightning relaunches the script per rank): ranks agree, one collapsed checkpoint, same collapsed model."""
+    import json
+    import subprocess
+    import sys
+
+    root = str(tmp_path)
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=root))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    paths = glob.glob(os.path.join(root, "**", "dwf-collapsed.ckpt*"), recursive=True)
+    assert paths == [ranks[0]["path"]]
+    loaded = ToyModel.load_from_checkpoint(paths[0])
+    assert float(loaded.net[0].weight.abs().sum()) == pytest.approx(ranks[0]["weight_sum"])

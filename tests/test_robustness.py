@@ -72,10 +72,18 @@ def test_bf16_mixed_on_cpu(tmp_path):
     ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path)
 
 
-def test_true_half_precision_warns(tmp_path):
-    with pytest.warns(UserWarning, match="half precision"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision="bf16-true",
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_true_half_precision_is_refused(tmp_path, precision):
+    with pytest.raises(MisconfigurationException, match="rounds to exactly 1"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision=precision,
                                  callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)])).fit(ToyModel())
+
+
+def test_half_precision_really_loses_the_penalty():
+    """The reason for the refusal: one penalty step at lr·2λ/D = 1e-4 leaves a bfloat16 factor unchanged."""
+    factor = torch.tensor([0.37], dtype=torch.bfloat16)
+    assert torch.equal(factor * (1 - 1e-4), factor)
+    assert not torch.equal(factor.float() * (1 - 1e-4), factor.float())
 
 
 class ManualModel(ToyModel):
