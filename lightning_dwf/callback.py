@@ -31,10 +31,11 @@ from typing_extensions import override
 
 from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_patterns, check_positive
 from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
+from lightning_dwf.controller import DEFAULT_CONTROL_THRESHOLD, SparsityController, closing_threshold
 from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
 from lightning_dwf.functional import DEFAULT_THRESHOLD
 from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
-from lightning_dwf.optim import FactorPenalty, check_learning_rates
+from lightning_dwf.optim import FactorPenalty, check_learning_rates, factor_learning_rates
 from lightning_dwf.report import SparsityReport, sparsity_report
 
 #: Where checkpoints written during fit keep the factors (their ``state_dict`` holds the collapsed weights).
@@ -101,6 +102,9 @@ class DWFCallback(Callback):
         depth: int = 3,
         lam: float | None = None,
         *,
+        target_sparsity: float | None = None,
+        target_compression: float | None = None,
+        control_threshold: float = DEFAULT_CONTROL_THRESHOLD,
         threshold: float = DEFAULT_THRESHOLD,
         layer_types: LayerTypes | None = None,
         include: str | Sequence[str] | None = None,
@@ -119,9 +123,26 @@ class DWFCallback(Callback):
         verbose: bool = True,
     ) -> None:
         self.depth = check_depth(depth)
-        if lam is None:
-            raise ValueError("`lam` is required: the penalty strength λ in mean-loss units (e.g. DWFCallback(depth=3, lam=2e-3)).")
-        self.lam = check_nonnegative("lam", lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3.")
+        given = [name for name, v in (("lam", lam), ("target_sparsity", target_sparsity), ("target_compression", target_compression))
+                 if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"Give exactly one of `lam` (a fixed penalty strength), `target_sparsity` or `target_compression` (λ adapted "
+                f"to reach it), got {given or 'none'}. E.g. DWFCallback(depth=3, target_sparsity=0.95)."
+            )
+        self.target_sparsity: float | None = None
+        if target_compression is not None:
+            target_compression = check_positive("target_compression", target_compression)
+            if target_compression <= 1:
+                raise ValueError(f"`target_compression` (weights / non-zeros) must be > 1, got {target_compression}.")
+            self.target_sparsity = 1.0 - 1.0 / target_compression
+        elif target_sparsity is not None:
+            value = check_positive("target_sparsity", target_sparsity)
+            if not value < 1:
+                raise ValueError(f"`target_sparsity` is a fraction of zero weights in (0, 1), e.g. 0.95; got {target_sparsity}.")
+            self.target_sparsity = value
+        self.lam = 0.0 if lam is None else check_nonnegative("lam", lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3.")
+        self.control_threshold = check_positive("control_threshold", control_threshold)
         self.threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
         self.layer_types = resolve_layer_types(layer_types)
         self.include, self.exclude = check_patterns("include", include) or None, check_patterns("exclude", exclude)
@@ -147,7 +168,11 @@ class DWFCallback(Callback):
         self.collapsed_checkpoint_path: str | None = None
         self._penalty: FactorPenalty | None = None
         self._last_logged_step = -1
+        self._last_control_step = -1
+        self._control_interval = 1
         self._fits_collapsed = 0
+        self._controller: SparsityController | None = None
+        self._controller_state: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ setup
     @override
@@ -213,14 +238,17 @@ class DWFCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the factor learning rate against the floor and the stability limit (after a resume restored it)."""
-        if self.lr_check == "off" or self.lam == 0:
-            return
+        """Start the λ controller (target mode) and check the factor LR (after a resume restored state)."""
         # an open-ended run (max_epochs=-1, max_time) has no step budget: only the stability limit is checked
         total = trainer.estimated_stepping_batches
         steps = max(int(total) - trainer.global_step, 0) if math.isfinite(total) else 0
         with torch.no_grad():
             scale = max(float(t.product().pow(2).mean().sqrt()) for t in factorized_tensors(pl_module))
+        if self.target_sparsity is not None:
+            self._start_controller(trainer, pl_module, total, scale)
+            steps = 0  # the controller sets λ from the LR floor itself; only the stability limit is left to check
+        if self.lr_check == "off" or self.lam == 0:
+            return
         result = check_learning_rates(
             trainer.optimizers, factor_parameters(pl_module), self.lam, self.depth, steps, scale, self.threshold, self.factor_lr_multiplier
         )
@@ -230,6 +258,44 @@ class DWFCallback(Callback):
             if self.lr_check == "error":
                 raise MisconfigurationException(f"DWFCallback: {message} (lr_check='error')")
             rank_zero_warn(f"DWFCallback: {message} Silence with lr_check='off'.", category=DWFLearningRateWarning)
+
+    def _start_controller(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: float, scale: float) -> None:
+        if not math.isfinite(total) or total < 50:
+            raise MisconfigurationException(
+                f"DWFCallback(target_sparsity=...) needs a planned run of at least 50 optimizer steps (got {total}) to schedule "
+                "λ: set max_epochs or max_steps."
+            )
+        steps = int(total)
+        etas = [eta for _, _, eta in factor_learning_rates(trainer.optimizers, factor_parameters(pl_module), self.factor_lr_multiplier)]
+        decades = max(math.log(scale / self.control_threshold), 1.0)
+        lam0 = decades / (min(etas) * steps)  # the LR floor solved for λ: small weights just reach the control threshold
+        lam_max = 0.05 * self.depth / (2 * max(etas))  # keeps the penalty shrink 2·lr·λ/D <= 5 % per step
+        # start well below the floor: at the floor every weight the loss does not support dies, i.e. maximal sparsity
+        controller = SparsityController(self.target_sparsity, steps, 0.1 * lam0, lam_min=lam0 * 1e-3, lam_max=lam_max)
+        ramp = (controller.ramp_end - controller.warmup) * steps
+        needed = decades / (min(etas) * ramp)
+        if needed > lam_max:
+            raise MisconfigurationException(
+                f"DWFCallback: target_sparsity={self.target_sparsity:g} cannot be reached in {steps} steps: shrinking weights from "
+                f"{scale:.3g} to {self.control_threshold:g} during the ramp ({ramp:.0f} steps) needs λ ≈ {needed:.3g}, but the factor "
+                f"lr {max(etas):.3g} only allows λ <= {lam_max:.3g} before the penalty step becomes unstable. Train at least "
+                f"{math.ceil(steps * needed / lam_max)} steps, or raise the factor lr (factor_lr_multiplier)."
+            )
+        if self._controller_state:  # resuming
+            controller.load_state_dict(self._controller_state)
+        self._controller = controller
+        self._control_interval = max(1, steps // 200)
+        self._set_lam(controller.lam)
+
+    def _set_lam(self, lam: float) -> None:
+        self.lam = lam
+        if self._penalty is not None:
+            self._penalty.lam = lam
+
+    @property
+    def collapse_threshold(self) -> float:
+        """Where weights become zero at collapse: ``threshold``, or ``max(threshold, control_threshold)`` in target mode."""
+        return max(self.threshold, self.control_threshold) if self.target_sparsity is not None else self.threshold
 
     # --------------------------------------------------------------- training
     @override
@@ -245,16 +311,22 @@ class DWFCallback(Callback):
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss)):
             self._check_finite(trainer, pl_module)
         step = trainer.global_step
+        if self._controller is not None and step != self._last_control_step and step % self._control_interval == 0:
+            self._last_control_step = step
+            self._set_lam(self._controller.update(step, sparsity_report(pl_module, self.control_threshold).sparsity))
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step == self._last_logged_step or not (step % every == 0 or trainer.is_last_batch):
             return
         self._last_logged_step = step
-        report = sparsity_report(pl_module, self.threshold, self.lam)
+        report = sparsity_report(pl_module, self.collapse_threshold, self.lam)
         if not report.finite:
             self._check_finite(trainer, pl_module)
-        pl_module.log_dict(
-            report.metrics(per_layer=self.log_per_layer), on_step=True, on_epoch=False, sync_dist=False, batch_size=1
-        )
+        metrics = report.metrics(per_layer=self.log_per_layer)
+        metrics["dwf/lam"] = self.lam
+        if self._controller is not None:
+            metrics["dwf/target_sparsity"] = self._controller.target
+            metrics["dwf/reference_sparsity"] = self._controller.reference(step)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
 
     def _check_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         bad = [t.name for t in factorized_tensors(pl_module) if not all(bool(torch.isfinite(f).all()) for f in t.factors)]
@@ -272,25 +344,38 @@ class DWFCallback(Callback):
         """Collapse in place, write the collapsed checkpoint, print the table and send final numbers to the loggers."""
         if self._penalty is not None:
             self._penalty.unbind()
+        self._controller, self._controller_state = None, None
         if not self.collapse_on_fit_end or not factorized_tensors(pl_module):
             return
-        report = sparsity_report(pl_module, self.threshold, self.lam)
+        threshold = self.collapse_threshold
+        if self.target_sparsity is not None:
+            with torch.no_grad():
+                threshold = closing_threshold([t.product() for t in factorized_tensors(pl_module)], self.target_sparsity, threshold)
+            if threshold > 10 * self.collapse_threshold:
+                reached = sparsity_report(pl_module, self.collapse_threshold).sparsity
+                rank_zero_warn(
+                    f"DWFCallback: training reached sparsity {reached:.4f} (at |w| < {self.collapse_threshold:g}) instead of "
+                    f"target_sparsity={self.target_sparsity:g}; the rest was closed by zeroing the smallest weights up to "
+                    f"|w| < {threshold:.3g}, which may cost accuracy. Train longer or raise the factor learning rate."
+                )
+        report = sparsity_report(pl_module, threshold, self.lam)
         if not report.finite:
             self._check_finite(trainer, pl_module)
         self.final_report = report
-        collapse_(pl_module, self.threshold)
+        collapse_(pl_module, threshold)
         self._fits_collapsed += 1
         if self.save_collapsed:
             self.collapsed_checkpoint_path = self._save_collapsed(trainer)
         final = {f"dwf/final/{k[4:]}": v for k, v in report.metrics(per_layer=False).items()}
         final["dwf/final/compression_ratio_all_params"] = report.compression_ratio_all
+        final["dwf/final/threshold"] = threshold
         for logger in trainer.loggers:
             logger.log_metrics(final, step=trainer.global_step)
             logger.save()
         if self.verbose and trainer.is_global_zero:
             from rich.console import Console
 
-            Console().print(report.table(title=f"DWF (D={self.depth}, λ={self.lam:g}) — collapsed at |w| < {self.threshold:g}"))
+            Console().print(report.table(title=f"DWF (D={self.depth}, λ={self.lam:g}) — collapsed at |w| < {threshold:.3g}"))
             if self.collapsed_checkpoint_path:
                 rank_zero_info(f"DWFCallback: collapsed checkpoint written to {self.collapsed_checkpoint_path}")
 
@@ -327,7 +412,7 @@ class DWFCallback(Callback):
         state = checkpoint.get("state_dict", {})
         if has_factors(state):
             checkpoint[FACTORIZED_STATE_KEY] = state
-            checkpoint["state_dict"] = collapse_state_dict(state, self.threshold)
+            checkpoint["state_dict"] = collapse_state_dict(state, self.collapse_threshold)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -345,7 +430,11 @@ class DWFCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"depth": self.depth, "lam": self.lam, "factorized": list(self.factorized_names)}
+        state: dict[str, Any] = {"depth": self.depth, "lam": self.lam, "factorized": list(self.factorized_names)}
+        controller = self._controller.state_dict() if self._controller is not None else self._controller_state
+        if controller:
+            state["controller"] = controller
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -354,3 +443,6 @@ class DWFCallback(Callback):
                 f"The checkpoint was trained with DWFCallback(depth={state_dict['depth']}), this callback has depth={self.depth}. "
                 "Resume with the same depth."
             )
+        self._controller_state = state_dict.get("controller")
+        if self._controller_state:
+            self.lam = float(self._controller_state["lam"])

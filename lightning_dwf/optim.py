@@ -184,6 +184,22 @@ class FactorPenalty:
         torch._foreach_copy_(params, before)
 
 
+def factor_learning_rates(optimizers: Sequence[Any], factors: Sequence[nn.Parameter], lr_multiplier: float = 1.0) -> list[tuple[str, Optimizer, float]]:
+    """``(description, optimizer, effective peak LR)`` of every param group holding factors.
+
+    The effective LR is ``peak lr × lr_multiplier / (1 − momentum)``: heavy-ball momentum μ multiplies the
+    step of a slowly varying gradient (such as the penalty's) by ``1/(1 − μ)``.
+    """
+    ids = {id(p) for p in factors}
+    out = []
+    for i, opt in enumerate(map(_unwrap, optimizers)):
+        for j, group in enumerate(opt.param_groups):
+            if any(id(p) in ids for p in group["params"]):
+                eta = peak_lr(group) * lr_multiplier / (1.0 - float(group.get("momentum", 0.0) or 0.0))
+                out.append((f"{type(opt).__name__} (optimizer {i}, group {j})", opt, eta))
+    return out
+
+
 @dataclass(frozen=True)
 class LearningRateCheck:
     """Outcome of :func:`check_learning_rates`: ``errors`` make training pointless, ``warnings`` predict few zeros."""
@@ -218,28 +234,21 @@ def check_learning_rates(
         init_std: typical magnitude of the collapsed weights now. threshold: zero threshold.
         lr_multiplier: the factor LR multiplier in use.
     """
-    ids = {id(p) for p in factors}
     floor = lr_floor(lam, steps, init_std, threshold)
     errors: list[str] = []
     warns: list[str] = []
-    for i, opt in enumerate(map(_unwrap, optimizers)):
-        for j, group in enumerate(opt.param_groups):
-            if not any(id(p) in ids for p in group["params"]):
-                continue
-            # heavy-ball momentum μ multiplies the step of a slowly varying gradient by 1/(1-μ)
-            eta = peak_lr(group) * lr_multiplier / (1.0 - float(group.get("momentum", 0.0) or 0.0))
-            where = f"{type(opt).__name__} (optimizer {i}, group {j})"
-            if lam > 0 and lam_to_weight_decay(lam, depth) * eta >= 1:
-                errors.append(
-                    f"{where}: effective factor lr {eta:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta:.3g} >= 1, so the penalty step "
-                    f"alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a smaller lam."
-                )
-            elif isinstance(opt, SGD_LIKE_OPTIMIZERS) and math.isfinite(floor) and eta < floor:
-                warns.append(
-                    f"{where}: effective factor lr {eta:.3g} (lr × factor_lr_multiplier / (1 − momentum)) is below the floor "
-                    f"{floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
-                    f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model will have "
-                    f"few exact zeros. Raise the lr (or factor_lr_multiplier) to >= {floor:.3g}, raise lam, or train "
-                    f"{floor / eta:.1f}× longer."
-                )
+    for where, opt, eta in factor_learning_rates(optimizers, factors, lr_multiplier):
+        if lam > 0 and lam_to_weight_decay(lam, depth) * eta >= 1:
+            errors.append(
+                f"{where}: effective factor lr {eta:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta:.3g} >= 1, so the penalty step "
+                f"alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a smaller lam."
+            )
+        elif isinstance(opt, SGD_LIKE_OPTIMIZERS) and math.isfinite(floor) and eta < floor:
+            warns.append(
+                f"{where}: effective factor lr {eta:.3g} (lr × factor_lr_multiplier / (1 − momentum)) is below the floor "
+                f"{floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
+                f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model will have "
+                f"few exact zeros. Raise the lr (or factor_lr_multiplier) to >= {floor:.3g}, raise lam, or train "
+                f"{floor / eta:.1f}× longer."
+            )
     return LearningRateCheck(errors, warns, floor)

@@ -44,3 +44,22 @@ def test_report_tables_and_plots(tmp_path, monkeypatch):
     assert "| DWF D=4 | — | — | — | — | — | — |" in text and "diverged" in text
     paths = report.plots(report.load("full"), "full")
     assert [p.name for p in paths] == ["full_toy_m.png"] and paths[0].stat().st_size > 0
+
+
+def test_oneshot_and_model_pruning_hit_their_sparsity(tmp_path):
+    """One-shot pruning (with masks kept through fine-tuning) and the gradual ModelPruning schedule reach the target on real layers."""
+    import torch
+
+    from benchmarks.models import lenet_300_100
+    from lightning_dwf.datasets import ImageData
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData("toy", torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g),
+                     torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+    cfg = dict(model="lenet300", target=0.9, finetune_epochs=1, batch_size=32, epochs=3)
+    no_ft, ft = sweep.oneshot(lenet_300_100(), cfg, data)
+    assert no_ft["sparsity"] == pytest.approx(0.9, abs=1e-3) and ft["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    mp = sweep.LayerPruning("l1_unstructured", parameter_names=["weight"], amount=sweep._Amount(sweep.gradual_amounts(0.9, 3)),
+                            use_global_unstructured=True, use_lottery_ticket_hypothesis=False, verbose=0)
+    module, _ = sweep.run_training(cfg, data, [mp])
+    assert sweep.measure(module.net, data)["sparsity"] == pytest.approx(0.9, abs=1e-3)

@@ -22,17 +22,20 @@ class RankAgreement(Callback):
         gathered = [torch.empty_like(flat) for _ in range(trainer.world_size)]
         dist.all_gather(gathered, flat)
         assert all(torch.equal(gathered[0], g) for g in gathered), "factors drifted apart across ranks"
-        sparsity = torch.tensor([float(trainer.callback_metrics["dwf/sparsity"])])
+        sparsity = torch.tensor([float(trainer.callback_metrics[k]) for k in ("dwf/sparsity", "dwf/lam")])
         all_sparsity = [torch.empty_like(sparsity) for _ in range(trainer.world_size)]
         dist.all_gather(all_sparsity, sparsity)
         assert all(torch.equal(all_sparsity[0], s) for s in all_sparsity)
 
 
-def test_ddp_spawn_two_processes(tmp_path):
-    model = ToyModel(lr=0.3, momentum=0.9)
+@pytest.mark.parametrize("mode", ["lam", "target"])
+def test_ddp_spawn_two_processes(tmp_path, mode):
+    """Factors, logged metrics and (target mode) the controller's λ agree on both ranks; the parent gets the collapsed model."""
+    model = ToyModel(lr=0.3, momentum=0.9, n=1024)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
-    trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2, callbacks=[dwf, RankAgreement()]))
+    kwargs = dict(lam=0.02, lr_check="off") if mode == "lam" else dict(target_sparsity=0.9)
+    dwf = DWFCallback(depth=3, verbose=False, **kwargs)
+    trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=10, callbacks=[dwf, RankAgreement()]))
     trainer.fit(model)
     # the parent process ends with the collapsed, trained weights (not the initial ones, not factors)
     assert not factorized_tensors(model)

@@ -1,0 +1,99 @@
+"""Adapting λ during training so that the collapsed model reaches a requested sparsity.
+
+With a fixed λ, DWF's final sparsity jumps from none to most within a factor of two of λ (measured in
+the README). :class:`SparsityController` instead treats λ as the actuator of a feedback loop:
+
+* warm-up (``warmup`` of the run): λ = λ0, the λ at which unsupported weights just reach the
+  threshold in the run's steps (the LR floor solved for λ);
+* ramp (until ``ramp_end`` of the run): the reference sparsity follows the cubic schedule of gradual
+  magnitude pruning, ``s_ref = target·(1 − (1 − p)^3)``;
+* hold (the rest): ``s_ref = target``, so the network recovers accuracy at the requested sparsity.
+
+Every ``interval`` steps λ is multiplied by ``exp(gain·e)`` with ``e = ln((1 − s)/(1 − s_ref))``, the
+log-ratio of measured to wanted density (an integral controller in log λ; it lowers λ four times faster
+than it raises it, because pruned weights do not come back). The measured sparsity ``s``
+is taken at ``control_threshold`` (absolute, default 1e-3): weights that small are on their way to
+exact zero and do not change the network's output, while exact zeros lag far behind λ. At the end the
+callback collapses at that threshold, raised by :func:`closing_threshold` just enough to close a
+remaining gap to the target with the smallest surviving weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+#: Magnitude (absolute) below which a weight counts as pruned for the controller and at collapse in target mode.
+DEFAULT_CONTROL_THRESHOLD = 1e-3
+
+
+@dataclass
+class SparsityController:
+    """Integral controller on log λ that makes the measured sparsity follow a warm-up/ramp/hold schedule.
+
+    Args:
+        target: the sparsity wanted at the end (fraction of zero weights, e.g. 0.99).
+        total_steps: optimizer steps of the whole run.
+        lam: the current λ (start value λ0; updated in place by :meth:`update`).
+        warmup: fraction of the run before the ramp starts. ramp_end: fraction at which ``s_ref = target``.
+        gain: step size of the log-λ integrator. max_step: bound on ``|Δ ln λ|`` per update.
+        lam_min, lam_max: bounds on λ (relative factors of λ0 are set by the callback).
+    """
+
+    target: float
+    total_steps: int
+    lam: float
+    warmup: float = 0.1
+    ramp_end: float = 0.6
+    gain: float = 0.2
+    max_step: float = 0.05
+    lam_min: float = 0.0
+    lam_max: float = math.inf
+
+    def reference(self, step: int) -> float:
+        """The sparsity wanted after ``step`` optimizer steps."""
+        progress = step / max(self.total_steps, 1)
+        if progress <= self.warmup:
+            return 0.0
+        p = min(1.0, (progress - self.warmup) / max(self.ramp_end - self.warmup, 1e-9))
+        return self.target * (1.0 - (1.0 - p) ** 3)
+
+    def update(self, step: int, sparsity: float) -> float:
+        """Move λ toward the schedule given the measured ``sparsity``; returns the new λ."""
+        if step / max(self.total_steps, 1) <= self.warmup:
+            return self.lam
+        wanted = self.reference(step)
+        error = math.log(max(1.0 - sparsity, 1e-9) / max(1.0 - wanted, 1e-9))
+        # Pruned weights barely come back (their gradient vanishes like |w|^(2-2/D)), so overshoot is permanent:
+        # raise λ cautiously, lower it four times as fast.
+        gain = self.gain if error > 0 else 4 * self.gain
+        delta = max(-4 * self.max_step, min(self.max_step, gain * error))
+        self.lam = min(self.lam_max, max(self.lam_min, self.lam * math.exp(delta)))
+        return self.lam
+
+    def state_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore λ and the settings; ``total_steps`` stays that of the current run (it may plan more epochs)."""
+        for key, value in state.items():
+            if key != "total_steps":
+                setattr(self, key, value)
+
+
+@torch.no_grad()
+def closing_threshold(weights: Sequence[Tensor], target: float, threshold: float) -> float:
+    """The collapse threshold that gives exactly ``target`` sparsity if ``threshold`` gives less, else ``threshold``.
+
+    Closes the last gap after the controller by also zeroing the smallest remaining weights (global magnitude);
+    a model already at or above the target keeps ``threshold`` (pruned weights cannot be restored).
+    """
+    magnitudes = torch.cat([w.detach().abs().flatten().float() for w in weights])
+    k = int(round(target * magnitudes.numel()))
+    if k == 0 or int((magnitudes < threshold).sum()) >= k:
+        return threshold
+    return float(torch.sort(magnitudes).values[min(k, magnitudes.numel() - 1)])
