@@ -79,7 +79,9 @@ def test_ddp_subprocess_two_processes(tmp_path):
     root = str(tmp_path)
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=root))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root)
+    # a ddp_spawn test earlier in this process leaves MASTER_PORT etc. in os.environ: let Lightning pick a fresh port
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert ranks[0] == ranks[1]
