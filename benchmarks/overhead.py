@@ -3,8 +3,7 @@
     python -m benchmarks.overhead            # writes benchmarks/results/overhead.{json,md}
 
 * training step time (forward, backward, DWF penalty, SGD step) of DWF D = 2/3/4 vs dense, per model;
-* peak memory of the same training loop (each configuration in a fresh subprocess; resident-set growth
-  over an idle baseline process, so the ratio compares the memory the training itself adds);
+* training memory of one step: parameters, gradients, optimizer state and saved activations (counted);
 * inference time of the collapsed DWF model vs the dense one (same architecture: should be 1.00).
 
 Step times are medians over interleaved rounds, so slow drift of the machine hits every configuration alike.
@@ -15,10 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -92,18 +88,34 @@ def inference_times(model: str, batch_size: int, rounds: int, steps: int) -> dic
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def peak_rss_mb(model: str, config: str, batch_size: int) -> float:
-    """Resident-set peak (MB) of a fresh process that runs 10 training steps (``config="idle"``: builds data only)."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child", model, config, str(batch_size)],
-                         check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def child(model: str, config: str, batch_size: int) -> None:
+def training_memory_mb(model: str, config: str, batch_size: int) -> float:
+    """Bytes a training step keeps alive, in MB: parameters, gradients, optimizer state and the activations saved
+    for backward (counted through autograd's saved-tensor hooks, each storage once). CPU has no allocator statistics,
+    and the process's resident-set peak is dominated by the libraries, so this is counted, not sampled."""
     x, y = data(batch_size)
-    if config != "idle":
-        train_steps(*build(model, config), x, y, 10)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    net, opt, penalty = build(model, config)
+    seen: set[int] = set()
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            saved += t.untyped_storage().nbytes()
+        return t
+
+    params = list(net.parameters())
+    seen.update(p.untyped_storage().data_ptr() for p in params)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    if penalty is not None:
+        penalty.before_step(opt)
+    opt.step()
+    state = sum(v.nbytes for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    persistent = sum(p.nbytes + (p.grad.nbytes if p.grad is not None else 0) for p in params) + state
+    return (persistent + saved) / 2**20
 
 
 def main() -> None:
@@ -111,17 +123,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
-        return
     rows = []
     for model in MODELS:
         steps = step_times(model, args.batch_size, args.rounds, args.steps)
         infer = inference_times(model, args.batch_size, args.rounds, args.steps)
-        idle = peak_rss_mb(model, "idle", args.batch_size)
-        mem = {c: peak_rss_mb(model, c, args.batch_size) - idle for c in CONFIGS}
+        mem = {c: training_memory_mb(model, c, args.batch_size) for c in CONFIGS}
         row = dict(model=model, batch_size=args.batch_size, step_seconds=steps, step_ratio={c: steps[c] / steps["dense"] for c in CONFIGS},
                    training_memory_mb=mem, memory_ratio={c: mem[c] / mem["dense"] for c in CONFIGS}, inference_seconds=infer,
                    inference_ratio=infer["dwf-collapsed"] / infer["dense"], torch=torch.__version__, threads=torch.get_num_threads())

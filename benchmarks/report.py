@@ -102,7 +102,11 @@ def plots(rows: list[dict], mode: str) -> list[Path]:
         ax.set_xlabel("compression ratio (weights / non-zeros), log scale")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset} / {model}, {group[0]['config']['epochs']} epochs ({mode})")
-        ax.set_ylim(bottom=max(10, ax.get_ylim()[0]))
+        dense = [100 * r["results"]["acc"] for r in group if r["config"]["method"] == "dense"]
+        if dense:  # zoom on the interesting band; runs far below it (one-shot without fine-tune) leave the plot
+            ax.set_ylim(dense[0] - 15, dense[0] + 1.5)
+            ax.text(0.99, 0.01, "runs more than 15 points below dense are off the plot (see the table)", transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7, color="gray")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
