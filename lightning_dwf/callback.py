@@ -311,14 +311,16 @@ class DWFCallback(Callback):
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss)):
             self._check_finite(trainer, pl_module)
         step = trainer.global_step
+        report = None  # one product per layer serves both the controller and the metrics
         if self._controller is not None and step != self._last_control_step and step % self._control_interval == 0:
             self._last_control_step = step
-            self._set_lam(self._controller.update(step, sparsity_report(pl_module, self.control_threshold).sparsity))
+            report = sparsity_report(pl_module, self.collapse_threshold, self.lam)
+            self._set_lam(self._controller.update(step, report.sparsity))
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step == self._last_logged_step or not (step % every == 0 or trainer.is_last_batch):
             return
         self._last_logged_step = step
-        report = sparsity_report(pl_module, self.collapse_threshold, self.lam)
+        report = report or sparsity_report(pl_module, self.collapse_threshold, self.lam)
         if not report.finite:
             self._check_finite(trainer, pl_module)
         metrics = report.metrics(per_layer=self.log_per_layer)
