@@ -14,8 +14,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 CRS = (10, 20, 50, 100, 200, 500)
-METHODS = ("dense", "dwf-d2", "dwf-d3", "dwf-d4", "dwf-target", "model-pruning", "oneshot", "oneshot-ft")
-LABELS = {"dense": "dense", "dwf-d2": "DWF D=2 (shallow)", "dwf-d3": "DWF D=3", "dwf-d4": "DWF D=4", "dwf-target": "DWF D=3, target_sparsity",
+METHODS = ("dense", "dwf-d2", "dwf-d3", "dwf-d4", "dwf-target-d2", "dwf-target-d3", "dwf-target-d4", "model-pruning", "oneshot", "oneshot-ft")
+LABELS = {"dense": "dense", "dwf-d2": "DWF D=2 (shallow)", "dwf-d3": "DWF D=3", "dwf-d4": "DWF D=4",
+          **{f"dwf-target-d{d}": f"DWF D={d}, target_sparsity" for d in (2, 3, 4)},
           "model-pruning": "ModelPruning (gradual L1)", "oneshot": "one-shot magnitude", "oneshot-ft": "one-shot + fine-tune"}
 
 
@@ -26,6 +27,24 @@ def load(mode: str) -> list[dict]:
 
 #: Pruning to 99 % of an odd number of weights gives CR 99.98, not 100: compare with this relative slack.
 CR_SLACK = 0.995
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per config over its seeds: mean accuracy and compression ratio, with ``n`` and ``acc_sd`` (diverged runs count as such)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[json.dumps({k: v for k, v in r["config"].items() if k != "seed"}, sort_keys=True)].append(r)
+    out = []
+    for runs in groups.values():
+        ok = [r["results"] for r in runs if r["results"]["acc"] is not None]
+        if len(ok) < len(runs):
+            out.append(dict(config=runs[0]["config"], results=dict(runs[0]["results"], acc=None, compression_ratio=None, n=len(runs))))
+            continue
+        mean = {k: sum(r[k] for r in ok) / len(ok) for k in ("acc", "compression_ratio", "sparsity") if all(k in r for r in ok)}
+        sd = math.sqrt(sum((r["acc"] - mean["acc"]) ** 2 for r in ok) / (len(ok) - 1)) if len(ok) > 1 else 0.0
+        seconds = sum(r.get("train_seconds", 0) for r in ok) / len(ok)
+        out.append(dict(config=runs[0]["config"], results=dict(mean, n=len(ok), acc_sd=sd, train_seconds=seconds)))
+    return out
 
 
 def best_at(rows: list[dict], cr: float) -> float | None:
@@ -39,15 +58,25 @@ def fmt_cr(cr: float) -> str:
     return "∞" if math.isinf(cr) else f"{cr:.1f}"
 
 
+#: Recipe settings shown in each table's heading: config key, label.
+_RECIPE = (("factor_lr_multiplier", "DWF factor_lr_multiplier"), ("factor_lr_warmup", "factor_lr_warmup"), ("recovery", "target-mode recovery"))
+
+
+def _values(by_method: dict[str, list[dict]], name: str) -> str:
+    return ", ".join(sorted({str(r["config"][name]) for rs in by_method.values() for r in rs if name in r["config"]}))
+
+
 def tables(rows: list[dict]) -> str:
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
+    for r in aggregate(rows):
         groups[(r["config"]["dataset"], r["config"]["model"])][r["config"]["method"]].append(r)
     out = []
     for (dataset, model), by_method in groups.items():
         cfg = next(iter(by_method.values()))[0]["config"]
-        out.append(f"### {dataset} / {model} ({cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']} momentum {cfg['momentum']})\n")
-        out.append("Best test accuracy (%) among runs with compression ratio ≥ CR (0.5 % slack for rounding; — : no run reached it).\n")
+        extra = "".join(f", {label} {_values(by_method, name)}" for name, label in _RECIPE if _values(by_method, name))
+        out.append(f"### {dataset} / {model} ({cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']} momentum {cfg['momentum']}{extra})\n")
+        out.append("Best test accuracy (%) among runs with compression ratio ≥ CR (0.5 % slack for rounding; — : no run reached it); "
+                   "a config run with several seeds counts with its mean.\n")
         out.append("| method | " + " | ".join(f"CR ≥ {c}" for c in CRS) + " |")
         out.append("|---|" + "---|" * len(CRS))
         for method in METHODS:
@@ -69,8 +98,9 @@ def tables(rows: list[dict]) -> str:
                 if res["acc"] is None:
                     out.append(f"| {LABELS[method]} | {knob} | diverged (NaN/Inf factors, stopped by the callback) | — | — |")
                     continue
-                reached = f" (reached {100 * res['sparsity']:.2f} %)" if method == "dwf-target" else ""
-                out.append(f"| {LABELS[method]} | {knob}{reached} | {100 * res['acc']:.2f} | {fmt_cr(res['compression_ratio'])} | "
+                reached = f" (reached {100 * res['sparsity']:.2f} %)" if method.startswith("dwf-target") else ""
+                acc = f"{100 * res['acc']:.2f}" + (f" ± {100 * res['acc_sd']:.2f} (mean ± sd of {res['n']} seeds)" if res.get("n", 1) > 1 else "")
+                out.append(f"| {LABELS[method]} | {knob}{reached} | {acc} | {fmt_cr(res['compression_ratio'])} | "
                            f"{res.get('train_seconds', 0):.0f} |")
         out.append("")
     return "\n".join(out)
@@ -83,7 +113,7 @@ def plots(rows: list[dict], mode: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
+    for r in aggregate(rows):
         groups[(r["config"]["dataset"], r["config"]["model"])].append(r)
     paths = []
     for (dataset, model), group in groups.items():

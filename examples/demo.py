@@ -59,9 +59,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset", default="auto", choices=("auto",) + DATASETS)
     p.add_argument("--data-dir", default=None, help="directory with the four IDX .gz files")
     p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--lam", type=float, default=None, help="λ (mean-loss units); default depends on the dataset")
+    p.add_argument("--target-sparsity", type=float, default=0.98, help="fraction of zero weights wanted (λ adapted)")
+    p.add_argument("--lam", type=float, default=None, help="a fixed λ (mean-loss units) instead of --target-sparsity")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of both runs")
-    p.add_argument("--factor-lr-multiplier", type=float, default=5.0, help="DWF factors' LR = lr × this")
+    p.add_argument("--factor-lr-multiplier", type=float, default=10.0, help="DWF factors' LR = lr × this")
+    p.add_argument("--factor-lr-warmup", type=float, default=0.1, help="fraction of the run over which that multiplier ramps up")
     p.add_argument("--epochs", type=int, default=None, help="default: 30 (Fashion-MNIST), 60 (MNIST subset)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 (Fashion-MNIST), 64 (MNIST subset)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
@@ -72,9 +74,9 @@ def parse_args() -> argparse.Namespace:
 
 #: Per-dataset defaults (see README for the measured results).
 DEFAULTS = {
-    "fashion-mnist": dict(lam=4e-4, epochs=30, batch_size=256),
-    "mnist": dict(lam=4e-4, epochs=30, batch_size=256),
-    "mnist-subset": dict(lam=8e-4, epochs=60, batch_size=64),
+    "fashion-mnist": dict(epochs=30, batch_size=256),
+    "mnist": dict(epochs=30, batch_size=256),
+    "mnist-subset": dict(epochs=60, batch_size=64),
 }
 
 
@@ -91,7 +93,8 @@ def run(args, data, dwf: DWFCallback | None) -> tuple[float, float, float, str |
     name = "dwf" if dwf else "dense"
     if dwf:
         logger = WandbLogger(project="lightning-dwf-demo", name=f"dwf-d{args.depth}", save_dir=args.out, offline=True,
-                             config={"dataset": data.name, "depth": args.depth, "lam": dwf.lam, "epochs": args.epochs})
+                             config={"dataset": data.name, "depth": args.depth, "lam": args.lam, "target_sparsity": args.target_sparsity,
+                                     "factor_lr_multiplier": args.factor_lr_multiplier, "epochs": args.epochs})
     else:
         logger = CSVLogger(args.out, name="dense")
     trainer = Trainer(
@@ -119,14 +122,19 @@ def main() -> None:
     args = parse_args()
     data = load_dataset(args.dataset, args.data_dir)
     defaults = DEFAULTS[data.name]
-    args.lam = defaults["lam"] if args.lam is None else args.lam
+    if args.lam is not None:
+        args.target_sparsity = None
     args.epochs = args.epochs or defaults["epochs"]
     args.batch_size = args.batch_size or defaults["batch_size"]
+    knob = dict(lam=args.lam) if args.lam is not None else dict(target_sparsity=args.target_sparsity)
     print(f"dataset: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test), depth={args.depth}, "
-          f"lam={args.lam:g}, lr={args.lr:g} (factors ×{args.factor_lr_multiplier:g}), epochs={args.epochs}")
+          f"{', '.join(f'{k}={v:g}' for k, v in knob.items())}, lr={args.lr:g} (factors ×{args.factor_lr_multiplier:g}), "
+          f"epochs={args.epochs}")
+    # build the callback first: invalid arguments fail here, before the dense run
+    dwf = DWFCallback(depth=args.depth, threshold=args.threshold, factor_lr_multiplier=args.factor_lr_multiplier,
+                      factor_lr_warmup=args.factor_lr_warmup, **knob)
 
     dense_acc, dense_cr, dense_s, _ = run(args, data, None)
-    dwf = DWFCallback(depth=args.depth, lam=args.lam, threshold=args.threshold, factor_lr_multiplier=args.factor_lr_multiplier)
     dwf_acc, dwf_cr, dwf_s, path = run(args, data, dwf)
 
     from rich.console import Console
@@ -140,7 +148,8 @@ def main() -> None:
     Console().print(table)
     print(f"accuracy change: {100 * (dwf_acc - dense_acc):+.2f} points at compression ratio {dwf_cr:.1f} (threshold {args.threshold:g})")
     print(f"collapsed checkpoint: {path}")
-    results = dict(dataset=data.name, depth=args.depth, lam=args.lam, lr=args.lr, factor_lr_multiplier=args.factor_lr_multiplier,
+    results = dict(dataset=data.name, depth=args.depth, lam=args.lam, target_sparsity=args.target_sparsity, lr=args.lr,
+                   factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup,
                    epochs=args.epochs, batch_size=args.batch_size, threshold=args.threshold, seed=args.seed,
                    dense_acc=dense_acc, dwf_acc=dwf_acc, dwf_compression_ratio=dwf_cr, dense_seconds=dense_s, dwf_seconds=dwf_s,
                    collapsed_checkpoint=path)

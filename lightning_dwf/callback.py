@@ -31,12 +31,13 @@ from typing_extensions import override
 
 from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_patterns, check_positive
 from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
-from lightning_dwf.controller import DEFAULT_CONTROL_THRESHOLD, SparsityController, closing_threshold
+from lightning_dwf.controller import DEFAULT_CONTROL_THRESHOLD, SparsityController
 from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
 from lightning_dwf.functional import DEFAULT_THRESHOLD
 from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
 from lightning_dwf.optim import FactorPenalty, check_learning_rates, factor_learning_rates
 from lightning_dwf.report import SparsityReport, sparsity_report
+from lightning_dwf.support import fix_support_, support_threshold
 
 #: Where checkpoints written during fit keep the factors (their ``state_dict`` holds the collapsed weights).
 FACTORIZED_STATE_KEY = "dwf_factorized_state_dict"
@@ -70,6 +71,12 @@ class DWFCallback(Callback):
         depth: number of factors D (>= 2; 3 recommended, 2 is the lasso).
         lam: λ, the strength of the collapsed penalty ``lam·Σ|w|^(2/D)`` in units of a *mean*
             training loss. Larger λ gives more zeros; see the README for measured values.
+        target_sparsity: instead of ``lam``, the fraction of zero weights wanted at the end (e.g. 0.99); λ is then
+            adapted during training (:class:`~lightning_dwf.controller.SparsityController`).
+        target_compression: the same as a compression ratio (weights / non-zeros, e.g. 100).
+        control_threshold: absolute magnitude below which a weight counts as pruned for the λ controller.
+        recovery: target mode: the fraction of the run, at its end, in which the sparsity pattern is fixed at exactly
+            the target and λ = 0, so the surviving weights recover accuracy without the penalty's shrinkage.
         threshold: absolute magnitude below which collapsed weights become exact zeros
             (default 1.19e-7, float32 epsilon).
         layer_types: layer classes or ``torch.nn`` names to factorize (default Linear, Conv1d/2d/3d).
@@ -82,6 +89,8 @@ class DWFCallback(Callback):
         init_eps_ratio: lower bound of the initial ``|w|`` relative to σ_w.
         factor_lr_multiplier: scales the factors' updates, i.e. their learning rate (DWF needs larger
             learning rates than dense training; this leaves the other parameters' LR alone).
+        factor_lr_warmup: fraction of the planned run over which the multiplier ramps linearly from 1 to
+            ``factor_lr_multiplier`` (0: no ramp). Large factor LRs diverge in the first steps without it (measured).
         lr_check: at train start, compare the factor LR with the floor needed to reach exact zeros in
             the planned steps: ``"warn"`` (default), ``"error"`` or ``"off"``. An LR at which the
             penalty alone diverges is always an error.
@@ -105,6 +114,7 @@ class DWFCallback(Callback):
         target_sparsity: float | None = None,
         target_compression: float | None = None,
         control_threshold: float = DEFAULT_CONTROL_THRESHOLD,
+        recovery: float = 0.5,
         threshold: float = DEFAULT_THRESHOLD,
         layer_types: LayerTypes | None = None,
         include: str | Sequence[str] | None = None,
@@ -114,6 +124,7 @@ class DWFCallback(Callback):
         init_std: InitStd = "kaiming",
         init_eps_ratio: float = DEFAULT_EPS_RATIO,
         factor_lr_multiplier: float = 1.0,
+        factor_lr_warmup: float = 0.0,
         lr_check: Literal["warn", "error", "off"] = "warn",
         log_every_n_steps: int | None = None,
         log_per_layer: bool = True,
@@ -143,6 +154,12 @@ class DWFCallback(Callback):
             self.target_sparsity = value
         self.lam = 0.0 if lam is None else check_nonnegative("lam", lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3.")
         self.control_threshold = check_positive("control_threshold", control_threshold)
+        if isinstance(recovery, bool) or not isinstance(recovery, (int, float)) or not 0 <= recovery <= 0.8:
+            raise ValueError(
+                f"`recovery` is the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0; it must be "
+                f"in [0, 0.8] (default 0.5; 0 fixes the pattern only at fit end), got {recovery!r}."
+            )
+        self.recovery = float(recovery)
         self.threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
         self.layer_types = resolve_layer_types(layer_types)
         self.include, self.exclude = check_patterns("include", include) or None, check_patterns("exclude", exclude)
@@ -153,6 +170,12 @@ class DWFCallback(Callback):
         self.init_std = init_std
         self.init_eps_ratio = check_positive("init_eps_ratio", init_eps_ratio)
         self.factor_lr_multiplier = check_positive("factor_lr_multiplier", factor_lr_multiplier)
+        if isinstance(factor_lr_warmup, bool) or not isinstance(factor_lr_warmup, (int, float)) or not 0 <= factor_lr_warmup < 1:
+            raise ValueError(
+                f"`factor_lr_warmup` is the fraction of the run over which the factor LR multiplier ramps up from 1; it must be in "
+                f"[0, 1), e.g. 0.1, got {factor_lr_warmup!r}."
+            )
+        self.factor_lr_warmup = float(factor_lr_warmup)
         self.lr_check = check_choice("lr_check", lr_check, ("warn", "error", "off"))
         if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ValueError(f"`log_every_n_steps` must be an int >= 1 or None (the Trainer's value), got {log_every_n_steps!r}.")
@@ -242,6 +265,11 @@ class DWFCallback(Callback):
         # an open-ended run (max_epochs=-1, max_time) has no step budget: only the stability limit is checked
         total = trainer.estimated_stepping_batches
         steps = max(int(total) - trainer.global_step, 0) if math.isfinite(total) else 0
+        if self.factor_lr_warmup and not math.isfinite(total):
+            rank_zero_warn(
+                f"DWFCallback: factor_lr_warmup={self.factor_lr_warmup:g} is a fraction of the planned run, but this run has no step "
+                "budget (max_epochs=-1 or max_time): the factors train at the full factor_lr_multiplier from the start."
+            )
         with torch.no_grad():
             scale = max(float(t.product().pow(2).mean().sqrt()) for t in factorized_tensors(pl_module))
         if self.target_sparsity is not None:
@@ -254,9 +282,9 @@ class DWFCallback(Callback):
         )
         if result.errors:
             raise MisconfigurationException("DWFCallback: " + " ".join(result.errors))
+        if result.warnings and self.lr_check == "error":
+            raise MisconfigurationException("DWFCallback: " + " ".join(result.warnings) + " (lr_check='error')")
         for message in result.warnings:
-            if self.lr_check == "error":
-                raise MisconfigurationException(f"DWFCallback: {message} (lr_check='error')")
             rank_zero_warn(f"DWFCallback: {message} Silence with lr_check='off'.", category=DWFLearningRateWarning)
 
     def _start_controller(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: float, scale: float) -> None:
@@ -271,15 +299,17 @@ class DWFCallback(Callback):
         lam0 = decades / (min(etas) * steps)  # the LR floor solved for λ: small weights just reach the control threshold
         lam_max = 0.05 * self.depth / (2 * max(etas))  # keeps the penalty shrink 2·lr·λ/D <= 5 % per step
         # start well below the floor: at the floor every weight the loss does not support dies, i.e. maximal sparsity
-        controller = SparsityController(self.target_sparsity, steps, 0.1 * lam0, lam_min=lam0 * 1e-3, lam_max=lam_max)
+        controller = SparsityController(
+            self.target_sparsity, steps, 0.1 * lam0, ramp_end=1.0 - self.recovery, lam_min=lam0 * 1e-3, lam_max=lam_max
+        )
         ramp = (controller.ramp_end - controller.warmup) * steps
         needed = decades / (min(etas) * ramp)
-        if needed > lam_max:
+        if needed > lam_max and not self._controller_state:  # checked once, at the start of the run (not on resume)
             raise MisconfigurationException(
                 f"DWFCallback: target_sparsity={self.target_sparsity:g} cannot be reached in {steps} steps: shrinking weights from "
                 f"{scale:.3g} to {self.control_threshold:g} during the ramp ({ramp:.0f} steps) needs λ ≈ {needed:.3g}, but the factor "
                 f"lr {max(etas):.3g} only allows λ <= {lam_max:.3g} before the penalty step becomes unstable. Train at least "
-                f"{math.ceil(steps * needed / lam_max)} steps, or raise the factor lr (factor_lr_multiplier)."
+                f"{math.ceil(steps * needed / lam_max)} steps, or shorten the recovery phase (recovery={self.recovery:g})."
             )
         if self._controller_state:  # resuming
             controller.load_state_dict(self._controller_state)
@@ -287,15 +317,47 @@ class DWFCallback(Callback):
         self._control_interval = max(1, steps // 200)
         self._set_lam(controller.lam)
 
+    def _fix_support(self, pl_module: pl.LightningModule) -> float:
+        """The threshold that gives exactly the target sparsity; warns if it cuts weights well above the control threshold."""
+        assert self.target_sparsity is not None
+        with torch.no_grad():
+            threshold = support_threshold([t.product() for t in factorized_tensors(pl_module)], self.target_sparsity, self.threshold)
+        if threshold > 10 * self.control_threshold:
+            reached = sparsity_report(pl_module, self.control_threshold).sparsity
+            rank_zero_warn(
+                f"DWFCallback: the penalty reached sparsity {reached:.4f} (at |w| < {self.control_threshold:g}) instead of "
+                f"target_sparsity={self.target_sparsity:g}; the rest is closed by zeroing the smallest weights up to "
+                f"|w| < {threshold:.3g}, which may cost accuracy. Train longer or raise the factor learning rate."
+            )
+        return threshold
+
+    def _start_recovery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fix the support at exactly the target sparsity and release λ (identical on every rank: same factors)."""
+        assert self._controller is not None
+        threshold = self._fix_support(pl_module)
+        zeroed = fix_support_(pl_module, threshold, trainer.optimizers)
+        self._controller.start_recovery()
+        self._set_lam(self._controller.lam)
+        rank_zero_info(
+            f"DWFCallback: step {trainer.global_step}: sparsity pattern fixed ({zeroed} weights with |w| < {threshold:.3g} set to "
+            f"exactly 0); λ = 0 for the remaining {self.recovery:.0%} of the run."
+        )
+
     def _set_lam(self, lam: float) -> None:
         self.lam = lam
         if self._penalty is not None:
             self._penalty.lam = lam
 
     @property
+    def _recovering(self) -> bool:
+        return self._controller is not None and self._controller.recovering
+
+    @property
     def collapse_threshold(self) -> float:
-        """Where weights become zero at collapse: ``threshold``, or ``max(threshold, control_threshold)`` in target mode."""
-        return max(self.threshold, self.control_threshold) if self.target_sparsity is not None else self.threshold
+        """Where weights count as zero: ``threshold``, or ``max(threshold, control_threshold)`` in target mode before recovery."""
+        if self.target_sparsity is None or self._recovering:
+            return self.threshold
+        return max(self.threshold, self.control_threshold)
 
     # --------------------------------------------------------------- training
     @override
@@ -305,12 +367,23 @@ class DWFCallback(Callback):
             self._penalty.before_step(optimizer)
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Ramp the factor LR multiplier during ``factor_lr_warmup`` (a function of the step, so resume is exact)."""
+        if self._penalty is None or not self.factor_lr_warmup:
+            return
+        total = trainer.estimated_stepping_batches
+        progress = trainer.global_step / (self.factor_lr_warmup * total) if math.isfinite(total) else 1.0
+        self._penalty.lr_multiplier = 1.0 + (self.factor_lr_multiplier - 1.0) * min(1.0, progress)
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Stop on non-finite factors; log the metrics every ``log_every_n_steps`` optimizer steps and at epoch end."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss)):
             self._check_finite(trainer, pl_module)
         step = trainer.global_step
+        if self._controller is not None and self._controller.recovery_due(step):
+            self._start_recovery(trainer, pl_module)
         report = None  # one product per layer serves both the controller and the metrics
         if self._controller is not None and step != self._last_control_step and step % self._control_interval == 0:
             self._last_control_step = step
@@ -346,20 +419,12 @@ class DWFCallback(Callback):
         """Collapse in place, write the collapsed checkpoint, print the table and send final numbers to the loggers."""
         if self._penalty is not None:
             self._penalty.unbind()
+        threshold = self.collapse_threshold
+        if self.target_sparsity is not None and not self._recovering and factorized_tensors(pl_module):
+            threshold = self._fix_support(pl_module)  # the run ended before the recovery phase (recovery=0, stopped early)
         self._controller, self._controller_state = None, None
         if not self.collapse_on_fit_end or not factorized_tensors(pl_module):
             return
-        threshold = self.collapse_threshold
-        if self.target_sparsity is not None:
-            with torch.no_grad():
-                threshold = closing_threshold([t.product() for t in factorized_tensors(pl_module)], self.target_sparsity, threshold)
-            if threshold > 10 * self.collapse_threshold:
-                reached = sparsity_report(pl_module, self.collapse_threshold).sparsity
-                rank_zero_warn(
-                    f"DWFCallback: training reached sparsity {reached:.4f} (at |w| < {self.collapse_threshold:g}) instead of "
-                    f"target_sparsity={self.target_sparsity:g}; the rest was closed by zeroing the smallest weights up to "
-                    f"|w| < {threshold:.3g}, which may cost accuracy. Train longer or raise the factor learning rate."
-                )
         report = sparsity_report(pl_module, threshold, self.lam)
         if not report.finite:
             self._check_finite(trainer, pl_module)

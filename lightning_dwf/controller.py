@@ -7,25 +7,25 @@ the README). :class:`SparsityController` instead treats λ as the actuator of a 
   threshold in the run's steps (the LR floor solved for λ);
 * ramp (until ``ramp_end`` of the run): the reference sparsity follows the cubic schedule of gradual
   magnitude pruning, ``s_ref = target·(1 − (1 − p)^3)``;
-* hold (the rest): ``s_ref = target``, so the network recovers accuracy at the requested sparsity.
+* recovery (the rest, from ``ramp_end``): the callback fixes the support at exactly the target sparsity
+  (:func:`lightning_dwf.support.fix_support_`) and λ drops to 0, so the surviving weights recover accuracy
+  without the penalty's shrinkage (measured gain in the README).
 
 Every ``interval`` steps λ is multiplied by ``exp(gain·e)`` with ``e = ln((1 − s)/(1 − s_ref))``, the
 log-ratio of measured to wanted density (an integral controller in log λ; it lowers λ four times faster
 than it raises it, because pruned weights do not come back). The measured sparsity ``s``
 is taken at ``control_threshold`` (absolute, default 1e-3): weights that small are on their way to
-exact zero and do not change the network's output, while exact zeros lag far behind λ. At the end the
-callback collapses at that threshold, raised by :func:`closing_threshold` just enough to close a
-remaining gap to the target with the smallest surviving weights.
+exact zero and do not change the network's output, while exact zeros lag far behind λ. At recovery the
+support is fixed at the global magnitude quantile of the target (:func:`lightning_dwf.support.support_threshold`),
+which closes a remaining gap either way: the smallest surviving weights go if the controller lagged, the largest
+sub-threshold ones stay if the dynamics overshot.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-import torch
-from torch import Tensor
+from typing import Any
 
 #: Magnitude (absolute) below which a weight counts as pruned for the controller and at collapse in target mode.
 DEFAULT_CONTROL_THRESHOLD = 1e-3
@@ -42,17 +42,19 @@ class SparsityController:
         warmup: fraction of the run before the ramp starts. ramp_end: fraction at which ``s_ref = target``.
         gain: step size of the log-λ integrator. max_step: bound on ``|Δ ln λ|`` per update.
         lam_min, lam_max: bounds on λ (relative factors of λ0 are set by the callback).
+        recovering: whether the recovery phase has started (support fixed, λ = 0).
     """
 
     target: float
     total_steps: int
     lam: float
     warmup: float = 0.1
-    ramp_end: float = 0.6
+    ramp_end: float = 0.5
     gain: float = 0.2
     max_step: float = 0.05
     lam_min: float = 0.0
     lam_max: float = math.inf
+    recovering: bool = False
 
     def reference(self, step: int) -> float:
         """The sparsity wanted after ``step`` optimizer steps."""
@@ -62,9 +64,17 @@ class SparsityController:
         p = min(1.0, (progress - self.warmup) / max(self.ramp_end - self.warmup, 1e-9))
         return self.target * (1.0 - (1.0 - p) ** 3)
 
+    def recovery_due(self, step: int) -> bool:
+        """Whether the recovery phase should start after ``step`` optimizer steps (it starts once)."""
+        return not self.recovering and step >= self.ramp_end * self.total_steps
+
+    def start_recovery(self) -> None:
+        """Enter the recovery phase: λ = 0 from now on (the caller fixes the support)."""
+        self.recovering, self.lam = True, 0.0
+
     def update(self, step: int, sparsity: float) -> float:
         """Move λ toward the schedule given the measured ``sparsity``; returns the new λ."""
-        if step / max(self.total_steps, 1) <= self.warmup:
+        if self.recovering or step / max(self.total_steps, 1) <= self.warmup:
             return self.lam
         wanted = self.reference(step)
         error = math.log(max(1.0 - sparsity, 1e-9) / max(1.0 - wanted, 1e-9))
@@ -75,25 +85,11 @@ class SparsityController:
         self.lam = min(self.lam_max, max(self.lam_min, self.lam * math.exp(delta)))
         return self.lam
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore λ and the settings; ``total_steps`` stays that of the current run (it may plan more epochs)."""
         for key, value in state.items():
             if key != "total_steps":
                 setattr(self, key, value)
-
-
-@torch.no_grad()
-def closing_threshold(weights: Sequence[Tensor], target: float, threshold: float) -> float:
-    """The collapse threshold that gives exactly ``target`` sparsity if ``threshold`` gives less, else ``threshold``.
-
-    Closes the last gap after the controller by also zeroing the smallest remaining weights (global magnitude);
-    a model already at or above the target keeps ``threshold`` (pruned weights cannot be restored).
-    """
-    magnitudes = torch.cat([w.detach().abs().flatten().float() for w in weights])
-    k = int(round(target * magnitudes.numel()))
-    if k == 0 or int((magnitudes < threshold).sum()) >= k:
-        return threshold
-    return float(torch.sort(magnitudes).values[min(k, magnitudes.numel() - 1)])

@@ -23,8 +23,21 @@ def test_floor_lam_matches_the_callback_floor():
     from lightning_dwf.functional import lr_floor
 
     steps = 1000
-    eta = sweep.LR * sweep.FACTOR_LR_MULTIPLIER / (1 - sweep.MOMENTUM)
-    assert lr_floor(sweep.floor_lam(steps), steps, 0.05) == pytest.approx(eta)
+    for multiplier in (5.0, 10.0):
+        eta = sweep.LR * multiplier / (1 - sweep.MOMENTUM)
+        assert lr_floor(sweep.floor_lam(steps, multiplier), steps, 0.05) == pytest.approx(eta)
+
+
+def test_retire_stale_moves_old_recipe_rows(tmp_path):
+    path = tmp_path / "full.jsonl"
+    rows = [dict(config=dict(dataset="d", model="m", method="dense")), dict(config=dict(dataset="d", model="m", method="old")),
+            dict(config=dict(dataset="d", model="other", method="old"))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = {sweep.key(r["config"]): r for r in rows}
+    sweep.retire_stale(path, done, "d", "m", {sweep.key(rows[0]["config"])})
+    kept = [json.loads(line)["config"] for line in path.read_text().splitlines()]
+    assert kept == [rows[0]["config"], rows[2]["config"]] and len(done) == 2  # other settings are left alone
+    assert [json.loads(line)["config"] for line in (tmp_path / "full_superseded.jsonl").read_text().splitlines()] == [rows[1]["config"]]
 
 
 def test_report_tables_and_plots(tmp_path, monkeypatch):
@@ -36,12 +49,15 @@ def test_report_tables_and_plots(tmp_path, monkeypatch):
         dict(config=dict(base, method="dwf-d3", lam=1e-2), results=dict(acc=0.70, compression_ratio=math.inf)),
         dict(config=dict(base, method="model-pruning", target=0.99), results=dict(acc=0.8, compression_ratio=100.0)),
         dict(config=dict(base, method="dwf-d4", lam=1.0), results=dict(acc=None, compression_ratio=None, diverged="NaN")),
+        dict(config=dict(base, method="dwf-target-d2", depth=2, target=0.98, seed=0), results=dict(acc=0.82, compression_ratio=50.0, sparsity=0.98)),
+        dict(config=dict(base, method="dwf-target-d2", depth=2, target=0.98, seed=1), results=dict(acc=0.84, compression_ratio=50.0, sparsity=0.98)),
     ]
     (tmp_path / "full.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     text = report.tables(report.load("full"))
     assert "| DWF D=3 | 85.00 | 85.00 | 85.00 | 70.00 | 70.00 | 70.00 |" in text
     assert "| ModelPruning (gradual L1) | 80.00 | 80.00 | 80.00 | 80.00 | — | — |" in text
     assert "| DWF D=4 | — | — | — | — | — | — |" in text and "diverged" in text
+    assert "| DWF D=2, target_sparsity | 83.00 | 83.00 | 83.00 | — | — | — |" in text and "0.98 (reached 98.00 %) | 83.00 ± 1.41 (mean ± sd of 2 seeds)" in text
     paths = report.plots(report.load("full"), "full")
     assert [p.name for p in paths] == ["full_toy_m.png"] and paths[0].stat().st_size > 0
 

@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -70,9 +71,12 @@ def test_fit_logs_metrics_and_writes_collapsed_checkpoint(tmp_path, depth, kind)
 def test_training_produces_exact_zeros(tmp_path):
     """The whole mechanism works: penalty + LR above the floor gives exact zeros and a compressed model that still learns."""
     model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512)
-    dwf = DWFCallback(depth=3, lam=0.03, lr_check="error")  # above the LR floor
+    dwf = DWFCallback(depth=3, lam=0.03)  # above the LR floor
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf], enable_checkpointing=False))
-    trainer.fit(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    assert not [w for w in caught if "below the floor" in str(w.message)]
     report = dwf.final_report
     assert report.compression_ratio > 5, report.metrics(per_layer=False)
     assert trainer.callback_metrics["val_acc"] > 0.85
@@ -189,12 +193,17 @@ def test_lr_check_warns_and_errors(tmp_path):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4, lr_check="error")])).fit(ToyModel(lr=0.01))
     with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(ToyModel(lr=0.5))
+    with pytest.warns(DWFLearningRateWarning, match=r"effective factor lr 0.1 .* is below 5.*factor_lr_multiplier=100"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(ToyModel(lr=0.1))
 
 
 def test_lr_check_without_a_step_budget(tmp_path):
     """An open-ended run (no max_epochs/max_steps) skips the floor but still refuses an unstable LR."""
     open_ended = dict(max_epochs=-1, max_steps=-1, max_time={"seconds": 1})
-    Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=1e-4, lr_check="error")], **open_ended)).fit(ToyModel(lr=0.01))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=1e-4)], **open_ended)).fit(ToyModel(lr=0.01))
+    assert not [w for w in caught if "below the floor" in str(w.message)]
     with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
         Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=10.0)], **open_ended)).fit(ToyModel(lr=0.5))
 
@@ -225,6 +234,8 @@ def test_validate_test_predict_do_not_factorize(tmp_path):
         (dict(depth=3, lam=0.1, target_sparsity=0.9), ValueError, "Give exactly one of `lam`"),
         (dict(depth=3, target_sparsity=1.0), ValueError, "`target_sparsity` is a fraction"),
         (dict(depth=3, target_compression=0.5), ValueError, "`target_compression` .* must be > 1"),
+        (dict(depth=3, target_sparsity=0.9, recovery=0.9), ValueError, "`recovery` is the fraction of the run"),
+        (dict(depth=3, target_sparsity=0.9, recovery=True), ValueError, "`recovery` is the fraction of the run"),
         (dict(depth=3, lam=-1.0), ValueError, "`lam` must be a finite float >= 0"),
         (dict(depth=3, lam=float("nan")), ValueError, "`lam` must be a finite float >= 0"),
         (dict(depth=3, lam="0.1"), TypeError, "`lam` must be a finite float"),
@@ -232,6 +243,7 @@ def test_validate_test_predict_do_not_factorize(tmp_path):
         (dict(depth=3, lam=0.1, init="xavier"), ValueError, "`init` must be one of"),
         (dict(depth=3, lam=0.1, init_std=-1.0), ValueError, "`init_std` must be"),
         (dict(depth=3, lam=0.1, factor_lr_multiplier=0), ValueError, "`factor_lr_multiplier` must be > 0"),
+        (dict(depth=3, lam=0.1, factor_lr_warmup=1.0), ValueError, "`factor_lr_warmup` is the fraction"),
         (dict(depth=3, lam=0.1, lr_check="loud"), ValueError, "`lr_check` must be one of"),
         (dict(depth=3, lam=0.1, log_every_n_steps=0), ValueError, "`log_every_n_steps` must be an int >= 1"),
         (dict(depth=3, lam=0.1, layer_types=["Linearr"]), ValueError, "not a torch.nn layer class name"),
@@ -296,3 +308,18 @@ def test_resuming_from_a_plain_checkpoint_is_refused(tmp_path, kind):
     with pytest.raises((ValueError, KeyError), match=match):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off")])).fit(
             ToyModel(), ckpt_path=path)
+
+
+def test_factor_lr_warmup_ramps_the_multiplier(tmp_path):
+    """The multiplier goes linearly from 1 to factor_lr_multiplier over the first `factor_lr_warmup` of the planned steps."""
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step - 1, dwf._penalty.lr_multiplier))  # the multiplier used by the step just taken
+
+    dwf = DWFCallback(depth=3, lam=1e-3, factor_lr_multiplier=5.0, factor_lr_warmup=0.5, lr_check="off", verbose=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, Record()], enable_checkpointing=False))
+    trainer.fit(ToyModel(n=256, batch_size=32))  # 16 steps, warm-up over 8
+    assert [m for _, m in seen] == pytest.approx([1.0 + 4.0 * min(1.0, step / 8) for step, _ in seen])
+    assert seen[0][1] == 1.0 and seen[-1][1] == 5.0

@@ -33,7 +33,7 @@ def test_ddp_spawn_two_processes(tmp_path, mode):
     """Factors, logged metrics and (target mode) the controller's λ agree on both ranks; the parent gets the collapsed model."""
     model = ToyModel(lr=0.3, momentum=0.9, n=1024)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    kwargs = dict(lam=0.02, lr_check="off") if mode == "lam" else dict(target_sparsity=0.9)
+    kwargs = dict(lam=0.02, lr_check="off") if mode == "lam" else dict(target_sparsity=0.9, recovery=0.4)
     dwf = DWFCallback(depth=3, verbose=False, **kwargs)
     trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=10, callbacks=[dwf, RankAgreement()]))
     trainer.fit(model)

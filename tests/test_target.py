@@ -1,4 +1,4 @@
-"""target_sparsity: the λ controller, the closing threshold, and the callback reaching a requested sparsity."""
+"""target_sparsity: the λ controller, fixing the support, the recovery phase, and the callback reaching a requested sparsity."""
 
 from __future__ import annotations
 
@@ -13,33 +13,69 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_dwf import DWFCallback
-from lightning_dwf.controller import SparsityController, closing_threshold
+from lightning_dwf.controller import SparsityController
+from lightning_dwf.factorize import factorize_, factorized_tensors
+from lightning_dwf.support import fix_support_, support_threshold
 
 
-def test_reference_schedule_warmup_ramp_hold():
+def test_reference_schedule_warmup_ramp_recovery():
     c = SparsityController(target=0.9, total_steps=1000, lam=1e-3)
     assert c.reference(50) == 0.0 and c.reference(100) == 0.0
     assert 0 < c.reference(200) < c.reference(400) < 0.9
-    assert c.reference(600) == pytest.approx(0.9) and c.reference(1000) == pytest.approx(0.9)
+    assert c.reference(500) == pytest.approx(0.9) and c.reference(1000) == pytest.approx(0.9)
 
 
 def test_controller_moves_lam_toward_the_schedule():
     c = SparsityController(target=0.9, total_steps=1000, lam=1e-3, lam_min=1e-6, lam_max=1.0)
     assert c.update(50, 0.0) == 1e-3  # warm-up: untouched
-    up = c.update(700, 0.5)  # too dense -> λ rises, by at most max_step
+    up = c.update(400, 0.5)  # too dense -> λ rises, by at most max_step
     assert 1e-3 < up <= 1e-3 * math.exp(c.max_step) + 1e-12
-    down = c.update(700, 0.99)  # too sparse -> λ falls, faster than it rose
+    down = c.update(400, 0.99)  # too sparse -> λ falls, faster than it rose
     assert math.log(up / down) > math.log(up / 1e-3)
     clone = SparsityController(target=0.5, total_steps=1000, lam=1.0)
     clone.load_state_dict(c.state_dict())
     assert clone == c
+    assert not c.recovery_due(499) and c.recovery_due(500)
+    c.start_recovery()
+    assert c.lam == 0.0 and c.update(800, 0.5) == 0.0 and not c.recovery_due(900)
+    clone.load_state_dict(c.state_dict())
+    assert clone.recovering and clone.lam == 0.0
 
 
-def test_closing_threshold():
-    w = [torch.tensor([1e-5, 2e-3, 0.1, 0.5]), torch.tensor([0.2, 3e-3, 1.0, 0.7])]
-    assert closing_threshold(w, 0.125, 1e-3) == 1e-3  # already there
-    t = closing_threshold(w, 0.5, 1e-3)
-    assert sum(int((x.abs() < t).sum()) for x in w) == 4
+def test_support_threshold_closes_the_gap_both_ways():
+    w = [torch.tensor([0.0, 1e-5, 2e-3, 0.1, 0.5]), torch.tensor([0.2, 3e-3, 1.0, 0.7, 4e-4])]
+    for target in (0.3, 0.5, 0.7):  # below, at and above the 4 weights under 1e-2
+        t = support_threshold(w, target, floor=1e-7)
+        assert sum(int((x.abs() < t).sum()) for x in w) == round(target * 10)
+    assert support_threshold(w, 0.05, floor=1e-7) == 1e-7  # never keeps a numerically zero weight
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fixed_support_stays_exactly_zero(optimizer):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    factorize_(net, 3)
+    opt = (torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(net.parameters(), lr=0.05, weight_decay=1e-3))
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+
+    steps(5)  # optimizer state (momentum, Adam moments) is non-zero everywhere
+    weights = [t.product() for t in factorized_tensors(net)]
+    threshold = support_threshold(weights, 0.75)
+    zeroed = fix_support_(net, threshold, [opt])
+    assert zeroed == sum(int((w.abs() < threshold).sum()) for w in weights)
+    masks = [t.product() == 0 for t in factorized_tensors(net)]
+    assert sum(int(m.sum()) for m in masks) == zeroed
+    steps(20)
+    for t, m in zip(factorized_tensors(net), masks):
+        assert bool((t.product()[m] == 0).all())  # the pattern is kept exactly
+        assert bool((t.product()[~m] != 0).all())  # the survivors still train
 
 
 def test_reaches_the_target_and_logs_the_controller(tmp_path):
@@ -48,23 +84,35 @@ def test_reaches_the_target_and_logs_the_controller(tmp_path):
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf], logger=logger, enable_checkpointing=False))
     trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
     assert abs(dwf.final_report.sparsity - 0.98) <= 0.005
+    assert dwf.final_report.threshold == dwf.threshold  # the recovery phase kept exact zeros: no cut at fit end
     assert trainer.callback_metrics["val_acc"] > 0.85
     assert {"dwf/lam", "dwf/target_sparsity", "dwf/reference_sparsity"} <= set(trainer.callback_metrics)
     assert float(trainer.callback_metrics["dwf/target_sparsity"]) == pytest.approx(0.98)
+    assert float(trainer.callback_metrics["dwf/lam"]) == 0.0  # λ released in the recovery phase
+
+
+@pytest.mark.parametrize("target, recovery", [(0.3, 0.4), (0.9, 0.0)])
+def test_low_targets_and_no_recovery_end_exactly_at_the_target(tmp_path, target, recovery):
+    """A target below what the dynamics reach for free is met by keeping the largest sub-threshold weights."""
+    dwf = DWFCallback(depth=3, target_sparsity=target, recovery=recovery, verbose=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False))
+    trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
+    assert abs(dwf.final_report.sparsity - target) <= 0.005
 
 
 def test_target_compression_is_the_same_dial():
     assert DWFCallback(target_compression=50).target_sparsity == pytest.approx(0.98)
 
 
-def test_resume_restores_the_controller_exactly(tmp_path):
-    class StopAfter(Callback):  # an interruption: the run plans 10 epochs but stops after 5
+@pytest.mark.parametrize("stop_epoch", [2, 7], ids=["during-ramp", "during-recovery"])
+def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
+    class StopAfter(Callback):  # an interruption: the run plans 10 epochs but stops after `stop_epoch` + 1
         def on_train_epoch_end(self, trainer, pl_module):
-            trainer.should_stop = trainer.current_epoch == 4
+            trainer.should_stop = trainer.current_epoch == stop_epoch
 
     def run(stop, root, ckpt_path=None):
         torch.manual_seed(0)
-        dwf = DWFCallback(depth=3, target_sparsity=0.95, verbose=False)
+        dwf = DWFCallback(depth=3, target_sparsity=0.95, recovery=0.4, verbose=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
         callbacks = [dwf, ckpt] + ([StopAfter()] if stop else [])
         trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=10, callbacks=callbacks))
