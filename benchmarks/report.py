@@ -38,7 +38,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for runs in groups.values():
         ok = [r["results"] for r in runs if r["results"]["acc"] is not None]
         if len(ok) < len(runs):
-            out.append(dict(config=runs[0]["config"], results=dict(runs[0]["results"], acc=None, compression_ratio=None, n=len(runs))))
+            diverged = f"{len(runs) - len(ok)} of {len(runs)} seeds" if len(runs) > 1 else "1 run"
+            out.append(dict(config=runs[0]["config"], results=dict(acc=None, compression_ratio=None, n=len(runs), diverged=diverged)))
             continue
         mean = {k: sum(r[k] for r in ok) / len(ok) for k in ("acc", "compression_ratio", "sparsity") if all(k in r for r in ok)}
         sd = math.sqrt(sum((r["acc"] - mean["acc"]) ** 2 for r in ok) / (len(ok) - 1)) if len(ok) > 1 else 0.0
@@ -96,7 +97,7 @@ def tables(rows: list[dict]) -> str:
                 c, res = r["config"], r["results"]
                 knob = c.get("lam", c.get("target", ""))
                 if res["acc"] is None:
-                    out.append(f"| {LABELS[method]} | {knob} | diverged (NaN/Inf factors, stopped by the callback) | — | — |")
+                    out.append(f"| {LABELS[method]} | {knob} | diverged in {res['diverged']} (NaN/Inf factors, stopped by the callback) | — | — |")
                     continue
                 reached = f" (reached {100 * res['sparsity']:.2f} %)" if method.startswith("dwf-target") else ""
                 acc = f"{100 * res['acc']:.2f}" + (f" ± {100 * res['acc_sd']:.2f} (mean ± sd of {res['n']} seeds)" if res.get("n", 1) > 1 else "")

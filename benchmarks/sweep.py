@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.models import Classifier, accuracy
 from lightning_dwf import DEFAULT_THRESHOLD, DWFCallback, sparsity_report
+from lightning_dwf.controller import default_recovery
 from lightning_dwf.datasets import ImageData, load_dataset
 from lightning_dwf.factorize import DEFAULT_LAYER_TYPES
 
@@ -60,8 +61,6 @@ LR, MOMENTUM, FINETUNE_LR, SEED = 0.1, 0.9, 0.01, 0
 #: settings not retuned keep the first sweep's 5 without a ramp.
 FACTOR_LR_MULTIPLIER = {("fashion-mnist", "lenet300"): 10.0, ("fashion-mnist", "cnn-bn"): 10.0, "default": 5.0}
 FACTOR_LR_WARMUP = {("fashion-mnist", "lenet300"): 0.1, ("fashion-mnist", "cnn-bn"): 0.1, "default": 0.0}
-#: Target mode: the final fraction of the run trained with the sparsity pattern fixed and λ = 0.
-RECOVERY = 0.5
 
 
 def floor_lam(steps: int, multiplier: float, init_std: float = 0.05) -> float:
@@ -165,7 +164,7 @@ def configs(mode: str, dataset: str, model: str, data: ImageData) -> list[dict]:
             out.append(dict(base, method=f"dwf-d{depth}", depth=depth, lam=float(f"{lam0 * k:.3g}"), threshold=DEFAULT_THRESHOLD, **factor_lr))
     for depth in spec["target_runs"].get((dataset, model), ()):
         for target in spec["targets"]:
-            out.append(dict(base, method=f"dwf-target-d{depth}", depth=depth, target=target, recovery=RECOVERY, **factor_lr))
+            out.append(dict(base, method=f"dwf-target-d{depth}", depth=depth, target=target, recovery=default_recovery(target), **factor_lr))
     for target in spec["targets"]:
         out.append(dict(base, method="model-pruning", target=target))
         out.append(dict(base, method="oneshot", target=target, finetune_epochs=0))

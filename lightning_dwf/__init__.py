@@ -1,7 +1,7 @@
 """lightning-dwf: sparse training by Deep Weight Factorization, as a PyTorch Lightning callback.
 
 Plain-PyTorch mechanics (no Trainer needed): :func:`factorize_`, :func:`collapse_`,
-:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`; the callback
+:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`, :func:`fix_support_`; the callback
 :class:`DWFCallback` orchestrates them inside ``Trainer.fit``.
 """
 
@@ -21,6 +21,7 @@ from lightning_dwf.init import dwf_init_
 from lightning_dwf.optim import FactorPenalty, LearningRateCheck, check_learning_rates
 from lightning_dwf.parametrization import HadamardProduct
 from lightning_dwf.report import LayerSparsity, SparsityReport, sparsity_report
+from lightning_dwf.support import fix_support_, support_threshold
 
 __version__ = "0.1.0"
 
@@ -42,7 +43,9 @@ __all__ = [
     "factor_parameters",
     "factorize_",
     "factorized_tensors",
+    "fix_support_",
     "functional",
     "is_factorized",
     "sparsity_report",
+    "support_threshold",
 ]

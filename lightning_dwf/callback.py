@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_patterns, check_positive
 from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
-from lightning_dwf.controller import DEFAULT_CONTROL_THRESHOLD, SparsityController
+from lightning_dwf.controller import DEFAULT_CONTROL_THRESHOLD, SparsityController, default_recovery
 from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
 from lightning_dwf.functional import DEFAULT_THRESHOLD
 from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
@@ -76,7 +76,8 @@ class DWFCallback(Callback):
         target_compression: the same as a compression ratio (weights / non-zeros, e.g. 100).
         control_threshold: absolute magnitude below which a weight counts as pruned for the λ controller.
         recovery: target mode: the fraction of the run, at its end, in which the sparsity pattern is fixed at exactly
-            the target and λ = 0, so the surviving weights recover accuracy without the penalty's shrinkage.
+            the target and λ = 0, so the surviving weights recover accuracy without the penalty's shrinkage
+            (default :func:`~lightning_dwf.controller.default_recovery`: 0.5, or 0.4 for targets >= 0.995).
         threshold: absolute magnitude below which collapsed weights become exact zeros
             (default 1.19e-7, float32 epsilon).
         layer_types: layer classes or ``torch.nn`` names to factorize (default Linear, Conv1d/2d/3d).
@@ -114,7 +115,7 @@ class DWFCallback(Callback):
         target_sparsity: float | None = None,
         target_compression: float | None = None,
         control_threshold: float = DEFAULT_CONTROL_THRESHOLD,
-        recovery: float = 0.5,
+        recovery: float | None = None,
         threshold: float = DEFAULT_THRESHOLD,
         layer_types: LayerTypes | None = None,
         include: str | Sequence[str] | None = None,
@@ -154,10 +155,12 @@ class DWFCallback(Callback):
             self.target_sparsity = value
         self.lam = 0.0 if lam is None else check_nonnegative("lam", lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3.")
         self.control_threshold = check_positive("control_threshold", control_threshold)
+        if recovery is None:
+            recovery = default_recovery(self.target_sparsity if self.target_sparsity is not None else 0.0)
         if isinstance(recovery, bool) or not isinstance(recovery, (int, float)) or not 0 <= recovery <= 0.8:
             raise ValueError(
                 f"`recovery` is the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0; it must be "
-                f"in [0, 0.8] (default 0.5; 0 fixes the pattern only at fit end), got {recovery!r}."
+                f"in [0, 0.8] (default: 0.5, or 0.4 for targets >= 0.995; 0 fixes the pattern only at fit end), got {recovery!r}."
             )
         self.recovery = float(recovery)
         self.threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")

@@ -79,3 +79,23 @@ def test_oneshot_and_model_pruning_hit_their_sparsity(tmp_path):
                             use_global_unstructured=True, use_lottery_ticket_hypothesis=False, verbose=0)
     module, _ = sweep.run_training(cfg, data, [mp])
     assert sweep.measure(module.net, data)["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_probe_config_and_table(tmp_path, monkeypatch):
+    """The probe builds the sweep's config schema and its table groups seeds, marking divergences."""
+    import argparse
+
+    from benchmarks import probe
+
+    args = argparse.Namespace(dataset="fashion-mnist", model="lenet300", epochs=None, seed=1, depth=3, target=0.98, lam=None,
+                              factor_lr_multiplier=10.0, factor_lr_warmup=0.1, recovery=0.5, controller_gain=0.0,
+                              controller_max_step=None, model_pruning=False)
+    cfg = probe.config(args)
+    assert cfg["method"] == "dwf-target-d3" and cfg["epochs"] == 20 and cfg["controller_gain"] == 0.0 and "controller_max_step" not in cfg
+    assert probe.config(argparse.Namespace(**{**vars(args), "model_pruning": True}))["method"] == "model-pruning"
+    rows = [dict(config=dict(cfg, seed=s), results=dict(acc=a, compression_ratio=50.0)) for s, a in ((0, 0.88), (1, 0.89))]
+    rows.append(dict(config=dict(cfg, factor_lr_multiplier=20.0), results=dict(acc=None, compression_ratio=None)))
+    monkeypatch.setattr(probe, "PATH", tmp_path / "probes.jsonl")
+    probe.PATH.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = probe.table()
+    assert "| 88.00 / 89.00 | 88.50 | 50.0 |" in text and "| NaN | diverged | — |" in text and "controller_gain=0.0" in text

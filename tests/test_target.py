@@ -104,6 +104,12 @@ def test_target_compression_is_the_same_dial():
     assert DWFCallback(target_compression=50).target_sparsity == pytest.approx(0.98)
 
 
+def test_default_recovery_is_shorter_for_high_targets():
+    assert DWFCallback(target_sparsity=0.99).recovery == 0.5
+    assert DWFCallback(target_sparsity=0.995).recovery == DWFCallback(target_compression=200).recovery == 0.4
+    assert DWFCallback(target_sparsity=0.995, recovery=0.3).recovery == 0.3
+
+
 @pytest.mark.parametrize("stop_epoch", [2, 7], ids=["during-ramp", "during-recovery"])
 def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
     class StopAfter(Callback):  # an interruption: the run plans 10 epochs but stops after `stop_epoch` + 1

@@ -1,0 +1,140 @@
+"""One training run with any DWF setting, for the questions the sweep's fixed recipe cannot answer.
+
+The README's section "Why DWF trailed ModelPruning" cites these runs (factor learning rate, recovery
+fraction, controller ablation, seed spread). Each call appends one row (config + results, the sweep's
+schema) to ``benchmarks/results/probes.jsonl``; ``--table`` prints every probe grouped over seeds.
+
+    python -m benchmarks.probe --target 0.98 --factor-lr-multiplier 10 --recovery 0.5 --seed 1
+    python -m benchmarks.probe --target 0.98 --model-pruning --seed 1
+    python -m benchmarks.probe --target 0.98 --controller-gain 0     # ablation: λ never leaves its warm-up value
+    python -m benchmarks.probe --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import lightning
+import torch
+
+from benchmarks import sweep
+from lightning_dwf import DWFCallback
+from lightning_dwf.datasets import load_dataset
+
+PATH = sweep.RESULTS / "probes.jsonl"
+
+
+class _TunedController(DWFCallback):
+    """DWFCallback with the λ controller's gain / step bound overridden (benchmark-only knobs, not public API)."""
+
+    def __init__(self, *args: Any, controller_gain: float | None = None, controller_max_step: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gain, self._max_step = controller_gain, controller_max_step
+
+    def _start_controller(self, *args: Any, **kwargs: Any) -> None:
+        super()._start_controller(*args, **kwargs)
+        assert self._controller is not None
+        if self._gain is not None:
+            self._controller.gain = self._gain
+        if self._max_step is not None:
+            self._controller.max_step = self._max_step
+
+
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    epochs = args.epochs or sweep.MODES["full"]["epochs"][args.dataset][args.model]
+    cfg: dict[str, Any] = dict(dataset=args.dataset, model=args.model, epochs=epochs, batch_size=sweep.BATCH_SIZE[args.dataset],
+                               lr=sweep.LR, momentum=sweep.MOMENTUM, seed=args.seed)
+    if args.model_pruning:
+        return dict(cfg, method="model-pruning", target=args.target)
+    cfg.update(depth=args.depth, factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup)
+    if args.lam is not None:
+        return dict(cfg, method=f"dwf-d{args.depth}", lam=args.lam)
+    cfg.update(method=f"dwf-target-d{args.depth}", target=args.target, recovery=args.recovery)
+    for name in ("controller_gain", "controller_max_step"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
+    return cfg
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    data = load_dataset(cfg["dataset"])
+    if cfg["method"] == "model-pruning":
+        callbacks: list = [sweep.LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
+                                              amount=sweep._Amount(sweep.gradual_amounts(cfg["target"], cfg["epochs"])),
+                                              make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)]
+    else:
+        knob = (dict(lam=cfg["lam"]) if "lam" in cfg else
+                dict(target_sparsity=cfg["target"], recovery=cfg["recovery"], controller_gain=cfg.get("controller_gain"),
+                     controller_max_step=cfg.get("controller_max_step")))
+        callbacks = [_TunedController(depth=cfg["depth"], factor_lr_multiplier=cfg["factor_lr_multiplier"],
+                                      factor_lr_warmup=cfg["factor_lr_warmup"], lr_check="off", save_collapsed=False, verbose=False, **knob)]
+    try:
+        module, seconds = sweep.run_training(cfg, data, callbacks)
+    except RuntimeError as err:  # DWFCallback stops a run whose factors became NaN/Inf
+        if "NaN/Inf" not in str(err):
+            raise
+        return dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
+    return dict(sweep.measure(module.net, data), train_seconds=seconds)
+
+
+def table() -> str:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for line in PATH.read_text().splitlines():
+        row = json.loads(line)
+        groups[json.dumps({k: v for k, v in row["config"].items() if k != "seed"}, sort_keys=True)].append(row)
+    out = ["| method | target / λ | factor lr × (warm-up) | recovery | other | accuracy % per seed | mean | CR |", "|---|---|---|---|---|---|---|---|"]
+    for rows in groups.values():
+        c = rows[0]["config"]
+        accs = [r["results"]["acc"] for r in sorted(rows, key=lambda r: r["config"]["seed"])]
+        ok = [a for a in accs if a is not None]
+        mean = f"{100 * sum(ok) / len(ok):.2f}" if len(ok) == len(accs) else "diverged"
+        default_epochs = sweep.MODES["full"]["epochs"][c["dataset"]][c["model"]]
+        other = ", ".join([c["model"]] * (c["model"] != "lenet300") + [f"{c['epochs']} epochs"] * (c["epochs"] != default_epochs)
+                          + [f"{k}={c[k]}" for k in ("controller_gain", "controller_max_step") if k in c])
+        crs = [r["results"]["compression_ratio"] for r in rows if r["results"]["acc"] is not None]
+        cr = f"{sum(crs) / len(crs):.1f}" if crs else "—"
+        per_seed = " / ".join("NaN" if a is None else f"{100 * a:.2f}" for a in accs)
+        out.append(f"| {c['method']} | {c.get('target', c.get('lam'))} | {c.get('factor_lr_multiplier', '')} ({c.get('factor_lr_warmup', '')}) | "
+                   f"{c.get('recovery', '')} | {other} | {per_seed} | {mean} | {cr} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--model", default="lenet300", choices=("lenet300", "lenet5", "cnn-bn"))
+    parser.add_argument("--epochs", type=int, default=None, help="default: the full sweep's epochs for this setting")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--target", type=float, default=0.98, help="target sparsity (DWF target mode and ModelPruning)")
+    parser.add_argument("--lam", type=float, default=None, help="a fixed λ instead of the target")
+    parser.add_argument("--factor-lr-multiplier", type=float, default=10.0)
+    parser.add_argument("--factor-lr-warmup", type=float, default=0.0)
+    parser.add_argument("--recovery", type=float, default=0.5)
+    parser.add_argument("--controller-gain", type=float, default=None, help="override the λ controller's gain (0: λ stays at its start value)")
+    parser.add_argument("--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update")
+    parser.add_argument("--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF")
+    parser.add_argument("--table", action="store_true", help="print the probes recorded so far and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
+    os.environ.setdefault("WANDB_MODE", "offline")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = config(args)
+    results = run(cfg)
+    row = dict(config=cfg, results=results, versions=dict(torch=torch.__version__, lightning=lightning.__version__),
+               finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    PATH.parent.mkdir(parents=True, exist_ok=True)
+    with PATH.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
