@@ -52,6 +52,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     if args.model_pruning:
         return dict(cfg, method="model-pruning", target=args.target)
     cfg.update(depth=args.depth, factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup)
+    if args.init != "dwf":
+        cfg["init"] = args.init
     if args.lam is not None:
         return dict(cfg, method=f"dwf-d{args.depth}", lam=args.lam)
     cfg.update(method=f"dwf-target-d{args.depth}", target=args.target, recovery=args.recovery)
@@ -71,7 +73,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         knob = (dict(lam=cfg["lam"]) if "lam" in cfg else
                 dict(target_sparsity=cfg["target"], recovery=cfg["recovery"], controller_gain=cfg.get("controller_gain"),
                      controller_max_step=cfg.get("controller_max_step")))
-        callbacks = [_TunedController(depth=cfg["depth"], factor_lr_multiplier=cfg["factor_lr_multiplier"],
+        callbacks = [_TunedController(depth=cfg["depth"], factor_lr_multiplier=cfg["factor_lr_multiplier"], init=cfg.get("init", "dwf"),
                                       factor_lr_warmup=cfg["factor_lr_warmup"], lr_check="off", save_collapsed=False, verbose=False, **knob)]
     try:
         module, seconds = sweep.run_training(cfg, data, callbacks)
@@ -95,7 +97,7 @@ def table() -> str:
         mean = f"{100 * sum(ok) / len(ok):.2f}" if len(ok) == len(accs) else "diverged"
         default_epochs = sweep.MODES["full"]["epochs"][c["dataset"]][c["model"]]
         other = ", ".join([c["model"]] * (c["model"] != "lenet300") + [f"{c['epochs']} epochs"] * (c["epochs"] != default_epochs)
-                          + [f"{k}={c[k]}" for k in ("controller_gain", "controller_max_step") if k in c])
+                          + [f"{k}={c[k]}" for k in ("init", "controller_gain", "controller_max_step") if k in c])
         crs = [r["results"]["compression_ratio"] for r in rows if r["results"]["acc"] is not None]
         cr = f"{sum(crs) / len(crs):.1f}" if crs else "—"
         per_seed = " / ".join("NaN" if a is None else f"{100 * a:.2f}" for a in accs)
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--factor-lr-multiplier", type=float, default=10.0)
     parser.add_argument("--factor-lr-warmup", type=float, default=0.0)
     parser.add_argument("--recovery", type=float, default=0.5)
+    parser.add_argument("--init", default="dwf", choices=("dwf", "balanced"), help="factor init (balanced: exact factorization of the dense init)")
     parser.add_argument("--controller-gain", type=float, default=None, help="override the λ controller's gain (0: λ stays at its start value)")
     parser.add_argument("--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update")
     parser.add_argument("--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF")

@@ -88,7 +88,7 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
     from benchmarks import probe
 
     args = argparse.Namespace(dataset="fashion-mnist", model="lenet300", epochs=None, seed=1, depth=3, target=0.98, lam=None,
-                              factor_lr_multiplier=10.0, factor_lr_warmup=0.1, recovery=0.5, controller_gain=0.0,
+                              factor_lr_multiplier=10.0, factor_lr_warmup=0.1, recovery=0.5, controller_gain=0.0, init="dwf",
                               controller_max_step=None, model_pruning=False)
     cfg = probe.config(args)
     assert cfg["method"] == "dwf-target-d3" and cfg["epochs"] == 20 and cfg["controller_gain"] == 0.0 and "controller_max_step" not in cfg
