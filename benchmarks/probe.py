@@ -16,13 +16,13 @@ import argparse
 import json
 import os
 import time
-from collections import defaultdict
 from typing import Any
 
 import lightning
 import torch
 
 from benchmarks import sweep
+from benchmarks.report import by_config
 from lightning_dwf import DWFCallback
 from lightning_dwf.datasets import load_dataset
 
@@ -64,33 +64,15 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    data = load_dataset(cfg["dataset"])
-    if cfg["method"] == "model-pruning":
-        callbacks: list = [sweep.LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
-                                              amount=sweep._Amount(sweep.gradual_amounts(cfg["target"], cfg["epochs"])),
-                                              make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)]
-    else:
-        knob = (dict(lam=cfg["lam"]) if "lam" in cfg else
-                dict(target_sparsity=cfg["target"], recovery=cfg["recovery"], controller_gain=cfg.get("controller_gain"),
-                     controller_max_step=cfg.get("controller_max_step")))
-        callbacks = [_TunedController(depth=cfg["depth"], factor_lr_multiplier=cfg["factor_lr_multiplier"], init=cfg.get("init", "dwf"),
-                                      factor_lr_warmup=cfg["factor_lr_warmup"], lr_check="off", save_collapsed=False, verbose=False, **knob)]
-    try:
-        module, seconds = sweep.run_training(cfg, data, callbacks)
-    except RuntimeError as err:  # DWFCallback stops a run whose factors became NaN/Inf
-        if "NaN/Inf" not in str(err):
-            raise
-        return dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
-    return dict(sweep.measure(module.net, data), train_seconds=seconds)
+    tuned = {k: cfg[k] for k in ("controller_gain", "controller_max_step") if k in cfg}
+    callbacks = sweep.method_callbacks(cfg, _TunedController, **tuned) if tuned else sweep.method_callbacks(cfg)
+    return sweep.train_and_measure(cfg, load_dataset(cfg["dataset"]), callbacks)
 
 
 def table() -> str:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for line in PATH.read_text().splitlines():
-        row = json.loads(line)
-        groups[json.dumps({k: v for k, v in row["config"].items() if k != "seed"}, sort_keys=True)].append(row)
+    rows_all = [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
     out = ["| method | target / λ | factor lr × (warm-up) | recovery | other | accuracy % per seed | mean | CR |", "|---|---|---|---|---|---|---|---|"]
-    for rows in groups.values():
+    for rows in by_config(rows_all):
         c = rows[0]["config"]
         accs = [r["results"]["acc"] for r in sorted(rows, key=lambda r: r["config"]["seed"])]
         ok = [a for a in accs if a is not None]

@@ -29,13 +29,18 @@ def load(mode: str) -> list[dict]:
 CR_SLACK = 0.995
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per config over its seeds: mean accuracy and compression ratio, with ``n`` and ``acc_sd`` (diverged runs count as such)."""
+def by_config(rows: list[dict]) -> list[list[dict]]:
+    """The runs of each config that differ only in ``seed``, in first-seen order."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         groups[json.dumps({k: v for k, v in r["config"].items() if k != "seed"}, sort_keys=True)].append(r)
+    return list(groups.values())
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per config over its seeds: mean accuracy and compression ratio, with ``n`` and ``acc_sd`` (diverged runs count as such)."""
     out = []
-    for runs in groups.values():
+    for runs in by_config(rows):
         ok = [r["results"] for r in runs if r["results"]["acc"] is not None]
         if len(ok) < len(runs):
             diverged = f"{len(runs) - len(ok)} of {len(runs)} seeds" if len(runs) > 1 else "1 run"

@@ -128,6 +128,29 @@ def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifie
     return module, time.perf_counter() - start
 
 
+def method_callbacks(cfg: dict, dwf_cls: type[DWFCallback] = DWFCallback, **dwf_kwargs: Any) -> list:
+    """The callback that makes ``cfg["method"]`` (DWF fixed λ or target, or ModelPruning) out of a plain training run."""
+    if cfg["method"] == "model-pruning":
+        return [LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
+                             amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
+                             make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)]
+    knob = (dict(target_sparsity=cfg["target"], recovery=cfg["recovery"]) if "target" in cfg
+            else dict(lam=cfg["lam"], threshold=cfg.get("threshold", DEFAULT_THRESHOLD)))
+    return [dwf_cls(depth=cfg["depth"], factor_lr_multiplier=cfg["factor_lr_multiplier"], factor_lr_warmup=cfg.get("factor_lr_warmup", 0.0),
+                    init=cfg.get("init", "dwf"), lr_check="off", save_collapsed=False, verbose=False, **knob, **dwf_kwargs)]
+
+
+def train_and_measure(cfg: dict, data: ImageData, callbacks: list) -> dict[str, Any]:
+    """Train, then test the (collapsed) net; a run DWFCallback stopped on NaN/Inf factors is recorded as diverged."""
+    try:
+        module, seconds = run_training(cfg, data, callbacks)
+    except RuntimeError as err:
+        if "NaN/Inf" not in str(err):
+            raise
+        return dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
+    return dict(measure(module.net, data), train_seconds=seconds)
+
+
 def oneshot(dense_net: nn.Module, cfg: dict, data: ImageData) -> tuple[dict, dict]:
     """Global L1 magnitude pruning of the trained dense net to ``target``, then a short fine-tune with masks kept."""
     pruned = copy.deepcopy(dense_net)
@@ -232,25 +255,8 @@ def main() -> None:
                     if key(cfg) in done:
                         continue
                     results = dict(measure(module.net, data), train_seconds=seconds)
-                elif method.startswith("dwf"):
-                    knob = (dict(target_sparsity=cfg["target"], recovery=cfg["recovery"]) if "target" in cfg
-                            else dict(lam=cfg["lam"], threshold=cfg["threshold"]))
-                    dwf = DWFCallback(depth=cfg["depth"], factor_lr_multiplier=cfg["factor_lr_multiplier"], lr_check="off",
-                                      factor_lr_warmup=cfg.get("factor_lr_warmup", 0.0),
-                                      save_collapsed=False, verbose=False, **knob)
-                    try:
-                        module, seconds = run_training(cfg, data, [dwf])
-                        results = dict(measure(module.net, data), train_seconds=seconds)
-                    except RuntimeError as err:  # DWFCallback stops a run whose factors became NaN/Inf
-                        if "NaN/Inf" not in str(err):
-                            raise
-                        results = dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
-                elif method == "model-pruning":
-                    mp = LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
-                                      amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
-                                      make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)
-                    module, seconds = run_training(cfg, data, [mp])
-                    results = dict(measure(module.net, data), train_seconds=seconds)
+                elif method.startswith("dwf") or method == "model-pruning":
+                    results = train_and_measure(cfg, data, method_callbacks(cfg))
                 else:
                     no_ft, ft = oneshot(dense_net, cfg, data)
                     results = no_ft if method == "oneshot" else ft

@@ -38,6 +38,14 @@ def check_positive(name: str, value: Any, hint: str = "") -> float:
     return value
 
 
+def check_fraction(name: str, value: Any, upper: float, upper_inclusive: bool, meaning: str) -> float:
+    """Return ``value`` as float if it is a real in ``[0, upper]`` (or ``[0, upper)``), else raise ValueError naming ``meaning``."""
+    inside = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value and (value <= upper if upper_inclusive else value < upper)
+    if not inside:
+        raise ValueError(f"`{name}` is {meaning}; it must be in [0, {upper:g}{']' if upper_inclusive else ')'}, got {value!r}.")
+    return float(value)
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise."""
     if value not in choices:

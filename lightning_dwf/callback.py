@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_dwf._validation import check_choice, check_depth, check_nonnegative, check_patterns, check_positive
+from lightning_dwf._validation import check_choice, check_depth, check_fraction, check_nonnegative, check_patterns, check_positive
 from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
 from lightning_dwf.controller import DEFAULT_CONTROL_THRESHOLD, SparsityController, default_recovery
 from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
@@ -157,12 +157,10 @@ class DWFCallback(Callback):
         self.control_threshold = check_positive("control_threshold", control_threshold)
         if recovery is None:
             recovery = default_recovery(self.target_sparsity if self.target_sparsity is not None else 0.0)
-        if isinstance(recovery, bool) or not isinstance(recovery, (int, float)) or not 0 <= recovery <= 0.8:
-            raise ValueError(
-                f"`recovery` is the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0; it must be "
-                f"in [0, 0.8] (default: 0.5, or 0.4 for targets >= 0.995; 0 fixes the pattern only at fit end), got {recovery!r}."
-            )
-        self.recovery = float(recovery)
+        self.recovery = check_fraction(
+            "recovery", recovery, 0.8, True, "the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0 "
+            "(default: 0.5, or 0.4 for targets >= 0.995; 0 fixes the pattern only at fit end)",
+        )
         self.threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
         self.layer_types = resolve_layer_types(layer_types)
         self.include, self.exclude = check_patterns("include", include) or None, check_patterns("exclude", exclude)
@@ -173,12 +171,9 @@ class DWFCallback(Callback):
         self.init_std = init_std
         self.init_eps_ratio = check_positive("init_eps_ratio", init_eps_ratio)
         self.factor_lr_multiplier = check_positive("factor_lr_multiplier", factor_lr_multiplier)
-        if isinstance(factor_lr_warmup, bool) or not isinstance(factor_lr_warmup, (int, float)) or not 0 <= factor_lr_warmup < 1:
-            raise ValueError(
-                f"`factor_lr_warmup` is the fraction of the run over which the factor LR multiplier ramps up from 1; it must be in "
-                f"[0, 1), e.g. 0.1, got {factor_lr_warmup!r}."
-            )
-        self.factor_lr_warmup = float(factor_lr_warmup)
+        self.factor_lr_warmup = check_fraction(
+            "factor_lr_warmup", factor_lr_warmup, 1.0, False, "the fraction of the run over which the factor LR multiplier ramps up from 1 (e.g. 0.1)"
+        )
         self.lr_check = check_choice("lr_check", lr_check, ("warn", "error", "off"))
         if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ValueError(f"`log_every_n_steps` must be an int >= 1 or None (the Trainer's value), got {log_every_n_steps!r}.")
@@ -320,7 +315,7 @@ class DWFCallback(Callback):
         self._control_interval = max(1, steps // 200)
         self._set_lam(controller.lam)
 
-    def _fix_support(self, pl_module: pl.LightningModule) -> float:
+    def _support_threshold(self, pl_module: pl.LightningModule) -> float:
         """The threshold that gives exactly the target sparsity; warns if it cuts weights well above the control threshold."""
         assert self.target_sparsity is not None
         with torch.no_grad():
@@ -337,7 +332,7 @@ class DWFCallback(Callback):
     def _start_recovery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fix the support at exactly the target sparsity and release λ (identical on every rank: same factors)."""
         assert self._controller is not None
-        threshold = self._fix_support(pl_module)
+        threshold = self._support_threshold(pl_module)
         zeroed = fix_support_(pl_module, threshold, trainer.optimizers)
         self._controller.start_recovery()
         self._set_lam(self._controller.lam)
@@ -422,11 +417,12 @@ class DWFCallback(Callback):
         """Collapse in place, write the collapsed checkpoint, print the table and send final numbers to the loggers."""
         if self._penalty is not None:
             self._penalty.unbind()
+        factorized = bool(factorized_tensors(pl_module))
         threshold = self.collapse_threshold
-        if self.target_sparsity is not None and not self._recovering and factorized_tensors(pl_module):
-            threshold = self._fix_support(pl_module)  # the run ended before the recovery phase (recovery=0, stopped early)
+        if self.target_sparsity is not None and not self._recovering and factorized:
+            threshold = self._support_threshold(pl_module)  # the run ended before the recovery phase (recovery=0, stopped early)
         self._controller, self._controller_state = None, None
-        if not self.collapse_on_fit_end or not factorized_tensors(pl_module):
+        if not self.collapse_on_fit_end or not factorized:
             return
         report = sparsity_report(pl_module, threshold, self.lam)
         if not report.finite:
