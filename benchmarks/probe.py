@@ -57,6 +57,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     if args.lam is not None:
         return dict(cfg, method=f"dwf-d{args.depth}", lam=args.lam)
     cfg.update(method=f"dwf-target-d{args.depth}", target=args.target, recovery=args.recovery)
+    cfg["control_threshold"] = "auto" if args.control_threshold is None else args.control_threshold
     for name in ("controller_gain", "controller_max_step"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
@@ -79,7 +80,7 @@ def table() -> str:
         mean = f"{100 * sum(ok) / len(ok):.2f}" if len(ok) == len(accs) else "diverged"
         default_epochs = sweep.MODES["full"]["epochs"][c["dataset"]][c["model"]]
         other = ", ".join([c["model"]] * (c["model"] != "lenet300") + [f"{c['epochs']} epochs"] * (c["epochs"] != default_epochs)
-                          + [f"{k}={c[k]}" for k in ("init", "controller_gain", "controller_max_step") if k in c])
+                          + [f"{k}={c[k]}" for k in ("init", "controller_gain", "controller_max_step", "control_threshold") if k in c])
         crs = [r["results"]["compression_ratio"] for r in rows if r["results"]["acc"] is not None]
         cr = f"{sum(crs) / len(crs):.1f}" if crs else "—"
         per_seed = " / ".join("NaN" if a is None else f"{100 * a:.2f}" for a in accs)
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--init", default="dwf", choices=("dwf", "balanced"), help="factor init (balanced: exact factorization of the dense init)")
     parser.add_argument("--controller-gain", type=float, default=None, help="override the λ controller's gain (0: λ stays at its start value)")
     parser.add_argument("--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update")
+    parser.add_argument("--control-threshold", type=float, default=None, help="DWFCallback(control_threshold=...) (default: the callback's)")
     parser.add_argument("--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF")
     parser.add_argument("--table", action="store_true", help="print the probes recorded so far and exit")
     args = parser.parse_args()

@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_dwf._validation import check_choice, check_depth, check_fraction, check_nonnegative, check_patterns, check_positive
 from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
-from lightning_dwf.controller import DEFAULT_CONTROL_THRESHOLD, SparsityController, default_recovery
+from lightning_dwf.controller import SparsityController, default_control_threshold, default_recovery
 from lightning_dwf.factorize import LayerTypes, factor_parameters, factorize_, factorized_tensors, resolve_layer_types
 from lightning_dwf.functional import DEFAULT_THRESHOLD
 from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
@@ -74,7 +74,9 @@ class DWFCallback(Callback):
         target_sparsity: instead of ``lam``, the fraction of zero weights wanted at the end (e.g. 0.99); λ is then
             adapted during training (:class:`~lightning_dwf.controller.SparsityController`).
         target_compression: the same as a compression ratio (weights / non-zeros, e.g. 100).
-        control_threshold: absolute magnitude below which a weight counts as pruned for the λ controller.
+        control_threshold: target mode: absolute magnitude below which a weight counts as pruned for the λ controller
+            (default :func:`~lightning_dwf.controller.default_control_threshold`: 0.02 × the weights' RMS for runs of
+            4,000 steps or more, up to 0.25 × RMS for short runs, which cannot recover from a deeper penalty).
         recovery: target mode: the fraction of the run, at its end, in which the sparsity pattern is fixed at exactly
             the target and λ = 0, so the surviving weights recover accuracy without the penalty's shrinkage
             (default :func:`~lightning_dwf.controller.default_recovery`: 0.5, or 0.4 for targets >= 0.995).
@@ -114,7 +116,7 @@ class DWFCallback(Callback):
         *,
         target_sparsity: float | None = None,
         target_compression: float | None = None,
-        control_threshold: float = DEFAULT_CONTROL_THRESHOLD,
+        control_threshold: float | None = None,
         recovery: float | None = None,
         threshold: float = DEFAULT_THRESHOLD,
         layer_types: LayerTypes | None = None,
@@ -154,7 +156,7 @@ class DWFCallback(Callback):
                 raise ValueError(f"`target_sparsity` is a fraction of zero weights in (0, 1), e.g. 0.95; got {target_sparsity}.")
             self.target_sparsity = value
         self.lam = 0.0 if lam is None else check_nonnegative("lam", lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3.")
-        self.control_threshold = check_positive("control_threshold", control_threshold)
+        self.control_threshold = None if control_threshold is None else check_positive("control_threshold", control_threshold)
         if recovery is None:
             recovery = default_recovery(self.target_sparsity if self.target_sparsity is not None else 0.0)
         self.recovery = check_fraction(
@@ -194,6 +196,8 @@ class DWFCallback(Callback):
         self._fits_collapsed = 0
         self._controller: SparsityController | None = None
         self._controller_state: dict[str, float] | None = None
+        #: Target mode: the control threshold the run used (``control_threshold`` or its default, set at train start).
+        self.resolved_control_threshold: float | None = None
 
     # ------------------------------------------------------------------ setup
     @override
@@ -269,9 +273,11 @@ class DWFCallback(Callback):
                 "budget (max_epochs=-1 or max_time): the factors train at the full factor_lr_multiplier from the start."
             )
         with torch.no_grad():
-            scale = max(float(t.product().pow(2).mean().sqrt()) for t in factorized_tensors(pl_module))
+            weights = [t.product() for t in factorized_tensors(pl_module)]
+            scale = max(float(w.pow(2).mean().sqrt()) for w in weights)
+            rms = math.sqrt(sum(float(w.pow(2).sum()) for w in weights) / sum(w.numel() for w in weights))
         if self.target_sparsity is not None:
-            self._start_controller(trainer, pl_module, total, scale)
+            self._start_controller(trainer, pl_module, total, scale, rms)
             steps = 0  # the controller sets λ from the LR floor itself; only the stability limit is left to check
         if self.lr_check == "off" or self.lam == 0:
             return
@@ -285,27 +291,30 @@ class DWFCallback(Callback):
         for message in result.warnings:
             rank_zero_warn(f"DWFCallback: {message} Silence with lr_check='off'.", category=DWFLearningRateWarning)
 
-    def _start_controller(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: float, scale: float) -> None:
+    def _start_controller(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: float, scale: float, rms: float) -> None:
         if not math.isfinite(total) or total < 50:
             raise MisconfigurationException(
                 f"DWFCallback(target_sparsity=...) needs a planned run of at least 50 optimizer steps (got {total}) to schedule "
                 "λ: set max_epochs or max_steps."
             )
         steps = int(total)
+        control = self.control_threshold or default_control_threshold(rms, steps)
+        if self._controller_state:  # resuming: the threshold the run started with (the default depends on the weights)
+            control = float(self._controller_state.get("threshold", control))
         etas = [eta for _, _, eta in factor_learning_rates(trainer.optimizers, factor_parameters(pl_module), self.factor_lr_multiplier)]
-        decades = max(math.log(scale / self.control_threshold), 1.0)
+        decades = max(math.log(scale / control), 1.0)
         lam0 = decades / (min(etas) * steps)  # the LR floor solved for λ: small weights just reach the control threshold
         lam_max = 0.05 * self.depth / (2 * max(etas))  # keeps the penalty shrink 2·lr·λ/D <= 5 % per step
         # start well below the floor: at the floor every weight the loss does not support dies, i.e. maximal sparsity
         controller = SparsityController(
-            self.target_sparsity, steps, 0.1 * lam0, ramp_end=1.0 - self.recovery, lam_min=lam0 * 1e-3, lam_max=lam_max
+            self.target_sparsity, steps, 0.1 * lam0, control, ramp_end=1.0 - self.recovery, lam_min=lam0 * 1e-3, lam_max=lam_max
         )
         ramp = (controller.ramp_end - controller.warmup) * steps
         needed = decades / (min(etas) * ramp)
         if needed > lam_max and not self._controller_state:  # checked once, at the start of the run (not on resume)
             raise MisconfigurationException(
                 f"DWFCallback: target_sparsity={self.target_sparsity:g} cannot be reached in {steps} steps: shrinking weights from "
-                f"{scale:.3g} to {self.control_threshold:g} during the ramp ({ramp:.0f} steps) needs λ ≈ {needed:.3g}, but the factor "
+                f"{scale:.3g} to {control:.3g} during the ramp ({ramp:.0f} steps) needs λ ≈ {needed:.3g}, but the factor "
                 f"lr {max(etas):.3g} only allows λ <= {lam_max:.3g} before the penalty step becomes unstable. Train at least "
                 f"{math.ceil(steps * needed / lam_max)} steps, or shorten the recovery phase (recovery={self.recovery:g})."
             )
@@ -313,17 +322,25 @@ class DWFCallback(Callback):
             controller.load_state_dict(self._controller_state)
         self._controller = controller
         self._control_interval = max(1, steps // 200)
+        self.resolved_control_threshold = control
         self._set_lam(controller.lam)
+        if not self._controller_state:
+            rank_zero_info(
+                f"DWFCallback: target_sparsity={self.target_sparsity:g}: λ starts at {controller.lam:.3g}; weights with |w| < "
+                f"{control:.3g} count as pruned for the controller"
+                + ("." if self.control_threshold else f" (default for {steps} steps and weight RMS {rms:.3g}; set control_threshold to override).")
+            )
 
     def _support_threshold(self, pl_module: pl.LightningModule) -> float:
         """The threshold that gives exactly the target sparsity; warns if it cuts weights well above the control threshold."""
         assert self.target_sparsity is not None
         with torch.no_grad():
             threshold = support_threshold([t.product() for t in factorized_tensors(pl_module)], self.target_sparsity, self.threshold)
-        if threshold > 10 * self.control_threshold:
-            reached = sparsity_report(pl_module, self.control_threshold).sparsity
+        control = self._control_threshold
+        if threshold > 10 * control:
+            reached = sparsity_report(pl_module, control).sparsity
             rank_zero_warn(
-                f"DWFCallback: the penalty reached sparsity {reached:.4f} (at |w| < {self.control_threshold:g}) instead of "
+                f"DWFCallback: the penalty reached sparsity {reached:.4f} (at |w| < {control:.3g}) instead of "
                 f"target_sparsity={self.target_sparsity:g}; the rest is closed by zeroing the smallest weights up to "
                 f"|w| < {threshold:.3g}, which may cost accuracy. Train longer or raise the factor learning rate."
             )
@@ -355,7 +372,14 @@ class DWFCallback(Callback):
         """Where weights count as zero: ``threshold``, or ``max(threshold, control_threshold)`` in target mode before recovery."""
         if self.target_sparsity is None or self._recovering:
             return self.threshold
-        return max(self.threshold, self.control_threshold)
+        return max(self.threshold, self._control_threshold)
+
+    @property
+    def _control_threshold(self) -> float:
+        """The controller's threshold (resolved at train start), else the user's ``control_threshold`` or ``threshold``."""
+        if self._controller is not None:
+            return self._controller.threshold
+        return self.control_threshold or self.threshold
 
     # --------------------------------------------------------------- training
     @override

@@ -28,6 +28,13 @@ def test_floor_lam_matches_the_callback_floor():
         assert lr_floor(sweep.floor_lam(steps, multiplier), steps, 0.05) == pytest.approx(eta)
 
 
+def test_method_callbacks_passes_the_control_threshold():
+    cfg = dict(method="dwf-target-d3", depth=3, target=0.98, recovery=0.5, factor_lr_multiplier=10.0)
+    assert sweep.method_callbacks(dict(cfg, control_threshold="auto"))[0].control_threshold is None  # the callback's default
+    assert sweep.method_callbacks(dict(cfg, control_threshold=1e-3))[0].control_threshold == 1e-3
+    assert sweep.method_callbacks(cfg)[0].control_threshold is None
+
+
 def test_retire_stale_moves_old_recipe_rows(tmp_path):
     path = tmp_path / "full.jsonl"
     rows = [dict(config=dict(dataset="d", model="m", method="dense")), dict(config=dict(dataset="d", model="m", method="old")),
@@ -89,9 +96,11 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
 
     args = argparse.Namespace(dataset="fashion-mnist", model="lenet300", epochs=None, seed=1, depth=3, target=0.98, lam=None,
                               factor_lr_multiplier=10.0, factor_lr_warmup=0.1, recovery=0.5, controller_gain=0.0, init="dwf",
-                              controller_max_step=None, model_pruning=False)
+                              controller_max_step=None, control_threshold=None, model_pruning=False)
     cfg = probe.config(args)
     assert cfg["method"] == "dwf-target-d3" and cfg["epochs"] == 20 and cfg["controller_gain"] == 0.0 and "controller_max_step" not in cfg
+    assert cfg["control_threshold"] == "auto"  # the callback's default, recorded as such
+    assert probe.config(argparse.Namespace(**{**vars(args), "control_threshold": 1e-2}))["control_threshold"] == 1e-2
     assert probe.config(argparse.Namespace(**{**vars(args), "model_pruning": True}))["method"] == "model-pruning"
     rows = [dict(config=dict(cfg, seed=s), results=dict(acc=a, compression_ratio=50.0)) for s, a in ((0, 0.88), (1, 0.89))]
     rows.append(dict(config=dict(cfg, factor_lr_multiplier=20.0), results=dict(acc=None, compression_ratio=None)))

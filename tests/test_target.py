@@ -13,26 +13,26 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_dwf import DWFCallback
-from lightning_dwf.controller import SparsityController
+from lightning_dwf.controller import SparsityController, default_control_threshold
 from lightning_dwf.factorize import factorize_, factorized_tensors
 from lightning_dwf.support import fix_support_, support_threshold
 
 
 def test_reference_schedule_warmup_ramp_recovery():
-    c = SparsityController(target=0.9, total_steps=1000, lam=1e-3)
+    c = SparsityController(target=0.9, total_steps=1000, lam=1e-3, threshold=1e-3)
     assert c.reference(50) == 0.0 and c.reference(100) == 0.0
     assert 0 < c.reference(200) < c.reference(400) < 0.9
     assert c.reference(500) == pytest.approx(0.9) and c.reference(1000) == pytest.approx(0.9)
 
 
 def test_controller_moves_lam_toward_the_schedule():
-    c = SparsityController(target=0.9, total_steps=1000, lam=1e-3, lam_min=1e-6, lam_max=1.0)
+    c = SparsityController(target=0.9, total_steps=1000, lam=1e-3, threshold=1e-3, lam_min=1e-6, lam_max=1.0)
     assert c.update(50, 0.0) == 1e-3  # warm-up: untouched
     up = c.update(400, 0.5)  # too dense -> λ rises, by at most max_step
     assert 1e-3 < up <= 1e-3 * math.exp(c.max_step) + 1e-12
     down = c.update(400, 0.99)  # too sparse -> λ falls, faster than it rose
     assert math.log(up / down) > math.log(up / 1e-3)
-    clone = SparsityController(target=0.5, total_steps=1000, lam=1.0)
+    clone = SparsityController(target=0.5, total_steps=1000, lam=1.0, threshold=1e-3)
     clone.load_state_dict(c.state_dict())
     assert clone == c
     assert not c.recovery_due(499) and c.recovery_due(500)
@@ -78,11 +78,21 @@ def test_fixed_support_stays_exactly_zero(optimizer):
         assert bool((t.product()[~m] != 0).all())  # the survivors still train
 
 
+class WeightRMS(Callback):
+    """Records the RMS of all factorized weights at train start (what the default control threshold scales with)."""
+
+    def on_train_start(self, trainer, pl_module):
+        weights = [t.product().detach() for t in factorized_tensors(pl_module)]
+        self.rms = math.sqrt(sum(float(w.pow(2).sum()) for w in weights) / sum(w.numel() for w in weights))
+        self.steps = int(trainer.estimated_stepping_batches)
+
+
 def test_reaches_the_target_and_logs_the_controller(tmp_path):
-    dwf = DWFCallback(depth=3, target_sparsity=0.98, verbose=False)
+    dwf, rms = DWFCallback(depth=3, target_sparsity=0.98, verbose=False), WeightRMS()
     logger = CSVLogger(tmp_path)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf], logger=logger, enable_checkpointing=False))
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf, rms], logger=logger, enable_checkpointing=False))
     trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
+    assert dwf.resolved_control_threshold == pytest.approx(default_control_threshold(rms.rms, rms.steps))
     assert abs(dwf.final_report.sparsity - 0.98) <= 0.005
     assert dwf.final_report.threshold == dwf.threshold  # the recovery phase kept exact zeros: no cut at fit end
     assert trainer.callback_metrics["val_acc"] > 0.85
@@ -98,6 +108,24 @@ def test_low_targets_and_no_recovery_end_exactly_at_the_target(tmp_path, target,
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False))
     trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
     assert abs(dwf.final_report.sparsity - target) <= 0.005
+
+
+def test_default_control_threshold_is_deeper_for_longer_runs():
+    assert default_control_threshold(0.05, 20_000) == pytest.approx(0.05 * 0.02)  # long run: the deep threshold
+    assert default_control_threshold(0.05, 1_000) == pytest.approx(0.05 * 0.25)  # short run: capped
+    assert default_control_threshold(0.05, 2_000) == pytest.approx(0.05 * 0.08)  # in between: ∝ 1/steps²
+    assert default_control_threshold(0.1, 2_000) == pytest.approx(2 * default_control_threshold(0.05, 2_000))
+    steps = [500, 1_500, 2_000, 3_000, 6_000]
+    values = [default_control_threshold(0.05, n) for n in steps]
+    assert values == sorted(values, reverse=True)
+
+
+def test_explicit_control_threshold_is_used(tmp_path):
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, control_threshold=2e-3, verbose=False)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(ToyModel(lr=0.3, momentum=0.9, n=512))
+    assert dwf.resolved_control_threshold == 2e-3
+    with pytest.raises(ValueError, match="control_threshold"):
+        DWFCallback(target_sparsity=0.9, control_threshold=0.0)
 
 
 def test_target_compression_is_the_same_dial():
@@ -130,12 +158,14 @@ def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
     run(True, "part")
     resumed, dwf_resumed = run(False, "part", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
     assert dwf_resumed.lam == dwf_full.lam
+    # the default control threshold depends on the weights at the start: a resume keeps the one the run started with
+    assert dwf_resumed.resolved_control_threshold == dwf_full.resolved_control_threshold
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
 
 
 def test_unreachable_target_is_refused_early(tmp_path):
     with pytest.raises(MisconfigurationException, match="cannot be reached in"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[DWFCallback(depth=3, target_sparsity=0.9)])).fit(ToyModel(lr=1e-4))
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[DWFCallback(depth=3, target_sparsity=0.9, control_threshold=1e-3)])).fit(ToyModel(lr=1e-4))
     with pytest.raises(MisconfigurationException, match="at least 50 optimizer steps"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, target_sparsity=0.9)])).fit(ToyModel())
