@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -87,11 +88,13 @@ class WeightRMS(Callback):
         self.steps = int(trainer.estimated_stepping_batches)
 
 
-def test_reaches_the_target_and_logs_the_controller(tmp_path):
+def test_reaches_the_target_and_logs_the_controller(tmp_path, caplog):
     dwf, rms = DWFCallback(depth=3, target_sparsity=0.98, verbose=False), WeightRMS()
     logger = CSVLogger(tmp_path)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf, rms], logger=logger, enable_checkpointing=False))
-    trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
+    with caplog.at_level(logging.INFO):
+        trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
+    assert "sparsity pattern fixed. The penalty had brought" in caplog.text and "below the control threshold" in caplog.text
     assert dwf.resolved_control_threshold == pytest.approx(default_control_threshold(rms.rms, rms.steps))
     assert abs(dwf.final_report.sparsity - 0.98) <= 0.005
     assert dwf.final_report.threshold == dwf.threshold  # the recovery phase kept exact zeros: no cut at fit end
