@@ -298,11 +298,11 @@ class DWFCallback(Callback):
                 "λ: set max_epochs or max_steps."
             )
         steps = int(total)
-        control = self.control_threshold or default_control_threshold(rms, steps)
+        control = self.control_threshold or max(default_control_threshold(rms, steps), self.threshold)  # > 0 even for zero weights
         if self._controller_state:  # resuming: the threshold the run started with (the default depends on the weights)
             control = float(self._controller_state.get("threshold", control))
         etas = [eta for _, _, eta in factor_learning_rates(trainer.optimizers, factor_parameters(pl_module), self.factor_lr_multiplier)]
-        decades = max(math.log(scale / control), 1.0)
+        decades = max(math.log(max(scale, control) / control), 1.0)
         lam0 = decades / (min(etas) * steps)  # the LR floor solved for λ: small weights just reach the control threshold
         lam_max = 0.05 * self.depth / (2 * max(etas))  # keeps the penalty shrink 2·lr·λ/D <= 5 % per step
         # start well below the floor: at the floor every weight the loss does not support dies, i.e. maximal sparsity

@@ -172,3 +172,14 @@ def test_unreachable_target_is_refused_early(tmp_path):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[DWFCallback(depth=3, target_sparsity=0.9, control_threshold=1e-3)])).fit(ToyModel(lr=1e-4))
     with pytest.raises(MisconfigurationException, match="at least 50 optimizer steps"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, target_sparsity=0.9)])).fit(ToyModel())
+
+
+def test_all_zero_weights_do_not_break_the_default_control_threshold(tmp_path):
+    """Weights of RMS 0 (a zero pretrained model) give a positive control threshold instead of a log(0) crash."""
+    model = ToyModel(lr=0.3, momentum=0.9, n=512)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, init="balanced", verbose=False)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+    assert dwf.resolved_control_threshold == dwf.threshold and dwf.final_report.sparsity == 1.0
