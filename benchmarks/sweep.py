@@ -249,10 +249,11 @@ def main() -> None:
         data = load_dataset(dataset, args.data_dir)
         for model in args.models or MODES[mode]["models"]:
             dense_net = None
-            retire_stale(path, done, dataset, model, {key(cfg) for cfg in configs(mode, dataset, model, data)})
-            todo = [cfg for cfg in configs(mode, dataset, model, data) if key(cfg) not in done]
+            planned = configs(mode, dataset, model, data)
+            retire_stale(path, done, dataset, model, {key(cfg) for cfg in planned})
+            todo = [cfg for cfg in planned if key(cfg) not in done]
             needs_dense = any(cfg["method"].startswith("oneshot") for cfg in todo)
-            for cfg in configs(mode, dataset, model, data):
+            for cfg in planned:
                 if key(cfg) in done and not (cfg["method"] == "dense" and needs_dense):
                     continue
                 method = cfg["method"]

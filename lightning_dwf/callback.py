@@ -299,8 +299,6 @@ class DWFCallback(Callback):
             )
         steps = int(total)
         control = self.control_threshold or max(default_control_threshold(rms, steps), self.threshold)  # > 0 even for zero weights
-        if self._controller_state:  # resuming: the threshold the run started with (the default depends on the weights)
-            control = float(self._controller_state.get("threshold", control))
         etas = [eta for _, _, eta in factor_learning_rates(trainer.optimizers, factor_parameters(pl_module), self.factor_lr_multiplier)]
         decades = max(math.log(max(scale, control) / control), 1.0)
         lam0 = decades / (min(etas) * steps)  # the LR floor solved for λ: small weights just reach the control threshold
@@ -318,11 +316,11 @@ class DWFCallback(Callback):
                 f"lr {max(etas):.3g} only allows λ <= {lam_max:.3g} before the penalty step becomes unstable. Train at least "
                 f"{math.ceil(steps * needed / lam_max)} steps, or shorten the recovery phase (recovery={self.recovery:g})."
             )
-        if self._controller_state:  # resuming
+        if self._controller_state:  # resuming: λ, phase and the threshold the run started with (the default depends on the weights)
             controller.load_state_dict(self._controller_state)
         self._controller = controller
         self._control_interval = max(1, steps // 200)
-        self.resolved_control_threshold = control
+        self.resolved_control_threshold = controller.threshold
         self._set_lam(controller.lam)
         if not self._controller_state:
             rank_zero_info(
@@ -345,7 +343,7 @@ class DWFCallback(Callback):
         not warned about.
         """
         assert self._controller is not None
-        control = self._controller.threshold
+        control = self._control_threshold
         reached = sparsity_report(pl_module, control).sparsity
         threshold = self._support_threshold(pl_module)
         zeroed = fix_support_(pl_module, threshold, trainer.optimizers)
@@ -375,10 +373,8 @@ class DWFCallback(Callback):
 
     @property
     def _control_threshold(self) -> float:
-        """The controller's threshold (resolved at train start), else the user's ``control_threshold`` or ``threshold``."""
-        if self._controller is not None:
-            return self._controller.threshold
-        return self.control_threshold or self.threshold
+        """The control threshold resolved at train start, else the user's ``control_threshold`` or ``threshold``."""
+        return self.resolved_control_threshold or self.control_threshold or self.threshold
 
     # --------------------------------------------------------------- training
     @override
