@@ -58,6 +58,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         return dict(cfg, method=f"dwf-d{args.depth}", lam=args.lam)
     cfg.update(method=f"dwf-target-d{args.depth}", target=args.target, recovery=args.recovery)
     cfg["control_threshold"] = "auto" if args.control_threshold is None else args.control_threshold
+    cfg["recovery_lr_warmup"] = True  # rows without the key ran before the factor LR warm-up was repeated at the recovery point
     for name in ("controller_gain", "controller_max_step"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
@@ -80,7 +81,7 @@ def table() -> str:
         mean = f"{100 * sum(ok) / len(ok):.2f}" if len(ok) == len(accs) else "diverged"
         default_epochs = sweep.MODES["full"]["epochs"][c["dataset"]][c["model"]]
         other = ", ".join([c["model"]] * (c["model"] != "lenet300") + [f"{c['epochs']} epochs"] * (c["epochs"] != default_epochs)
-                          + [f"{k}={c[k]}" for k in ("init", "controller_gain", "controller_max_step", "control_threshold") if k in c])
+                          + [f"{k}={c[k]}" for k in ("init", "controller_gain", "controller_max_step", "control_threshold", "recovery_lr_warmup") if k in c])
         crs = [r["results"]["compression_ratio"] for r in rows if r["results"]["acc"] is not None]
         cr = f"{sum(crs) / len(crs):.1f}" if crs else "—"
         per_seed = " / ".join("NaN" if a is None else f"{100 * a:.2f}" for a in accs)

@@ -94,6 +94,8 @@ class DWFCallback(Callback):
             learning rates than dense training; this leaves the other parameters' LR alone).
         factor_lr_warmup: fraction of the planned run over which the multiplier ramps linearly from 1 to
             ``factor_lr_multiplier`` (0: no ramp). Large factor LRs diverge in the first steps without it (measured).
+            Target mode repeats the ramp when it fixes the sparsity pattern: the cut makes the loss jump, and at the
+            full multiplier the largest weights (effective LR ∝ |w|^(2−2/D)) diverged there (README, D = 4).
         lr_check: at train start, compare the factor LR with the floor needed to reach exact zeros in
             the planned steps: ``"warn"`` (default), ``"error"`` or ``"off"``. An LR at which the
             penalty alone diverges is always an error.
@@ -347,12 +349,13 @@ class DWFCallback(Callback):
         reached = sparsity_report(pl_module, control).sparsity
         threshold = self._support_threshold(pl_module)
         zeroed = fix_support_(pl_module, threshold, trainer.optimizers)
-        self._controller.start_recovery()
+        self._controller.start_recovery(trainer.global_step)
         self._set_lam(self._controller.lam)
         rank_zero_info(
             f"DWFCallback: step {trainer.global_step}: sparsity pattern fixed. The penalty had brought {reached:.1%} of the weights "
             f"below the control threshold {control:.3g}; the {self.target_sparsity:.1%} smallest ({zeroed} weights, |w| < "
-            f"{threshold:.3g}) are now exactly 0. λ = 0 for the remaining {self.recovery:.0%} of the run."
+            f"{threshold:.3g}) are now exactly 0. λ = 0 for the remaining {self.recovery:.0%} of the run"
+            + (f"; the factor LR multiplier ramps up again over {self.factor_lr_warmup:.0%} of it." if self.factor_lr_warmup else ".")
         )
 
     def _set_lam(self, lam: float) -> None:
@@ -385,11 +388,15 @@ class DWFCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Ramp the factor LR multiplier during ``factor_lr_warmup`` (a function of the step, so resume is exact)."""
+        """Ramp the factor LR multiplier during ``factor_lr_warmup``, from the start and again from the recovery point.
+
+        A function of the step (and of the recovery step, saved with the controller), so resume is exact.
+        """
         if self._penalty is None or not self.factor_lr_warmup:
             return
         total = trainer.estimated_stepping_batches
-        progress = trainer.global_step / (self.factor_lr_warmup * total) if math.isfinite(total) else 1.0
+        start = self._controller.recovery_step if self._controller is not None and self._controller.recovering else 0
+        progress = (trainer.global_step - start) / (self.factor_lr_warmup * total) if math.isfinite(total) else 1.0
         self._penalty.lr_multiplier = 1.0 + (self.factor_lr_multiplier - 1.0) * min(1.0, progress)
 
     @override

@@ -9,7 +9,9 @@ the README). :class:`SparsityController` instead treats λ as the actuator of a 
   magnitude pruning, ``s_ref = target·(1 − (1 − p)^3)``;
 * recovery (the rest, from ``ramp_end``): the callback fixes the support at exactly the target sparsity
   (:func:`lightning_dwf.support.fix_support_`) and λ drops to 0, so the surviving weights recover accuracy
-  without the penalty's shrinkage (measured gain in the README).
+  without the penalty's shrinkage (measured gain in the README). The callback repeats its factor LR warm-up
+  from there: the cut makes the loss jump, and the largest weights, whose effective LR grows like |w|^(2−2/D),
+  diverged at the full factor LR (README, D = 4).
 
 Every ``interval`` steps λ is multiplied by ``exp(gain·e)`` with ``e = ln((1 − s)/(1 − s_ref))``, the
 log-ratio of measured to wanted density (an integral controller in log λ; it lowers λ four times faster
@@ -71,6 +73,8 @@ class SparsityController:
         gain: step size of the log-λ integrator. max_step: bound on ``|Δ ln λ|`` per update.
         lam_min, lam_max: bounds on λ (relative factors of λ0 are set by the callback).
         recovering: whether the recovery phase has started (support fixed, λ = 0).
+        recovery_step: the optimizer step at which it started (-1 before); the callback restarts the factor LR
+            warm-up there.
     """
 
     target: float
@@ -84,6 +88,7 @@ class SparsityController:
     lam_min: float = 0.0
     lam_max: float = math.inf
     recovering: bool = False
+    recovery_step: int = -1
 
     def reference(self, step: int) -> float:
         """The sparsity wanted after ``step`` optimizer steps."""
@@ -97,9 +102,9 @@ class SparsityController:
         """Whether the recovery phase should start after ``step`` optimizer steps (it starts once)."""
         return not self.recovering and step >= self.ramp_end * self.total_steps
 
-    def start_recovery(self) -> None:
-        """Enter the recovery phase: λ = 0 from now on (the caller fixes the support)."""
-        self.recovering, self.lam = True, 0.0
+    def start_recovery(self, step: int) -> None:
+        """Enter the recovery phase after ``step`` optimizer steps: λ = 0 from now on (the caller fixes the support)."""
+        self.recovering, self.lam, self.recovery_step = True, 0.0, step
 
     def update(self, step: int, sparsity: float) -> float:
         """Move λ toward the schedule given the measured ``sparsity``; returns the new λ."""

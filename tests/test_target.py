@@ -37,10 +37,10 @@ def test_controller_moves_lam_toward_the_schedule():
     clone.load_state_dict(c.state_dict())
     assert clone == c
     assert not c.recovery_due(499) and c.recovery_due(500)
-    c.start_recovery()
-    assert c.lam == 0.0 and c.update(800, 0.5) == 0.0 and not c.recovery_due(900)
+    c.start_recovery(500)
+    assert c.recovery_step == 500 and c.lam == 0.0 and c.update(800, 0.5) == 0.0 and not c.recovery_due(900)
     clone.load_state_dict(c.state_dict())
-    assert clone.recovering and clone.lam == 0.0
+    assert clone.recovering and clone.lam == 0.0 and clone.recovery_step == 500
 
 
 def test_support_threshold_closes_the_gap_both_ways():
@@ -149,11 +149,11 @@ def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
 
     def run(stop, root, ckpt_path=None):
         torch.manual_seed(0)
-        dwf = DWFCallback(depth=3, target_sparsity=0.95, recovery=0.4, verbose=False)
+        dwf = DWFCallback(depth=3, target_sparsity=0.95, recovery=0.4, factor_lr_multiplier=2.0, factor_lr_warmup=0.2, verbose=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
         callbacks = [dwf, ckpt] + ([StopAfter()] if stop else [])
         trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=10, callbacks=callbacks))
-        model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=160, n=512)
+        model = ToyModel(lr=0.15, momentum=0.9, scheduler=True, t_max=160, n=512)  # factors: 0.3 after the warm-up
         trainer.fit(model, ckpt_path=ckpt_path)
         return model, dwf
 
@@ -165,6 +165,28 @@ def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
     assert dwf_resumed.resolved_control_threshold == dwf_full.resolved_control_threshold
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_factor_lr_warmup_restarts_when_the_support_is_fixed(tmp_path):
+    """The cut at the recovery point makes the loss jump: the factor LR multiplier ramps up from 1 again."""
+
+    class Multipliers(Callback):
+        def __init__(self, dwf):
+            self.dwf, self.seen, self.cut = dwf, {}, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen[trainer.global_step] = self.dwf._penalty.lr_multiplier
+            self.cut = self.dwf._controller.recovery_step
+
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, recovery=0.5, factor_lr_multiplier=4.0, factor_lr_warmup=0.1, verbose=False)
+    record = Multipliers(dwf)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf, record], enable_checkpointing=False))
+    trainer.fit(ToyModel(lr=0.075, momentum=0.9, scheduler=True, n=512))  # factors: 0.3 after the warm-up
+    total, cut, ramp = int(trainer.estimated_stepping_batches), record.cut, int(0.1 * trainer.estimated_stepping_batches)
+    assert cut == int(0.5 * total)
+    assert record.seen[0] == 1.0 and record.seen[ramp] == 4.0 and record.seen[cut - 1] == 4.0
+    assert record.seen[cut] == 1.0  # first step after the cut
+    assert 1.0 < record.seen[cut + ramp // 2] < 4.0 and record.seen[cut + ramp] == 4.0 and record.seen[total - 1] == 4.0
 
 
 def test_unreachable_target_is_refused_early(tmp_path):
