@@ -58,7 +58,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         return dict(cfg, method=f"dwf-d{args.depth}", lam=args.lam)
     cfg.update(method=f"dwf-target-d{args.depth}", target=args.target, recovery=args.recovery)
     cfg["control_threshold"] = "auto" if args.control_threshold is None else args.control_threshold
-    cfg["recovery_lr_warmup"] = True  # rows without the key ran before the factor LR warm-up was repeated at the recovery point
+    cfg.update(sweep.TARGET_RECIPE)
     for name in ("controller_gain", "controller_max_step"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)

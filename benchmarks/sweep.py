@@ -62,6 +62,9 @@ LR, MOMENTUM, FINETUNE_LR, SEED = 0.1, 0.9, 0.01, 0
 #: settings not retuned keep the first sweep's 5 without a ramp.
 FACTOR_LR_MULTIPLIER = {("fashion-mnist", "lenet300"): 10.0, ("fashion-mnist", "cnn-bn"): 10.0, "default": 5.0}
 FACTOR_LR_WARMUP = {("fashion-mnist", "lenet300"): 0.1, ("fashion-mnist", "cnn-bn"): 0.1, "default": 0.0}
+#: Marks target-mode rows (sweep and probe) run since the factor LR warm-up is repeated at the recovery point; older rows
+#: lack it, so the sweep retires them.
+TARGET_RECIPE = dict(recovery_lr_warmup=True)
 
 
 def floor_lam(steps: int, multiplier: float, init_std: float = 0.05) -> float:
@@ -191,11 +194,10 @@ def configs(mode: str, dataset: str, model: str, data: ImageData) -> list[dict]:
     for depth in spec["depths"]:
         for k in spec["lam_multiples"].get((dataset, model), spec["lam_multiples"]["default"]):
             out.append(dict(base, method=f"dwf-d{depth}", depth=depth, lam=float(f"{lam0 * k:.3g}"), threshold=DEFAULT_THRESHOLD, **factor_lr))
-    # recovery_lr_warmup marks rows run since the factor LR warm-up is repeated at the recovery point (older rows retire)
     for depth in spec["target_runs"].get((dataset, model), ()):
         for target in spec["targets"]:
             out.append(dict(base, method=f"dwf-target-d{depth}", depth=depth, target=target, recovery=default_recovery(target),
-                            control_threshold="auto", recovery_lr_warmup=True, **factor_lr))
+                            control_threshold="auto", **TARGET_RECIPE, **factor_lr))
     for target in spec["targets"]:
         out.append(dict(base, method="model-pruning", target=target))
         out.append(dict(base, method="oneshot", target=target, finetune_epochs=0))

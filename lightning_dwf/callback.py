@@ -395,7 +395,7 @@ class DWFCallback(Callback):
         if self._penalty is None or not self.factor_lr_warmup:
             return
         total = trainer.estimated_stepping_batches
-        start = self._controller.recovery_step if self._controller is not None and self._controller.recovering else 0
+        start = max(self._controller.recovery_step, 0) if self._controller is not None else 0  # -1 before recovery
         progress = (trainer.global_step - start) / (self.factor_lr_warmup * total) if math.isfinite(total) else 1.0
         self._penalty.lr_multiplier = 1.0 + (self.factor_lr_multiplier - 1.0) * min(1.0, progress)
 

@@ -72,9 +72,8 @@ class SparsityController:
         warmup: fraction of the run before the ramp starts. ramp_end: fraction at which ``s_ref = target``.
         gain: step size of the log-λ integrator. max_step: bound on ``|Δ ln λ|`` per update.
         lam_min, lam_max: bounds on λ (relative factors of λ0 are set by the callback).
-        recovering: whether the recovery phase has started (support fixed, λ = 0).
-        recovery_step: the optimizer step at which it started (-1 before); the callback restarts the factor LR
-            warm-up there.
+        recovery_step: the optimizer step at which the recovery phase (support fixed, λ = 0) started, -1 before it;
+            the callback restarts the factor LR warm-up there.
     """
 
     target: float
@@ -87,8 +86,12 @@ class SparsityController:
     max_step: float = 0.05
     lam_min: float = 0.0
     lam_max: float = math.inf
-    recovering: bool = False
     recovery_step: int = -1
+
+    @property
+    def recovering(self) -> bool:
+        """Whether the recovery phase has started."""
+        return self.recovery_step >= 0
 
     def reference(self, step: int) -> float:
         """The sparsity wanted after ``step`` optimizer steps."""
@@ -104,7 +107,7 @@ class SparsityController:
 
     def start_recovery(self, step: int) -> None:
         """Enter the recovery phase after ``step`` optimizer steps: λ = 0 from now on (the caller fixes the support)."""
-        self.recovering, self.lam, self.recovery_step = True, 0.0, step
+        self.lam, self.recovery_step = 0.0, step
 
     def update(self, step: int, sparsity: float) -> float:
         """Move λ toward the schedule given the measured ``sparsity``; returns the new λ."""
@@ -123,7 +126,12 @@ class SparsityController:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore λ and the settings; ``total_steps`` stays that of the current run (it may plan more epochs)."""
+        """Restore λ and the settings; ``total_steps`` stays that of the current run (it may plan more epochs).
+
+        A state saved before ``recovery_step`` existed has ``recovering`` instead; it resumes with the warm-up done.
+        """
         for key, value in state.items():
-            if key != "total_steps":
+            if key not in ("total_steps", "recovering"):
                 setattr(self, key, value)
+        if state.get("recovering") and "recovery_step" not in state:
+            self.recovery_step = 0
