@@ -30,6 +30,48 @@ def small_cnn_bn(num_classes: int = 10) -> nn.Module:
 MODELS = {"lenet300": lenet_300_100, "lenet5": lenet_5, "cnn-bn": small_cnn_bn}
 
 
+def vgg11_bn_cifar(num_classes: int = 10) -> nn.Module:
+    """VGG-11 with BatchNorm for 3×32×32 inputs (9.2 M weights; the CIFAR variant: one linear classifier)."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+        if width == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(channels, int(width), 3, padding=1, bias=False), nn.BatchNorm2d(int(width)), nn.ReLU()]
+            channels = int(width)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """ResNet-18 for 3×32×32 inputs (11.2 M weights; the CIFAR variant: 3×3 stem, no max-pool)."""
+    blocks: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        blocks += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
+
+
+#: CIFAR-shaped networks for the overhead benchmark on a GPU (synthetic 3×32×32 inputs; no CIFAR data offline).
+CIFAR_MODELS = {"vgg11-bn": vgg11_bn_cifar, "resnet18": resnet18_cifar}
+#: Input shape (channels, height, width) of every benchmark network.
+INPUT_SHAPES = {**{name: (1, 28, 28) for name in MODELS}, **{name: (3, 32, 32) for name in CIFAR_MODELS}}
+
+
 class Classifier(LightningModule):
     """Any :data:`MODELS` network, SGD with momentum and a per-step cosine schedule (the same for every method)."""
 

@@ -27,6 +27,8 @@ from lightning_dwf import DWFCallback
 from lightning_dwf.datasets import load_dataset
 
 PATH = sweep.RESULTS / "probes.jsonl"
+#: Config keys the table shows under "other" when a row has them.
+OTHER_KEYS = ("accelerator", "precision", "init", "controller_gain", "controller_max_step", "control_threshold", "recovery_lr_warmup")
 
 
 class _TunedController(DWFCallback):
@@ -49,6 +51,10 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or sweep.MODES["full"]["epochs"][args.dataset][args.model]
     cfg: dict[str, Any] = dict(dataset=args.dataset, model=args.model, epochs=epochs, batch_size=sweep.BATCH_SIZE[args.dataset],
                                lr=sweep.LR, momentum=sweep.MOMENTUM, seed=args.seed)
+    if args.accelerator != "cpu":
+        cfg["accelerator"] = args.accelerator
+    if args.precision != "32-true":
+        cfg["precision"] = args.precision
     if args.model_pruning:
         return dict(cfg, method="model-pruning", target=args.target)
     cfg.update(depth=args.depth, factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup)
@@ -65,10 +71,10 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: dict[str, Any], data_dir: str | None = None) -> dict[str, Any]:
     tuned = {k: cfg[k] for k in ("controller_gain", "controller_max_step") if k in cfg}
     callbacks = sweep.method_callbacks(cfg, _TunedController, **tuned) if tuned else sweep.method_callbacks(cfg)
-    return sweep.train_and_measure(cfg, load_dataset(cfg["dataset"]), callbacks)
+    return sweep.train_and_measure(cfg, load_dataset(cfg["dataset"], data_dir), callbacks)
 
 
 def table() -> str:
@@ -81,7 +87,7 @@ def table() -> str:
         mean = f"{100 * sum(ok) / len(ok):.2f}" if len(ok) == len(accs) else "diverged"
         default_epochs = sweep.MODES["full"]["epochs"][c["dataset"]][c["model"]]
         other = ", ".join([c["model"]] * (c["model"] != "lenet300") + [f"{c['epochs']} epochs"] * (c["epochs"] != default_epochs)
-                          + [f"{k}={c[k]}" for k in ("init", "controller_gain", "controller_max_step", "control_threshold", "recovery_lr_warmup") if k in c])
+                          + [f"{k}={c[k]}" for k in OTHER_KEYS if k in c])
         crs = [r["results"]["compression_ratio"] for r in rows if r["results"]["acc"] is not None]
         cr = f"{sum(crs) / len(crs):.1f}" if crs else "—"
         per_seed = " / ".join("NaN" if a is None else f"{100 * a:.2f}" for a in accs)
@@ -106,6 +112,9 @@ def main() -> None:
     parser.add_argument("--controller-gain", type=float, default=None, help="override the λ controller's gain (0: λ stays at its start value)")
     parser.add_argument("--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update")
     parser.add_argument("--control-threshold", type=float, default=None, help="DWFCallback(control_threshold=...) (default: the callback's)")
+    parser.add_argument("--accelerator", default="cpu", help="Trainer(accelerator=...): the sweep's rows are CPU runs")
+    parser.add_argument("--precision", default="32-true", help="Trainer(precision=...), e.g. 16-mixed on a GPU")
+    parser.add_argument("--data-dir", default=None, help="where the dataset files are (default: the loader's search path)")
     parser.add_argument("--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF")
     parser.add_argument("--table", action="store_true", help="print the probes recorded so far and exit")
     args = parser.parse_args()
@@ -115,7 +124,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = config(args)
-    results = run(cfg)
+    results = run(cfg, args.data_dir)
     row = dict(config=cfg, results=results, versions=dict(torch=torch.__version__, lightning=lightning.__version__),
                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     PATH.parent.mkdir(parents=True, exist_ok=True)

@@ -78,9 +78,9 @@ def loader(data: ImageData, batch_size: int, seed: int = SEED) -> DataLoader:
     return DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=batch_size, shuffle=True, generator=g)
 
 
-def trainer(epochs: int, callbacks: list) -> Trainer:
-    return Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+def trainer(epochs: int, callbacks: list, accelerator: str = "cpu", precision: str = "32-true") -> Trainer:
+    return Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, precision=precision, callbacks=callbacks, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
 
 
 def prunable(net: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -128,7 +128,8 @@ def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifie
     seed_everything(seed, verbose=False)
     module = Classifier(cfg["model"], lr=LR, momentum=MOMENTUM, num_classes=data.num_classes)
     start = time.perf_counter()
-    trainer(cfg["epochs"], callbacks).fit(module, loader(data, cfg["batch_size"], seed))
+    # the sweep runs on CPU in float32; a probe may name another accelerator / precision (rows then carry the keys)
+    trainer(cfg["epochs"], callbacks, cfg.get("accelerator", "cpu"), cfg.get("precision", "32-true")).fit(module, loader(data, cfg["batch_size"], seed))
     return module, time.perf_counter() - start
 
 

@@ -27,11 +27,19 @@ class RankAgreement(Callback):
         dist.all_gather(all_sparsity, sparsity)
         assert all(torch.equal(all_sparsity[0], s) for s in all_sparsity)
 
+    def teardown(self, trainer, pl_module, stage):
+        # Lightning leaves a gloo process group to interpreter shutdown (it only registers the cleanup for NCCL), where
+        # tearing down its threads occasionally aborted a spawned rank after fit ("terminate called without an active
+        # exception", SIGABRT, about 1 run in 18): destroy it here, after the last collective of fit.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 @pytest.mark.parametrize("mode", ["lam", "target"])
 def test_ddp_spawn_two_processes(tmp_path, mode):
     """Factors, logged metrics and (target mode) the controller's λ agree on both ranks; the parent gets the collapsed model."""
-    model = ToyModel(lr=0.3, momentum=0.9, n=1024)
+    model = ToyModel(lr=0.3 if mode == "lam" else 0.1, momentum=0.9, n=1024)  # target mode diverges at 0.3 for most seeds
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     kwargs = dict(lam=0.02, lr_check="off") if mode == "lam" else dict(target_sparsity=0.9, recovery=0.4)
     dwf = DWFCallback(depth=3, verbose=False, **kwargs)
@@ -88,4 +96,4 @@ def test_ddp_subprocess_two_processes(tmp_path):
     paths = glob.glob(os.path.join(root, "**", "dwf-collapsed.ckpt*"), recursive=True)
     assert paths == [ranks[0]["path"]]
     loaded = ToyModel.load_from_checkpoint(paths[0])
-    assert float(loaded.net[0].weight.abs().sum()) == pytest.approx(ranks[0]["weight_sum"])
+    assert float(loaded.net[0].weight.detach().abs().sum()) == pytest.approx(ranks[0]["weight_sum"])

@@ -93,7 +93,8 @@ def test_reaches_the_target_and_logs_the_controller(tmp_path, caplog):
     logger = CSVLogger(tmp_path)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf, rms], logger=logger, enable_checkpointing=False))
     with caplog.at_level(logging.INFO):
-        trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
+        # lr 0.1: at 0.3 this toy task sits at the factors' stability edge (seeds 1-5: 2 of 5 diverged, 3 ended below 85 %)
+        trainer.fit(ToyModel(lr=0.1, momentum=0.9, scheduler=True, n=512))
     assert "sparsity pattern fixed. The penalty had brought" in caplog.text and "below the control threshold" in caplog.text
     assert dwf.resolved_control_threshold == pytest.approx(default_control_threshold(rms.rms, rms.steps))
     assert abs(dwf.final_report.sparsity - 0.98) <= 0.005
