@@ -53,15 +53,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def loss_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
+    """The training loss, with the forward in bf16 autocast if ``amp`` (factors and the penalty stay float32)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        return nn.functional.cross_entropy(net(x), y)
+
+
 def train_steps(net, opt, penalty, x, y, steps: int, amp: bool = False) -> float:
-    """Seconds per training step (forward in bf16 autocast if ``amp``; factors and the penalty stay float32)."""
+    """Seconds per training step."""
     _sync(x.device.type)
     start = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
+        loss_of(net, x, y, amp).backward()
         if penalty is not None:
             penalty.before_step(opt)
         opt.step()
@@ -129,8 +133,8 @@ def training_memory_mb(model: str, config: str, batch_size: int, device: str = "
 
     params = list(net.parameters())
     seen.update(p.untyped_storage().data_ptr() for p in params)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = nn.functional.cross_entropy(net(x), y)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(net, x, y, amp)
     loss.backward()
     if penalty is not None:
         penalty.before_step(opt)

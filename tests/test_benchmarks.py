@@ -112,3 +112,34 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
     probe.PATH.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = probe.table()
     assert "| 88.00 / 89.00 | 88.50 | 50.0 |" in text and "| NaN | diverged | — |" in text and "controller_gain=0.0" in text
+
+
+def test_overhead_measures_every_depth():
+    """The overhead benchmark's row: counted memory grows with D, times are positive."""
+    import argparse
+
+    from benchmarks import overhead
+
+    row = overhead.measure_model("lenet300", argparse.Namespace(device="cpu", batch_size=2, rounds=1, steps=1), amp=False)
+    ratios = [row["memory_ratio"][c] for c in overhead.CONFIGS]
+    assert ratios[0] == 1.0 and ratios == sorted(ratios) and ratios[-1] > 1.1
+    assert all(t > 0 for t in row["step_seconds"].values()) and row["inference_ratio"] > 0
+
+
+@pytest.mark.parametrize("name", ["vgg11-bn", "resnet18"])
+def test_cifar_shaped_nets_factorize_and_collapse_exactly(name):
+    """The GPU overhead nets (nested blocks, shortcuts) factorize everywhere and collapse back to the same function."""
+    import torch
+
+    from benchmarks.models import CIFAR_MODELS, INPUT_SHAPES
+    from lightning_dwf import collapse_, factorize_
+
+    torch.manual_seed(0)
+    net = CIFAR_MODELS[name]().eval()
+    x = torch.randn(2, *INPUT_SHAPES[name])
+    with torch.no_grad():
+        before = net(x)
+        names = factorize_(net, 3, init="balanced")
+        assert len(names) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules())
+        collapse_(net)
+        torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)
