@@ -68,8 +68,9 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
 
 #: CIFAR-shaped networks for the overhead benchmark on a GPU (synthetic 3×32×32 inputs; no CIFAR data offline).
 CIFAR_MODELS = {"vgg11-bn": vgg11_bn_cifar, "resnet18": resnet18_cifar}
-#: Input shape (channels, height, width) of every benchmark network.
-INPUT_SHAPES = {**{name: (1, 28, 28) for name in MODELS}, **{name: (3, 32, 32) for name in CIFAR_MODELS}}
+#: Every benchmark network, and its input shape (channels, height, width).
+ALL_MODELS = {**MODELS, **CIFAR_MODELS}
+INPUT_SHAPES = {name: (1, 28, 28) if name in MODELS else (3, 32, 32) for name in ALL_MODELS}
 
 
 class Classifier(LightningModule):

@@ -24,14 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.models import CIFAR_MODELS, INPUT_SHAPES, MODELS
+from benchmarks.models import ALL_MODELS, INPUT_SHAPES, MODELS
 from lightning_dwf import FactorPenalty, collapse_, factor_parameters, factorize_
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("dense", "dwf-d2", "dwf-d3", "dwf-d4")
-
-
-ALL_MODELS = {**MODELS, **CIFAR_MODELS}
 
 
 def build(model: str, config: str, device: str = "cpu") -> tuple[nn.Module, torch.optim.Optimizer, FactorPenalty | None]:
@@ -48,8 +45,12 @@ def build(model: str, config: str, device: str = "cpu") -> tuple[nn.Module, torc
     return net, opt, penalty
 
 
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+    if _is_cuda(device):
         torch.cuda.synchronize(device)
 
 
@@ -150,7 +151,7 @@ def measure_model(model: str, args: argparse.Namespace, amp: bool) -> dict:
     infer = inference_times(model, args.batch_size, args.rounds, args.steps, device)
     mem = {c: training_memory_mb(model, c, args.batch_size, device, amp) for c in CONFIGS}
     return dict(model=model, batch_size=args.batch_size, device=device, amp="bf16" if amp else None,
-                device_name=torch.cuda.get_device_name(device) if device != "cpu" else "cpu",
+                device_name=torch.cuda.get_device_name(device) if _is_cuda(device) else "cpu",
                 step_seconds=steps, step_ratio={c: steps[c] / steps["dense"] for c in CONFIGS},
                 training_memory_mb=mem, memory_ratio={c: mem[c] / mem["dense"] for c in CONFIGS}, inference_seconds=infer,
                 inference_ratio=infer["dwf-collapsed"] / infer["dense"], torch=torch.__version__, threads=torch.get_num_threads())
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the CIFAR-shaped VGG-11 and ResNet-18)")
     parser.add_argument("--models", nargs="*", choices=sorted(ALL_MODELS), help="default: the MNIST nets on cpu, all on cuda")
     args = parser.parse_args()
-    cuda = args.device.startswith("cuda")
+    cuda = _is_cuda(args.device)
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here.")
     models = args.models or (list(ALL_MODELS) if cuda else list(MODELS))

@@ -51,10 +51,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or sweep.MODES["full"]["epochs"][args.dataset][args.model]
     cfg: dict[str, Any] = dict(dataset=args.dataset, model=args.model, epochs=epochs, batch_size=sweep.BATCH_SIZE[args.dataset],
                                lr=sweep.LR, momentum=sweep.MOMENTUM, seed=args.seed)
-    if args.accelerator != "cpu":
-        cfg["accelerator"] = args.accelerator
-    if args.precision != "32-true":
-        cfg["precision"] = args.precision
+    cfg.update({k: getattr(args, k) for k, default in sweep.DEVICE_DEFAULTS.items() if getattr(args, k) != default})
     if args.model_pruning:
         return dict(cfg, method="model-pruning", target=args.target)
     cfg.update(depth=args.depth, factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup)
@@ -112,8 +109,8 @@ def main() -> None:
     parser.add_argument("--controller-gain", type=float, default=None, help="override the λ controller's gain (0: λ stays at its start value)")
     parser.add_argument("--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update")
     parser.add_argument("--control-threshold", type=float, default=None, help="DWFCallback(control_threshold=...) (default: the callback's)")
-    parser.add_argument("--accelerator", default="cpu", help="Trainer(accelerator=...): the sweep's rows are CPU runs")
-    parser.add_argument("--precision", default="32-true", help="Trainer(precision=...), e.g. 16-mixed on a GPU")
+    parser.add_argument("--accelerator", default=sweep.DEVICE_DEFAULTS["accelerator"], help="Trainer(accelerator=...), e.g. gpu")
+    parser.add_argument("--precision", default=sweep.DEVICE_DEFAULTS["precision"], help="Trainer(precision=...), e.g. 16-mixed on a GPU")
     parser.add_argument("--data-dir", default=None, help="where the dataset files are (default: the loader's search path)")
     parser.add_argument("--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF")
     parser.add_argument("--table", action="store_true", help="print the probes recorded so far and exit")

@@ -57,6 +57,8 @@ MODES: dict[str, dict[str, Any]] = {
 }
 BATCH_SIZE = {"fashion-mnist": 256, "mnist": 256, "mnist-subset": 64}
 LR, MOMENTUM, FINETUNE_LR, SEED = 0.1, 0.9, 0.01, 0
+#: Where and in what precision the sweep trains; a probe row that differs carries the key (sweep rows never do).
+DEVICE_DEFAULTS = dict(accelerator="cpu", precision="32-true")
 #: factor_lr_multiplier per (dataset, model): 10 (effective factor LR 10 at lr 0.1, momentum 0.9), ramped up over the first
 #: 10 % of the run, where it was tuned (README: 1, 2, 5, 7 lose accuracy; 14 and 20 diverge without the ramp); the
 #: settings not retuned keep the first sweep's 5 without a ramp.
@@ -78,9 +80,11 @@ def loader(data: ImageData, batch_size: int, seed: int = SEED) -> DataLoader:
     return DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=batch_size, shuffle=True, generator=g)
 
 
-def trainer(epochs: int, callbacks: list, accelerator: str = "cpu", precision: str = "32-true") -> Trainer:
-    return Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, precision=precision, callbacks=callbacks, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+def trainer(epochs: int, callbacks: list, cfg: dict | None = None) -> Trainer:
+    """The Trainer every method runs in: ``cfg``'s accelerator/precision if it names them, else :data:`DEVICE_DEFAULTS`."""
+    device = {k: (cfg or {}).get(k, v) for k, v in DEVICE_DEFAULTS.items()}
+    return Trainer(devices=1, max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **device)
 
 
 def prunable(net: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -128,8 +132,7 @@ def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifie
     seed_everything(seed, verbose=False)
     module = Classifier(cfg["model"], lr=LR, momentum=MOMENTUM, num_classes=data.num_classes)
     start = time.perf_counter()
-    # the sweep runs on CPU in float32; a probe may name another accelerator / precision (rows then carry the keys)
-    trainer(cfg["epochs"], callbacks, cfg.get("accelerator", "cpu"), cfg.get("precision", "32-true")).fit(module, loader(data, cfg["batch_size"], seed))
+    trainer(cfg["epochs"], callbacks, cfg).fit(module, loader(data, cfg["batch_size"], seed))
     return module, time.perf_counter() - start
 
 
@@ -174,7 +177,7 @@ def oneshot(dense_net: nn.Module, cfg: dict, data: ImageData) -> tuple[dict, dic
     module.net = net
     seed_everything(SEED, verbose=False)
     start = time.perf_counter()
-    trainer(cfg["finetune_epochs"], []).fit(module, loader(data, cfg["batch_size"]))
+    trainer(cfg["finetune_epochs"], [], cfg).fit(module, loader(data, cfg["batch_size"]))
     for m, name in prunable(net):
         prune.remove(m, name)
     return no_ft, dict(measure(net, data), train_seconds=time.perf_counter() - start)
