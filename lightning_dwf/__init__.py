@@ -6,7 +6,7 @@ Plain-PyTorch mechanics (no Trainer needed): :func:`factorize_`, :func:`collapse
 """
 
 from lightning_dwf import functional
-from lightning_dwf.callback import DWFCallback, DWFLearningRateWarning
+from lightning_dwf.callback import DWFCallback, DWFDeadLayerWarning, DWFLearningRateWarning
 from lightning_dwf.collapse import collapse_, collapse_state_dict
 from lightning_dwf.factorize import (
     DEFAULT_LAYER_TYPES,
@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_LAYER_TYPES",
     "DEFAULT_THRESHOLD",
     "DWFCallback",
+    "DWFDeadLayerWarning",
     "DWFLearningRateWarning",
     "FactorPenalty",
     "FactorizedTensor",

@@ -54,6 +54,10 @@ class DWFLearningRateWarning(UserWarning):
     """The factor learning rate is below the floor needed to reach exact zeros (silence with ``lr_check="off"``)."""
 
 
+class DWFDeadLayerWarning(UserWarning):
+    """Every weight of a factorized tensor is (or would collapse to) zero: λ is too large for the run."""
+
+
 class DWFCallback(Callback):
     r"""Train a sparse model by Deep Weight Factorization and hand back a plain, collapsed one.
 
@@ -194,6 +198,7 @@ class DWFCallback(Callback):
         self._penalty: FactorPenalty | None = None
         self._last_logged_step = -1
         self._last_control_step = -1
+        self._warned_dead = False
         self._control_interval = 1
         self._fits_collapsed = 0
         self._controller: SparsityController | None = None
@@ -247,6 +252,7 @@ class DWFCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
+        self._warned_dead = False
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         for opt in trainer.optimizers:
             if scaler is not None and getattr(opt, "_step_supports_amp_scaling", False):
@@ -420,12 +426,25 @@ class DWFCallback(Callback):
         report = report or sparsity_report(pl_module, self.collapse_threshold, self.lam)
         if not report.finite:
             self._check_finite(trainer, pl_module)
+        # once per fit (the curves show the rest); in target mode only once λ is off, since the control threshold is not zero
+        if report.dead_layers and not self._warned_dead and (self.target_sparsity is None or self._recovering):
+            self._warned_dead = True
+            self._warn_dead(report.dead_layers, f"at step {step} every weight of", f"is below {self.collapse_threshold:.3g} (λ={self.lam:.3g})")
         metrics = report.metrics(per_layer=self.log_per_layer)
         metrics["dwf/lam"] = self.lam
         if self._controller is not None:
             metrics["dwf/target_sparsity"] = self._controller.target
             metrics["dwf/reference_sparsity"] = self._controller.reference(step)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+
+    def _warn_dead(self, names: list[str], what: str, detail: str) -> None:
+        """Warn that ``names`` are entirely zero: the network's output no longer depends on its input through them."""
+        rank_zero_warn(
+            f"DWFCallback: {what} {names[:5]}{' …' if len(names) > 5 else ''} {detail}: through these layers the output no longer "
+            "depends on the input (expect chance accuracy). λ is too large for this run: lower `lam` (e.g. 3-10×), or name the "
+            "sparsity you want with `target_sparsity=...`, which adapts λ.",
+            category=DWFDeadLayerWarning,
+        )
 
     def _check_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         bad = [t.name for t in factorized_tensors(pl_module) if not all(bool(torch.isfinite(f).all()) for f in t.factors)]
@@ -458,6 +477,8 @@ class DWFCallback(Callback):
         self._fits_collapsed += 1
         if self.save_collapsed:
             self.collapsed_checkpoint_path = self._save_collapsed(trainer)
+        if report.dead_layers:
+            self._warn_dead(report.dead_layers, "the collapsed model has no non-zero weight in", "(the checkpoint holds it as trained)")
         final = {f"dwf/final/{k[4:]}": v for k, v in report.metrics(per_layer=False).items()}
         final["dwf/final/compression_ratio_all_params"] = report.compression_ratio_all
         final["dwf/final/threshold"] = threshold

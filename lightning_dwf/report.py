@@ -93,6 +93,11 @@ class SparsityReport:
         return self.total_params / self.total_nonzero if self.total_nonzero else math.inf
 
     @property
+    def dead_layers(self) -> list[str]:
+        """Names of the tensors with no weight at or above the threshold: collapsed, their layer's output ignores its input."""
+        return [layer.name for layer in self.layers if layer.nonzero == 0]
+
+    @property
     def misalignment(self) -> float:
         """Σ over layers of the absolute misalignment M."""
         return sum(layer.misalignment for layer in self.layers)

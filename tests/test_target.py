@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_dwf import DWFCallback
+from lightning_dwf import DWFCallback, DWFDeadLayerWarning
 from lightning_dwf.controller import SparsityController, default_control_threshold
 from lightning_dwf.factorize import factorize_, factorized_tensors
 from lightning_dwf.support import fix_support_, support_threshold
@@ -204,5 +204,6 @@ def test_all_zero_weights_do_not_break_the_default_control_threshold(tmp_path):
         for p in model.parameters():
             p.zero_()
     dwf = DWFCallback(depth=3, target_sparsity=0.9, init="balanced", verbose=False)
-    Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+    with pytest.warns(DWFDeadLayerWarning, match="no non-zero weight"):  # zero weights get no gradient: the net stays dead
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(model)
     assert dwf.resolved_control_threshold == dwf.threshold and dwf.final_report.sparsity == 1.0
