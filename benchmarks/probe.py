@@ -6,6 +6,7 @@ schema) to ``benchmarks/results/probes.jsonl``; ``--table`` prints every probe g
 
     python -m benchmarks.probe --target 0.98 --factor-lr-multiplier 10 --recovery 0.5 --seed 1
     python -m benchmarks.probe --target 0.98 --model-pruning --seed 1
+    python -m benchmarks.probe --model cnn-bn --dense --seed 1
     python -m benchmarks.probe --target 0.98 --controller-gain 0     # ablation: λ never leaves its warm-up value
     python -m benchmarks.probe --table
 """
@@ -52,6 +53,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     cfg: dict[str, Any] = dict(dataset=args.dataset, model=args.model, epochs=epochs, batch_size=sweep.BATCH_SIZE[args.dataset],
                                lr=sweep.LR, momentum=sweep.MOMENTUM, seed=args.seed)
     cfg.update({k: getattr(args, k) for k, default in sweep.DEVICE_DEFAULTS.items() if getattr(args, k) != default})
+    if args.dense:
+        return dict(cfg, method="dense")
     if args.model_pruning:
         return dict(cfg, method="model-pruning", target=args.target)
     cfg.update(depth=args.depth, factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup)
@@ -113,6 +116,7 @@ def main() -> None:
     parser.add_argument("--precision", default=sweep.DEVICE_DEFAULTS["precision"], help="Trainer(precision=...), e.g. 16-mixed on a GPU")
     parser.add_argument("--data-dir", default=None, help="where the dataset files are (default: the loader's search path)")
     parser.add_argument("--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF")
+    parser.add_argument("--dense", action="store_true", help="plain training (the seed spread of the dense baseline)")
     parser.add_argument("--table", action="store_true", help="print the probes recorded so far and exit")
     args = parser.parse_args()
     if args.table:

@@ -137,7 +137,9 @@ def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifie
 
 
 def method_callbacks(cfg: dict, dwf_cls: type[DWFCallback] = DWFCallback, **dwf_kwargs: Any) -> list:
-    """The callback that makes ``cfg["method"]`` (DWF fixed λ or target, or ModelPruning) out of a plain training run."""
+    """The callback that makes ``cfg["method"]`` (DWF fixed λ or target, or ModelPruning) out of a plain training run (none: dense)."""
+    if cfg["method"] == "dense":
+        return []
     if cfg["method"] == "model-pruning":
         return [LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
                              amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),

@@ -439,10 +439,16 @@ class DWFCallback(Callback):
 
     def _warn_dead(self, names: list[str], what: str, detail: str) -> None:
         """Warn that ``names`` are entirely zero: the network's output no longer depends on its input through them."""
+        if self.target_sparsity is not None:
+            fix = (f"target_sparsity={self.target_sparsity:g} left nothing in them (the support is one global magnitude cut): "
+                   "lower the target, or keep these layers dense with `exclude=[...]`.")
+        elif self.lam > 0:
+            fix = "λ is too large for this run: lower `lam` (e.g. 3-10×), or name the sparsity you want with `target_sparsity=...`."
+        else:
+            fix = "With λ = 0 they were zero from the start (zero factors get no gradient): initialize them, or `exclude=[...]` them."
         rank_zero_warn(
             f"DWFCallback: {what} {names[:5]}{' …' if len(names) > 5 else ''} {detail}: through these layers the output no longer "
-            "depends on the input (expect chance accuracy). λ is too large for this run: lower `lam` (e.g. 3-10×), or name the "
-            "sparsity you want with `target_sparsity=...`, which adapts λ.",
+            f"depends on the input (expect chance accuracy). {fix}",
             category=DWFDeadLayerWarning,
         )
 

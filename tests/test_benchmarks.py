@@ -96,13 +96,18 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
 
     args = argparse.Namespace(dataset="fashion-mnist", model="lenet300", epochs=None, seed=1, depth=3, target=0.98, lam=None,
                               factor_lr_multiplier=10.0, factor_lr_warmup=0.1, recovery=0.5, controller_gain=0.0, init="dwf",
-                              controller_max_step=None, control_threshold=None, model_pruning=False, accelerator="cpu",
-                              precision="32-true")
+                              controller_max_step=None, control_threshold=None, model_pruning=False, dense=False,
+                              accelerator="cpu", precision="32-true")
     cfg = probe.config(args)
     assert cfg["method"] == "dwf-target-d3" and cfg["epochs"] == 20 and cfg["controller_gain"] == 0.0 and "controller_max_step" not in cfg
     assert cfg["control_threshold"] == "auto"  # the callback's default, recorded as such
     assert probe.config(argparse.Namespace(**{**vars(args), "control_threshold": 1e-2}))["control_threshold"] == 1e-2
     assert probe.config(argparse.Namespace(**{**vars(args), "model_pruning": True}))["method"] == "model-pruning"
+    dense = probe.config(argparse.Namespace(**{**vars(args), "dense": True}))
+    assert dense["method"] == "dense" and "target" not in dense and "depth" not in dense
+    from benchmarks import sweep
+
+    assert sweep.method_callbacks(dense) == []  # a plain run
     assert "accelerator" not in cfg and "precision" not in cfg  # CPU float32 rows keep the sweep's keys
     gpu = probe.config(argparse.Namespace(**{**vars(args), "accelerator": "gpu", "precision": "16-mixed"}))
     assert (gpu["accelerator"], gpu["precision"]) == ("gpu", "16-mixed")

@@ -204,6 +204,17 @@ def test_all_zero_weights_do_not_break_the_default_control_threshold(tmp_path):
         for p in model.parameters():
             p.zero_()
     dwf = DWFCallback(depth=3, target_sparsity=0.9, init="balanced", verbose=False)
-    with pytest.warns(DWFDeadLayerWarning, match="no non-zero weight"):  # zero weights get no gradient: the net stays dead
+    with pytest.warns(DWFDeadLayerWarning, match="no non-zero weight.*lower the target, or keep these layers dense"):  # zero weights get no gradient: the net stays dead
         Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(model)
     assert dwf.resolved_control_threshold == dwf.threshold and dwf.final_report.sparsity == 1.0
+
+
+def test_a_layer_emptied_by_the_global_cut_is_named(tmp_path):
+    """The support is one global magnitude cut: a layer far smaller than the rest can lose every weight; the callback says so."""
+    model = ToyModel(lr=0.1, momentum=0.9, n=256)
+    with torch.no_grad():
+        model.net[2].weight.mul_(1e-6)  # the 64-weight classifier, far below the 1,024-weight hidden layer
+    dwf = DWFCallback(depth=3, target_sparsity=0.1, init="balanced", lr_check="off", verbose=False)
+    with pytest.warns(DWFDeadLayerWarning, match=r"no non-zero weight in \['net.2.weight'\].*target_sparsity=0.1 left nothing"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+    assert dwf.final_report.dead_layers == ["net.2.weight"] and abs(dwf.final_report.sparsity - 0.1) < 0.01
