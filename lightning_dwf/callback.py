@@ -55,7 +55,7 @@ class DWFLearningRateWarning(UserWarning):
 
 
 class DWFDeadLayerWarning(UserWarning):
-    """Every weight of a factorized tensor is (or would collapse to) zero: λ is too large for the run."""
+    """Every weight of a factorized tensor is (or would collapse to) zero: the layer no longer passes its input on."""
 
 
 class DWFCallback(Callback):

@@ -216,7 +216,7 @@ def _register_load_hook(mod: nn.Module) -> None:
     if not getattr(mod, _HOOK_FLAG, False):
         if hasattr(mod, "register_load_state_dict_pre_hook"):
             mod.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
-        else:  # torch < 2.5 has only the private form (same hook signature with the module first)
+        else:  # older torch (2.2 here) has only the private form (same hook signature, the module first)
             mod._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
         object.__setattr__(mod, _HOOK_FLAG, True)
 
