@@ -267,7 +267,7 @@ def main() -> None:
                     continue
                 method = cfg["method"]
                 if method == "dense":
-                    module, seconds = run_training(cfg, data, [])
+                    module, seconds = run_training(cfg, data, method_callbacks(cfg))
                     dense_net = module.net
                     if key(cfg) in done:
                         continue

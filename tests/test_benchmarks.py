@@ -105,8 +105,6 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
     assert probe.config(argparse.Namespace(**{**vars(args), "model_pruning": True}))["method"] == "model-pruning"
     dense = probe.config(argparse.Namespace(**{**vars(args), "dense": True}))
     assert dense["method"] == "dense" and "target" not in dense and "depth" not in dense
-    from benchmarks import sweep
-
     assert sweep.method_callbacks(dense) == []  # a plain run
     assert "accelerator" not in cfg and "precision" not in cfg  # CPU float32 rows keep the sweep's keys
     gpu = probe.config(argparse.Namespace(**{**vars(args), "accelerator": "gpu", "precision": "16-mixed"}))
