@@ -29,7 +29,7 @@ from lightning_dwf.datasets import load_dataset
 
 PATH = sweep.RESULTS / "probes.jsonl"
 #: Config keys the table shows under "other" when a row has them.
-OTHER_KEYS = ("accelerator", "precision", "init", "controller_gain", "controller_max_step", "control_threshold", "recovery_lr_warmup")
+OTHER_KEYS = (*sweep.DEVICE_DEFAULTS, "init", "controller_gain", "controller_max_step", "control_threshold", "recovery_lr_warmup")
 
 
 class _TunedController(DWFCallback):

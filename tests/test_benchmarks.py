@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -90,8 +91,6 @@ def test_oneshot_and_model_pruning_hit_their_sparsity(tmp_path):
 
 def test_probe_config_and_table(tmp_path, monkeypatch):
     """The probe builds the sweep's config schema and its table groups seeds, marking divergences."""
-    import argparse
-
     from benchmarks import probe
 
     args = argparse.Namespace(dataset="fashion-mnist", model="lenet300", epochs=None, seed=1, depth=3, target=0.98, lam=None,
@@ -119,8 +118,6 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
 
 def test_overhead_measures_every_depth():
     """The overhead benchmark's row: counted memory grows with D, times are positive."""
-    import argparse
-
     from benchmarks import overhead
 
     row = overhead.measure_model("lenet300", argparse.Namespace(device="cpu", batch_size=2, rounds=1, steps=1), amp=False)
