@@ -15,9 +15,22 @@ from lightning_dwf import DWFCallback, factor_parameters, factorized_tensors
 
 
 class RankAgreement(Callback):
-    """At train end, every rank compares its factors and logged sparsity with rank 0's."""
+    """At train end, every rank compares its factors, logged sparsity and λ after every step with rank 0's."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.dwf = next(c for c in trainer.callbacks if isinstance(c, DWFCallback))
+        self.lams: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args):
+        self.lams.append(self.dwf.lam)  # after DWFCallback in the list: λ as the controller left it
 
     def on_train_end(self, trainer, pl_module):
+        # target mode ends with λ = 0 on every rank (recovery phase): compare λ over the whole run, where it was not 0
+        lams = torch.tensor(self.lams, dtype=torch.float64)
+        assert bool((lams > 0).any())
+        all_lams = [torch.empty_like(lams) for _ in range(trainer.world_size)]
+        dist.all_gather(all_lams, lams)
+        assert all(torch.equal(all_lams[0], x) for x in all_lams), "λ drifted apart across ranks"
         flat = torch.cat([f.detach().flatten() for f in factor_parameters(pl_module)])
         gathered = [torch.empty_like(flat) for _ in range(trainer.world_size)]
         dist.all_gather(gathered, flat)
@@ -52,6 +65,7 @@ def test_ddp_spawn_two_processes(tmp_path, mode):
     paths = glob.glob(os.path.join(tmp_path, "**", "dwf-collapsed.ckpt*"), recursive=True)
     assert len(paths) == 1 and paths[0].endswith(".ckpt")
     loaded = ToyModel.load_from_checkpoint(paths[0])
+    assert loaded.state_dict().keys() == model.state_dict().keys()
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k])
 

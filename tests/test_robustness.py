@@ -115,6 +115,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     first = {id(p) for p in model.net[0].parameters()}
+    assert len(factor_parameters(model)) == len(snap.factors) == 2 * depth
     for end, start in zip(factor_parameters(model), snap.factors):
         lr = 0.1 if id(end) in first else 0.2
         torch.testing.assert_close(end, start * (1 - lr * 2 * lam / depth) ** 2)
@@ -130,6 +131,7 @@ def test_gradient_clipping_includes_the_penalty(tmp_path):
     coef = 2 * lam / depth
     norm = coef * torch.sqrt(sum(f.pow(2).sum() for f in snap.factors))
     scale = clip / (float(norm) + 1e-6)
+    assert len(factor_parameters(model)) == len(snap.factors) == 2 * depth
     for end, start in zip(factor_parameters(model), snap.factors):
         torch.testing.assert_close(end, start - lr * coef * start * scale)
 
@@ -220,5 +222,6 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
 
     resumed = fit(root, ckpt_path="last")
     uninterrupted = fit(str(tmp_path / "clean"))
+    assert uninterrupted.state_dict().keys() == resumed.state_dict().keys()
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

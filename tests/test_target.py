@@ -148,22 +148,43 @@ def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.should_stop = trainer.current_epoch == stop_epoch
 
+    class LamTrace(Callback):  # after DWFCallback in the list: λ as the controller left it after each step
+        def __init__(self, dwf):
+            self.dwf, self.lam = dwf, {}
+
+        def on_train_batch_end(self, trainer, *args):
+            self.lam[trainer.global_step] = self.dwf.lam
+
     def run(stop, root, ckpt_path=None):
         torch.manual_seed(0)
         dwf = DWFCallback(depth=3, target_sparsity=0.95, recovery=0.4, factor_lr_multiplier=2.0, factor_lr_warmup=0.2, verbose=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
-        callbacks = [dwf, ckpt] + ([StopAfter()] if stop else [])
+        trace = LamTrace(dwf)
+        callbacks = [dwf, trace, ckpt] + ([StopAfter()] if stop else [])
         trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=10, callbacks=callbacks))
         model = ToyModel(lr=0.15, momentum=0.9, scheduler=True, t_max=160, n=512)  # factors: 0.3 after the warm-up
         trainer.fit(model, ckpt_path=ckpt_path)
-        return model, dwf
+        return model, dwf, trace.lam
 
-    full, dwf_full = run(False, "full")
+    def controller_state(root):
+        callbacks = torch.load(tmp_path / root / "last.ckpt", weights_only=False)["callbacks"]
+        return next(state for key, state in callbacks.items() if "DWFCallback" in key)["controller"]
+
+    full, dwf_full, lam_full = run(False, "full")
     run(True, "part")
-    resumed, dwf_resumed = run(False, "part", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    resumed, dwf_resumed, lam_resumed = run(False, "part", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    # λ after every step of the resumed part equals the uninterrupted run's; it is 0 from the recovery point (step 96)
+    # on, so the ramp case compares the 47 non-zero values before it, the recovery case the restored recovery step
+    resume_step = 16 * (stop_epoch + 1)
+    assert sorted(lam_resumed) == list(range(resume_step + 1, 161))
+    assert lam_resumed == {step: lam_full[step] for step in lam_resumed}
+    assert all((lam > 0) == (step < 96) for step, lam in lam_full.items())
+    assert controller_state("part") == controller_state("full")
+    assert controller_state("full")["recovery_step"] == 96 and controller_state("full")["lam_min"] > 0
     assert dwf_resumed.lam == dwf_full.lam
     # the default control threshold depends on the weights at the start: a resume keeps the one the run started with
     assert dwf_resumed.resolved_control_threshold == dwf_full.resolved_control_threshold
+    assert full.state_dict().keys() == resumed.state_dict().keys()
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
 
