@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 
 def lenet_300_100(num_classes: int = 10) -> nn.Module:
@@ -97,10 +98,15 @@ class Classifier(LightningModule):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
-    """Test accuracy of ``net`` in eval mode."""
+    """Test accuracy of ``net`` in eval mode (torchmetrics' micro-averaged multiclass accuracy: the fraction correct)."""
     was_training = net.training
     net.eval()
-    correct = sum(int((net(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(y), batch_size))
+    metric = None
+    for i in range(0, len(y), batch_size):
+        logits = net(x[i : i + batch_size])
+        metric = metric or MulticlassAccuracy(num_classes=logits.shape[1], average="micro")
+        metric.update(logits, y[i : i + batch_size])
     net.train(was_training)
-    return correct / len(y)
+    return float(metric.compute())

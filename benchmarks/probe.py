@@ -24,28 +24,12 @@ import torch
 
 from benchmarks import sweep
 from benchmarks.report import by_config
-from lightning_dwf import DWFCallback
-from lightning_dwf.datasets import load_dataset
+from examples.data import load_dataset
+from lightning_dwf import ScheduleConfig
 
 PATH = sweep.RESULTS / "probes.jsonl"
 #: Config keys the table shows under "other" when a row has them.
 OTHER_KEYS = (*sweep.DEVICE_DEFAULTS, "init", "controller_gain", "controller_max_step", "control_threshold", "recovery_lr_warmup")
-
-
-class _TunedController(DWFCallback):
-    """DWFCallback with the λ controller's gain / step bound overridden (benchmark-only knobs, not public API)."""
-
-    def __init__(self, *args: Any, controller_gain: float | None = None, controller_max_step: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._gain, self._max_step = controller_gain, controller_max_step
-
-    def _start_controller(self, *args: Any, **kwargs: Any) -> None:
-        super()._start_controller(*args, **kwargs)
-        assert self._controller is not None
-        if self._gain is not None:
-            self._controller.gain = self._gain
-        if self._max_step is not None:
-            self._controller.max_step = self._max_step
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,8 +56,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(cfg: dict[str, Any], data_dir: str | None = None) -> dict[str, Any]:
-    tuned = {k: cfg[k] for k in ("controller_gain", "controller_max_step") if k in cfg}
-    callbacks = sweep.method_callbacks(cfg, _TunedController, **tuned) if tuned else sweep.method_callbacks(cfg)
+    tuned = {name: cfg[f"controller_{name}"] for name in ("gain", "max_step") if f"controller_{name}" in cfg}
+    callbacks = sweep.method_callbacks(cfg, ScheduleConfig(**tuned))
     return sweep.train_and_measure(cfg, load_dataset(cfg["dataset"], data_dir), callbacks)
 
 
@@ -111,7 +95,7 @@ def main() -> None:
     parser.add_argument("--init", default="dwf", choices=("dwf", "balanced"), help="factor init (balanced: exact factorization of the dense init)")
     parser.add_argument("--controller-gain", type=float, default=None, help="override the λ controller's gain (0: λ stays at its start value)")
     parser.add_argument("--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update")
-    parser.add_argument("--control-threshold", type=float, default=None, help="DWFCallback(control_threshold=...) (default: the callback's)")
+    parser.add_argument("--control-threshold", type=float, default=None, help="ScheduleConfig(control_threshold=...) (default: the callback's)")
     parser.add_argument("--accelerator", default=sweep.DEVICE_DEFAULTS["accelerator"], help="Trainer(accelerator=...), e.g. gpu")
     parser.add_argument("--precision", default=sweep.DEVICE_DEFAULTS["precision"], help="Trainer(precision=...), e.g. 16-mixed on a GPU")
     parser.add_argument("--data-dir", default=None, help="where the dataset files are (default: the loader's search path)")

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,19 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.models import Classifier, accuracy
-from lightning_dwf import DEFAULT_THRESHOLD, DWFCallback, sparsity_report
+from examples.data import ImageData, load_dataset
+from lightning_dwf import (
+    DEFAULT_LAYER_TYPES,
+    DEFAULT_THRESHOLD,
+    CollapseConfig,
+    DWFCallback,
+    FactorizeConfig,
+    FactorLRConfig,
+    ScheduleConfig,
+    sparsity_report,
+)
 from lightning_dwf.controller import default_recovery
-from lightning_dwf.datasets import ImageData, load_dataset
-from lightning_dwf.factorize import DEFAULT_LAYER_TYPES
+from lightning_dwf.functional import lam_floor
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.9, 0.95, 0.98, 0.99, 0.995)
@@ -71,8 +81,7 @@ TARGET_RECIPE = dict(recovery_lr_warmup=True)
 
 def floor_lam(steps: int, multiplier: float, init_std: float = 0.05) -> float:
     """λ at which the effective factor LR (lr × multiplier / (1 − momentum)) is exactly the LR floor."""
-    eta = LR * multiplier / (1 - MOMENTUM)
-    return math.log(init_std / DEFAULT_THRESHOLD) / (eta * steps)
+    return lam_floor(LR * multiplier / (1 - MOMENTUM), steps, init_std, DEFAULT_THRESHOLD)
 
 
 def loader(data: ImageData, batch_size: int, seed: int = SEED) -> DataLoader:
@@ -136,8 +145,10 @@ def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifie
     return module, time.perf_counter() - start
 
 
-def method_callbacks(cfg: dict, dwf_cls: type[DWFCallback] = DWFCallback, **dwf_kwargs: Any) -> list:
-    """The callback that makes ``cfg["method"]`` (DWF fixed λ or target, or ModelPruning) out of a plain training run (none: dense)."""
+def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
+    """The callback that makes ``cfg["method"]`` (DWF fixed λ or target, or ModelPruning) out of a plain training run
+    (none: dense). ``schedule`` overrides target mode's schedule settings (gain, step bound); the row's
+    ``recovery`` and ``control_threshold`` are set on it."""
     if cfg["method"] == "dense":
         return []
     if cfg["method"] == "model-pruning":
@@ -145,10 +156,18 @@ def method_callbacks(cfg: dict, dwf_cls: type[DWFCallback] = DWFCallback, **dwf_
                              amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
                              make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)]
     control = cfg.get("control_threshold")
-    knob = (dict(target_sparsity=cfg["target"], recovery=cfg["recovery"], control_threshold=None if control == "auto" else control) if "target" in cfg
-            else dict(lam=cfg["lam"], threshold=cfg.get("threshold", DEFAULT_THRESHOLD)))
-    return [dwf_cls(depth=cfg["depth"], factor_lr_multiplier=cfg["factor_lr_multiplier"], factor_lr_warmup=cfg.get("factor_lr_warmup", 0.0),
-                    init=cfg.get("init", "dwf"), lr_check="off", save_collapsed=False, verbose=False, **knob, **dwf_kwargs)]
+    if "target" in cfg:
+        schedule = replace(schedule or ScheduleConfig(), recovery=cfg["recovery"],
+                           control_threshold=None if control == "auto" else control)
+        knob: dict[str, Any] = dict(target_sparsity=cfg["target"], schedule=schedule)
+        collapse = CollapseConfig(save=False)
+    else:
+        knob = dict(lam=cfg["lam"])
+        collapse = CollapseConfig(threshold=cfg.get("threshold", DEFAULT_THRESHOLD), save=False)
+    factor_lr = FactorLRConfig(multiplier=cfg["factor_lr_multiplier"], warmup=cfg.get("factor_lr_warmup", 0.0),
+                               check="off")
+    return [DWFCallback(depth=cfg["depth"], factorize=FactorizeConfig(init=cfg.get("init", "dwf")),
+                        factor_lr=factor_lr, collapse=collapse, verbose=False, **knob)]
 
 
 def train_and_measure(cfg: dict, data: ImageData, callbacks: list) -> dict[str, Any]:
@@ -161,8 +180,8 @@ def train_and_measure(cfg: dict, data: ImageData, callbacks: list) -> dict[str, 
         return dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
     results = dict(measure(module.net, data), train_seconds=seconds)
     for cb in callbacks:  # record the control threshold target mode used (its default depends on the run)
-        if getattr(cb, "resolved_control_threshold", None):
-            results["control_threshold"] = cb.resolved_control_threshold
+        if isinstance(cb, DWFCallback) and cb.control_threshold:
+            results["control_threshold"] = cb.control_threshold
     return results
 
 

@@ -18,13 +18,14 @@ import os
 import time
 
 import torch
+from data import DATASETS, load_dataset  # examples/data.py, beside this script
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_dwf import DEFAULT_THRESHOLD, DWFCallback, sparsity_report
-from lightning_dwf.datasets import DATASETS, load_dataset
+from lightning_dwf import DEFAULT_THRESHOLD, CollapseConfig, DWFCallback, FactorLRConfig, sparsity_report
 
 
 class LeNet300100(LightningModule):
@@ -33,7 +34,10 @@ class LeNet300100(LightningModule):
     def __init__(self, lr: float = 0.1, momentum: float = 0.9, num_classes: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, num_classes)
+        )
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -46,7 +50,8 @@ class LeNet300100(LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        self.log("test/acc", (self(x).argmax(1) == y).float().mean())
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
@@ -55,16 +60,24 @@ class LeNet300100(LightningModule):
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--dataset", default="auto", choices=("auto",) + DATASETS)
     p.add_argument("--data-dir", default=None, help="directory with the four IDX .gz files")
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--target-sparsity", type=float, default=0.98, help="fraction of zero weights wanted (λ adapted)")
     p.add_argument("--lam", type=float, default=None, help="a fixed λ (mean-loss units) instead of --target-sparsity")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of both runs")
-    p.add_argument("--factor-lr-multiplier", type=float, default=None,
-                   help="DWF factors' LR = lr × this; default 10 (5 on the MNIST subset, whose batch 64 diverged at 10)")
-    p.add_argument("--factor-lr-warmup", type=float, default=0.1, help="fraction of the run over which that multiplier ramps up")
+    p.add_argument(
+        "--factor-lr-multiplier",
+        type=float,
+        default=None,
+        help="DWF factors' LR = lr × this; default 10 (5 on the MNIST subset, whose batch 64 diverged at 10)",
+    )
+    p.add_argument(
+        "--factor-lr-warmup", type=float, default=0.1, help="fraction of the run over which that multiplier ramps up"
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: 30 (Fashion-MNIST), 60 (MNIST subset)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 (Fashion-MNIST), 64 (MNIST subset)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
@@ -93,14 +106,31 @@ def run(args, data, dwf: DWFCallback | None) -> tuple[float, float, float, str |
     model = LeNet300100(lr=args.lr, num_classes=data.num_classes)
     name = "dwf" if dwf else "dense"
     if dwf:
-        logger = WandbLogger(project="lightning-dwf-demo", name=f"dwf-d{args.depth}", save_dir=args.out, offline=True,
-                             config={"dataset": data.name, "depth": args.depth, "lam": args.lam, "target_sparsity": args.target_sparsity,
-                                     "factor_lr_multiplier": args.factor_lr_multiplier, "epochs": args.epochs})
+        logger = WandbLogger(
+            project="lightning-dwf-demo",
+            name=f"dwf-d{args.depth}",
+            save_dir=args.out,
+            offline=True,
+            config={
+                "dataset": data.name,
+                "depth": args.depth,
+                "lam": args.lam,
+                "target_sparsity": args.target_sparsity,
+                "factor_lr_multiplier": args.factor_lr_multiplier,
+                "epochs": args.epochs,
+            },
+        )
     else:
         logger = CSVLogger(args.out, name="dense")
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=logger, callbacks=[dwf] if dwf else [],
-        default_root_dir=os.path.join(args.out, name), enable_model_summary=False, log_every_n_steps=20,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        logger=logger,
+        callbacks=[dwf] if dwf else [],
+        default_root_dir=os.path.join(args.out, name),
+        enable_model_summary=False,
+        log_every_n_steps=20,
     )
     train, test = loaders(data, args.batch_size, args.seed)
     start = time.perf_counter()
@@ -110,8 +140,11 @@ def run(args, data, dwf: DWFCallback | None) -> tuple[float, float, float, str |
     if dwf:
         path = dwf.collapsed_checkpoint_path
         model = LeNet300100.load_from_checkpoint(path)  # the plain class, no callback, no key surgery
-    acc = float(Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-                .test(model, test, verbose=False)[0]["test/acc"])
+    acc = float(
+        Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+            model, test, verbose=False
+        )[0]["test/acc"]
+    )
     if dwf:
         logger.experiment.finish()
     cr = sparsity_report(model, args.threshold).compression_ratio
@@ -129,12 +162,18 @@ def main() -> None:
     args.batch_size = args.batch_size or defaults["batch_size"]
     args.factor_lr_multiplier = args.factor_lr_multiplier or defaults["factor_lr_multiplier"]
     knob = dict(lam=args.lam) if args.lam is not None else dict(target_sparsity=args.target_sparsity)
-    print(f"dataset: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test), depth={args.depth}, "
-          f"{', '.join(f'{k}={v:g}' for k, v in knob.items())}, lr={args.lr:g} (factors ×{args.factor_lr_multiplier:g}), "
-          f"epochs={args.epochs}")
+    print(
+        f"dataset: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test), depth={args.depth}, "
+        f"{', '.join(f'{k}={v:g}' for k, v in knob.items())}, lr={args.lr:g} (factors ×{args.factor_lr_multiplier:g}), "
+        f"epochs={args.epochs}"
+    )
     # build the callback first: invalid arguments fail here, before the dense run
-    dwf = DWFCallback(depth=args.depth, threshold=args.threshold, factor_lr_multiplier=args.factor_lr_multiplier,
-                      factor_lr_warmup=args.factor_lr_warmup, **knob)
+    dwf = DWFCallback(
+        depth=args.depth,
+        collapse=CollapseConfig(threshold=args.threshold),
+        factor_lr=FactorLRConfig(multiplier=args.factor_lr_multiplier, warmup=args.factor_lr_warmup),
+        **knob,
+    )
 
     dense_acc, dense_cr, dense_s, _ = run(args, data, None)
     dwf_acc, dwf_cr, dwf_s, path = run(args, data, dwf)
@@ -148,13 +187,30 @@ def main() -> None:
     table.add_row("dense", f"{dense_acc:.2%}", f"{dense_cr:.1f}", f"{dense_s:.0f} s")
     table.add_row(f"DWF D={args.depth}, collapsed", f"{dwf_acc:.2%}", f"{dwf_cr:.1f}", f"{dwf_s:.0f} s")
     Console().print(table)
-    print(f"accuracy change: {100 * (dwf_acc - dense_acc):+.2f} points at compression ratio {dwf_cr:.1f} (threshold {args.threshold:g})")
+    print(
+        f"accuracy change: {100 * (dwf_acc - dense_acc):+.2f} points at compression ratio {dwf_cr:.1f} "
+        f"(threshold {args.threshold:g})"
+    )
     print(f"collapsed checkpoint: {path}")
-    results = dict(dataset=data.name, depth=args.depth, lam=args.lam, target_sparsity=args.target_sparsity, lr=args.lr,
-                   factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup,
-                   epochs=args.epochs, batch_size=args.batch_size, threshold=args.threshold, seed=args.seed,
-                   dense_acc=dense_acc, dwf_acc=dwf_acc, dwf_compression_ratio=dwf_cr, dense_seconds=dense_s, dwf_seconds=dwf_s,
-                   collapsed_checkpoint=path)
+    results = dict(
+        dataset=data.name,
+        depth=args.depth,
+        lam=args.lam,
+        target_sparsity=args.target_sparsity,
+        lr=args.lr,
+        factor_lr_multiplier=args.factor_lr_multiplier,
+        factor_lr_warmup=args.factor_lr_warmup,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        seed=args.seed,
+        dense_acc=dense_acc,
+        dwf_acc=dwf_acc,
+        dwf_compression_ratio=dwf_cr,
+        dense_seconds=dense_s,
+        dwf_seconds=dwf_s,
+        collapsed_checkpoint=path,
+    )
     with open(os.path.join(args.out, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2)
 

@@ -1,15 +1,24 @@
 """lightning-dwf: sparse training by Deep Weight Factorization, as a PyTorch Lightning callback.
 
 Plain-PyTorch mechanics (no Trainer needed): :func:`factorize_`, :func:`collapse_`,
-:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`, :func:`fix_support_`; the callback
-:class:`DWFCallback` orchestrates them inside ``Trainer.fit``.
+:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`, :func:`fix_support_`; settings as
+validated config objects (:class:`FactorizeConfig`, :class:`ScheduleConfig`, :class:`FactorLRConfig`,
+:class:`CollapseConfig`); the callback :class:`DWFCallback` orchestrates them inside ``Trainer.fit``.
 """
 
 from lightning_dwf import functional
-from lightning_dwf.callback import DWFCallback, DWFDeadLayerWarning, DWFLearningRateWarning
+from lightning_dwf.callback import DWFCallback
 from lightning_dwf.collapse import collapse_, collapse_state_dict
-from lightning_dwf.factorize import (
+from lightning_dwf.compressed import CompressionReport, TensorSize, load_compressed, save_compressed
+from lightning_dwf.config import (
     DEFAULT_LAYER_TYPES,
+    CollapseConfig,
+    FactorizeConfig,
+    FactorLRConfig,
+    ScheduleConfig,
+)
+from lightning_dwf.controller import SparsityController
+from lightning_dwf.factorize import (
     FactorizedTensor,
     factor_parameters,
     factorize_,
@@ -18,6 +27,7 @@ from lightning_dwf.factorize import (
 )
 from lightning_dwf.functional import DEFAULT_THRESHOLD
 from lightning_dwf.init import dwf_init_
+from lightning_dwf.messages import DWFDeadLayerWarning, DWFLearningRateWarning
 from lightning_dwf.optim import FactorPenalty, LearningRateCheck, check_learning_rates
 from lightning_dwf.parametrization import HadamardProduct
 from lightning_dwf.report import LayerSparsity, SparsityReport, sparsity_report
@@ -28,15 +38,22 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_LAYER_TYPES",
     "DEFAULT_THRESHOLD",
+    "CollapseConfig",
+    "CompressionReport",
     "DWFCallback",
     "DWFDeadLayerWarning",
     "DWFLearningRateWarning",
+    "FactorLRConfig",
     "FactorPenalty",
+    "FactorizeConfig",
     "FactorizedTensor",
     "HadamardProduct",
     "LayerSparsity",
     "LearningRateCheck",
+    "ScheduleConfig",
+    "SparsityController",
     "SparsityReport",
+    "TensorSize",
     "check_learning_rates",
     "collapse_",
     "collapse_state_dict",
@@ -47,6 +64,8 @@ __all__ = [
     "fix_support_",
     "functional",
     "is_factorized",
+    "load_compressed",
+    "save_compressed",
     "sparsity_report",
     "support_threshold",
 ]

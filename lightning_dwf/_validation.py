@@ -15,7 +15,9 @@ MAX_RECOMMENDED_DEPTH = 6
 def check_depth(depth: Any) -> int:
     """Return ``depth`` if it is an int >= 2, else raise."""
     if isinstance(depth, bool) or not isinstance(depth, int):
-        raise TypeError(f"`depth` must be an int >= 2 (the number of factors D), got {depth!r} of type {type(depth).__name__}.")
+        raise TypeError(
+            f"`depth` must be an int >= 2 (the number of factors D), got {depth!r} of type {type(depth).__name__}."
+        )
     if depth < 2:
         raise ValueError(f"`depth` must be >= 2 (D=2 is the lasso, D=3 the recommended default), got {depth}.")
     return depth
@@ -38,11 +40,20 @@ def check_positive(name: str, value: Any, hint: str = "") -> float:
     return value
 
 
+def check_target(name: str, value: Any) -> float:
+    """Return ``value`` if it is a sparsity (fraction of zero weights) in (0, 1), else raise."""
+    value = check_positive(name, value)
+    if not value < 1:
+        raise ValueError(f"`{name}` is a fraction of zero weights in (0, 1), e.g. 0.95; got {value}.")
+    return value
+
+
 def check_fraction(name: str, value: Any, upper: float, upper_inclusive: bool, meaning: str) -> float:
-    """Return ``value`` as float if it is a real in ``[0, upper]`` (or ``[0, upper)``), else raise ValueError naming ``meaning``."""
-    inside = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value and (value <= upper if upper_inclusive else value < upper)
-    if not inside:
-        raise ValueError(f"`{name}` is {meaning}; it must be in [0, {upper:g}{']' if upper_inclusive else ')'}, got {value!r}.")
+    """Return ``value`` as float if it lies in ``[0, upper]`` (or ``[0, upper)``), else raise naming ``meaning``."""
+    inside = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value
+    if not (inside and (value <= upper if upper_inclusive else value < upper)):
+        bracket = "]" if upper_inclusive else ")"
+        raise ValueError(f"`{name}` is {meaning}; it must be in [0, {upper:g}{bracket}, got {value!r}.")
     return float(value)
 
 
@@ -54,11 +65,11 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def check_patterns(name: str, value: Any) -> tuple[str, ...]:
-    """Return a tuple of glob patterns from a string or a sequence of strings."""
+    """Return a tuple of strings (glob patterns, tensor names) from a string or a sequence of strings."""
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
     if not all(isinstance(v, str) for v in value):
-        raise TypeError(f"`{name}` must be a glob pattern or a list of glob patterns (e.g. ['encoder.*']), got {value!r}.")
+        raise TypeError(f"`{name}` must be a string or a list of strings (e.g. ['encoder.*']), got {value!r}.")
     return tuple(value)

@@ -77,7 +77,10 @@ def collapse_state_dict(state_dict: Mapping[str, Any], threshold: float = DEFAUL
         groups.setdefault(target, {})[int(match["index"])] = value
         out.setdefault(target, None)  # keep the tensor where its first factor was
     if not groups:
-        raise ValueError("The state dict holds no DWF factors (no '...parametrizations.<name>.original<d>' keys): it is already plain.")
+        raise ValueError(
+            "The state dict holds no DWF factors (no '...parametrizations.<name>.original<d>' keys): it is already "
+            "plain."
+        )
     for target, factors in groups.items():
         if sorted(factors) != list(range(len(factors))):
             raise ValueError(f"Factors of {target!r} are incomplete: found indices {sorted(factors)}.")

@@ -1,7 +1,7 @@
 """Adapting λ during training so that the collapsed model reaches a requested sparsity.
 
-With a fixed λ, DWF's final sparsity jumps from none to most within a factor of two of λ (measured in
-the README). :class:`SparsityController` instead treats λ as the actuator of a feedback loop:
+With a fixed λ, DWF's final sparsity jumps from none to most within a narrow range of λ (measured in
+the docs, "Benchmarks"). :class:`SparsityController` instead treats λ as the actuator of a feedback loop:
 
 * warm-up (``warmup`` of the run): λ = λ0, the λ at which unsupported weights just reach the
   threshold in the run's steps (the LR floor solved for λ);
@@ -9,54 +9,67 @@ the README). :class:`SparsityController` instead treats λ as the actuator of a 
   magnitude pruning, ``s_ref = target·(1 − (1 − p)^3)``;
 * recovery (the rest, from ``ramp_end``): the callback fixes the support at exactly the target sparsity
   (:func:`lightning_dwf.support.fix_support_`) and λ drops to 0, so the surviving weights recover accuracy
-  without the penalty's shrinkage (measured gain in the README). The callback repeats its factor LR warm-up
-  from there: the cut makes the loss jump, and the largest weights, whose effective LR grows like |w|^(2−2/D),
-  diverged at the full factor LR (README, D = 4).
+  without the penalty's shrinkage. The callback repeats its factor LR warm-up from there: the cut makes the
+  loss jump, and the largest weights, whose effective LR grows like |w|^(2−2/D), can diverge at the full factor LR.
 
 Every ``interval`` steps λ is multiplied by ``exp(gain·e)`` with ``e = ln((1 − s)/(1 − s_ref))``, the
 log-ratio of measured to wanted density (an integral controller in log λ; it lowers λ four times faster
 than it raises it, because pruned weights do not come back). The measured sparsity ``s``
 is taken at a control threshold (absolute; default :func:`default_control_threshold`): weights that small are on
 their way to exact zero and barely change the network's output, while exact zeros lag far behind λ. How deep that
-threshold sits is a trade-off the run's length decides (measured in the README): a deep one (1e-3) lets the penalty
-separate the weights more sharply but shrinks the survivors further, which a short run cannot recover from. At recovery the
+threshold sits is a trade-off the run's length decides (measured in the docs): a deep one lets the penalty separate
+the weights more sharply but shrinks the survivors further, which a short run cannot recover from. At recovery the
 support is fixed at the global magnitude quantile of the target (:func:`lightning_dwf.support.support_threshold`),
 which closes a remaining gap either way: the smallest surviving weights go if the controller lagged, the largest
 sub-threshold ones stay if the dynamics overshot.
+
+:func:`plan_controller` turns a run (steps, factor learning rates, weight scale) into a started controller.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from lightning_dwf.config import ScheduleConfig
+from lightning_dwf.functional import lam_floor
 
 #: Control threshold relative to the weights' RMS for long runs (>= LONG_RUN_STEPS optimizer steps) and at most.
 MIN_RELATIVE_CONTROL_THRESHOLD = 0.02
 MAX_RELATIVE_CONTROL_THRESHOLD = 0.25
-#: Planned steps from which the deep control threshold is used (README: 4,700 steps liked 1e-3 ≈ 0.02 × RMS).
+#: Planned steps from which the deep control threshold is used.
 LONG_RUN_STEPS = 4_000
 #: Targets from which the default recovery phase is shorter (a longer ramp for the penalty).
 HIGH_TARGET = 0.995
+#: Fewest planned optimizer steps in which target mode can schedule λ.
+MIN_TARGET_STEPS = 50
+#: Largest per-step penalty shrink ``2·lr·λ/D`` the controller may reach (bounds λ from above).
+MAX_SHRINK_PER_STEP = 0.05
 
 
 def default_control_threshold(weight_rms: float, steps: int) -> float:
     """The control threshold (absolute) for a run of ``steps`` optimizer steps whose weights have RMS ``weight_rms``.
 
-    ``weight_rms · 0.02 · (4,000 / steps)²``, clipped to ``[0.02, 0.25] · weight_rms``: 0.02 × RMS (1e-3 on
-    LeNet-300-100) from 4,000 steps on, rising to 0.25 × RMS for runs of 1,130 steps or fewer. Measured (README,
-    Fashion-MNIST, target 98 %, batch 256): LeNet-300-100 over 4,700 steps is best at 1e-3 (88.90 % vs 88.45 % at
-    1e-2), over 940 steps at 1e-2–3e-2 (85.88–86.54 % vs 85.75 % at 1e-3); the BN CNN over 940 steps gains 1.6
-    points at 1e-2 (89.24 % vs 87.64 %).
+    ``weight_rms · 0.02 · (4,000 / steps)²``, clipped to ``[0.02, 0.25] · weight_rms``: 0.02 × RMS from 4,000
+    steps on, rising to 0.25 × RMS for runs of 1,130 steps or fewer (the measurements behind it are in the docs,
+    "Benchmarks").
+
+    >>> default_control_threshold(weight_rms=0.05, steps=10_000)
+    0.001
     """
     relative = MIN_RELATIVE_CONTROL_THRESHOLD * (LONG_RUN_STEPS / max(steps, 1)) ** 2
     return weight_rms * min(MAX_RELATIVE_CONTROL_THRESHOLD, max(MIN_RELATIVE_CONTROL_THRESHOLD, relative))
 
 
 def default_recovery(target: float) -> float:
-    """The recovery fraction that measured best (README, Fashion-MNIST LeNet-300-100, 3 seeds): 0.5 up to 99 %
-    sparsity (0.4 and 0.5 tie at 99 %); 0.4 from 99.5 % on, where the penalty needs the longer ramp (87.1 % accuracy
-    against 85.2 % with 0.5)."""
+    """The recovery fraction that measured best (docs, "Benchmarks"): 0.5 below :data:`HIGH_TARGET`, 0.4 from it on,
+    where the penalty needs the longer ramp.
+
+    >>> default_recovery(0.98), default_recovery(0.995)
+    (0.5, 0.4)
+    """
     return 0.4 if target >= HIGH_TARGET else 0.5
 
 
@@ -135,3 +148,60 @@ class SparsityController:
                 setattr(self, key, value)
         if state.get("recovering") and "recovery_step" not in state:
             self.recovery_step = 0
+
+
+def plan_controller(
+    target: float,
+    total_steps: float,
+    factor_lrs: Sequence[float],
+    depth: int,
+    weight_scale: float,
+    weight_rms: float,
+    config: ScheduleConfig,
+    zero_threshold: float,
+    check_reachable: bool = True,
+) -> SparsityController:
+    """The controller for a run: control threshold, start λ, λ bounds and phases.
+
+    λ starts at a tenth of the LR floor solved for λ (:func:`lightning_dwf.functional.lam_floor`: the λ at which
+    unsupported weights of magnitude ``weight_scale`` just reach the control threshold in the run), well below it,
+    because at the floor every weight the loss does not support dies. λ is bounded above so that the per-step
+    penalty shrink ``2·lr·λ/D`` stays below :data:`MAX_SHRINK_PER_STEP`.
+
+    Args:
+        target: sparsity wanted at the end (fraction of zero weights).
+        total_steps: optimizer steps planned for the whole run (``Trainer.estimated_stepping_batches``).
+        factor_lrs: effective peak learning rate of every param group holding factors.
+        depth: D. weight_scale: largest per-layer RMS of the collapsed weights. weight_rms: their global RMS.
+        config: the schedule settings. zero_threshold: absolute magnitude counted as zero at collapse.
+        check_reachable: refuse a target whose ramp is too short for any stable λ (off when resuming).
+
+    Raises:
+        ValueError: with the numbers and the fix, for a run too short to schedule or a target it cannot reach.
+    """
+    if not math.isfinite(total_steps) or total_steps < MIN_TARGET_STEPS:
+        raise ValueError(
+            f"target mode (target_sparsity=...) needs a planned run of at least {MIN_TARGET_STEPS} optimizer steps "
+            f"(got {total_steps}) to schedule λ: set max_epochs or max_steps."
+        )
+    steps = int(total_steps)
+    recovery = config.recovery_for(target)
+    control = config.control_threshold or max(default_control_threshold(weight_rms, steps), zero_threshold)
+    start = max(weight_scale, control)
+    lam0 = lam_floor(min(factor_lrs), steps, start, control, min_log_ratio=1.0)
+    lam_max = MAX_SHRINK_PER_STEP * depth / (2 * max(factor_lrs))  # 2·lr·λ/D = MAX_SHRINK_PER_STEP solved for λ
+    controller = SparsityController(
+        target, steps, 0.1 * lam0, control, warmup=config.warmup, ramp_end=1.0 - recovery, gain=config.gain,
+        max_step=config.max_step, lam_min=lam0 * 1e-3, lam_max=lam_max,
+    )
+    ramp = (controller.ramp_end - controller.warmup) * steps
+    needed = lam_floor(min(factor_lrs), ramp, start, control, min_log_ratio=1.0)
+    if check_reachable and needed > lam_max:
+        raise ValueError(
+            f"target_sparsity={target:g} cannot be reached in {steps} steps: shrinking weights from "
+            f"{weight_scale:.3g} to {control:.3g} during the ramp ({ramp:.0f} steps) needs λ ≈ {needed:.3g}, but the "
+            f"factor lr {max(factor_lrs):.3g} only allows λ <= {lam_max:.3g} before the penalty step becomes unstable. "
+            f"Train at least {math.ceil(steps * needed / lam_max)} steps, or shorten the recovery phase "
+            f"(recovery={recovery:g})."
+        )
+    return controller

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_choice, check_depth, check_patterns
+from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_depth
+from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig
 from lightning_dwf.functional import balanced_factors, hadamard_product
-from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd, dwf_init_, resolve_init_std
+from lightning_dwf.init import dwf_init_, resolve_init_std
 from lightning_dwf.parametrization import HadamardProduct
-
-#: Layers factorized by default: the weights of Linear and Conv1d/2d/3d. Biases, norm layers and
-#: embeddings stay plain unless selected explicitly.
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-LayerTypes = Sequence[type | str]
-InitMode = Literal["dwf", "balanced"]
 
 
 @dataclass(frozen=True)
@@ -71,49 +64,21 @@ def factor_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [f for t in factorized_tensors(module) for f in t.factors]
 
 
-def resolve_layer_types(layer_types: LayerTypes | None) -> tuple[type[nn.Module], ...]:
-    """Layer classes from classes or ``torch.nn`` class names (``"Linear"``, ``"torch.nn.Conv2d"``)."""
-    if layer_types is None:
-        return DEFAULT_LAYER_TYPES
-    if isinstance(layer_types, (str, type)):
-        layer_types = [layer_types]
-    resolved = []
-    for t in layer_types:
-        if isinstance(t, str):
-            cls = getattr(nn, t.rsplit(".", 1)[-1], None)
-            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-                raise ValueError(f"`layer_types` entry {t!r} is not a torch.nn layer class name; use e.g. 'Linear' or 'Conv2d', or pass the class.")
-            t = cls
-        if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise TypeError(f"`layer_types` entries must be nn.Module subclasses or their names, got {t!r}.")
-        resolved.append(t)
-    if not resolved:
-        raise ValueError("`layer_types` is empty: nothing could be factorized. Leave it unset for Linear and Conv layers.")
-    return tuple(resolved)
-
-
-def select_tensors(
-    module: nn.Module,
-    layer_types: LayerTypes | None = None,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    param_names: Sequence[str] = ("weight",),
-) -> list[tuple[str, nn.Module, str]]:
+def select_tensors(module: nn.Module, config: FactorizeConfig | None = None) -> list[tuple[str, nn.Module, str]]:
     """The ``(qualified_name, module, param_name)`` targets that :func:`factorize_` would factorize.
 
-    A target is a tensor ``param_name`` of a submodule of one of ``layer_types`` whose qualified
-    module name matches an ``include`` glob pattern (all modules when ``include`` is None) and no
-    ``exclude`` pattern. Tensors that are already factorized are included; others must be Parameters.
+    A target is a tensor ``param_name`` of a submodule of one of ``config.layer_types`` whose qualified
+    module name matches an ``include`` glob pattern (all modules when ``include`` is empty), no
+    ``exclude`` pattern, and passes ``filter_fn``. Tensors that are already factorized are included; others must be
+    Parameters.
 
     Raises:
         ValueError: if an ``include`` pattern matches no module of the selected types.
     """
-    types = resolve_layer_types(layer_types)
-    include_p, exclude_p = check_patterns("include", include), check_patterns("exclude", exclude)
-    if isinstance(param_names, str):
-        param_names = (param_names,)
+    config = config or FactorizeConfig()
+    types = config.layer_types or DEFAULT_LAYER_TYPES
     candidates = [(n, m) for n, m in module.named_modules() if isinstance(m, types)]
-    for pattern in include_p:
+    for pattern in config.include:
         if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in candidates):
             raise ValueError(
                 f"`include` pattern {pattern!r} matches no {'/'.join(t.__name__ for t in types)} module; "
@@ -121,11 +86,13 @@ def select_tensors(
             )
     targets = []
     for mod_name, mod in candidates:
-        if include_p and not any(fnmatch.fnmatchcase(mod_name, p) for p in include_p):
+        if config.include and not any(fnmatch.fnmatchcase(mod_name, p) for p in config.include):
             continue
-        if any(fnmatch.fnmatchcase(mod_name, p) for p in exclude_p):
+        if any(fnmatch.fnmatchcase(mod_name, p) for p in config.exclude):
             continue
-        for pname in param_names:
+        if config.filter_fn is not None and not config.filter_fn(mod, mod_name):
+            continue
+        for pname in config.param_names:
             already = parametrize.is_parametrized(mod, pname)
             if already or isinstance(mod._parameters.get(pname), nn.Parameter):
                 targets.append((f"{mod_name}.{pname}" if mod_name else pname, mod, pname))
@@ -135,14 +102,8 @@ def select_tensors(
 def factorize_(
     module: nn.Module,
     depth: int = 3,
+    config: FactorizeConfig | None = None,
     *,
-    layer_types: LayerTypes | None = None,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    param_names: Sequence[str] = ("weight",),
-    init: InitMode = "dwf",
-    init_std: InitStd = "kaiming",
-    eps_ratio: float = DEFAULT_EPS_RATIO,
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """Replace selected weights of ``module`` by D Hadamard factors, in place.
@@ -155,17 +116,9 @@ def factorize_(
     Args:
         module: the model (changed in place).
         depth: number of factors D >= 2 (3 is the recommended default).
-        layer_types: layer classes (or ``torch.nn`` class names) whose tensors are factorized.
-        include: glob patterns on qualified module names to factorize (default: all of ``layer_types``).
-        exclude: glob patterns on qualified module names to leave plain.
-        param_names: tensor names to factorize on each selected layer (``("weight", "bias")`` adds biases).
-        init: ``"dwf"`` draws fresh factors with the truncated variance-matched DWF init (training from
-            scratch); ``"balanced"`` factorizes the current weights exactly (``|ω_d| = |w|^(1/D)``), so a
-            pretrained module computes the same function. 1-D tensors (biases, norm scales) always get
-            the balanced factorization of their current values.
-        init_std: σ_w for ``init="dwf"``: ``"kaiming"`` (sqrt(2/fan_in), the default), ``"current"``
-            (std of the present weight) or a float.
-        eps_ratio: lower truncation bound of ``|w|`` at init, relative to σ_w.
+        config: which tensors (layer types, include/exclude globs, ``filter_fn``, tensor names) and which init
+            (:class:`~lightning_dwf.FactorizeConfig`; default: every Linear/Conv weight, DWF init). 1-D tensors
+            (biases, norm scales) always get the balanced factorization of their current values.
         generator: RNG for the DWF init.
 
     Returns:
@@ -174,17 +127,30 @@ def factorize_(
     Raises:
         ValueError: if nothing is selected, a pattern matches nothing, or a tensor is already
             factorized with another depth.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_dwf import FactorizeConfig, collapse_, factorize_
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> factorize_(net, depth=3, config=FactorizeConfig(exclude=["2"]))
+        ['0.weight']
+        >>> type(collapse_(net)[0]) is nn.Linear
+        True
     """
+    config = config or FactorizeConfig()
     depth = check_depth(depth)
-    check_choice("init", init, ("dwf", "balanced"))
     if depth > MAX_RECOMMENDED_DEPTH:
-        warnings.warn(f"depth={depth} > {MAX_RECOMMENDED_DEPTH}: deeper factorizations rarely help and train less stably; D=3 or 4 is recommended.", stacklevel=2)
-    targets = select_tensors(module, layer_types, include, exclude, param_names)
+        warnings.warn(
+            f"depth={depth} > {MAX_RECOMMENDED_DEPTH}: deeper factorizations rarely help and train less stably; "
+            "D=3 or 4 is recommended.",
+            stacklevel=2,
+        )
+    targets = select_tensors(module, config)
     if not targets:
         raise ValueError(
-            f"Nothing to factorize in {type(module).__name__}: no {param_names} Parameter of a "
-            f"{[t.__name__ for t in resolve_layer_types(layer_types)]} layer is selected. "
-            "Check `layer_types`, `include` and `exclude`."
+            f"Nothing to factorize in {type(module).__name__}: no {list(config.param_names)} Parameter of a "
+            f"{[t.__name__ for t in config.layer_types or DEFAULT_LAYER_TYPES]} layer is selected. "
+            "Check `layer_types`, `include`, `exclude` and `filter_fn` of the FactorizeConfig."
         )
     names = []
     for name, mod, pname in targets:
@@ -200,10 +166,10 @@ def factorize_(
             names.append(name)
             continue
         weight = getattr(mod, pname)
-        std = resolve_init_std(weight, init_std) if init == "dwf" and weight.dim() >= 2 else None
+        std = resolve_init_std(weight, config.init_std) if config.init == "dwf" and weight.dim() >= 2 else None
         parametrize.register_parametrization(mod, pname, HadamardProduct(depth), unsafe=True)
         if std is not None:
-            dwf_init_(FactorizedTensor(name, mod, pname).factors, std, eps_ratio, generator)
+            dwf_init_(FactorizedTensor(name, mod, pname).factors, std, config.eps_ratio, generator)
         _register_load_hook(mod)
         names.append(name)
     return names
@@ -216,7 +182,7 @@ def _register_load_hook(mod: nn.Module) -> None:
     if not getattr(mod, _HOOK_FLAG, False):
         if hasattr(mod, "register_load_state_dict_pre_hook"):
             mod.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
-        else:  # older torch (2.2 here) has only the private form (same hook signature, the module first)
+        else:  # older torch has only the private form (same hook signature, the module first)
             mod._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
         object.__setattr__(mod, _HOOK_FLAG, True)
 

@@ -67,17 +67,33 @@ def weight_decay_to_lam(weight_decay: float, depth: int) -> float:
     return depth * weight_decay / 2.0
 
 
-def lr_floor(lam: float, steps: int, init_std: float, threshold: float = DEFAULT_THRESHOLD) -> float:
+def lr_floor(
+    lam: float, steps: float, init_std: float, threshold: float = DEFAULT_THRESHOLD, min_log_ratio: float = 0.0
+) -> float:
     """Smallest peak SGD learning rate that lets an unsupported weight reach ``threshold`` in ``steps``.
 
     An unsupported weight shrinks by ``1 − 2·η·lam`` per step, so reaching ``threshold`` from
     ``init_std`` needs ``2·lam·Σ_t η_t ≥ ln(init_std / threshold)``. With cosine decay from ``η0``
-    (``Σ_t η_t = η0·steps/2``) this is ``η0 ≥ ln(init_std / threshold) / (lam·steps)``.
-    Returns ``inf`` when ``lam``, ``steps`` or ``threshold`` is zero.
+    (``Σ_t η_t = η0·steps/2``) this is ``η0 ≥ ln(init_std / threshold) / (lam·steps)``, with the log ratio
+    taken at least ``min_log_ratio``. The relation is symmetric in η0 and λ: :func:`lam_floor` is the same
+    formula solved for λ. Returns ``inf`` when ``lam``, ``steps`` or ``threshold`` is zero.
+
+    >>> round(lr_floor(lam=1e-3, steps=1000, init_std=0.05, threshold=1e-3), 3)
+    3.912
     """
     if lam <= 0 or steps <= 0 or threshold <= 0:
         return math.inf
-    return max(math.log(init_std / threshold), 0.0) / (lam * steps)
+    return max(math.log(init_std / threshold), min_log_ratio) / (lam * steps)
+
+
+def lam_floor(
+    lr: float, steps: float, init_std: float, threshold: float = DEFAULT_THRESHOLD, min_log_ratio: float = 0.0
+) -> float:
+    """Smallest λ at which an unsupported weight reaches ``threshold`` in ``steps`` at peak learning rate ``lr``.
+
+    :func:`lr_floor` solved for λ (``lr·λ·steps = ln(init_std / threshold)``): the one place that formula lives.
+    """
+    return lr_floor(lr, steps, init_std, threshold, min_log_ratio)
 
 
 def threshold_(weight: Tensor, threshold: float) -> Tensor:

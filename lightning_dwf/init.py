@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 #: How σ_w (the target std of the collapsed weight) is chosen: ``"kaiming"`` = sqrt(2 / fan_in),
 #: ``"current"`` = std of the weight the module holds now, or a float.
-InitStd = str | float
+InitStd = Literal["kaiming", "current"] | float
 
 #: Lower truncation bound of the collapsed weight, relative to σ_w (value of the reference reimplementation).
 DEFAULT_EPS_RATIO = 0.25
@@ -36,7 +37,9 @@ def resolve_init_std(weight: Tensor, init_std: InitStd) -> float:
     if init_std == "current":
         std = float(weight.detach().float().std()) if weight.numel() > 1 else 0.0
         if not std > 0:
-            raise ValueError("init_std='current' needs a weight with non-zero spread; pass init_std='kaiming' or a float.")
+            raise ValueError(
+                "init_std='current' needs a weight with non-zero spread; pass init_std='kaiming' or a float."
+            )
         return std
     return float(init_std)
 

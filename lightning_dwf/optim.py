@@ -33,7 +33,7 @@ COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
 )
 #: Optimizers for which the learning-rate floor of the method doc (§3.2) is derived.
 SGD_LIKE_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.SGD,)
-#: Effective factor LR (peak lr × multiplier / (1 − momentum), SGD) below which our benchmarks lost accuracy (README).
+#: Effective factor LR (peak lr × multiplier / (1 − momentum), SGD) below which the benchmarks lost accuracy (docs).
 MIN_EFFECTIVE_FACTOR_LR = 5.0
 
 
@@ -111,14 +111,16 @@ class FactorPenalty:
                     continue
                 for p in params:
                     if id(p) in owner:
-                        raise ValueError(f"A DWF factor is in two optimizers ({owner[id(p)]} and optimizer {i}); give each factor to one optimizer.")
+                        raise ValueError(f"A DWF factor is in two optimizers ({owner[id(p)]} and optimizer {i}); "
+                                         "give each factor to one optimizer.")
                     owner[id(p)] = f"optimizer {i}"
                 kind = decay_kind(opt, group)
                 if kind == "unknown" and group.get("weight_decay", 0):
                     raise ValueError(
-                        f"{type(opt).__name__} (param group {j}) applies weight_decay={group['weight_decay']} to DWF factors and "
-                        "lightning_dwf cannot tell whether it is coupled or decoupled. Put the factors "
-                        "(lightning_dwf.factor_parameters(model)) in a param group with weight_decay=0; DWF applies λ itself."
+                        f"{type(opt).__name__} (param group {j}) applies weight_decay={group['weight_decay']} to DWF "
+                        "factors and lightning_dwf cannot tell whether it is coupled or decoupled. Put the factors "
+                        "(lightning_dwf.factor_parameters(model)) in a param group with weight_decay=0; DWF applies "
+                        "λ itself."
                     )
                 plans.append(_GroupPlan(group, params, kind))
             if plans:
@@ -169,12 +171,14 @@ class FactorPenalty:
             if plan.kind == "decoupled" and wd:  # undo the step's `p *= 1 - lr·wd` in advance
                 shrink = 1.0 - float(plan.group["lr"]) * wd
                 if shrink <= 0:
-                    raise ValueError(f"lr·weight_decay = {1 - shrink:.3g} >= 1 in a group with DWF factors; set weight_decay=0 for the factors.")
+                    raise ValueError(f"lr·weight_decay = {1 - shrink:.3g} >= 1 in a group with DWF factors; set "
+                                     "weight_decay=0 for the factors.")
                 torch._foreach_mul_(params, 1.0 / shrink)
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
-        self._snapshots[id(optimizer)] = [p.detach().clone() for plan in self._plans[id(optimizer)] for p in plan.params]
+        plans = self._plans[id(optimizer)]
+        self._snapshots[id(optimizer)] = [p.detach().clone() for plan in plans for p in plan.params]
 
     @torch.no_grad()
     def _scale_update(self, optimizer: Optimizer, *_: Any) -> None:
@@ -186,7 +190,9 @@ class FactorPenalty:
         torch._foreach_copy_(params, before)
 
 
-def factor_learning_rates(optimizers: Sequence[Any], factors: Sequence[nn.Parameter], lr_multiplier: float = 1.0) -> list[tuple[str, Optimizer, float]]:
+def factor_learning_rates(
+    optimizers: Sequence[Any], factors: Sequence[nn.Parameter], lr_multiplier: float = 1.0
+) -> list[tuple[str, Optimizer, float]]:
     """``(description, optimizer, effective peak LR)`` of every param group holding factors.
 
     The effective LR is ``peak lr × lr_multiplier / (1 − momentum)``: heavy-ball momentum μ multiplies the
@@ -204,7 +210,8 @@ def factor_learning_rates(optimizers: Sequence[Any], factors: Sequence[nn.Parame
 
 @dataclass(frozen=True)
 class LearningRateCheck:
-    """Outcome of :func:`check_learning_rates`: ``errors`` make training pointless, ``warnings`` predict few zeros or lost accuracy."""
+    """Outcome of :func:`check_learning_rates`: ``errors`` make training pointless, ``warnings`` predict few zeros or
+    lost accuracy."""
 
     errors: list[str]
     warnings: list[str]
@@ -227,8 +234,8 @@ def check_learning_rates(
       ``threshold`` within ``steps`` only if ``η0 ≥ ln(init_std/threshold)/(λ·steps)``
       (cosine decay; a constant LR gets there twice as fast).
     * Stability: ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
-    * Accuracy (SGD only): below an effective factor LR of :data:`MIN_EFFECTIVE_FACTOR_LR` our benchmarks lost
-      accuracy against larger factor LRs (README, "Why DWF trailed pruning").
+    * Accuracy (SGD only): below an effective factor LR of :data:`MIN_EFFECTIVE_FACTOR_LR` the benchmarks lost
+      accuracy against larger factor LRs (docs, "Benchmarks").
 
     η is the effective LR ``peak lr × lr_multiplier / (1 − momentum)``.
 
@@ -244,23 +251,38 @@ def check_learning_rates(
     for where, opt, eta in factor_learning_rates(optimizers, factors, lr_multiplier):
         if lam > 0 and lam_to_weight_decay(lam, depth) * eta >= 1:
             errors.append(
-                f"{where}: effective factor lr {eta:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta:.3g} >= 1, so the penalty step "
-                f"alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a smaller lam."
+                f"{where}: effective factor lr {eta:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta:.3g} >= 1, so "
+                f"the penalty step alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a "
+                "smaller lam."
             )
             continue
         if isinstance(opt, SGD_LIKE_OPTIMIZERS) and eta < MIN_EFFECTIVE_FACTOR_LR:
             warns.append(
-                f"{where}: effective factor lr {eta:.3g} (lr × factor_lr_multiplier / (1 − momentum)) is below "
-                f"{MIN_EFFECTIVE_FACTOR_LR:g}: in the README's benchmarks (SGD, momentum 0.9) DWF lost accuracy at 1–5, and at 10 "
-                f"it trained as well as dense. Try factor_lr_multiplier={lr_multiplier * 10 / eta:.3g} (effective 10) with "
-                "factor_lr_warmup=0.1."
+                f"{where}: effective factor lr {eta:.3g} (lr × multiplier / (1 − momentum)) is below "
+                f"{MIN_EFFECTIVE_FACTOR_LR:g}, where the documented benchmarks (SGD, momentum 0.9) lost accuracy. Try "
+                f"FactorLRConfig(multiplier={lr_multiplier * 10 / eta:.3g}, warmup=0.1) (effective 10)."
             )
         if isinstance(opt, SGD_LIKE_OPTIMIZERS) and math.isfinite(floor) and eta < floor:
             warns.append(
-                f"{where}: effective factor lr {eta:.3g} (lr × factor_lr_multiplier / (1 − momentum)) is below the floor "
+                f"{where}: effective factor lr {eta:.3g} (lr × multiplier / (1 − momentum)) is below the floor "
                 f"{floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
-                f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model will have "
-                f"few exact zeros. Raise the lr (or factor_lr_multiplier) to >= {floor:.3g}, raise lam, or train "
-                f"{floor / eta:.1f}× longer."
+                f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model "
+                f"will have few exact zeros. Raise the lr (or FactorLRConfig.multiplier) to >= {floor:.3g}, raise lam, "
+                f"or train {floor / eta:.1f}× longer."
             )
     return LearningRateCheck(errors, warns, floor)
+
+
+def warmup_multiplier(step: int, start: int, total: float, warmup: float, multiplier: float) -> float:
+    """The factor LR multiplier after ``step`` optimizer steps of a linear ramp from 1 that began at step ``start``.
+
+    The ramp lasts ``warmup · total`` steps and ends at ``multiplier``; an open-ended run (``total`` infinite) or
+    ``warmup = 0`` gets the full multiplier at once. A function of the step only, so resuming is exact.
+
+    >>> warmup_multiplier(step=50, start=0, total=1000, warmup=0.1, multiplier=10.0)
+    5.5
+    """
+    if not warmup:
+        return multiplier
+    progress = (step - start) / (warmup * total) if math.isfinite(total) else 1.0
+    return 1.0 + (multiplier - 1.0) * min(1.0, progress)

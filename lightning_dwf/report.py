@@ -94,7 +94,8 @@ class SparsityReport:
 
     @property
     def dead_layers(self) -> list[str]:
-        """Names of the tensors with no weight at or above the threshold: collapsed, their layer's output ignores its input."""
+        """Names of the tensors with no weight at or above the threshold: collapsed, their layer's output ignores its
+        input."""
         return [layer.name for layer in self.layers if layer.nonzero == 0]
 
     @property
@@ -153,7 +154,8 @@ class SparsityReport:
             "total", "", f"{self.numel:,}", f"{self.nonzero:,}", f"{self.sparsity:.2%}",
             f"{self.compression_ratio:.1f}", f"{self.relative_misalignment:.2%} rel.", end_section=True,
         )
-        table.add_row("all parameters", "", f"{self.total_params:,}", f"{self.total_nonzero:,}", "", f"{self.compression_ratio_all:.1f}", "")
+        table.add_row("all parameters", "", f"{self.total_params:,}", f"{self.total_nonzero:,}", "",
+                      f"{self.compression_ratio_all:.1f}", "")
         return table
 
 
@@ -199,3 +201,16 @@ def sparsity_report(
     total_params = sum(layer.numel for layer in layers) + sum(p.numel() for p in rest)
     total_nonzero = sum(layer.nonzero for layer in layers) + sum(int(p.count_nonzero()) for p in rest)
     return SparsityReport(layers, threshold, lam, total_params, total_nonzero, finite)
+
+
+@torch.no_grad()
+def weight_scales(module: nn.Module) -> tuple[float, float]:
+    """``(largest per-tensor RMS, global RMS)`` of the collapsed factorized weights of ``module``.
+
+    The first is the magnitude an unsupported weight shrinks from (the LR floor's ``init_std``); the second sets
+    target mode's default control threshold.
+    """
+    weights = [t.product() for t in factorized_tensors(module)]
+    scale = max(float(w.pow(2).mean().sqrt()) for w in weights)
+    rms = math.sqrt(sum(float(w.pow(2).sum()) for w in weights) / sum(w.numel() for w in weights))
+    return scale, rms

@@ -37,9 +37,18 @@ def build_net(kind: str) -> nn.Module:
 class ToyModel(LightningModule):
     """Linear or Conv+BatchNorm classifier on :func:`toy_data`; plain SGD (+ optional cosine schedule)."""
 
-    def __init__(self, kind: str = "linear", lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 scheduler: bool = False, n: int = 256, batch_size: int = 32, zero_loss: bool = False,
-                 t_max: int | None = None) -> None:
+    def __init__(
+        self,
+        kind: str = "linear",
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        scheduler: bool = False,
+        n: int = 256,
+        batch_size: int = 32,
+        zero_loss: bool = False,
+        t_max: int | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build_net(kind)
@@ -67,8 +76,12 @@ class ToyModel(LightningModule):
         return self(batch[0])
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-                              weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.SGD(
+            self.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
         if not self.hparams.scheduler:
             return opt
         t_max = self.hparams.t_max or int(self.trainer.estimated_stepping_batches)
@@ -76,7 +89,9 @@ class ToyModel(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_dataloader(self):
-        return DataLoader(toy_data(self.hparams.n, self.hparams.kind), batch_size=self.hparams.batch_size, shuffle=False)
+        return DataLoader(
+            toy_data(self.hparams.n, self.hparams.kind), batch_size=self.hparams.batch_size, shuffle=False
+        )
 
     def val_dataloader(self):
         return DataLoader(toy_data(64, self.hparams.kind, seed=1), batch_size=64)
@@ -90,8 +105,15 @@ def _seed():
 def trainer_kwargs(tmp_path, **overrides):
     """Lightning's test defaults: CPU, quiet, short."""
     kwargs = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=2, enable_progress_bar=False,
-        enable_model_summary=False, logger=False, log_every_n_steps=1, num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
     )
     kwargs.update(overrides)
     return kwargs

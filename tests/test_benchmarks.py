@@ -20,19 +20,10 @@ def test_gradual_schedule_reaches_target(target, epochs):
     assert 1 - remaining == pytest.approx(target)
 
 
-def test_floor_lam_matches_the_callback_floor():
-    from lightning_dwf.functional import lr_floor
-
-    steps = 1000
-    for multiplier in (5.0, 10.0):
-        eta = sweep.LR * multiplier / (1 - sweep.MOMENTUM)
-        assert lr_floor(sweep.floor_lam(steps, multiplier), steps, 0.05) == pytest.approx(eta)
-
-
 def test_method_callbacks_passes_the_control_threshold():
     cfg = dict(method="dwf-target-d3", depth=3, target=0.98, recovery=0.5, factor_lr_multiplier=10.0)
-    assert sweep.method_callbacks(dict(cfg, control_threshold="auto"))[0].control_threshold is None  # the callback's default
-    assert sweep.method_callbacks(dict(cfg, control_threshold=1e-3))[0].control_threshold == 1e-3
+    assert sweep.method_callbacks(dict(cfg, control_threshold="auto"))[0].schedule.control_threshold is None  # the default
+    assert sweep.method_callbacks(dict(cfg, control_threshold=1e-3))[0].schedule.control_threshold == 1e-3
     assert sweep.method_callbacks(cfg)[0].control_threshold is None
 
 
@@ -75,7 +66,7 @@ def test_oneshot_and_model_pruning_hit_their_sparsity(tmp_path):
     import torch
 
     from benchmarks.models import lenet_300_100
-    from lightning_dwf.datasets import ImageData
+    from examples.data import ImageData
 
     g = torch.Generator().manual_seed(0)
     data = ImageData("toy", torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g),
@@ -132,7 +123,7 @@ def test_cifar_shaped_nets_factorize_and_collapse_exactly(name):
     import torch
 
     from benchmarks.models import CIFAR_MODELS, INPUT_SHAPES
-    from lightning_dwf import collapse_, factorize_
+    from lightning_dwf import FactorizeConfig, collapse_, factorize_
 
     torch.manual_seed(0)
     net = CIFAR_MODELS[name]().eval()
@@ -140,6 +131,6 @@ def test_cifar_shaped_nets_factorize_and_collapse_exactly(name):
     with torch.no_grad():
         before = net(x)
         layers = sweep.prunable(net)
-        assert len(factorize_(net, 3, init="balanced")) == len(layers)
+        assert len(factorize_(net, 3, config=FactorizeConfig(init="balanced"))) == len(layers)
         collapse_(net)
         torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)

@@ -18,7 +18,18 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_dwf import DWFCallback, DWFDeadLayerWarning, DWFLearningRateWarning, factor_parameters, factorize_, factorized_tensors
+from lightning_dwf import (
+    CollapseConfig,
+    DWFCallback,
+    DWFDeadLayerWarning,
+    DWFLearningRateWarning,
+    FactorizeConfig,
+    FactorLRConfig,
+    ScheduleConfig,
+    factor_parameters,
+    factorize_,
+    factorized_tensors,
+)
 
 
 class OutputsBeforeCollapse(Callback):
@@ -40,14 +51,20 @@ class OutputsBeforeCollapse(Callback):
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_fit_logs_metrics_and_writes_collapsed_checkpoint(tmp_path, depth, kind):
     model = ToyModel(kind=kind, lr=0.5, scheduler=True)
-    dwf = DWFCallback(depth=depth, lam=0.02, lr_check="off")
+    dwf = DWFCallback(depth=depth, lam=0.02, factor_lr=FactorLRConfig(check="off"))
     x = toy_data(16, kind, seed=3).tensors[0]
     probe = OutputsBeforeCollapse(x)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=3, logger=logger, callbacks=[dwf, probe]))
     trainer.fit(model)
 
-    for key in ("dwf/sparsity", "dwf/compression_ratio", "dwf/misalignment", "dwf/penalty", "dwf/sparsity/net.0.weight"):
+    for key in (
+        "dwf/sparsity",
+        "dwf/compression_ratio",
+        "dwf/misalignment",
+        "dwf/penalty",
+        "dwf/sparsity/net.0.weight",
+    ):
         assert key in trainer.callback_metrics, key
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -69,7 +86,8 @@ def test_fit_logs_metrics_and_writes_collapsed_checkpoint(tmp_path, depth, kind)
 
 
 def test_training_produces_exact_zeros(tmp_path):
-    """The whole mechanism works: penalty + LR above the floor gives exact zeros and a compressed model that still learns."""
+    """The whole mechanism works: penalty + LR above the floor gives exact zeros and a compressed model that still
+    learns."""
     model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512)
     # above the LR floor (λ = 0.01 is below it: CR ~1.4), below the cliff: λ = 0.03 killed the net for one init of
     # eight on torch 2.11 (all weights zero), λ = 0.02 kept 84-100 % accuracy at CR 120-272 on torch 2.11 and 2.13
@@ -90,7 +108,9 @@ def test_training_produces_exact_zeros(tmp_path):
 def test_dead_network_is_warned_during_training_and_at_collapse(tmp_path, depth):
     """λ far above the cliff zeroes every weight: the callback says so (once while training, again at collapse)."""
     model = ToyModel(lr=0.1, momentum=0.9, n=256)
-    dwf = DWFCallback(depth=depth, lam=1.0, lr_check="off")  # each factor shrinks by ~10 % per step: 160 steps kill the net
+    dwf = DWFCallback(
+        depth=depth, lam=1.0, factor_lr=FactorLRConfig(check="off")
+    )  # each factor shrinks by ~10 % per step: 160 steps kill the net
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf], enable_checkpointing=False))
     with pytest.warns(DWFDeadLayerWarning) as caught:
         trainer.fit(model)
@@ -103,13 +123,19 @@ def test_dead_network_is_warned_during_training_and_at_collapse(tmp_path, depth)
 
 
 def test_penalty_applied_once_per_optimizer_step(tmp_path):
-    """With a zero data loss, every factor shrinks by exactly (1 - lr·2λ/D) per optimizer step (accumulation included)."""
+    """With a zero data loss, every factor shrinks by exactly (1 - lr·2λ/D) per optimizer step (accumulation
+    included)."""
     lam, lr, depth = 0.5, 0.2, 3
     model = ToyModel(lr=lr, zero_loss=True, n=64, batch_size=16)
-    dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
+    dwf = DWFCallback(
+        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+    )
     snap = FactorSnapshot()
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], accumulate_grad_batches=2,
-                                       enable_checkpointing=False))
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=1, callbacks=[dwf, snap], accumulate_grad_batches=2, enable_checkpointing=False
+        )
+    )
     trainer.fit(model)
     assert trainer.global_step == 2
     shrink = (1 - lr * 2 * lam / depth) ** trainer.global_step
@@ -120,7 +146,8 @@ def test_penalty_applied_once_per_optimizer_step(tmp_path):
 
 @pytest.mark.parametrize("form", ["optimizer", "list", "tuple_of_lists", "dict", "dict_list"])
 def test_every_configure_optimizers_form_gets_the_penalty(tmp_path, form):
-    """Whatever configure_optimizers returns, factors get the penalty once per step and the scheduler drives their LR."""
+    """Whatever configure_optimizers returns, factors get the penalty once per step and the scheduler drives their
+    LR."""
 
     class Model(ToyModel):
         def configure_optimizers(self):
@@ -136,7 +163,9 @@ def test_every_configure_optimizers_form_gets_the_penalty(tmp_path, form):
 
     model = Model(zero_loss=True, n=32, batch_size=16)
     snap = FactorSnapshot()
-    dwf = DWFCallback(depth=3, lam=0.5, lr_check="off", collapse_on_fit_end=False)
+    dwf = DWFCallback(
+        depth=3, lam=0.5, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+    )
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, snap], enable_checkpointing=False))
     trainer.fit(model)
     scheduled = form not in ("optimizer", "list")
@@ -151,7 +180,14 @@ def test_every_configure_optimizers_form_gets_the_penalty(tmp_path, form):
 def test_wandb_offline_run_gets_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(save_dir=str(tmp_path), project="dwf-test", offline=True)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=logger, callbacks=[DWFCallback(depth=3, lam=0.01, lr_check="off")]))
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=1,
+            logger=logger,
+            callbacks=[DWFCallback(depth=3, lam=0.01, factor_lr=FactorLRConfig(check="off"))],
+        )
+    )
     trainer.fit(ToyModel())
     logger.experiment.finish()
     runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*"))
@@ -165,11 +201,12 @@ def test_wandb_offline_run_gets_metrics(tmp_path, monkeypatch):
 
 def test_resume_is_exact(tmp_path):
     """A run interrupted after 2 epochs and resumed from its checkpoint ends with the same collapsed model."""
+
     def run(max_epochs, ckpt_path=None, root="a", seed=0):
         torch.manual_seed(seed)
         model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1, save_top_k=-1)
-        dwf = DWFCallback(depth=3, lam=0.02, lr_check="off")
+        dwf = DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"))
         trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=max_epochs, callbacks=[dwf, ckpt]))
         trainer.fit(model, ckpt_path=ckpt_path)
         return model, trainer
@@ -204,19 +241,44 @@ def test_dense_checkpoint_starts_dwf_with_balanced_init(tmp_path):
     with torch.no_grad():
         expected = model(x)
     check = Check()
-    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=0.01, init="balanced", lr_check="off"), check])).fit(model)
+    Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=1,
+            callbacks=[
+                DWFCallback(
+                    depth=3, lam=0.01, factorize=FactorizeConfig(init="balanced"), factor_lr=FactorLRConfig(check="off")
+                ),
+                check,
+            ],
+        )
+    ).fit(model)
     assert check.ok
 
 
 def test_lr_check_warns_and_errors(tmp_path):
     with pytest.warns(DWFLearningRateWarning, match="below the floor"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(ToyModel(lr=0.01))
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(
+            ToyModel(lr=0.01)
+        )
     with pytest.raises(MisconfigurationException, match="below the floor"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4, lr_check="error")])).fit(ToyModel(lr=0.01))
+        Trainer(
+            **trainer_kwargs(
+                tmp_path,
+                max_epochs=1,
+                callbacks=[DWFCallback(depth=3, lam=1e-4, factor_lr=FactorLRConfig(check="error"))],
+            )
+        ).fit(ToyModel(lr=0.01))
     with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(ToyModel(lr=0.5))
-    with pytest.warns(DWFLearningRateWarning, match=r"effective factor lr 0.1 .* is below 5.*factor_lr_multiplier=100"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(ToyModel(lr=0.1))
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(
+            ToyModel(lr=0.5)
+        )
+    with pytest.warns(
+        DWFLearningRateWarning, match=r"effective factor lr 0.1 .* is below 5.*FactorLRConfig\(multiplier=100"
+    ):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(
+            ToyModel(lr=0.1)
+        )
 
 
 def test_lr_check_without_a_step_budget(tmp_path):
@@ -224,14 +286,18 @@ def test_lr_check_without_a_step_budget(tmp_path):
     open_ended = dict(max_epochs=-1, max_steps=-1, max_time={"seconds": 1})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=1e-4)], **open_ended)).fit(ToyModel(lr=0.01))
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=1e-4)], **open_ended)).fit(
+            ToyModel(lr=0.01)
+        )
     assert not [w for w in caught if "below the floor" in str(w.message)]
     with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
-        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=10.0)], **open_ended)).fit(ToyModel(lr=0.5))
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=10.0)], **open_ended)).fit(
+            ToyModel(lr=0.5)
+        )
 
 
 def test_divergence_is_caught_and_no_checkpoint_written(tmp_path):
-    dwf = DWFCallback(depth=3, lam=1e-3, lr_check="off")
+    dwf = DWFCallback(depth=3, lam=1e-3, factor_lr=FactorLRConfig(check="off"))
     with pytest.raises(RuntimeError, match="became NaN/Inf") as err:
         Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[dwf])).fit(ToyModel(lr=1e4, momentum=0.9))
     step = int(str(err.value).split(" at step ")[1].split(" ")[0])
@@ -247,42 +313,71 @@ def test_validate_test_predict_do_not_factorize(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    "factory, kwargs, error, match",
     [
-        (dict(depth=1, lam=0.1), ValueError, "`depth` must be >= 2"),
-        (dict(depth=2.0, lam=0.1), TypeError, "`depth` must be an int"),
-        (dict(depth=True, lam=0.1), TypeError, "`depth` must be an int"),
-        (dict(depth=3), ValueError, "Give exactly one of `lam`"),
-        (dict(depth=3, lam=0.1, target_sparsity=0.9), ValueError, "Give exactly one of `lam`"),
-        (dict(depth=3, target_sparsity=1.0), ValueError, "`target_sparsity` is a fraction"),
-        (dict(depth=3, target_compression=0.5), ValueError, "`target_compression` .* must be > 1"),
-        (dict(depth=3, target_sparsity=0.9, recovery=0.9), ValueError, "`recovery` is the fraction of the run"),
-        (dict(depth=3, target_sparsity=0.9, recovery=True), ValueError, "`recovery` is the fraction of the run"),
-        (dict(depth=3, lam=-1.0), ValueError, "`lam` must be a finite float >= 0"),
-        (dict(depth=3, lam=float("nan")), ValueError, "`lam` must be a finite float >= 0"),
-        (dict(depth=3, lam="0.1"), TypeError, "`lam` must be a finite float"),
-        (dict(depth=3, lam=0.1, threshold=-1e-7), ValueError, "`threshold` must be a finite float >= 0"),
-        (dict(depth=3, lam=0.1, init="xavier"), ValueError, "`init` must be one of"),
-        (dict(depth=3, lam=0.1, init_std=-1.0), ValueError, "`init_std` must be"),
-        (dict(depth=3, lam=0.1, factor_lr_multiplier=0), ValueError, "`factor_lr_multiplier` must be > 0"),
-        (dict(depth=3, lam=0.1, factor_lr_warmup=1.0), ValueError, "`factor_lr_warmup` is the fraction"),
-        (dict(depth=3, lam=0.1, lr_check="loud"), ValueError, "`lr_check` must be one of"),
-        (dict(depth=3, lam=0.1, log_every_n_steps=0), ValueError, "`log_every_n_steps` must be an int >= 1"),
-        (dict(depth=3, lam=0.1, layer_types=["Linearr"]), ValueError, "not a torch.nn layer class name"),
-        (dict(depth=3, lam=0.1, layer_types=[]), ValueError, "`layer_types` is empty"),
-        (dict(depth=3, lam=0.1, include=[3]), TypeError, "`include` must be a glob pattern"),
+        (DWFCallback, dict(depth=1, lam=0.1), ValueError, "`depth` must be >= 2"),
+        (DWFCallback, dict(depth=2.0, lam=0.1), TypeError, "`depth` must be an int"),
+        (DWFCallback, dict(depth=True, lam=0.1), TypeError, "`depth` must be an int"),
+        (DWFCallback, dict(depth=3), ValueError, "Give exactly one of `lam`"),
+        (DWFCallback, dict(depth=3, lam=0.1, target_sparsity=0.9), ValueError, "Give exactly one of `lam`"),
+        (DWFCallback, dict(depth=3, target_sparsity=1.0), ValueError, "`target_sparsity` is a fraction"),
+        (DWFCallback, dict(depth=3, target_compression=0.5), ValueError, "`target_compression` .* must be > 1"),
+        (ScheduleConfig, dict(recovery=0.9), ValueError, "`recovery` is the fraction of the run"),
+        (ScheduleConfig, dict(recovery=True), ValueError, "`recovery` is the fraction of the run"),
+        (DWFCallback, dict(depth=3, lam=-1.0), ValueError, "`lam` must be a finite float >= 0"),
+        (DWFCallback, dict(depth=3, lam=float("nan")), ValueError, "`lam` must be a finite float >= 0"),
+        (DWFCallback, dict(depth=3, lam="0.1"), TypeError, "`lam` must be a finite float"),
+        (CollapseConfig, dict(threshold=-1e-7), ValueError, "`threshold` must be a finite float >= 0"),
+        (FactorizeConfig, dict(init="xavier"), ValueError, "`init` must be one of"),
+        (FactorizeConfig, dict(init_std=-1.0), ValueError, "`init_std` must be"),
+        (FactorLRConfig, dict(multiplier=0), ValueError, "`multiplier` must be > 0"),
+        (FactorLRConfig, dict(warmup=1.0), ValueError, "`warmup` is the fraction"),
+        (FactorLRConfig, dict(check="loud"), ValueError, "`check` must be one of"),
+        (
+            DWFCallback,
+            dict(depth=3, lam=0.1, log_every_n_steps=0),
+            ValueError,
+            "`log_every_n_steps` must be an int >= 1",
+        ),
+        (FactorizeConfig, dict(layer_types=["Linearr"]), ValueError, "not a torch.nn layer class name"),
+        (FactorizeConfig, dict(layer_types=[]), ValueError, "`layer_types` is empty"),
+        (FactorizeConfig, dict(include=[3]), TypeError, "`include` must be a string or a list of strings"),
+        (FactorizeConfig, dict(filter_fn="net.0"), TypeError, "`filter_fn` must be a callable"),
+        (FactorizeConfig, dict(eps_ratio=2.0), ValueError, "`eps_ratio` must lie in"),
+        (ScheduleConfig, dict(gain=-0.1), ValueError, "`gain` must be a finite float >= 0"),
+        (ScheduleConfig, dict(control_threshold=0.0), ValueError, "`control_threshold` must be > 0"),
+        # the arguments of 0.1 name the config field they moved to
+        (
+            DWFCallback,
+            dict(depth=3, lam=0.1, exclude=["net.2"]),
+            TypeError,
+            r"factorize=FactorizeConfig\(exclude=...\)",
+        ),
+        (DWFCallback, dict(depth=3, lam=0.1, factor_lr_multiplier=10), TypeError, r"FactorLRConfig\(multiplier=...\)"),
+        (DWFCallback, dict(depth=3, lam=0.1, threshold=1e-3), TypeError, r"CollapseConfig\(threshold=...\)"),
+        (DWFCallback, dict(depth=3, lam=0.1, recovery=0.3), TypeError, r"ScheduleConfig\(recovery=...\)"),
+        (DWFCallback, dict(depth=3, lam=0.1, exclued=["net.2"]), TypeError, "unexpected keyword argument 'exclued'"),
+        (DWFCallback, dict(depth=3, lam=0.1, factorize="net.2"), TypeError, "`factorize` must be a FactorizeConfig"),
     ],
 )
-def test_bad_arguments_raise_in_init(kwargs, error, match):
+def test_bad_arguments_raise_in_init(factory, kwargs, error, match):
     with pytest.raises(error, match=match):
-        DWFCallback(**kwargs)
+        factory(**kwargs)
 
 
 def test_bad_setups_raise_in_setup(tmp_path):
     with pytest.raises(ValueError, match="Nothing to factorize"):
-        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.1, layer_types=["Conv2d"])])).fit(ToyModel())
+        Trainer(
+            **trainer_kwargs(
+                tmp_path, callbacks=[DWFCallback(depth=3, lam=0.1, factorize=FactorizeConfig(layer_types=["Conv2d"]))]
+            )
+        ).fit(ToyModel())
     with pytest.raises(ValueError, match="matches no"):
-        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.1, include=["encoder.*"])])).fit(ToyModel())
+        Trainer(
+            **trainer_kwargs(
+                tmp_path, callbacks=[DWFCallback(depth=3, lam=0.1, factorize=FactorizeConfig(include=["encoder.*"]))]
+            )
+        ).fit(ToyModel())
     model = ToyModel()
     factorize_(model, 2)
     with pytest.raises(ValueError, match="already factorized with depth 2"):
@@ -296,16 +391,29 @@ def test_bad_setups_raise_in_setup(tmp_path):
 
 def test_checkpoint_of_other_depth_is_refused(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=2, lam=0.01, lr_check="off"), ckpt])).fit(ToyModel())
+    Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=1,
+            callbacks=[DWFCallback(depth=2, lam=0.01, factor_lr=FactorLRConfig(check="off")), ckpt],
+        )
+    ).fit(ToyModel())
     with pytest.raises(ValueError, match="factorized with depth 3"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.01, lr_check="off")])).fit(
-            ToyModel(), ckpt_path=str(tmp_path / "last.ckpt"))
+        Trainer(
+            **trainer_kwargs(
+                tmp_path,
+                max_epochs=2,
+                callbacks=[DWFCallback(depth=3, lam=0.01, factor_lr=FactorLRConfig(check="off"))],
+            )
+        ).fit(ToyModel(), ckpt_path=str(tmp_path / "last.ckpt"))
 
 
 def test_mid_fit_checkpoints_load_into_the_plain_class(tmp_path):
     """Checkpoints written during fit hold collapsed weights in state_dict (factors kept aside for resume)."""
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", collapse_on_fit_end=False)
+    dwf = DWFCallback(
+        depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+    )
     model = ToyModel(lr=0.3)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, ckpt])).fit(model)
     plain = ToyModel.load_from_checkpoint(tmp_path / "last.ckpt")
@@ -321,26 +429,37 @@ def test_resuming_from_a_plain_checkpoint_is_refused(tmp_path, kind):
     """A dense run's checkpoint gets DWF's explanation; the weights-only collapsed one gets Lightning's own."""
     match = "points to a plain checkpoint" if kind == "dense" else "checkpoint contains only the model"
     if kind == "collapsed":
-        dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+        dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(ToyModel())
         path = dwf.collapsed_checkpoint_path
     else:
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])).fit(ToyModel())
+        Trainer(
+            **trainer_kwargs(tmp_path, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        ).fit(ToyModel())
         path = str(tmp_path / "last.ckpt")
     with pytest.raises((ValueError, KeyError), match=match):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off")])).fit(
-            ToyModel(), ckpt_path=path)
+        Trainer(
+            **trainer_kwargs(
+                tmp_path,
+                max_epochs=2,
+                callbacks=[DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"))],
+            )
+        ).fit(ToyModel(), ckpt_path=path)
 
 
 def test_factor_lr_warmup_ramps_the_multiplier(tmp_path):
-    """The multiplier goes linearly from 1 to factor_lr_multiplier over the first `factor_lr_warmup` of the planned steps."""
+    """The multiplier goes linearly from 1 to FactorLRConfig.multiplier over its first `warmup` of the planned steps."""
     seen = []
 
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append((trainer.global_step - 1, dwf._penalty.lr_multiplier))  # the multiplier used by the step just taken
+            seen.append(
+                (trainer.global_step - 1, dwf._penalty.lr_multiplier)
+            )  # the multiplier used by the step just taken
 
-    dwf = DWFCallback(depth=3, lam=1e-3, factor_lr_multiplier=5.0, factor_lr_warmup=0.5, lr_check="off", verbose=False)
+    dwf = DWFCallback(
+        depth=3, lam=1e-3, verbose=False, factor_lr=FactorLRConfig(multiplier=5.0, warmup=0.5, check="off")
+    )
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, Record()], enable_checkpointing=False))
     trainer.fit(ToyModel(n=256, batch_size=32))  # 16 steps, warm-up over 8
     assert [m for _, m in seen] == pytest.approx([1.0 + 4.0 * min(1.0, step / 8) for step, _ in seen])

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from conftest import ToyModel, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 
-from lightning_dwf import DWFCallback, factor_parameters, factorized_tensors
+from lightning_dwf import DWFCallback, FactorLRConfig, ScheduleConfig, factor_parameters, factorized_tensors
 
 
 class RankAgreement(Callback):
@@ -22,7 +22,7 @@ class RankAgreement(Callback):
         self.lams: list[float] = []
 
     def on_train_batch_end(self, trainer, *args):
-        self.lams.append(self.dwf.lam)  # after DWFCallback in the list: λ as the controller left it
+        self.lams.append(self.dwf.current_lam)  # after DWFCallback in the list: λ as the controller left it
 
     def on_train_end(self, trainer, pl_module):
         # target mode ends with λ = 0 on every rank (recovery phase): compare λ over the whole run, where it was not 0
@@ -51,12 +51,21 @@ class RankAgreement(Callback):
 
 @pytest.mark.parametrize("mode", ["lam", "target"])
 def test_ddp_spawn_two_processes(tmp_path, mode):
-    """Factors, logged metrics and (target mode) the controller's λ agree on both ranks; the parent gets the collapsed model."""
-    model = ToyModel(lr=0.3 if mode == "lam" else 0.1, momentum=0.9, n=1024)  # target mode diverges at 0.3 for most seeds
+    """Factors, logged metrics and (target mode) the controller's λ agree on both ranks; the parent gets the
+    collapsed model."""
+    model = ToyModel(
+        lr=0.3 if mode == "lam" else 0.1, momentum=0.9, n=1024
+    )  # target mode diverges at 0.3 for most seeds
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    kwargs = dict(lam=0.02, lr_check="off") if mode == "lam" else dict(target_sparsity=0.9, recovery=0.4)
+    kwargs = (
+        dict(lam=0.02, factor_lr=FactorLRConfig(check="off"))
+        if mode == "lam"
+        else dict(target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4))
+    )
     dwf = DWFCallback(depth=3, verbose=False, **kwargs)
-    trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=10, callbacks=[dwf, RankAgreement()]))
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=10, callbacks=[dwf, RankAgreement()])
+    )
     trainer.fit(model)
     # the parent process ends with the collapsed, trained weights (not the initial ones, not factors)
     assert not factorized_tensors(model)
@@ -78,11 +87,11 @@ import torch
 from conftest import ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 from test_ddp import RankAgreement
-from lightning_dwf import DWFCallback, factorized_tensors
+from lightning_dwf import DWFCallback, FactorLRConfig, factorized_tensors
 
 torch.manual_seed(0)
 model = ToyModel(lr=0.3, momentum=0.9)
-dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+dwf = DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"), verbose=False)
 trainer = Trainer(**trainer_kwargs({root!r}, strategy="ddp", devices=2, max_epochs=2, callbacks=[dwf, RankAgreement()]))
 trainer.fit(model)
 assert not factorized_tensors(model)
@@ -93,7 +102,8 @@ with open(os.path.join({root!r}, f"rank{{trainer.global_rank}}.json"), "w") as f
 
 
 def test_ddp_subprocess_two_processes(tmp_path):
-    """strategy='ddp' (Lightning relaunches the script per rank): ranks agree, one collapsed checkpoint, same collapsed model."""
+    """strategy='ddp' (Lightning relaunches the script per rank): ranks agree, one collapsed checkpoint, same
+    collapsed model."""
     import json
     import subprocess
     import sys
@@ -102,7 +112,11 @@ def test_ddp_subprocess_two_processes(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=root))
     # a ddp_spawn test earlier in this process leaves MASTER_PORT etc. in os.environ: let Lightning pick a fresh port
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    }
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]

@@ -10,7 +10,7 @@ import torch
 from conftest import FactorSnapshot, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 
-from lightning_dwf import DWFCallback, factor_parameters
+from lightning_dwf import CollapseConfig, DWFCallback, FactorLRConfig, factor_parameters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,9 +26,13 @@ def test_penalty_step_is_exact_under_mixed_precision(tmp_path, precision):
     or the shrink would be 65,536 times too small."""
     lam, lr, depth = 0.5, 0.2, 3
     model = ToyModel(lr=lr, zero_loss=True, n=64, batch_size=16)
-    dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
+    dwf = DWFCallback(
+        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+    )
     snap = FactorSnapshot()
-    trainer = Trainer(**gpu_kwargs(tmp_path, max_epochs=1, precision=precision, callbacks=[dwf, snap], enable_checkpointing=False))
+    trainer = Trainer(
+        **gpu_kwargs(tmp_path, max_epochs=1, precision=precision, callbacks=[dwf, snap], enable_checkpointing=False)
+    )
     trainer.fit(model)
     assert trainer.global_step == 4
     if precision == "16-mixed":
@@ -42,10 +46,13 @@ def test_penalty_step_is_exact_under_mixed_precision(tmp_path, precision):
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_target_mode_on_gpu(tmp_path, precision, kind):
-    """Target mode on a GPU with mixed precision: the target exactly, finite factors, a collapsed checkpoint that loads on CPU."""
+    """Target mode on a GPU with mixed precision: the target exactly, finite factors, a collapsed checkpoint that
+    loads on CPU."""
     dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False)
     model = ToyModel(kind=kind, lr=0.1, momentum=0.9, scheduler=True, n=512)
-    trainer = Trainer(**gpu_kwargs(tmp_path, max_epochs=10, precision=precision, callbacks=[dwf], enable_checkpointing=False))
+    trainer = Trainer(
+        **gpu_kwargs(tmp_path, max_epochs=10, precision=precision, callbacks=[dwf], enable_checkpointing=False)
+    )
     trainer.fit(model)
     report = dwf.final_report
     assert report.finite and abs(report.sparsity - 0.9) <= 0.005, report.metrics(per_layer=False)

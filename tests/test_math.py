@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_dwf import (
+    FactorizeConfig,
     FactorPenalty,
     collapse_,
     collapse_state_dict,
@@ -72,8 +73,13 @@ def test_penalty_gradient_equals_sgd_weight_decay(depth, momentum):
     penalty = FactorPenalty(factor_parameters(a), lam, depth)
     penalty.bind([opt_a])
     opt_b = torch.optim.SGD(
-        [{"params": factor_parameters(b), "weight_decay": 2 * lam / depth},
-         {"params": [p for n, p in b.named_parameters() if "original" not in n]}], lr=lr, momentum=momentum)
+        [
+            {"params": factor_parameters(b), "weight_decay": 2 * lam / depth},
+            {"params": [p for n, p in b.named_parameters() if "original" not in n]},
+        ],
+        lr=lr,
+        momentum=momentum,
+    )
     opt_c = torch.optim.SGD(c.parameters(), lr=lr, momentum=momentum)
     for _ in range(3):
         for model, opt in zip(models, (opt_a, opt_b, opt_c)):
@@ -91,12 +97,18 @@ def test_penalty_gradient_equals_sgd_weight_decay(depth, momentum):
 
 
 def test_user_weight_decay_is_neutralized_on_factors():
-    """Coupled (SGD) and decoupled (AdamW) user decay on a mixed group: factors get exactly λ, other params keep theirs."""
+    """Coupled (SGD) and decoupled (AdamW) user decay on a mixed group: factors get exactly λ, other params keep
+    theirs."""
     lam, depth, x = 0.02, 3, torch.randn(8, 6)
     # Without the neutralization, AdamW's decay would move the factors by ~4e-3 here.
     for user_opt, ref_opt, tol in [
-        (lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.3), lambda f, o: torch.optim.SGD(
-            [{"params": f, "weight_decay": 2 * lam / depth}, {"params": o, "weight_decay": 0.3}], lr=0.1), 1e-6),
+        (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.3),
+            lambda f, o: torch.optim.SGD(
+                [{"params": f, "weight_decay": 2 * lam / depth}, {"params": o, "weight_decay": 0.3}], lr=0.1
+            ),
+            1e-6,
+        ),
         (lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1), lambda f, o: None, 1e-5),
     ]:
         a, b = _tiny(depth), _tiny(depth)
@@ -149,12 +161,21 @@ def test_penalty_binding_errors():
 def test_lr_multiplier_equals_scaled_lr(optimizer):
     depth, mult, x = 3, 3.0, torch.randn(8, 6)
     a, b = _tiny(depth), _tiny(depth)
-    make = (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)) if optimizer == "sgd" else (lambda ps, lr: torch.optim.Adam(ps, lr=lr))
+    make = (
+        (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9))
+        if optimizer == "sgd"
+        else (lambda ps, lr: torch.optim.Adam(ps, lr=lr))
+    )
     opt_a = make(a.parameters(), 0.01)
     pen = FactorPenalty(factor_parameters(a), 0.01, depth, lr_multiplier=mult)
     pen.bind([opt_a])
-    opt_b = make([{"params": factor_parameters(b), "lr": 0.01 * mult, "weight_decay": 2 * 0.01 / depth},
-                  {"params": [p for n, p in b.named_parameters() if "original" not in n]}], 0.01)
+    opt_b = make(
+        [
+            {"params": factor_parameters(b), "lr": 0.01 * mult, "weight_decay": 2 * 0.01 / depth},
+            {"params": [p for n, p in b.named_parameters() if "original" not in n]},
+        ],
+        0.01,
+    )
     for _ in range(3):
         for model, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
@@ -195,9 +216,20 @@ def _models():
     torch.manual_seed(0)
     return {
         "linear": (nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)), torch.randn(4, 10)),
-        "conv": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv1d(3, 2, 1) if False else nn.Flatten(),
-                               nn.Linear(3 * 4 * 4, 2)).eval(), torch.randn(2, 2, 6, 6)),
-        "conv1d": (nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6, 2)), torch.randn(2, 2, 8)),
+        "conv": (
+            nn.Sequential(
+                nn.Conv2d(2, 3, 3),
+                nn.BatchNorm2d(3),
+                nn.ReLU(),
+                nn.Conv1d(3, 2, 1) if False else nn.Flatten(),
+                nn.Linear(3 * 4 * 4, 2),
+            ).eval(),
+            torch.randn(2, 2, 6, 6),
+        ),
+        "conv1d": (
+            nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6, 2)),
+            torch.randn(2, 2, 8),
+        ),
     }
 
 
@@ -206,7 +238,7 @@ def _models():
 def test_balanced_init_preserves_outputs(depth, kind):
     model, x = _models()[kind]
     expected = model(x)
-    names = factorize_(model, depth, init="balanced")
+    names = factorize_(model, depth, config=FactorizeConfig(init="balanced"))
     assert names and all(".weight" in n for n in names)
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
     assert sparsity_report(model).relative_misalignment < 1e-5
@@ -259,7 +291,8 @@ def test_collapse_threshold_makes_exact_zeros():
 
 @pytest.mark.parametrize("depth", [2, 3])
 def test_lr_floor_predicts_exact_zeros(depth):
-    """An unsupported weight under the penalty alone reaches the threshold iff η0 is above the floor (cosine schedule)."""
+    """An unsupported weight under the penalty alone reaches the threshold iff η0 is above the floor (cosine
+    schedule)."""
     lam, steps, std, threshold = 0.01, 400, 0.05, 1.19e-7
     floor = lr_floor(lam, steps, std, threshold)
 

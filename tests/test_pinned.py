@@ -3,7 +3,8 @@
 Every test here compares exact values (or float32-exact ones) so that a change of behaviour, not only a crash, fails:
 layer selection in a real ``Trainer.fit``, the values and the cadence of the logged metrics, monitoring
 ``dwf/sparsity``, weights-only checkpoints, where the collapsed checkpoint goes, the init σ, ``configure_model``,
-the refusals of fused optimizers under a grad scaler and of sharded strategies, and the exact penalty step under bf16-mixed.
+the refusals of fused optimizers under a grad scaler and of sharded strategies, and the exact penalty step under
+bf16-mixed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dwf import DWFCallback, collapse_state_dict, factor_parameters, factorize_, factorized_tensors
+from lightning_dwf import (
+    CollapseConfig,
+    DWFCallback,
+    FactorizeConfig,
+    FactorLRConfig,
+    collapse_state_dict,
+    factor_parameters,
+    factorize_,
+    factorized_tensors,
+)
 from lightning_dwf.collapse import has_factors
 
 LINEAR_WEIGHTS = ("net.0.weight", "net.2.weight")
@@ -92,7 +102,8 @@ class Conv3dModel(ToyModel):
 
 
 class TensorSnapshot(Callback):
-    """At train start: every module tensor as the module computes it (factor product if factorized), and which are factorized."""
+    """At train start: every module tensor as the module computes it (factor product if factorized), and which are
+    factorized."""
 
     def on_train_start(self, trainer, pl_module):
         self.values, self.factorized = {}, set()
@@ -108,7 +119,8 @@ class TensorSnapshot(Callback):
 
 
 class FactorProbe(Callback):
-    """After DWFCallback (callbacks run in list order): the metrics recomputed from the factors at every optimizer step."""
+    """After DWFCallback (callbacks run in list order): the metrics recomputed from the factors at every optimizer
+    step."""
 
     def __init__(self, lam: float, depth: int, threshold: float) -> None:
         self.lam, self.depth, self.threshold = lam, depth, threshold
@@ -121,7 +133,9 @@ class FactorProbe(Callback):
         numel = sum(w.numel() for w in weights.values())
         zeros = sum(int((w.abs() < self.threshold).sum()) for w in weights.values())
         self.at[trainer.global_step] = {
-            "dwf/factor_penalty": self.lam / self.depth * sum(float(f.double().pow(2).sum()) for t in tensors for f in t.factors),
+            "dwf/factor_penalty": self.lam
+            / self.depth
+            * sum(float(f.double().pow(2).sum()) for t in tensors for f in t.factors),
             "dwf/penalty": self.lam * sum(float(w.double().abs().pow(2 / self.depth).sum()) for w in weights.values()),
             "dwf/sparsity": zeros / numel,
             **{f"dwf/sparsity/{n}": int((w.abs() < self.threshold).sum()) / w.numel() for n, w in weights.items()},
@@ -158,18 +172,32 @@ SHRINK = 1 - LR * 2 * LAM / DEPTH  # one penalty step of one factor under a zero
         ("conv3d", dict(layer_types=[nn.Conv3d]), ["net.0.weight"]),
         ("conv3d", {}, ["net.0.weight", "net.3.weight"]),
     ],
-    ids=["include", "include-str", "exclude", "include+exclude", "biases", "only-biases", "bn-scale", "bn+linear",
-         "conv-default", "conv3d", "conv3d-default"],
+    ids=[
+        "include",
+        "include-str",
+        "exclude",
+        "include+exclude",
+        "biases",
+        "only-biases",
+        "bn-scale",
+        "bn+linear",
+        "conv-default",
+        "conv3d",
+        "conv3d-default",
+    ],
 )
 def test_layer_selection_in_fit(tmp_path, kind, kwargs, expected):
-    """Exactly the selected tensors are factorized and penalized; every other tensor is a plain Parameter left untouched.
+    """Exactly the selected tensors are factorized and penalized; every other tensor is a plain Parameter left
+    untouched.
 
     With a zero data loss and plain SGD, each factor shrinks by ``1 − lr·2λ/D`` per step, so a factorized tensor ends at
     ``initial · (1 − lr·2λ/D)^(D·steps)`` and an unselected one is bit-for-bit its initial value.
     """
     cls = Conv3dModel if kind == "conv3d" else ToyModel
     model = cls(kind="linear" if kind == "conv3d" else kind, lr=LR, zero_loss=True, n=32, batch_size=16)
-    dwf = DWFCallback(depth=DEPTH, lam=LAM, lr_check="off", verbose=False, **kwargs)
+    dwf = DWFCallback(
+        depth=DEPTH, lam=LAM, verbose=False, factorize=FactorizeConfig(**kwargs), factor_lr=FactorLRConfig(check="off")
+    )
     snap = TensorSnapshot()
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False))
     trainer.fit(model)
@@ -205,15 +233,25 @@ class PlainSGDCheck(Callback):
         self.grad = layer.weight.grad.detach().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.testing.assert_close(pl_module.net[2].weight.detach(), self.before.add(self.grad, alpha=-self.lr), rtol=0, atol=1e-7)
+        torch.testing.assert_close(
+            pl_module.net[2].weight.detach(), self.before.add(self.grad, alpha=-self.lr), rtol=0, atol=1e-7
+        )
         self.steps += 1
 
 
 def test_excluded_layer_trains_dense_with_plain_sgd(tmp_path):
-    """A real loss and a penalty strong enough for zeros: the excluded layer steps as plain SGD and ends with no exact zero."""
+    """A real loss and a penalty strong enough for zeros: the excluded layer steps as plain SGD and ends with no
+    exact zero."""
     lr = 0.3
     model = ToyModel(lr=lr, n=128, batch_size=16)
-    dwf = DWFCallback(depth=3, lam=0.05, threshold=0.1, exclude=["net.2"], lr_check="off", verbose=False)
+    dwf = DWFCallback(
+        depth=3,
+        lam=0.05,
+        verbose=False,
+        collapse=CollapseConfig(threshold=0.1),
+        factorize=FactorizeConfig(exclude=["net.2"]),
+        factor_lr=FactorLRConfig(check="off"),
+    )
     check = PlainSGDCheck(lr)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, check], enable_checkpointing=False))
     trainer.fit(model)
@@ -229,23 +267,38 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
     lam, depth, threshold = 0.05, 3, 0.05
     logger = RecordingLogger()
     probe = FactorProbe(lam, depth, threshold)
-    dwf = DWFCallback(depth=depth, lam=lam, threshold=threshold, lr_check="off", verbose=False)
+    dwf = DWFCallback(
+        depth=depth,
+        lam=lam,
+        verbose=False,
+        collapse=CollapseConfig(threshold=threshold),
+        factor_lr=FactorLRConfig(check="off"),
+    )
     model = ToyModel(lr=0.3, n=128, batch_size=16)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger, callbacks=[dwf, probe], enable_checkpointing=False))
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, logger=logger, callbacks=[dwf, probe], enable_checkpointing=False)
+    )
     trainer.fit(model)
     assert trainer.global_step == 16
 
     rows = logger.rows("dwf/sparsity")
-    # Lightning logs with step = optimizer steps taken before the batch: the row at step s holds DWF's values after step s + 1
+    # Lightning logs with step = optimizer steps taken before the batch: the row at step s holds DWF's values after
+    # step s + 1
     assert [step for step, _ in rows] == list(range(16))
     for step, row in rows:
         expected = probe.at[step + 1]
-        assert set(k for k in row if k.startswith("dwf/")) == set(expected) | {"dwf/misalignment", "dwf/compression_ratio", "dwf/lam"}
+        assert set(k for k in row if k.startswith("dwf/")) == set(expected) | {
+            "dwf/misalignment",
+            "dwf/compression_ratio",
+            "dwf/lam",
+        }
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
         assert row["dwf/lam"] == f32(lam)
         sparsity = row["dwf/sparsity"]
-        assert row["dwf/compression_ratio"] == (math.inf if sparsity == 1 else pytest.approx(1 / (1 - sparsity), rel=1e-5))
+        assert row["dwf/compression_ratio"] == (
+            math.inf if sparsity == 1 else pytest.approx(1 / (1 - sparsity), rel=1e-5)
+        )
         assert 0 <= row["dwf/misalignment"] <= 1
     assert 0 < rows[-1][1]["dwf/sparsity"] < 1  # the numbers are not trivial
 
@@ -257,13 +310,24 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
     assert len(final_rows) == 1
     step, final = final_rows[0]
     assert step == trainer.global_step
-    assert set(final) == {f"dwf/final/{k}" for k in ("sparsity", "compression_ratio", "misalignment", "penalty", "factor_penalty",
-                                                     "compression_ratio_all_params", "threshold")}
+    assert set(final) == {
+        f"dwf/final/{k}"
+        for k in (
+            "sparsity",
+            "compression_ratio",
+            "misalignment",
+            "penalty",
+            "factor_penalty",
+            "compression_ratio_all_params",
+            "threshold",
+        )
+    }
     assert final["dwf/final/sparsity"] == pytest.approx(zeros / numel, abs=1e-12)
     assert final["dwf/final/compression_ratio"] == pytest.approx(numel / (numel - zeros), rel=1e-12)
     params = list(model.parameters())
     assert final["dwf/final/compression_ratio_all_params"] == pytest.approx(
-        sum(p.numel() for p in params) / sum(int(p.count_nonzero()) for p in params), rel=1e-12)
+        sum(p.numel() for p in params) / sum(int(p.count_nonzero()) for p in params), rel=1e-12
+    )
     assert final["dwf/final/threshold"] == threshold
     assert final["dwf/final/factor_penalty"] == pytest.approx(probe.at[16]["dwf/factor_penalty"], rel=1e-5)
     assert final["dwf/final/penalty"] == pytest.approx(probe.at[16]["dwf/penalty"], rel=1e-5)
@@ -278,16 +342,32 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
         (None, 5, 1, [5, 8, 10, 15, 16]),  # None: the Trainer's log_every_n_steps
         (None, 2, 1, [2, 4, 6, 8, 10, 12, 14, 16]),
         (5, 2, 1, [5, 8, 10, 15, 16]),  # the callback's value wins over the Trainer's
-        (1, 1, 2, [0, 1, 2, 3, 4, 5, 6, 7, 8]),  # accumulation: once per step (step 0 = the first batch, before any step)
+        (
+            1,
+            1,
+            2,
+            [0, 1, 2, 3, 4, 5, 6, 7, 8],
+        ),  # accumulation: once per step (step 0 = the first batch, before any step)
         (3, 1, 2, [0, 3, 4, 6, 8]),
     ],
 )
 def test_log_cadence(tmp_path, dwf_every, trainer_every, accumulate, expected):
-    """DWF logs when ``global_step % every == 0 or trainer.is_last_batch``, at most once per step (checked at log_dict)."""
+    """DWF logs when ``global_step % every == 0 or trainer.is_last_batch``, at most once per step (checked at
+    log_dict)."""
     model = LogSpy(lr=0.1, n=256, batch_size=32)  # 8 batches per epoch, 2 epochs
-    dwf = DWFCallback(depth=3, lam=0.01, lr_check="off", verbose=False, log_every_n_steps=dwf_every)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, log_every_n_steps=trainer_every, accumulate_grad_batches=accumulate,
-                                       callbacks=[dwf], enable_checkpointing=False))
+    dwf = DWFCallback(
+        depth=3, lam=0.01, verbose=False, log_every_n_steps=dwf_every, factor_lr=FactorLRConfig(check="off")
+    )
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=2,
+            log_every_n_steps=trainer_every,
+            accumulate_grad_batches=accumulate,
+            callbacks=[dwf],
+            enable_checkpointing=False,
+        )
+    )
     trainer.fit(model)
     assert [step for step, _ in model.dwf_logs] == expected
 
@@ -295,9 +375,17 @@ def test_log_cadence(tmp_path, dwf_every, trainer_every, accumulate, expected):
 @pytest.mark.parametrize("per_layer", [True, False])
 def test_log_per_layer(tmp_path, per_layer):
     logger = RecordingLogger()
-    dwf = DWFCallback(depth=3, lam=0.01, lr_check="off", verbose=False, log_per_layer=per_layer,
-                      param_names=("weight", "bias"), exclude=["net.2"])
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=logger, callbacks=[dwf], enable_checkpointing=False))
+    dwf = DWFCallback(
+        depth=3,
+        lam=0.01,
+        verbose=False,
+        log_per_layer=per_layer,
+        factor_lr=FactorLRConfig(check="off"),
+        factorize=FactorizeConfig(param_names=("weight", "bias"), exclude=["net.2"]),
+    )
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, logger=logger, callbacks=[dwf], enable_checkpointing=False)
+    )
     trainer.fit(ToyModel(n=64, batch_size=32))
     keys = {k for _, m in logger.calls for k in m if k.startswith("dwf/") and not k.startswith("dwf/final/")}
     base = {"dwf/sparsity", "dwf/compression_ratio", "dwf/misalignment", "dwf/penalty", "dwf/factor_penalty", "dwf/lam"}
@@ -308,7 +396,8 @@ def test_log_per_layer(tmp_path, per_layer):
 
 # ------------------------------------------------------------------------------------- 3. monitoring dwf/sparsity
 class EpochSparsity(Callback):
-    """Each epoch's last logged ``dwf/sparsity`` (what monitors see), checked against the factors at the DWF threshold."""
+    """Each epoch's last logged ``dwf/sparsity`` (what monitors see), checked against the factors at the DWF
+    threshold."""
 
     def __init__(self, threshold: float, inflate_at: int | None = None) -> None:
         self.threshold, self.inflate_at, self.values = threshold, inflate_at, []
@@ -323,16 +412,23 @@ class EpochSparsity(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         value = float(trainer.callback_metrics["dwf/sparsity"])
         weights = [t.product() for t in factorized_tensors(pl_module)]
-        assert value == f32(sum(int((w.abs() < self.threshold).sum()) for w in weights) / sum(w.numel() for w in weights))
+        assert value == f32(
+            sum(int((w.abs() < self.threshold).sum()) for w in weights) / sum(w.numel() for w in weights)
+        )
         self.values.append(value)
 
 
 def test_early_stopping_on_sparsity_threshold_stops_the_run(tmp_path):
-    """Zero loss: the weights shrink steadily, so the sparsity at |w| < 0.05 rises epoch by epoch until the threshold stops fit."""
+    """Zero loss: the weights shrink steadily, so the sparsity at |w| < 0.05 rises epoch by epoch until the
+    threshold stops fit."""
     record = EpochSparsity(0.05)
     stop = EarlyStopping(monitor="dwf/sparsity", mode="max", stopping_threshold=0.3, patience=1000)
-    dwf = DWFCallback(depth=3, lam=0.15, threshold=0.05, lr_check="off", verbose=False)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf, record, stop], enable_checkpointing=False))
+    dwf = DWFCallback(
+        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=FactorLRConfig(check="off")
+    )
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf, record, stop], enable_checkpointing=False)
+    )
     trainer.fit(ToyModel(lr=0.1, zero_loss=True, n=64, batch_size=8))
     first = next(i for i, v in enumerate(record.values) if v > 0.3)
     assert first >= 2  # not stopped on the first check
@@ -345,7 +441,9 @@ def test_early_stopping_on_sparsity_threshold_stops_the_run(tmp_path):
 def test_checkpoint_keeps_the_sparsest_epoch(tmp_path):
     record = EpochSparsity(0.05, inflate_at=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="dwf/sparsity", mode="max", save_top_k=1)
-    dwf = DWFCallback(depth=3, lam=0.15, threshold=0.05, lr_check="off", verbose=False)
+    dwf = DWFCallback(
+        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=FactorLRConfig(check="off")
+    )
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[dwf, record, ckpt]))
     trainer.fit(ToyModel(lr=0.1, zero_loss=True, n=64, batch_size=8))
     best = max(range(4), key=lambda i: record.values[i])
@@ -361,7 +459,9 @@ def test_checkpoint_keeps_the_sparsest_epoch(tmp_path):
 # ------------------------------------------------------------------------------ 4. weights-only checkpoints
 def test_weights_only_checkpoint_holds_factors_that_collapse_state_dict_converts(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
-    dwf = DWFCallback(depth=3, lam=0.05, threshold=0.1, lr_check="off", verbose=False)
+    dwf = DWFCallback(
+        depth=3, lam=0.05, verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=FactorLRConfig(check="off")
+    )
     model = ToyModel(lr=0.3, n=64, batch_size=16)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, ckpt]))
     trainer.fit(model)
@@ -392,7 +492,9 @@ def collapsed_files(root) -> list[str]:
 
 def test_collapsed_ckpt_path_is_used(tmp_path):
     path = tmp_path / "out" / "x.ckpt"
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False, collapsed_ckpt_path=str(path))
+    dwf = DWFCallback(
+        depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(path=str(path))
+    )
     model = ToyModel(lr=0.3, n=64)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf], enable_checkpointing=False))
     trainer.fit(model)
@@ -404,19 +506,31 @@ def test_collapsed_ckpt_path_is_used(tmp_path):
 
 
 def test_save_collapsed_false_writes_nothing_but_collapses(tmp_path):
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False, save_collapsed=False)
+    dwf = DWFCallback(
+        depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(save=False)
+    )
     model = ToyModel(lr=0.3, n=64)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf]))
     trainer.fit(model)
     assert dwf.collapsed_checkpoint_path is None
     assert collapsed_files(tmp_path) == []
-    assert [os.path.basename(p) for p in glob.glob(os.path.join(tmp_path, "**", "*.ckpt"), recursive=True)] == ["epoch=0-step=2.ckpt"]
-    assert not factorized_tensors(model) and type(model.net[0]) is nn.Linear and type(model.net[0].weight) is nn.Parameter
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(tmp_path, "**", "*.ckpt"), recursive=True)] == [
+        "epoch=0-step=2.ckpt"
+    ]
+    assert (
+        not factorized_tensors(model) and type(model.net[0]) is nn.Linear and type(model.net[0].weight) is nn.Parameter
+    )
     assert dwf.final_report is not None and dwf.final_report.numel == 32 * 32 + 32 * 2
 
 
 def test_collapse_on_fit_end_false_leaves_the_model_factorized(tmp_path):
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False, collapse_on_fit_end=False)
+    dwf = DWFCallback(
+        depth=3,
+        lam=0.02,
+        verbose=False,
+        factor_lr=FactorLRConfig(check="off"),
+        collapse=CollapseConfig(on_fit_end=False),
+    )
     model = ToyModel(lr=0.3, n=64)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf], enable_checkpointing=False)).fit(model)
     assert [t.name for t in factorized_tensors(model)] == list(LINEAR_WEIGHTS)
@@ -442,7 +556,13 @@ def test_init_std(tmp_path, init_std):
         0.05: {n: 0.05 for n in LINEAR_WEIGHTS},
     }[init_std]
     snap = InitialWeights()
-    dwf = DWFCallback(depth=3, lam=0.01, lr_check="off", verbose=False, init_std=init_std)
+    dwf = DWFCallback(
+        depth=3,
+        lam=0.01,
+        verbose=False,
+        factor_lr=FactorLRConfig(check="off"),
+        factorize=FactorizeConfig(init_std=init_std),
+    )
     Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     assert set(snap.weights) == set(LINEAR_WEIGHTS)
     for name, w in snap.weights.items():
@@ -472,7 +592,9 @@ class LazyModel(ToyModel):
 def test_configure_model_layers_are_factorized_and_collapsed(tmp_path):
     model = LazyModel(lr=0.3, n=64)
     snap = TensorSnapshot()
-    dwf = DWFCallback(depth=3, lam=0.05, threshold=0.1, lr_check="off", verbose=False)
+    dwf = DWFCallback(
+        depth=3, lam=0.05, verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=FactorLRConfig(check="off")
+    )
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     assert model.configure_calls == 2  # once by DWF before factorizing, once by Lightning
     assert dwf.factorized_names == list(LINEAR_WEIGHTS) and snap.factorized == set(LINEAR_WEIGHTS)
@@ -482,9 +604,14 @@ def test_configure_model_layers_are_factorized_and_collapsed(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- 6. refusals
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True), lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True),
-], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True),
+    ],
+    ids=["sgd", "adam"],
+)
 def test_fused_optimizer_under_a_grad_scaler_is_refused(make):
     """16-mixed on CPU becomes bf16-mixed in Lightning (no scaler), so the check is driven with a stub trainer."""
     model = ToyModel()
@@ -493,17 +620,22 @@ def test_fused_optimizer_under_a_grad_scaler_is_refused(make):
     assert opt._step_supports_amp_scaling
     dwf = DWFCallback(depth=3, lam=0.01)
     stub = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[opt])
-    with pytest.raises(MisconfigurationException, match=rf"{type(opt).__name__} unscales gradients inside step\(\).*fused=False"):
+    with pytest.raises(
+        MisconfigurationException, match=rf"{type(opt).__name__} unscales gradients inside step\(\).*fused=False"
+    ):
         dwf.on_fit_start(stub, model)
     # no scaler (fp32, bf16-mixed): fused optimizers are fine; an unfused one is fine with a scaler
     dwf.on_fit_start(SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), optimizers=[opt]), model)
     assert dwf._penalty is not None
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
-    dwf.on_fit_start(SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[plain]), model)
+    dwf.on_fit_start(
+        SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[plain]), model
+    )
 
 
 def test_fused_sgd_on_cpu_16_mixed_trains(tmp_path):
-    """On CPU, Lightning turns 16-mixed into bf16-mixed (no grad scaler): fused SGD then trains with the exact penalty."""
+    """On CPU, Lightning turns 16-mixed into bf16-mixed (no grad scaler): fused SGD then trains with the exact
+    penalty."""
 
     class Fused(ToyModel):
         def configure_optimizers(self):
@@ -511,14 +643,24 @@ def test_fused_sgd_on_cpu_16_mixed_trains(tmp_path):
 
     snap = InitialWeights()
     model = Fused(lr=LR, zero_loss=True, n=16, batch_size=16)
-    dwf = DWFCallback(depth=DEPTH, lam=LAM, lr_check="off", verbose=False, collapse_on_fit_end=False)
+    dwf = DWFCallback(
+        depth=DEPTH,
+        lam=LAM,
+        verbose=False,
+        factor_lr=FactorLRConfig(check="off"),
+        collapse=CollapseConfig(on_fit_end=False),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision="16-mixed", callbacks=[dwf, snap], enable_checkpointing=False))
+        trainer = Trainer(
+            **trainer_kwargs(
+                tmp_path, max_epochs=1, precision="16-mixed", callbacks=[dwf, snap], enable_checkpointing=False
+            )
+        )
     assert trainer.precision == "bf16-mixed" and getattr(trainer.precision_plugin, "scaler", None) is None
     trainer.fit(model)
     for t in factorized_tensors(model):
-        torch.testing.assert_close(t.product(), snap.weights[t.name] * SHRINK ** DEPTH)
+        torch.testing.assert_close(t.product(), snap.weights[t.name] * SHRINK**DEPTH)
 
 
 @pytest.mark.parametrize("strategy_cls", [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy])
@@ -526,8 +668,10 @@ def test_sharded_strategies_are_refused_in_setup(strategy_cls):
     strategy = strategy_cls.__new__(strategy_cls)  # no CUDA, no deepspeed needed: setup only looks at the type
     dwf = DWFCallback(depth=3, lam=0.1)
     model = ToyModel()
-    with pytest.raises(MisconfigurationException,
-                       match=rf"does not support {strategy_cls.__name__} yet: sharded parameters .* Use strategy='ddp'"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=rf"does not support {strategy_cls.__name__} yet: sharded parameters .* Use strategy='ddp'",
+    ):
         dwf.setup(SimpleNamespace(strategy=strategy), model, "fit")
     assert not factorized_tensors(model)
     dwf.setup(SimpleNamespace(strategy=strategy), model, "validate")  # other stages return before the check
@@ -539,8 +683,16 @@ def test_one_penalty_step_is_exact_under_bf16_mixed(tmp_path, precision):
     """Zero loss, plain SGD, one step: every float32 factor becomes ω − lr·(2λ/D)·ω, as the optimizer computes it."""
     snap = FactorSnapshot()
     model = ToyModel(lr=LR, zero_loss=True, n=16, batch_size=16)
-    dwf = DWFCallback(depth=DEPTH, lam=LAM, lr_check="off", verbose=False, collapse_on_fit_end=False)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision=precision, callbacks=[dwf, snap], enable_checkpointing=False))
+    dwf = DWFCallback(
+        depth=DEPTH,
+        lam=LAM,
+        verbose=False,
+        factor_lr=FactorLRConfig(check="off"),
+        collapse=CollapseConfig(on_fit_end=False),
+    )
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, precision=precision, callbacks=[dwf, snap], enable_checkpointing=False)
+    )
     trainer.fit(model)
     assert trainer.global_step == 1
     factors = factor_parameters(model)

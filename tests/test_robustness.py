@@ -7,16 +7,22 @@ import pytest
 import torch
 from conftest import FactorSnapshot, ToyModel, toy_data, trainer_kwargs
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, ModelPruning, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    ModelCheckpoint,
+    ModelPruning,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lightning_dwf import DWFCallback, factor_parameters, factorized_tensors
+from lightning_dwf import CollapseConfig, DWFCallback, FactorLRConfig, factor_parameters, factorized_tensors
 
 
 def test_fit_twice_continues_from_the_collapsed_model(tmp_path):
     model = ToyModel(lr=0.3, momentum=0.9)
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
     Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf])).fit(model)
     x = toy_data(8).tensors[0]
     with torch.no_grad():
@@ -37,7 +43,7 @@ def test_fit_twice_continues_from_the_collapsed_model(tmp_path):
 
 def test_validate_test_predict_before_and_after_fit(tmp_path):
     model = ToyModel()
-    dwf = DWFCallback(depth=3, lam=0.01, lr_check="off", verbose=False)
+    dwf = DWFCallback(depth=3, lam=0.01, verbose=False, factor_lr=FactorLRConfig(check="off"))
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf]))
     loader = DataLoader(toy_data(32), batch_size=16)
     for _ in range(2):
@@ -51,22 +57,34 @@ def test_validate_test_predict_before_and_after_fit(tmp_path):
 def test_checkpoint_and_early_stopping_monitor_sparsity(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="dwf/sparsity", mode="max", save_top_k=1)
     stop = EarlyStopping(monitor="dwf/sparsity", mode="max", patience=50, check_on_train_epoch_end=True)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off"), ckpt, stop]))
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            max_epochs=2,
+            callbacks=[DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off")), ckpt, stop],
+        )
+    )
     trainer.fit(ToyModel(lr=0.3))
     assert ckpt.best_model_score is not None and ckpt.best_model_path
     assert stop.best_score is not None and torch.isfinite(stop.best_score)
 
 
-@pytest.mark.parametrize("other", [
-    lambda: ModelPruning("l1_unstructured", amount=0.5), lambda: StochasticWeightAveraging(swa_lrs=0.01), lambda: EMAWeightAveraging(),
-], ids=["ModelPruning", "SWA", "EMA"])
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda: ModelPruning("l1_unstructured", amount=0.5),
+        lambda: StochasticWeightAveraging(swa_lrs=0.01),
+        lambda: EMAWeightAveraging(),
+    ],
+    ids=["ModelPruning", "SWA", "EMA"],
+)
 def test_incompatible_callbacks_are_refused(tmp_path, other):
     with pytest.raises(MisconfigurationException, match="cannot be combined with"):
         Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=0.01), other()])).fit(ToyModel())
 
 
 def test_bf16_mixed_on_cpu(tmp_path):
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
     Trainer(**trainer_kwargs(tmp_path, max_epochs=2, precision="bf16-mixed", callbacks=[dwf])).fit(ToyModel(lr=0.3))
     assert dwf.final_report.finite
     ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path)
@@ -75,8 +93,14 @@ def test_bf16_mixed_on_cpu(tmp_path):
 @pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
 def test_true_half_precision_is_refused(tmp_path, precision):
     with pytest.raises(MisconfigurationException, match="rounds to exactly 1"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, precision=precision,
-                                 callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)])).fit(ToyModel())
+        Trainer(
+            **trainer_kwargs(
+                tmp_path,
+                max_epochs=1,
+                precision=precision,
+                callbacks=[DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))],
+            )
+        ).fit(ToyModel())
 
 
 def test_half_precision_really_loses_the_penalty():
@@ -112,7 +136,9 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     lam, depth = 0.5, 3
     model = ManualModel(n=32, batch_size=16)
     snap = FactorSnapshot()
-    dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
+    dwf = DWFCallback(
+        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+    )
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     first = {id(p) for p in model.net[0].parameters()}
     assert len(factor_parameters(model)) == len(snap.factors) == 2 * depth
@@ -125,9 +151,14 @@ def test_gradient_clipping_includes_the_penalty(tmp_path):
     lam, depth, lr, clip = 0.5, 3, 0.2, 1e-3
     model = ToyModel(lr=lr, zero_loss=True, n=16, batch_size=16)
     snap = FactorSnapshot()
-    dwf = DWFCallback(depth=depth, lam=lam, lr_check="off", collapse_on_fit_end=False)
-    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, gradient_clip_val=clip, callbacks=[dwf, snap],
-                             enable_checkpointing=False)).fit(model)
+    dwf = DWFCallback(
+        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+    )
+    Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=1, gradient_clip_val=clip, callbacks=[dwf, snap], enable_checkpointing=False
+        )
+    ).fit(model)
     coef = 2 * lam / depth
     norm = coef * torch.sqrt(sum(f.pow(2).sum() for f in snap.factors))
     scale = clip / (float(norm) + 1e-6)
@@ -140,29 +171,69 @@ def test_lightning_cli_builds_the_callback(tmp_path):
     from lightning.pytorch.cli import LightningCLI
 
     config = tmp_path / "dwf.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n  - class_path: lightning_dwf.DWFCallback\n    init_args:\n      depth: 4\n      lam: 0.02\n"
-        "      exclude: [net.2]\n      lr_check: 'off'\n"
+    config.write_text(  # the configs as nested mappings
+        "trainer:\n  callbacks:\n  - class_path: lightning_dwf.DWFCallback\n    init_args:\n      depth: 4\n"
+        "      lam: 0.02\n"
+        "      factorize:\n        exclude: [net.2]\n        init_std: 0.05\n      factor_lr:\n        check: 'off'\n"
+        "        multiplier: 2.0\n      collapse:\n        threshold: 1.0e-6\n"
     )
-    common = ["--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
-    cli = LightningCLI(ToyModel, run=False, save_config_callback=None, args=common + ["--trainer.callbacks+=lightning_dwf.DWFCallback",
-                                                           "--trainer.callbacks.depth=3", "--trainer.callbacks.lam=0.01"])
+    common = [
+        "--trainer.max_epochs=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.accelerator=cpu",
+    ]
+    cli = LightningCLI(
+        ToyModel,
+        run=False,
+        save_config_callback=None,
+        args=common
+        + [
+            "--trainer.callbacks+=lightning_dwf.DWFCallback",
+            "--trainer.callbacks.depth=3",
+            "--trainer.callbacks.lam=0.01",
+        ],
+    )
     dwf = [c for c in cli.trainer.callbacks if isinstance(c, DWFCallback)]
     assert len(dwf) == 1 and dwf[0].depth == 3 and dwf[0].lam == 0.01
     cli.trainer.fit(cli.model)
     assert dwf[0].final_report is not None
     cli = LightningCLI(ToyModel, run=False, save_config_callback=None, args=[f"--config={config}"] + common)
     dwf = [c for c in cli.trainer.callbacks if isinstance(c, DWFCallback)][0]
-    assert (dwf.depth, dwf.lam, dwf.exclude, dwf.lr_check) == (4, 0.02, ("net.2",), "off")
+    assert (dwf.depth, dwf.lam, dwf.factorize.exclude, dwf.factorize.init_std) == (4, 0.02, ("net.2",), 0.05)
+    assert (dwf.factor_lr, dwf.collapse.threshold) == (FactorLRConfig(multiplier=2.0, check="off"), 1e-6)
+    cli = LightningCLI(
+        ToyModel,
+        run=False,
+        save_config_callback=None,
+        args=common
+        + [
+            "--trainer.callbacks+=lightning_dwf.DWFCallback",
+            "--trainer.callbacks.target_sparsity=0.9",
+            "--trainer.callbacks.schedule.recovery=0.3",
+            "--trainer.callbacks.factorize.include=[net.0]",
+        ],
+    )
+    dwf = [c for c in cli.trainer.callbacks if isinstance(c, DWFCallback)][0]
+    assert (dwf.target_sparsity, dwf.recovery, dwf.factorize.include) == (0.9, 0.3, ("net.0",))
     with pytest.raises(ValueError, match="`depth` must be >= 2"):  # our own message reaches the CLI user
-        LightningCLI(ToyModel, run=False, save_config_callback=None, args=common + ["--trainer.callbacks+=lightning_dwf.DWFCallback", "--trainer.callbacks.depth=1",
-                                                         "--trainer.callbacks.lam=0.01"])
+        LightningCLI(
+            ToyModel,
+            run=False,
+            save_config_callback=None,
+            args=common
+            + [
+                "--trainer.callbacks+=lightning_dwf.DWFCallback",
+                "--trainer.callbacks.depth=1",
+                "--trainer.callbacks.lam=0.01",
+            ],
+        )
 
 
 def test_compile(tmp_path):
     """Compiling the inner network works; compiling the whole LightningModule is refused with the alternative."""
-    dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
     with pytest.raises(MisconfigurationException, match=r"self.net = torch.compile\(self.net\)"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(torch.compile(ToyModel()))
     model = ToyModel(lr=0.3)
@@ -183,7 +254,7 @@ import torch
 from conftest import ToyModel, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_dwf import DWFCallback
+from lightning_dwf import DWFCallback, FactorLRConfig
 
 class Kill(Callback):
     def on_train_batch_end(self, trainer, *args):
@@ -192,13 +263,15 @@ class Kill(Callback):
 
 torch.manual_seed(0)
 ckpt = ModelCheckpoint(dirpath={root!r}, save_last=True, every_n_epochs=1)
-trainer = Trainer(**trainer_kwargs({root!r}, max_epochs=4, callbacks=[DWFCallback(depth=3, lam=0.02, lr_check="off"), ckpt, Kill()]))
+dwf = DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"))
+trainer = Trainer(**trainer_kwargs({root!r}, max_epochs=4, callbacks=[dwf, ckpt, Kill()]))
 trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32))
 """
 
 
 def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
-    """A run killed hard mid-epoch resumes from its last checkpoint and ends with the same collapsed model as an uninterrupted run."""
+    """A run killed hard mid-epoch resumes from its last checkpoint and ends with the same collapsed model as an
+    uninterrupted run."""
     import os
     import subprocess
     import sys
@@ -216,7 +289,7 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
         torch.manual_seed(0)
         model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32)
         ckpt = ModelCheckpoint(dirpath=directory, save_last=True, every_n_epochs=1)
-        dwf = DWFCallback(depth=3, lam=0.02, lr_check="off", verbose=False)
+        dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
         Trainer(**trainer_kwargs(directory, max_epochs=4, callbacks=[dwf, ckpt])).fit(model, ckpt_path=ckpt_path)
         return model
 

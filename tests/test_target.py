@@ -1,4 +1,5 @@
-"""target_sparsity: the λ controller, fixing the support, the recovery phase, and the callback reaching a requested sparsity."""
+"""target_sparsity: the λ controller, fixing the support, the recovery phase, and the callback reaching a requested
+sparsity."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_dwf import DWFCallback, DWFDeadLayerWarning
+from lightning_dwf import DWFCallback, DWFDeadLayerWarning, FactorizeConfig, FactorLRConfig, ScheduleConfig
 from lightning_dwf.controller import SparsityController, default_control_threshold
 from lightning_dwf.factorize import factorize_, factorized_tensors
 from lightning_dwf.support import fix_support_, support_threshold
@@ -56,8 +57,11 @@ def test_fixed_support_stays_exactly_zero(optimizer):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     factorize_(net, 3)
-    opt = (torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9) if optimizer == "sgd"
-           else torch.optim.Adam(net.parameters(), lr=0.05, weight_decay=1e-3))
+    opt = (
+        torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.Adam(net.parameters(), lr=0.05, weight_decay=1e-3)
+    )
     x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
 
     def steps(n):
@@ -91,14 +95,22 @@ class WeightRMS(Callback):
 def test_reaches_the_target_and_logs_the_controller(tmp_path, caplog):
     dwf, rms = DWFCallback(depth=3, target_sparsity=0.98, verbose=False), WeightRMS()
     logger = CSVLogger(tmp_path)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf, rms], logger=logger, enable_checkpointing=False))
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf, rms], logger=logger, enable_checkpointing=False)
+    )
     with caplog.at_level(logging.INFO):
-        # lr 0.1: at 0.3 this toy task sits at the factors' stability edge (seeds 1-5: 2 of 5 diverged, 3 ended below 85 %)
+        # lr 0.1: at 0.3 this toy task sits at the factors' stability edge (seeds 1-5: 2 of 5 diverged, 3 ended below
+        # 85 %)
         trainer.fit(ToyModel(lr=0.1, momentum=0.9, scheduler=True, n=512))
-    assert "sparsity pattern fixed. The penalty had brought" in caplog.text and "below the control threshold" in caplog.text
-    assert dwf.resolved_control_threshold == pytest.approx(default_control_threshold(rms.rms, rms.steps))
+    assert (
+        "sparsity pattern fixed. The penalty had brought" in caplog.text
+        and "below the control threshold" in caplog.text
+    )
+    assert dwf.control_threshold == pytest.approx(default_control_threshold(rms.rms, rms.steps))
     assert abs(dwf.final_report.sparsity - 0.98) <= 0.005
-    assert dwf.final_report.threshold == dwf.threshold  # the recovery phase kept exact zeros: no cut at fit end
+    assert (
+        dwf.final_report.threshold == dwf.collapse.threshold
+    )  # the recovery phase kept exact zeros: no cut at fit end
     assert trainer.callback_metrics["val_acc"] > 0.85
     assert {"dwf/lam", "dwf/target_sparsity", "dwf/reference_sparsity"} <= set(trainer.callback_metrics)
     assert float(trainer.callback_metrics["dwf/target_sparsity"]) == pytest.approx(0.98)
@@ -108,7 +120,7 @@ def test_reaches_the_target_and_logs_the_controller(tmp_path, caplog):
 @pytest.mark.parametrize("target, recovery", [(0.3, 0.4), (0.9, 0.0)])
 def test_low_targets_and_no_recovery_end_exactly_at_the_target(tmp_path, target, recovery):
     """A target below what the dynamics reach for free is met by keeping the largest sub-threshold weights."""
-    dwf = DWFCallback(depth=3, target_sparsity=target, recovery=recovery, verbose=False)
+    dwf = DWFCallback(depth=3, target_sparsity=target, verbose=False, schedule=ScheduleConfig(recovery=recovery))
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False))
     trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512))
     assert abs(dwf.final_report.sparsity - target) <= 0.005
@@ -125,11 +137,13 @@ def test_default_control_threshold_is_deeper_for_longer_runs():
 
 
 def test_explicit_control_threshold_is_used(tmp_path):
-    dwf = DWFCallback(depth=3, target_sparsity=0.9, control_threshold=2e-3, verbose=False)
-    Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(ToyModel(lr=0.3, momentum=0.9, n=512))
-    assert dwf.resolved_control_threshold == 2e-3
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, schedule=ScheduleConfig(control_threshold=2e-3))
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(
+        ToyModel(lr=0.3, momentum=0.9, n=512)
+    )
+    assert dwf.control_threshold == 2e-3
     with pytest.raises(ValueError, match="control_threshold"):
-        DWFCallback(target_sparsity=0.9, control_threshold=0.0)
+        DWFCallback(target_sparsity=0.9, schedule=ScheduleConfig(control_threshold=0.0))
 
 
 def test_target_compression_is_the_same_dial():
@@ -139,7 +153,7 @@ def test_target_compression_is_the_same_dial():
 def test_default_recovery_is_shorter_for_high_targets():
     assert DWFCallback(target_sparsity=0.99).recovery == 0.5
     assert DWFCallback(target_sparsity=0.995).recovery == DWFCallback(target_compression=200).recovery == 0.4
-    assert DWFCallback(target_sparsity=0.995, recovery=0.3).recovery == 0.3
+    assert DWFCallback(target_sparsity=0.995, schedule=ScheduleConfig(recovery=0.3)).recovery == 0.3
 
 
 @pytest.mark.parametrize("stop_epoch", [2, 7], ids=["during-ramp", "during-recovery"])
@@ -153,11 +167,17 @@ def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
             self.dwf, self.lam = dwf, {}
 
         def on_train_batch_end(self, trainer, *args):
-            self.lam[trainer.global_step] = self.dwf.lam
+            self.lam[trainer.global_step] = self.dwf.current_lam
 
     def run(stop, root, ckpt_path=None):
         torch.manual_seed(0)
-        dwf = DWFCallback(depth=3, target_sparsity=0.95, recovery=0.4, factor_lr_multiplier=2.0, factor_lr_warmup=0.2, verbose=False)
+        dwf = DWFCallback(
+            depth=3,
+            target_sparsity=0.95,
+            verbose=False,
+            schedule=ScheduleConfig(recovery=0.4),
+            factor_lr=FactorLRConfig(multiplier=2.0, warmup=0.2),
+        )
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
         trace = LamTrace(dwf)
         callbacks = [dwf, trace, ckpt] + ([StopAfter()] if stop else [])
@@ -181,9 +201,9 @@ def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
     assert all((lam > 0) == (step < 96) for step, lam in lam_full.items())
     assert controller_state("part") == controller_state("full")
     assert controller_state("full")["recovery_step"] == 96 and controller_state("full")["lam_min"] > 0
-    assert dwf_resumed.lam == dwf_full.lam
+    assert dwf_resumed.current_lam == dwf_full.current_lam
     # the default control threshold depends on the weights at the start: a resume keeps the one the run started with
-    assert dwf_resumed.resolved_control_threshold == dwf_full.resolved_control_threshold
+    assert dwf_resumed.control_threshold == dwf_full.control_threshold
     assert full.state_dict().keys() == resumed.state_dict().keys()
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -200,11 +220,21 @@ def test_factor_lr_warmup_restarts_when_the_support_is_fixed(tmp_path):
             self.seen[trainer.global_step] = self.dwf._penalty.lr_multiplier
             self.cut = self.dwf._controller.recovery_step
 
-    dwf = DWFCallback(depth=3, target_sparsity=0.9, recovery=0.5, factor_lr_multiplier=4.0, factor_lr_warmup=0.1, verbose=False)
+    dwf = DWFCallback(
+        depth=3,
+        target_sparsity=0.9,
+        verbose=False,
+        schedule=ScheduleConfig(recovery=0.5),
+        factor_lr=FactorLRConfig(multiplier=4.0, warmup=0.1),
+    )
     record = Multipliers(dwf)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf, record], enable_checkpointing=False))
     trainer.fit(ToyModel(lr=0.075, momentum=0.9, scheduler=True, n=512))  # factors: 0.3 after the warm-up
-    total, cut, ramp = int(trainer.estimated_stepping_batches), record.cut, int(0.1 * trainer.estimated_stepping_batches)
+    total, cut, ramp = (
+        int(trainer.estimated_stepping_batches),
+        record.cut,
+        int(0.1 * trainer.estimated_stepping_batches),
+    )
     assert cut == int(0.5 * total)
     assert record.seen[0] == 1.0 and record.seen[ramp] == 4.0 and record.seen[cut - 1] == 4.0
     assert record.seen[cut] == 1.0  # first step after the cut
@@ -213,9 +243,17 @@ def test_factor_lr_warmup_restarts_when_the_support_is_fixed(tmp_path):
 
 def test_unreachable_target_is_refused_early(tmp_path):
     with pytest.raises(MisconfigurationException, match="cannot be reached in"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[DWFCallback(depth=3, target_sparsity=0.9, control_threshold=1e-3)])).fit(ToyModel(lr=1e-4))
+        Trainer(
+            **trainer_kwargs(
+                tmp_path,
+                max_epochs=8,
+                callbacks=[DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(control_threshold=1e-3))],
+            )
+        ).fit(ToyModel(lr=1e-4))
     with pytest.raises(MisconfigurationException, match="at least 50 optimizer steps"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, target_sparsity=0.9)])).fit(ToyModel())
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, target_sparsity=0.9)])).fit(
+            ToyModel()
+        )
 
 
 def test_all_zero_weights_do_not_break_the_default_control_threshold(tmp_path):
@@ -224,18 +262,29 @@ def test_all_zero_weights_do_not_break_the_default_control_threshold(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    dwf = DWFCallback(depth=3, target_sparsity=0.9, init="balanced", verbose=False)
-    with pytest.warns(DWFDeadLayerWarning, match="no non-zero weight.*lower the target, or keep these layers dense"):  # zero weights get no gradient: the net stays dead
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, factorize=FactorizeConfig(init="balanced"))
+    with pytest.warns(
+        DWFDeadLayerWarning, match="no non-zero weight.*lower the target, or keep these layers dense"
+    ):  # zero weights get no gradient: the net stays dead
         Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(model)
-    assert dwf.resolved_control_threshold == dwf.threshold and dwf.final_report.sparsity == 1.0
+    assert dwf.control_threshold == dwf.collapse.threshold and dwf.final_report.sparsity == 1.0
 
 
 def test_a_layer_emptied_by_the_global_cut_is_named(tmp_path):
-    """The support is one global magnitude cut: a layer far smaller than the rest can lose every weight; the callback says so."""
+    """The support is one global magnitude cut: a layer far smaller than the rest can lose every weight; the
+    callback says so."""
     model = ToyModel(lr=0.1, momentum=0.9, n=256)
     with torch.no_grad():
         model.net[2].weight.mul_(1e-6)  # the 64-weight classifier, far below the 1,024-weight hidden layer
-    dwf = DWFCallback(depth=3, target_sparsity=0.1, init="balanced", lr_check="off", verbose=False)
-    with pytest.warns(DWFDeadLayerWarning, match=r"no non-zero weight in \['net.2.weight'\].*target_sparsity=0.1 left nothing"):
+    dwf = DWFCallback(
+        depth=3,
+        target_sparsity=0.1,
+        verbose=False,
+        factorize=FactorizeConfig(init="balanced"),
+        factor_lr=FactorLRConfig(check="off"),
+    )
+    with pytest.warns(
+        DWFDeadLayerWarning, match=r"no non-zero weight in \['net.2.weight'\].*target_sparsity=0.1 left nothing"
+    ):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf], enable_checkpointing=False)).fit(model)
     assert dwf.final_report.dead_layers == ["net.2.weight"] and abs(dwf.final_report.sparsity - 0.1) < 0.01

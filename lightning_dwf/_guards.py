@@ -1,0 +1,63 @@
+"""Refusing Trainer set-ups that DWF cannot train correctly, early and with the fix (the callback's ``setup``)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_AVERAGING = "it averages the factors, and the product of averaged factors is not the average of the weights"
+#: Callbacks that cannot compose with DWF, and why.
+INCOMPATIBLE_CALLBACKS: dict[type[Callback], str] = {
+    ModelPruning: "it only sees nn.Parameter weights, so it would silently skip every factorized layer; DWF already "
+                  "makes the zeros",
+    StochasticWeightAveraging: _AVERAGING,
+    WeightAveraging: _AVERAGING,
+}
+
+
+def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse sharded strategies, true half precision, a compiled LightningModule and incompatible callbacks.
+
+    Raises:
+        MisconfigurationException: naming the problem and what to use instead.
+    """
+    if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
+        raise MisconfigurationException(
+            f"DWFCallback does not support {type(trainer.strategy).__name__} yet: sharded parameters break the "
+            "elementwise factor product and the in-place collapse. Use strategy='ddp' (or a single device)."
+        )
+    precision = str(trainer.precision)
+    if precision in ("16-true", "bf16-true"):
+        raise MisconfigurationException(
+            f"DWFCallback does not support precision={precision!r}: with half-precision factors the per-step penalty "
+            "shrink factor 1 − 2·lr·λ/D rounds to exactly 1 (half-precision epsilon is 1e-3 for float16 and 8e-3 for "
+            "bfloat16, typical lr·λ is 1e-4), so no weight ever reaches zero, and the product of D small factors "
+            "underflows. Use precision='16-mixed' or 'bf16-mixed' (float32 factors, half-precision compute)."
+        )
+    if getattr(pl_module, "_compiler_ctx", None):
+        raise MisconfigurationException(
+            "DWFCallback does not support `trainer.fit(torch.compile(model))`: the whole-module compile is set up "
+            "before DWF factorizes the weights. Compile the network inside your LightningModule instead, e.g. "
+            "`self.net = torch.compile(self.net)`; that works with DWF."
+        )
+    for callback in trainer.callbacks:
+        for cls, why in INCOMPATIBLE_CALLBACKS.items():
+            if isinstance(callback, cls):
+                raise MisconfigurationException(
+                    f"DWFCallback cannot be combined with {type(callback).__name__}: {why}. Remove one of the two "
+                    "(average or prune after DWF's collapsed checkpoint instead)."
+                )
+
+
+def check_amp_optimizers(trainer: pl.Trainer) -> None:
+    """Refuse optimizers that unscale AMP gradients inside ``step()``: DWF's penalty would be scaled wrongly."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    for opt in trainer.optimizers:
+        if scaler is not None and getattr(opt, "_step_supports_amp_scaling", False):
+            raise MisconfigurationException(
+                f"{type(opt).__name__} unscales gradients inside step() (e.g. fused=True), after DWFCallback adds the "
+                "penalty, which would then be scaled wrongly. Use fused=False with precision='16-mixed'."
+            )

@@ -1,0 +1,220 @@
+"""Settings of each concern as small validated config objects, shared by the plain functions and the callback.
+
+Each config is a frozen dataclass with defaults that checks itself at construction (``__post_init__``), so a bad
+value fails where it is written, with a message that names the field and the fix (the pattern of torchao's
+``quantize_`` configs). ``DWFCallback`` takes them as ``factorize=``, ``schedule=``, ``factor_lr=`` and ``collapse=``;
+LightningCLI/YAML fills them as nested mappings.
+
+>>> from lightning_dwf import FactorizeConfig
+>>> FactorizeConfig(exclude=["classifier"]).exclude
+('classifier',)
+>>> FactorizeConfig(init="pretrained")
+Traceback (most recent call last):
+...
+ValueError: `init` must be one of ('dwf', 'balanced'), got 'pretrained'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from lightning_dwf._validation import (
+    check_choice,
+    check_fraction,
+    check_nonnegative,
+    check_patterns,
+    check_positive,
+    check_target,
+)
+from lightning_dwf.functional import DEFAULT_THRESHOLD
+from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
+
+#: Layer classes, or ``torch.nn`` class names such as ``"Linear"``.
+LayerType = type[nn.Module] | str
+#: ``filter_fn(module, qualified_name) -> bool``: whether a layer is factorized (after ``layer_types``/``include``).
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+#: Layers factorized by default: the weights of Linear and Conv1d/2d/3d. Biases, norm layers and
+#: embeddings stay plain unless selected explicitly.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def resolve_layer_types(layer_types: Sequence[LayerType] | LayerType | None) -> tuple[type[nn.Module], ...]:
+    """Layer classes from classes or ``torch.nn`` class names (``"Linear"``, ``"torch.nn.Conv2d"``)."""
+    if layer_types is None:
+        return DEFAULT_LAYER_TYPES
+    if isinstance(layer_types, (str, type)):
+        layer_types = [layer_types]
+    resolved = []
+    for t in layer_types:
+        if isinstance(t, str):
+            cls = getattr(nn, t.rsplit(".", 1)[-1], None)
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise ValueError(f"`layer_types` entry {t!r} is not a torch.nn layer class name; use e.g. 'Linear' or "
+                                 "'Conv2d', or pass the class.")
+            t = cls
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"`layer_types` entries must be nn.Module subclasses or their names, got {t!r}.")
+        resolved.append(t)
+    if not resolved:
+        raise ValueError("`layer_types` is empty: nothing could be factorized. Leave it unset for Linear and Conv "
+                         "layers.")
+    return tuple(resolved)
+
+
+def _set(config: object, name: str, value: object) -> None:
+    """Store a normalized value on a frozen dataclass (only from ``__post_init__``)."""
+    object.__setattr__(config, name, value)
+
+
+@dataclass(frozen=True)
+class FactorizeConfig:
+    """What to factorize and how to initialize the factors.
+
+    Args:
+        layer_types: layer classes or ``torch.nn`` names whose tensors are factorized (default Linear,
+            Conv1d/2d/3d: :data:`lightning_dwf.DEFAULT_LAYER_TYPES`).
+        include: glob patterns of qualified module names to factorize (default: every layer of ``layer_types``).
+        exclude: glob patterns of module names to keep plain and dense (e.g. ``["classifier"]``).
+        param_names: tensors to factorize on each selected layer (``("weight", "bias")`` adds biases).
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``, a last say on each selected layer (torchao-style).
+        init: ``"dwf"`` (truncated variance-matched init, for training from scratch) or ``"balanced"`` (exact
+            factorization ``|ω_d| = |w|^(1/D)`` of the current weights, to sparsify a pretrained model).
+        init_std: σ_w of the DWF init: ``"kaiming"`` (sqrt(2/fan_in)), ``"current"`` or a float > 0.
+        eps_ratio: lower bound of the initial ``|w|`` relative to σ_w, in (0, 2).
+    """
+
+    layer_types: Sequence[LayerType] | None = None
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    param_names: Sequence[str] = ("weight",)
+    filter_fn: FilterFn | None = None
+    init: Literal["dwf", "balanced"] = "dwf"
+    init_std: InitStd = "kaiming"
+    eps_ratio: float = DEFAULT_EPS_RATIO
+
+    def __post_init__(self) -> None:
+        if self.layer_types is not None:
+            _set(self, "layer_types", resolve_layer_types(self.layer_types))
+        _set(self, "include", check_patterns("include", self.include))
+        _set(self, "exclude", check_patterns("exclude", self.exclude))
+        _set(self, "param_names", check_patterns("param_names", self.param_names))
+        if not self.param_names:
+            raise ValueError("`param_names` is empty: name the tensors to factorize, e.g. ('weight',).")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"`filter_fn` must be a callable (module, qualified_name) -> bool, got {self.filter_fn!r}.")
+        check_choice("init", self.init, ("dwf", "balanced"))
+        std = self.init_std
+        if not (std in ("kaiming", "current") or (not isinstance(std, (bool, str)) and isinstance(std, (int, float))
+                                                 and std > 0)):
+            raise ValueError(f"`init_std` must be 'kaiming', 'current' or a float > 0, got {std!r}.")
+        eps = check_positive("eps_ratio", self.eps_ratio)
+        if not eps < 2:
+            raise ValueError(f"`eps_ratio` must lie in (0, 2) (|w| is drawn from (eps_ratio·σ_w, 2·σ_w)), got {eps}.")
+        _set(self, "eps_ratio", eps)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How target mode (``target_sparsity=...``) schedules λ: warm-up, ramp, and the recovery phase.
+
+    Args:
+        recovery: the fraction of the run, at its end, in which the sparsity pattern is fixed at exactly the target
+            and λ = 0, in [0, 0.8] (default :func:`lightning_dwf.controller.default_recovery` of the target).
+        control_threshold: absolute magnitude below which a weight counts as pruned for the λ controller (default
+            :func:`lightning_dwf.controller.default_control_threshold` of the weights' RMS and the run's length).
+        warmup: fraction of the run before the ramp starts (λ stays at its start value).
+        gain: step size of the integral controller on log λ (0: λ never leaves its start value).
+        max_step: bound on ``|Δ ln λ|`` per controller update (raising; lowering may be 4× faster).
+    """
+
+    recovery: float | None = None
+    control_threshold: float | None = None
+    warmup: float = 0.1
+    gain: float = 0.2
+    max_step: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.recovery is not None:
+            _set(self, "recovery", check_fraction(
+                "recovery", self.recovery, 0.8, True, "the fraction of the run, at its end, trained with the sparsity "
+                "pattern fixed and λ = 0 (default: 0.5, or 0.4 for targets >= 0.995; 0 fixes the pattern only at fit "
+                "end)",
+            ))
+        if self.control_threshold is not None:
+            _set(self, "control_threshold", check_positive("control_threshold", self.control_threshold))
+        _set(self, "warmup", check_fraction("warmup", self.warmup, 0.5, False,
+                                            "the fraction of the run before λ starts to follow the ramp (e.g. 0.1)"))
+        _set(self, "gain", check_nonnegative("gain", self.gain, " E.g. 0.2, the default."))
+        _set(self, "max_step", check_positive("max_step", self.max_step, " E.g. 0.05, the default."))
+
+    def recovery_for(self, target: float) -> float:
+        """``recovery``, or its default for ``target`` (fraction of zero weights)."""
+        from lightning_dwf.controller import default_recovery
+
+        return default_recovery(target) if self.recovery is None else self.recovery
+
+
+@dataclass(frozen=True)
+class FactorLRConfig:
+    """The factors' learning rate relative to the optimizer's, and how it is checked.
+
+    Args:
+        multiplier: scales the factors' updates, i.e. their learning rate (DWF needs larger learning rates than
+            dense training; the other parameters keep theirs).
+        warmup: fraction of the planned run over which the multiplier ramps linearly from 1 (0: no ramp); target
+            mode repeats the ramp from the recovery point.
+        check: at train start, compare the factor LR with the floor needed to reach exact zeros in the planned steps:
+            ``"warn"``, ``"error"`` or ``"off"``. An LR at which the penalty alone diverges is always an error.
+    """
+
+    multiplier: float = 1.0
+    warmup: float = 0.0
+    check: Literal["warn", "error", "off"] = "warn"
+
+    def __post_init__(self) -> None:
+        _set(self, "multiplier", check_positive("multiplier", self.multiplier, " E.g. FactorLRConfig(multiplier=10)."))
+        _set(self, "warmup", check_fraction(
+            "warmup", self.warmup, 1.0, False,
+            "the fraction of the run over which the factor LR multiplier ramps up from 1 (e.g. 0.1)",
+        ))
+        check_choice("check", self.check, ("warn", "error", "off"))
+
+
+@dataclass(frozen=True)
+class CollapseConfig:
+    """Collapsing the factors at the end of ``fit``, and the collapsed checkpoint.
+
+    Args:
+        threshold: absolute magnitude below which collapsed weights become exact zeros (default 1.19e-7, float32
+            epsilon).
+        on_fit_end: collapse the model in place when ``fit`` ends.
+        save: write the collapsed checkpoint (only when collapsing).
+        path: where to write it (default ``<ModelCheckpoint dirpath or log dir>/dwf-collapsed.ckpt``).
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    on_fit_end: bool = True
+    save: bool = True
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "threshold", check_nonnegative("threshold", self.threshold,
+                                                  " Use e.g. 1.19e-7 (float32 epsilon), the default."))
+        if self.path is not None:
+            _set(self, "path", str(self.path))
+
+
+def resolve_target(target_sparsity: float | None, target_compression: float | None) -> float | None:
+    """The target as a sparsity (fraction of zero weights) from either dial, or None."""
+    if target_compression is not None:
+        compression = check_positive("target_compression", target_compression)
+        if compression <= 1:
+            raise ValueError(f"`target_compression` (weights / non-zeros) must be > 1, got {target_compression}.")
+        return 1.0 - 1.0 / compression
+    return None if target_sparsity is None else check_target("target_sparsity", target_sparsity)

@@ -1,0 +1,39 @@
+"""The warnings the package emits, and the texts that explain a failure and its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class DWFLearningRateWarning(UserWarning):
+    """The factor learning rate is below the floor needed to reach exact zeros (silence with ``check="off"``)."""
+
+
+class DWFDeadLayerWarning(UserWarning):
+    """Every weight of a factorized tensor is (or would collapse to) zero: the layer no longer passes its input on."""
+
+
+def dead_layer_message(names: Sequence[str], what: str, detail: str, target: float | None, lam: float) -> str:
+    """Why ``names`` are entirely zero and what to change, for the mode the run is in (target, fixed λ, λ = 0)."""
+    if target is not None:
+        fix = (f"target_sparsity={target:g} left nothing in them (the support is one global magnitude cut): lower the "
+               "target, or keep these layers dense with FactorizeConfig(exclude=[...]).")
+    elif lam > 0:
+        fix = ("λ is too large for this run: lower `lam` (e.g. 3-10×), or name the sparsity you want with "
+               "`target_sparsity=...`.")
+    else:
+        fix = ("With λ = 0 they were zero from the start (zero factors get no gradient): initialize them, or "
+               "FactorizeConfig(exclude=[...]) them.")
+    shown = f"{list(names[:5])}{' …' if len(names) > 5 else ''}"
+    return (f"DWFCallback: {what} {shown} {detail}: through these layers the output no longer depends on the input "
+            f"(expect chance accuracy). {fix}")
+
+
+def divergence_message(names: Sequence[str], step: int, lrs: Sequence[float], depth: int) -> str:
+    """Non-finite factors: where, and what to change."""
+    return (
+        f"DWFCallback: the factors of {list(names[:5])} became NaN/Inf at step {step} (learning rates {list(lrs)}, "
+        f"depth {depth}). The factor learning rate is too large for this depth: lower it (or "
+        "FactorLRConfig.multiplier), add a warm-up, or clip gradients (Trainer(gradient_clip_val=...)). No collapsed "
+        "checkpoint was written."
+    )
