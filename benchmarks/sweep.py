@@ -167,7 +167,8 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
     factor_lr = FactorLRConfig(multiplier=cfg["factor_lr_multiplier"], warmup=cfg.get("factor_lr_warmup", 0.0),
                                check="off")
     return [DWFCallback(depth=cfg["depth"], factorize=FactorizeConfig(init=cfg.get("init", "dwf")),
-                        factor_lr=factor_lr, collapse=collapse, verbose=False, **knob)]
+                        factor_lr=factor_lr, collapse=collapse, quantize_bits=cfg.get("quantize_bits"), verbose=False,
+                        **knob)]
 
 
 def train_and_measure(cfg: dict, data: ImageData, callbacks: list) -> dict[str, Any]:

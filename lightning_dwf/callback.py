@@ -17,6 +17,7 @@ that owns the step (``docs/architecture.md``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -32,11 +33,13 @@ from lightning_dwf._checkpoint import default_collapsed_ckpt_path, save_weights_
 from lightning_dwf._guards import check_amp_optimizers, check_trainer
 from lightning_dwf._validation import check_depth, check_nonnegative
 from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
+from lightning_dwf.compressed import CompressionReport, save_compressed
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, ScheduleConfig, resolve_target
 from lightning_dwf.controller import SparsityController, plan_controller
 from lightning_dwf.factorize import factor_parameters, factorize_, factorized_tensors
 from lightning_dwf.messages import DWFDeadLayerWarning, DWFLearningRateWarning, dead_layer_message, divergence_message
 from lightning_dwf.optim import FactorPenalty, check_learning_rates, factor_learning_rates, warmup_multiplier
+from lightning_dwf.quantize import check_bits, set_fake_quantization_, zero_quantized_zeros_
 from lightning_dwf.report import SparsityReport, sparsity_report, weight_scales
 from lightning_dwf.support import fix_support_, support_threshold
 
@@ -83,8 +86,11 @@ class DWFCallback(Callback):
         schedule: how target mode schedules λ (:class:`~lightning_dwf.ScheduleConfig`).
         factor_lr: the factors' learning rate multiplier, its warm-up and the LR check
             (:class:`~lightning_dwf.FactorLRConfig`).
-        collapse: zero threshold, collapse at fit end and the collapsed checkpoint
+        collapse: zero threshold, collapse at fit end, the collapsed checkpoint and its compressed export
             (:class:`~lightning_dwf.CollapseConfig`).
+        quantize_bits: 8 or 4: end training quantization-aware (the last ``collapse.quantize_fraction`` of the run
+            trains through a fake quantizer on the per-channel grid of :func:`~lightning_dwf.save_compressed`, with
+            the sparsity pattern fixed and λ = 0), so that the collapsed weights lie on that grid.
         log_every_n_steps: metric cadence in optimizer steps (default: the Trainer's ``log_every_n_steps``).
         log_per_layer: also log ``dwf/sparsity/<layer>``.
         verbose: print the per-layer rich table on rank zero at fit end.
@@ -94,6 +100,7 @@ class DWFCallback(Callback):
         control_threshold: target mode: the absolute control threshold the run used (set at train start).
         final_report: the :class:`~lightning_dwf.SparsityReport` of the collapsed model (set at fit end).
         collapsed_checkpoint_path: where the collapsed checkpoint was written (set at fit end).
+        compression_report: the :class:`~lightning_dwf.CompressionReport` of the exported file (``collapse.export``).
 
     Raises:
         TypeError, ValueError: on invalid arguments, at construction.
@@ -116,6 +123,7 @@ class DWFCallback(Callback):
         schedule: ScheduleConfig | None = None,
         factor_lr: FactorLRConfig | None = None,
         collapse: CollapseConfig | None = None,
+        quantize_bits: int | None = None,
         log_every_n_steps: int | None = None,
         log_per_layer: bool = True,
         verbose: bool = True,
@@ -143,6 +151,7 @@ class DWFCallback(Callback):
         self.schedule = _config("schedule", schedule, ScheduleConfig)
         self.factor_lr = _config("factor_lr", factor_lr, FactorLRConfig)
         self.collapse = _config("collapse", collapse, CollapseConfig)
+        self.quantize_bits = check_bits(quantize_bits)
         every = log_every_n_steps
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(
@@ -156,6 +165,7 @@ class DWFCallback(Callback):
         self.control_threshold: float | None = None
         self.final_report: SparsityReport | None = None
         self.collapsed_checkpoint_path: str | None = None
+        self.compression_report: CompressionReport | None = None
         # live state
         self._lam = self.lam or 0.0
         self._penalty: FactorPenalty | None = None
@@ -166,6 +176,8 @@ class DWFCallback(Callback):
         self._last_control_step = -1
         self._warned_dead = False
         self._fits_collapsed = 0
+        self._quantize_step: float = math.inf
+        self._quantizing = False
 
     @property
     def current_lam(self) -> float:
@@ -225,6 +237,8 @@ class DWFCallback(Callback):
         if self.target_sparsity is not None:
             self._start_controller(trainer, pl_module, total, scale, rms)
             steps = 0  # the controller sets λ from the LR floor itself; only the stability limit is left to check
+        if self.quantize_bits:
+            self._plan_quantization(trainer, pl_module, total)
         if self.factor_lr.check == "off" or self._lam == 0:
             return
         result = check_learning_rates(
@@ -263,6 +277,36 @@ class DWFCallback(Callback):
                 + ("." if self.schedule.control_threshold else f" (default for {controller.total_steps} steps and "
                    f"weight RMS {rms:.3g}; set ScheduleConfig(control_threshold=...) to override).")
             )
+
+    def _plan_quantization(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: float) -> None:
+        if not math.isfinite(total):
+            raise MisconfigurationException(
+                f"DWFCallback(quantize_bits={self.quantize_bits}) finishes the last "
+                f"{self.collapse.quantize_fraction:.0%} of the planned run quantization-aware, but this run has no "
+                "step budget (max_epochs=-1 or max_time): set max_epochs or max_steps."
+            )
+        self._quantizing = False
+        self._quantize_step = math.ceil((1.0 - self.collapse.quantize_fraction) * total)
+        if trainer.global_step >= self._quantize_step:  # resumed inside the finish
+            self._start_quantization(trainer, pl_module)
+
+    def _start_quantization(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fix the sparsity pattern (target mode: its recovery point; fixed λ: the zero threshold), release λ, and
+        train the weights through the fake quantizer from now on."""
+        if self.target_sparsity is not None:
+            if not self._recovering:
+                self._start_recovery(trainer, pl_module)
+        else:
+            fix_support_(pl_module, self.collapse.threshold, trainer.optimizers)
+            self._set_lam(0.0)
+        assert self.quantize_bits is not None
+        set_fake_quantization_(pl_module, self.quantize_bits)
+        zero_quantized_zeros_(pl_module, self.quantize_bits, trainer.optimizers)
+        self._quantizing = True
+        rank_zero_info(
+            f"DWFCallback: step {trainer.global_step}: quantization-aware finish: the sparsity pattern is fixed, "
+            f"λ = 0, and the weights train on the {self.quantize_bits}-bit per-channel grid for the rest of the run."
+        )
 
     def _start_recovery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fix the support at exactly the target sparsity and release λ (identical on every rank: same factors).
@@ -321,7 +365,10 @@ class DWFCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        """Ramp the factor LR multiplier during its warm-up, from the start and again from the recovery point."""
+        """Start the quantization-aware finish when it is due; ramp the factor LR multiplier during its warm-up, from
+        the start and again from the recovery point."""
+        if self.quantize_bits and not self._quantizing and trainer.global_step >= self._quantize_step:
+            self._start_quantization(trainer, pl_module)
         if self._penalty is None or not self.factor_lr.warmup:
             return
         start = max(self._controller.recovery_step, 0) if self._controller is not None else 0  # -1 before recovery
@@ -389,6 +436,8 @@ class DWFCallback(Callback):
         self._controller, self._restored_controller = None, None
         if not self.collapse.on_fit_end or not factorized:
             return
+        if self._quantizing:  # a weight the last step moved below half a grid step collapses to 0: count it so
+            zero_quantized_zeros_(pl_module, self.quantize_bits)  # type: ignore[arg-type]
         report = sparsity_report(pl_module, threshold, self._lam)
         if not report.finite:
             self._check_finite(trainer, pl_module)
@@ -404,6 +453,10 @@ class DWFCallback(Callback):
         final = {f"dwf/final/{k[4:]}": v for k, v in report.metrics(per_layer=False).items()}
         final["dwf/final/compression_ratio_all_params"] = report.compression_ratio_all
         final["dwf/final/threshold"] = threshold
+        if self.collapse.export:
+            self.compression_report = self._export(trainer, pl_module)
+            final["dwf/final/file_bytes"] = self.compression_report.file_bytes
+            final["dwf/final/size_ratio"] = self.compression_report.ratio
         for logger in trainer.loggers:
             logger.log_metrics(final, step=trainer.global_step)
             logger.save()
@@ -414,6 +467,19 @@ class DWFCallback(Callback):
                                                f"{threshold:.3g}"))
             if self.collapsed_checkpoint_path:
                 rank_zero_info(f"DWFCallback: collapsed checkpoint written to {self.collapsed_checkpoint_path}")
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompressionReport:
+        """Write the collapsed model as ``dwf-collapsed.safetensors`` beside the checkpoint (rank zero), and report."""
+        ckpt_path = self.collapsed_checkpoint_path or str(self.collapse.path or default_collapsed_ckpt_path(trainer))
+        path = os.path.splitext(ckpt_path)[0] + ".safetensors"
+        report = None
+        if trainer.is_global_zero:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            report = save_compressed(pl_module, path, bits=self.quantize_bits)
+        report = trainer.strategy.broadcast(report)
+        rank_zero_info(f"DWFCallback: compressed model written to {path}: {report.file_bytes:,} bytes, "
+                       f"{report.ratio:.1f}× smaller than dense float32.")
+        return report
 
     # ------------------------------------------------------------------ state
     @override

@@ -196,18 +196,29 @@ class CollapseConfig:
         on_fit_end: collapse the model in place when ``fit`` ends.
         save: write the collapsed checkpoint (only when collapsing).
         path: where to write it (default ``<ModelCheckpoint dirpath or log dir>/dwf-collapsed.ckpt``).
+        export: also write the collapsed model as a compressed file beside it (``dwf-collapsed.safetensors``,
+            :func:`lightning_dwf.save_compressed` at the callback's ``quantize_bits``; lossless without them).
+        quantize_fraction: with ``quantize_bits``, the fraction of the run, at its end, trained through the fake
+            quantizer with the sparsity pattern fixed, in (0, 1).
     """
 
     threshold: float = DEFAULT_THRESHOLD
     on_fit_end: bool = True
     save: bool = True
     path: str | None = None
+    export: bool = False
+    quantize_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         _set(self, "threshold", check_nonnegative("threshold", self.threshold,
                                                   " Use e.g. 1.19e-7 (float32 epsilon), the default."))
         if self.path is not None:
             _set(self, "path", str(self.path))
+        fraction = check_fraction("quantize_fraction", self.quantize_fraction, 1.0, False,
+                                  "the fraction of the run, at its end, trained quantization-aware (e.g. 0.2)")
+        if fraction == 0:
+            raise ValueError("`quantize_fraction` must be > 0: the quantization-aware finish needs some steps.")
+        _set(self, "quantize_fraction", fraction)
 
 
 def resolve_target(target_sparsity: float | None, target_compression: float | None) -> float | None:

@@ -96,6 +96,35 @@ def lam_floor(
     return lr_floor(lr, steps, init_std, threshold, min_log_ratio)
 
 
+def channel_scales(weight: Tensor, bits: int) -> Tensor:
+    """Per-output-channel step ``max|w_r| / (2**(bits-1) - 1)`` (float32, one per row of dim 0; 0 for a zero row).
+
+    >>> channel_scales(torch.tensor([[0.7, -0.1], [0.0, 0.0]]), bits=4)
+    tensor([0.1000, 0.0000])
+    """
+    rows = weight.detach().reshape(weight.shape[0], -1).double()
+    return (rows.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).float()
+
+
+def quantize_to_grid(weight: Tensor, bits: int) -> Tensor:
+    """``weight`` rounded to its per-channel grid (``round(w / scale) · scale``), without a gradient."""
+    scales = channel_scales(weight, bits).double()
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).view(-1, *([1] * (weight.dim() - 1)))
+    qmax = 2 ** (bits - 1) - 1
+    codes = torch.round(weight.detach().double() / safe).clamp_(-qmax, qmax)
+    return (codes * safe).to(weight.dtype)
+
+
+def fake_quantize(weight: Tensor, bits: int) -> Tensor:
+    """The straight-through fake quantizer: forward ``quantize_to_grid(weight)``, gradient of the identity.
+
+    >>> w = torch.tensor([[0.7, -0.12, 0.0]], requires_grad=True)
+    >>> fake_quantize(w, bits=4)
+    tensor([[ 0.7000, -0.1000,  0.0000]], grad_fn=<AddBackward0>)
+    """
+    return weight + (quantize_to_grid(weight, bits) - weight).detach()
+
+
 def threshold_(weight: Tensor, threshold: float) -> Tensor:
     """Set entries with ``|w| < threshold`` to exact zero, in place; returns ``weight``."""
     if threshold > 0:

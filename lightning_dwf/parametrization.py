@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_dwf.functional import balanced_factors, hadamard_product
+from lightning_dwf.functional import balanced_factors, fake_quantize, hadamard_product
 
 
 class HadamardProduct(nn.Module):
@@ -14,7 +14,9 @@ class HadamardProduct(nn.Module):
     ``right_inverse`` returns the *balanced* factorization of a given weight, so registering it on a
     trained module keeps the function it computes; :func:`lightning_dwf.init.dwf_init_` then
     overwrites the factors with the DWF initialization when training starts from scratch.
-    The factors live at ``<module>.parametrizations.<name>.original0 … original{D-1}``.
+    The factors live at ``<module>.parametrizations.<name>.original0 … original{D-1}``. With ``quant_bits`` set
+    (:func:`lightning_dwf.quantize.set_fake_quantization_`) the product goes through the straight-through fake
+    quantizer :func:`lightning_dwf.functional.fake_quantize`.
 
     Args:
         depth: number of factors D (>= 2).
@@ -23,9 +25,14 @@ class HadamardProduct(nn.Module):
     def __init__(self, depth: int) -> None:
         super().__init__()
         self.depth = depth
+        #: During the quantization-aware finish, the bits of the per-channel grid the weight is rounded to.
+        self.quant_bits: int | None = None
 
     def forward(self, *factors: Tensor) -> Tensor:
-        return hadamard_product(factors)
+        weight = hadamard_product(factors)
+        if self.quant_bits:
+            weight = fake_quantize(weight, self.quant_bits)
+        return weight
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:

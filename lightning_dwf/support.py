@@ -9,7 +9,7 @@ any gradient-based optimizer: each factor's gradient is the loss gradient times 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,15 +39,35 @@ def fix_support_(module: nn.Module, threshold: float, optimizers: Iterable[torch
     The optimizers' per-parameter state tensors of the factors' shape (momentum buffers, Adam moments) are
     zeroed at the same entries, so momentum cannot move them off zero. Returns the number of zeroed weights.
     """
+    keep = {tensor.name: tensor.product().abs() >= threshold for tensor in factorized_tensors(module)}
+    return zero_weights_(module, keep, optimizers)
+
+
+@torch.no_grad()
+def zero_weights_(
+    module: nn.Module, keep: Mapping[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> int:
+    """Set all D factors of every weight where ``keep[name]`` is False to exactly zero, with their optimizer state.
+
+    Args:
+        module: a factorized model (changed in place).
+        keep: boolean masks of the weights' shapes, by factorized tensor name; tensors not named are left alone.
+        optimizers: whose per-parameter state tensors of the factors' shape are zeroed at the same entries.
+
+    Returns:
+        The number of weights outside ``keep`` (zero now).
+    """
     states = [opt.state for opt in optimizers]
     zeroed = 0
     for tensor in factorized_tensors(module):
-        keep = tensor.product().abs() >= threshold
-        zeroed += int((~keep).sum())
+        mask = keep.get(tensor.name)
+        if mask is None:
+            continue
+        zeroed += int((~mask).sum())
         for factor in tensor.factors:
-            factor.mul_(keep)
+            factor.mul_(mask)
             for state in states:
                 for value in state.get(factor, {}).values():
                     if torch.is_tensor(value) and value.shape == factor.shape:
-                        value.mul_(keep)
+                        value.mul_(mask)
     return zeroed

@@ -1,0 +1,186 @@
+"""Accuracy against file bytes: what each method's model costs on disk (Fashion-MNIST, LeNet-300-100 and the BN CNN).
+
+For every model: dense float32; dense int8 (per-channel); ModelPruning (gradual global L1) with int8 / int4 export;
+DWF target mode (the sweep's recipe) with int8 / int4 export, without and with the quantization-aware finish
+(``DWFCallback(quantize_bits=...)``); quantized sparse decomposition of the dense and of the DWF model. Every
+file is written with :func:`lightning_dwf.save_compressed` (or the decomposition's own file) and its accuracy is
+measured on the model *loaded back from that file*, so each row's bytes and accuracy belong to the same file.
+
+    python -m benchmarks.size                 # runs what is missing (resumes), then writes the table and the plot
+    python -m benchmarks.size --report        # table + plot only
+
+Rows: ``benchmarks/results/size.jsonl``; table ``size_table.md``; plot ``size_<model>.png`` (accuracy vs bytes,
+log scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import lightning
+import torch
+from torch import nn
+
+from benchmarks import sweep
+from benchmarks.models import Classifier
+from examples.data import ImageData, load_dataset
+from lightning_dwf import load_compressed, save_compressed
+
+PATH = sweep.RESULTS / "size.jsonl"
+DATASET = "fashion-mnist"
+MODELS = ("lenet300", "cnn-bn")
+TARGETS = {"lenet300": (0.95, 0.98, 0.99), "cnn-bn": (0.9, 0.95, 0.98)}
+#: DWF depth per model (the sweep's target-mode settings there).
+DEPTH = {"lenet300": 3, "cnn-bn": 3}
+
+
+def base_config(model: str) -> dict[str, Any]:
+    epochs = sweep.MODES["full"]["epochs"][DATASET][model]
+    return dict(dataset=DATASET, model=model, epochs=epochs, batch_size=sweep.BATCH_SIZE[DATASET], lr=sweep.LR,
+                momentum=sweep.MOMENTUM, seed=sweep.SEED)
+
+
+def training_configs(model: str) -> list[dict[str, Any]]:
+    """One trained model per config; each is exported at several bit widths."""
+    base = base_config(model)
+    out = [dict(base, method="dense")]
+    recipe = dict(depth=DEPTH[model], factor_lr_multiplier=sweep.FACTOR_LR_MULTIPLIER[(DATASET, model)],
+                  factor_lr_warmup=sweep.FACTOR_LR_WARMUP[(DATASET, model)], control_threshold="auto",
+                  **sweep.TARGET_RECIPE)
+    for target in TARGETS[model]:
+        out.append(dict(base, method="model-pruning", target=target))
+        dwf = dict(base, method=f"dwf-target-d{DEPTH[model]}", target=target, **recipe)
+        dwf["recovery"] = sweep.default_recovery(target)
+        out.append(dwf)
+        out += [dict(dwf, quantize_bits=bits) for bits in (8, 4)]
+    return out
+
+
+def exports(cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """The bit widths a trained model is written at: its own grid after the quantization-aware finish."""
+    if cfg.get("quantize_bits"):
+        return (cfg["quantize_bits"],)
+    return (None, 8) if cfg["method"] == "dense" else (None, 8, 4)
+
+
+def file_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, bits: int | None, seconds: float) -> dict:
+    """Write ``net`` at ``bits``, load it into a fresh net, and measure that one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.safetensors")
+        report = save_compressed(net, path, bits=bits)
+        fresh = Classifier(cfg["model"], num_classes=data.num_classes).net
+        load_compressed(path, fresh)
+    results = dict(sweep.measure(fresh, data), file_bytes=report.file_bytes, dense_bytes=report.dense_bytes,
+                   csr_bytes=report.csr_bytes, size_ratio=report.ratio, train_seconds=seconds)
+    return dict(config=dict(cfg, export_bits=bits), results=results,
+                versions=dict(torch=torch.__version__, lightning=lightning.__version__),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def key(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def done() -> set[str]:
+    if not PATH.exists():
+        return set()
+    return {key({k: v for k, v in json.loads(line)["config"].items() if k != "export_bits"})
+            for line in PATH.read_text().splitlines() if line.strip()}
+
+
+def run(models: tuple[str, ...], data_dir: str | None) -> None:
+    data = load_dataset(DATASET, data_dir)
+    finished = done()
+    for model in models:
+        for cfg in training_configs(model):
+            if key(cfg) in finished:
+                continue
+            print(f"[size] {cfg['model']} {cfg['method']} {cfg.get('target', '')} bits={cfg.get('quantize_bits')}",
+                  flush=True)
+            module, seconds = sweep.run_training(cfg, data, sweep.method_callbacks(cfg))
+            rows = [file_row(cfg, module.net, data, bits, seconds) for bits in exports(cfg)]
+            with PATH.open("a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+
+
+def label(cfg: dict[str, Any]) -> str:
+    bits = cfg.get("export_bits")
+    width = "fp32" if bits is None else f"int{bits}"
+    if cfg["method"] == "dense":
+        return f"dense {width}"
+    name = "ModelPruning" if cfg["method"] == "model-pruning" else "DWF"
+    if cfg["method"].startswith("qsd"):
+        name = cfg["method"]
+    finish = " + QAT finish" if cfg.get("quantize_bits") else ""
+    return f"{name} {width}{finish}"
+
+
+def report() -> str:
+    rows = [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
+    out = ["| model | method | target | accuracy % | file bytes | × smaller than dense fp32 | sparsity % |",
+           "|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        mine = sorted((r for r in rows if r["config"]["model"] == model), key=lambda r: -r["results"]["file_bytes"])
+        for r in mine:
+            c, res = r["config"], r["results"]
+            out.append(f"| {model} | {label(c)} | {c.get('target', '')} | {100 * res['acc']:.2f} | "
+                       f"{res['file_bytes']:,} | {res['size_ratio']:.1f} | {100 * res['sparsity']:.2f} |")
+    table = "\n".join(out)
+    (sweep.RESULTS / "size_table.md").write_text(table + "\n")
+    plot(rows)
+    return table
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for model in MODELS:
+        mine = [r for r in rows if r["config"]["model"] == model]
+        if not mine:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for r in mine:
+            name = label({**r["config"], "export_bits": r["config"].get("export_bits")})
+            groups.setdefault(name, []).append((r["results"]["file_bytes"], 100 * r["results"]["acc"]))
+        for name, points in sorted(groups.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        dense = [r for r in mine if r["config"]["method"] == "dense" and r["config"].get("export_bits") is None]
+        if dense:
+            acc = 100 * dense[0]["results"]["acc"]
+            ax.axhline(acc - 1, color="grey", linestyle=":", label="dense − 1 point")
+        ax.set_xscale("log")
+        ax.set_xlabel("file bytes (log scale)")
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(f"Fashion-MNIST {model}: accuracy against file size")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(sweep.RESULTS / f"size_{model}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--report", action="store_true", help="only write the table and the plot")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not args.report:
+        run(tuple(args.models), args.data_dir)
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
