@@ -437,8 +437,15 @@ def _check_plain(module: nn.Module, what: str) -> None:
     if names:
         raise ValueError(
             f"`module` is still factorized (parametrized: {', '.join(names[:3])}{'…' if len(names) > 3 else ''}); "
-            f"{what} works on plain weights. Call `lightning_dwf.collapse_(module)` first."
+            f"{what} works on plain weights. Call `lightning_dwf.collapse_(module)` first (a QSD-decomposed module: "
+            "`lightning_dwf.decompose.save_decomposed` or `collapse_decomposed_`)."
         )
+
+
+def _check_bits(bits: Any) -> int | None:
+    if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+        raise ValueError(f"`bits` must be None (lossless), 8 or 4, got {bits!r}.")
+    return bits
 
 
 def save_compressed(module: nn.Module, path: str | os.PathLike[str], *, bits: int | None = None) -> CompressionReport:
@@ -465,13 +472,42 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str], *, bits: in
     Raises:
         ValueError: ``bits`` is not None, 8 or 4; ``module`` is still factorized; a weight is not finite with ``bits``.
     """
-    if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
-        raise ValueError(f"`bits` must be None (lossless), 8 or 4, got {bits!r}.")
+    bits = _check_bits(bits)
     _check_plain(module, "save_compressed")
+    return save_state(module.state_dict(), path, bits=bits)
+
+
+def save_state(
+    state: Mapping[str, Tensor],
+    path: str | os.PathLike[str],
+    *,
+    bits: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> CompressionReport:
+    """Write a mapping of named tensors to one compressed file, exactly as :func:`save_compressed` writes a module's.
+
+    The building block of :func:`save_compressed` (which passes ``module.state_dict()``) for callers that store
+    tensors a module does not hold as such (e.g. :func:`lightning_dwf.decompose.save_decomposed`). Read the file
+    back with :func:`load_state` (or :func:`load_compressed` when the names match a module's ``state_dict()``).
+
+    Args:
+        state: name → tensor, saved in this order.
+        path: the file to write; overwritten if it exists.
+        bits: ``None`` (lossless), 8 or 4, applied to every floating-point tensor with >= 2 dims.
+        metadata: extra string metadata stored in the header (covered by the checksum); must not reuse the format's
+            own keys (``format``, ``format_version``, ``bits``, ``tool_version``, ``manifest``, ``sha256``).
+
+    Returns:
+        The sizes, measured on the written file.
+
+    Raises:
+        ValueError: bad ``bits``, a non-tensor value, a reserved metadata key, or a weight that is not finite with
+            ``bits``.
+    """
+    bits = _check_bits(bits)
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    state = module.state_dict()
     tensors: dict[str, Tensor] = {}
     manifest: list[dict[str, Any]] = []
     rows: list[TensorSize] = []
@@ -500,17 +536,22 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str], *, bits: in
                 ",".join(f"{k}={s.codec}" for k, s in streams.items()), sum(s.nbytes for s in streams.values()),
                 dense, csr,
             ))
-    metadata = {
+    reserved = {"format", "format_version", "bits", "tool_version", "manifest", "sha256"}
+    clash = sorted(reserved & set(metadata or {}))
+    if clash:
+        raise ValueError(f"`metadata` must not set the format's own keys {clash}.")
+    header = {
+        **{str(k): str(v) for k, v in (metadata or {}).items()},
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "bits": "none" if bits is None else str(bits),
         "tool_version": _tool_version(),
         "manifest": json.dumps(manifest, separators=(",", ":")),
     }
-    metadata["sha256"] = _checksum(metadata, tensors)
+    header["sha256"] = _checksum(header, tensors)
     tmp = path + ".tmp"
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=header)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -535,6 +576,68 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
     return metadata, tensors
 
 
+def _open(path: str) -> tuple[dict[str, str], int | None, dict[str, dict[str, Any]], dict[str, Tensor]]:
+    """Read and check a file (format, version, checksum, header): ``(metadata, bits, manifest by name, tensors)``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No compressed model file at {path!r}.")
+    metadata, tensors = _read(path)
+    fmt, version = metadata.get("format"), metadata.get("format_version")
+    if fmt != FORMAT:
+        raise ValueError(f"{path!r} is not a {FORMAT} file (metadata `format` is {fmt!r}); read it with safetensors.")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path!r} has format version {version!r}, but this lightning-dwf reads version {FORMAT_VERSION!r} "
+            f"(file written by lightning-dwf {metadata.get('tool_version', 'unknown')}). Load it with that version."
+        )
+    if metadata.get("sha256") != _checksum(metadata, tensors):
+        raise ValueError(f"{path!r} fails its sha256 checksum: the file is corrupt (changed after it was written).")
+    try:
+        bits = None if metadata["bits"] == "none" else int(metadata["bits"])
+        manifest = json.loads(metadata["manifest"])
+        entries = {e["name"]: e for e in manifest}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r} has a malformed header ({type(exc).__name__}: {exc}).") from exc
+    return metadata, bits, entries, tensors
+
+
+def _decode_all(
+    path: str, entries: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, Tensor], bits: int | None
+) -> dict[str, Tensor]:
+    """Every tensor of an opened file, decoded, in the file's order."""
+    decoded: dict[str, Tensor] = {}
+    for name, entry in entries.items():
+        try:
+            if entry["encoding"] == "raw":
+                raw = tensors[f"{name}:raw"]
+                if raw.dtype != _dtype(entry["dtype"]) or tuple(raw.shape) != tuple(entry["shape"]):
+                    raise ValueError(f"stored as {raw.dtype} {tuple(raw.shape)}")
+                decoded[name] = raw
+            else:
+                decoded[name] = _decode_weight(entry, {k: tensors[f"{name}:{k}"] for k in entry["streams"]}, bits)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, zlib.error, lzma.LZMAError) as exc:
+            raise ValueError(f"{path!r} is corrupt: cannot decode {name!r} ({type(exc).__name__}: {exc}).") from exc
+    return decoded
+
+
+def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of a file written by :func:`save_state` or :func:`save_compressed`, decoded, and its metadata.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(tensors, metadata)``: name → decoded tensor in the file's order, and the header's string metadata.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable safetensors file, not this format, another format version, fails its
+            checksum or cannot be decoded.
+    """
+    path = os.fspath(path)
+    metadata, bits, entries, tensors = _open(path)
+    return _decode_all(path, entries, tensors, bits), metadata
+
+
 def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Module:
     """Fill a plain module of the same architecture, in place, from a file written by :func:`save_compressed`.
 
@@ -557,25 +660,7 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
     """
     _check_plain(module, "load_compressed")
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No compressed model file at {path!r}.")
-    metadata, tensors = _read(path)
-    fmt, version = metadata.get("format"), metadata.get("format_version")
-    if fmt != FORMAT:
-        raise ValueError(f"{path!r} is not a {FORMAT} file (metadata `format` is {fmt!r}); read it with safetensors.")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path!r} has format version {version!r}, but this lightning-dwf reads version {FORMAT_VERSION!r} "
-            f"(file written by lightning-dwf {metadata.get('tool_version', 'unknown')}). Load it with that version."
-        )
-    if metadata.get("sha256") != _checksum(metadata, tensors):
-        raise ValueError(f"{path!r} fails its sha256 checksum: the file is corrupt (changed after it was written).")
-    try:
-        bits = None if metadata["bits"] == "none" else int(metadata["bits"])
-        manifest = json.loads(metadata["manifest"])
-        entries = {e["name"]: e for e in manifest}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path!r} has a malformed header ({type(exc).__name__}: {exc}).") from exc
+    _, bits, entries, tensors = _open(path)
 
     state = module.state_dict()
     for name, value in state.items():
@@ -592,17 +677,6 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
         if name not in state:
             raise ValueError(f"{path!r} does not match the module: the module has no {name!r}. Module unchanged.")
 
-    decoded: dict[str, Tensor] = {}
-    for name, entry in entries.items():
-        try:
-            if entry["encoding"] == "raw":
-                raw = tensors[f"{name}:raw"]
-                if raw.dtype != _dtype(entry["dtype"]) or tuple(raw.shape) != tuple(entry["shape"]):
-                    raise ValueError(f"stored as {raw.dtype} {tuple(raw.shape)}")
-                decoded[name] = raw
-            else:
-                decoded[name] = _decode_weight(entry, {k: tensors[f"{name}:{k}"] for k in entry["streams"]}, bits)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, zlib.error, lzma.LZMAError) as exc:
-            raise ValueError(f"{path!r} is corrupt: cannot decode {name!r} ({type(exc).__name__}: {exc}).") from exc
+    decoded = _decode_all(path, entries, tensors, bits)
     module.load_state_dict(decoded, strict=True)
     return module
