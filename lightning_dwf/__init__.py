@@ -18,6 +18,15 @@ from lightning_dwf.config import (
     ScheduleConfig,
 )
 from lightning_dwf.controller import SparsityController
+from lightning_dwf.decompose import (
+    DecomposeConfig,
+    DecompositionReport,
+    collapse_decomposed_,
+    decompose_,
+    finetune_,
+    load_decomposed,
+    save_decomposed,
+)
 from lightning_dwf.factorize import (
     FactorizedTensor,
     factor_parameters,
@@ -43,6 +52,8 @@ __all__ = [
     "DWFCallback",
     "DWFDeadLayerWarning",
     "DWFLearningRateWarning",
+    "DecomposeConfig",
+    "DecompositionReport",
     "FactorLRConfig",
     "FactorPenalty",
     "FactorizeConfig",
@@ -56,16 +67,21 @@ __all__ = [
     "TensorSize",
     "check_learning_rates",
     "collapse_",
+    "collapse_decomposed_",
     "collapse_state_dict",
+    "decompose_",
     "dwf_init_",
     "factor_parameters",
     "factorize_",
     "factorized_tensors",
+    "finetune_",
     "fix_support_",
     "functional",
     "is_factorized",
     "load_compressed",
+    "load_decomposed",
     "save_compressed",
+    "save_decomposed",
     "sparsity_report",
     "support_threshold",
 ]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 import lightning.pytorch as pl
+from torch import nn
+
+from lightning_dwf.compressed import CompressionReport, save_compressed
 
 #: File name of the collapsed checkpoint written at the end of ``fit``.
 COLLAPSED_CKPT_NAME = "dwf-collapsed.ckpt"
@@ -35,3 +38,13 @@ def save_weights_atomically(trainer: pl.Trainer, path: str) -> str:
         os.replace(tmp, path)
     trainer.strategy.barrier("dwf_collapsed_checkpoint")
     return path
+
+
+def export_compressed(trainer: pl.Trainer, module: nn.Module, path: str, bits: int | None) -> CompressionReport:
+    """Write ``module`` (collapsed) with :func:`~lightning_dwf.save_compressed` on rank zero; every rank gets the
+    report."""
+    report = None
+    if trainer.is_global_zero:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        report = save_compressed(module, path, bits=bits)
+    return trainer.strategy.broadcast(report)

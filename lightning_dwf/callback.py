@@ -29,15 +29,21 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_dwf._checkpoint import default_collapsed_ckpt_path, save_weights_atomically
+from lightning_dwf._checkpoint import default_collapsed_ckpt_path, export_compressed, save_weights_atomically
 from lightning_dwf._guards import check_amp_optimizers, check_trainer
 from lightning_dwf._validation import check_depth, check_nonnegative
 from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
-from lightning_dwf.compressed import CompressionReport, save_compressed
+from lightning_dwf.compressed import CompressionReport
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, ScheduleConfig, resolve_target
 from lightning_dwf.controller import SparsityController, plan_controller
 from lightning_dwf.factorize import factor_parameters, factorize_, factorized_tensors
-from lightning_dwf.messages import DWFDeadLayerWarning, DWFLearningRateWarning, dead_layer_message, divergence_message
+from lightning_dwf.messages import (
+    PLAIN_CHECKPOINT_MESSAGE,
+    DWFDeadLayerWarning,
+    DWFLearningRateWarning,
+    dead_layer_message,
+    divergence_message,
+)
 from lightning_dwf.optim import FactorPenalty, check_learning_rates, factor_learning_rates, warmup_multiplier
 from lightning_dwf.quantize import check_bits, set_fake_quantization_, zero_quantized_zeros_
 from lightning_dwf.report import SparsityReport, sparsity_report, weight_scales
@@ -471,13 +477,9 @@ class DWFCallback(Callback):
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompressionReport:
         """Write the collapsed model as ``dwf-collapsed.safetensors`` beside the checkpoint (rank zero), and report."""
         ckpt_path = self.collapsed_checkpoint_path or str(self.collapse.path or default_collapsed_ckpt_path(trainer))
-        path = os.path.splitext(ckpt_path)[0] + ".safetensors"
-        report = None
-        if trainer.is_global_zero:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            report = save_compressed(pl_module, path, bits=self.quantize_bits)
-        report = trainer.strategy.broadcast(report)
-        rank_zero_info(f"DWFCallback: compressed model written to {path}: {report.file_bytes:,} bytes, "
+        report = export_compressed(trainer, pl_module, os.path.splitext(ckpt_path)[0] + ".safetensors",
+                                   self.quantize_bits)
+        rank_zero_info(f"DWFCallback: compressed model written to {report.path}: {report.file_bytes:,} bytes, "
                        f"{report.ratio:.1f}× smaller than dense float32.")
         return report
 
@@ -504,12 +506,7 @@ class DWFCallback(Callback):
         if factorized is not None:
             pl_module.load_state_dict(factorized, strict=pl_module.strict_loading)
         elif not has_factors(checkpoint.get("state_dict", {})):
-            raise ValueError(
-                "`ckpt_path` points to a plain checkpoint (dense, or DWF's collapsed one) but resuming DWF training "
-                "needs a checkpoint written during DWF training (it holds the factors and the optimizer state). To "
-                "start DWF from these weights, load them (MyModule.load_from_checkpoint(path)) and call "
-                "trainer.fit(model) without ckpt_path, with DWFCallback(factorize=FactorizeConfig(init='balanced'))."
-            )
+            raise ValueError(PLAIN_CHECKPOINT_MESSAGE)
 
     @override
     def state_dict(self) -> dict[str, Any]:

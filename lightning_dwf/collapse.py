@@ -31,6 +31,18 @@ def collapse_(module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> nn.Mod
 
     Returns:
         ``module``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_dwf import collapse_, factorize_
+        >>> net = nn.Linear(3, 2)
+        >>> _ = factorize_(net, depth=2)
+        >>> with torch.no_grad():
+        ...     net.parametrizations.weight.original0[0, 0] = 1e-9  # a weight far below the threshold
+        >>> net = collapse_(net, threshold=1e-6)
+        >>> type(net) is nn.Linear, float(net.weight[0, 0])
+        (True, 0.0)
     """
     threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
     for t in factorized_tensors(module):

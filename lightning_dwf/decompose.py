@@ -69,6 +69,7 @@ from lightning_dwf._validation import check_patterns, check_positive
 from lightning_dwf.compressed import SUPPORTED_BITS, CompressionReport, _encode_weight, load_state, save_state
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig, FilterFn, LayerType, resolve_layer_types
 from lightning_dwf.factorize import select_tensors
+from lightning_dwf.functional import fake_quantize, quantize_to_grid
 
 __all__ = [
     "DecomposeConfig",
@@ -84,7 +85,6 @@ __all__ = [
     "decomposed_tensors",
     "finetune_",
     "load_decomposed",
-    "quantize_rows",
     "save_decomposed",
 ]
 
@@ -201,27 +201,9 @@ class DecomposeConfig:
 # ---------------------------------------------------------------------------------------------------------- math
 
 
-def quantize_rows(x: Tensor, bits: int | None) -> Tensor:
-    """``x`` (2-D) rounded to its per-row symmetric grid; no gradient flows through the rounding.
-
-    ``scale_r = max_j |x_rj| / (2**(bits-1) - 1)`` (the grid of :func:`lightning_dwf.compressed._quantize`), values
-    ``round(x / scale_r) · scale_r``; an all-zero row stays zero. ``bits=None`` returns ``x`` unchanged.
-
-    >>> quantize_rows(torch.tensor([[1.0, 0.26, -0.1]]), bits=4).tolist()  # scale 1/7
-    [[1.0, 0.2857142984867096, -0.1428571492433548]]
-    """
-    if bits is None:
-        return x
-    x = x.detach()
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=1, keepdim=True) / qmax
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / safe) * safe
-
-
 def _fake_quantize(x: Tensor, bits: int | None) -> Tensor:
-    """Straight-through fake quantization: the values of :func:`quantize_rows`, the gradient of the identity."""
-    return x if bits is None else x + (quantize_rows(x, bits) - x).detach()
+    """Straight-through fake quantization on the per-row grid (identity for ``bits=None``)."""
+    return x if bits is None else fake_quantize(x, bits)
 
 
 def _project(x: Tensor, keep: int, bits: int | None) -> Tensor:
@@ -233,7 +215,7 @@ def _project(x: Tensor, keep: int, bits: int | None) -> Tensor:
             idx = flat.abs().topk(keep, sorted=False).indices
             out[idx] = flat[idx]
         x = out.reshape(x.shape)
-    return quantize_rows(x, bits)
+    return x if bits is None else quantize_to_grid(x.detach(), bits)
 
 
 def _spectral_sq(gram: Tensor) -> float:
@@ -340,7 +322,8 @@ class LowRankProduct(nn.Module):
 
     ``U`` and ``V`` are the trainable tensors ``<layer>.parametrizations.<name>.original0`` / ``original1``;
     ``M_U``, ``M_V`` are fixed boolean masks (buffers ``mask_u`` / ``mask_v``, the non-zeros of the given factors),
-    and ``Q`` the straight-through per-row fake quantization of :func:`quantize_rows` (identity for
+    and ``Q`` the straight-through per-row fake quantization of :func:`lightning_dwf.functional.fake_quantize`
+    (identity for
     ``bits=None``). Registering it keeps the given factors (its ``right_inverse`` returns them once); assigning a
     new dense weight to the layer afterwards is refused.
 

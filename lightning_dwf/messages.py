@@ -37,3 +37,12 @@ def divergence_message(names: Sequence[str], step: int, lrs: Sequence[float], de
         "FactorLRConfig.multiplier), add a warm-up, or clip gradients (Trainer(gradient_clip_val=...)). No collapsed "
         "checkpoint was written."
     )
+
+
+#: Resuming DWF training from a checkpoint that holds no factors.
+PLAIN_CHECKPOINT_MESSAGE = (
+    "`ckpt_path` points to a plain checkpoint (dense, or DWF's collapsed one) but resuming DWF training needs a "
+    "checkpoint written during DWF training (it holds the factors and the optimizer state). To start DWF from these "
+    "weights, load them (MyModule.load_from_checkpoint(path)) and call trainer.fit(model) without ckpt_path, with "
+    "DWFCallback(factorize=FactorizeConfig(init='balanced'))."
+)

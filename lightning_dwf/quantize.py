@@ -14,17 +14,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lightning_dwf.compressed import SUPPORTED_BITS
 from lightning_dwf.factorize import factorized_tensors
 from lightning_dwf.functional import quantize_to_grid
 from lightning_dwf.support import zero_weights_
 
-#: Bits per quantized value that the export format stores.
-SUPPORTED_BITS = (8, 4)
-
 
 def check_bits(bits: object, name: str = "quantize_bits") -> int | None:
     """Return ``bits`` if it is None, 8 or 4, else raise naming ``name``."""
-    if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"`{name}` must be None (float weights), 8 or 4 (bits per stored value), got {bits!r}.")
     return bits  # type: ignore[return-value]
 

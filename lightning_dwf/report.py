@@ -174,6 +174,16 @@ def sparsity_report(
         threshold: absolute magnitude below which a weight counts as zero.
         lam: λ (mean-loss units) for the penalty values.
         depth: D for the penalty of a plain model (ignored for factorized tensors).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(4, 2)
+        >>> with torch.no_grad():
+        ...     net.weight[0] = 0.0
+        >>> report = sparsity_report(net)
+        >>> report.sparsity, report.compression_ratio
+        (0.5, 2.0)
     """
     layers: list[LayerSparsity] = []
     finite = True

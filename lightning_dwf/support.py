@@ -23,6 +23,9 @@ def support_threshold(weights: Sequence[Tensor], target: float, floor: float = 0
 
     Weights with ``|w| < threshold`` are the ``round(target · n)`` smallest ones (ties aside). The ``floor``
     (absolute) keeps weights that are already numerically zero from being counted as survivors.
+
+    >>> support_threshold([torch.tensor([0.1, -0.4, 0.3, 0.2])], target=0.5)
+    0.30000001192092896
     """
     magnitudes = torch.cat([w.detach().abs().flatten().float() for w in weights])
     k = int(round(target * magnitudes.numel()))

@@ -21,9 +21,9 @@ from lightning_dwf.decompose import (
     decomposed_tensors,
     finetune_,
     load_decomposed,
-    quantize_rows,
     save_decomposed,
 )
+from lightning_dwf.functional import quantize_to_grid
 
 KINDS = ["linear", "conv1d", "conv2d"]
 
@@ -68,7 +68,7 @@ def assert_on_grid(x: torch.Tensor, bits: int) -> None:
     q = x / torch.where(scale > 0, scale, torch.ones_like(scale))
     assert torch.allclose(q, q.round(), rtol=0, atol=1e-4)
     assert int(q.round().abs().max()) <= qmax
-    assert torch.equal(quantize_rows(x, bits).ne(0), x.ne(0))  # re-rounding keeps the pattern
+    assert torch.equal(quantize_to_grid(x, bits).ne(0), x.ne(0))  # re-rounding keeps the pattern
 
 
 # ------------------------------------------------------------------------------------------------------ config
