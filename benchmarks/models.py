@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -28,7 +30,69 @@ def small_cnn_bn(num_classes: int = 10) -> nn.Module:
     )
 
 
-MODELS = {"lenet300": lenet_300_100, "lenet5": lenet_5, "cnn-bn": small_cnn_bn}
+class _Attention(nn.Module):
+    """Multi-head self-attention with explicit ``nn.Linear`` q/k/v/out projections (so DWF's default selection factorizes them;
+    ``nn.MultiheadAttention`` keeps its in-projection as a bare Parameter)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        q, k, v = (proj(x).view(n, t, self.heads, c // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(n, t, c))
+
+
+class _ViTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(width), _Attention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyViT(nn.Module):
+    """A small vision transformer for 1×28×28 images: 7×7 patches (16 tokens), Linear patch embedding, learned position
+    embedding, pre-LayerNorm blocks, mean-pooled tokens, Linear head."""
+
+    def __init__(self, num_classes: int = 10, patch: int = 7, width: int = 64, depth: int = 2, heads: int = 4,
+                 mlp_ratio: int = 2, image: int = 28, channels: int = 1) -> None:
+        super().__init__()
+        self.patch = patch
+        tokens = (image // patch) ** 2
+        self.embed = nn.Linear(channels * patch * patch, width)
+        self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+        self.blocks = nn.Sequential(*(_ViTBlock(width, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` → ``(N, tokens, C·patch²)``, row-major over the patch grid."""
+        p = self.patch
+        n, c, h, w = x.shape
+        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.blocks(self.embed(self.patches(x)) + self.pos)
+        return self.head(self.norm(tokens).mean(1))
+
+
+def vit_tiny(num_classes: int = 10) -> nn.Module:
+    """:class:`TinyViT` as benchmarked: width 64, 2 blocks, 4 heads, MLP ratio 2 (about 70 k weights)."""
+    return TinyViT(num_classes)
+
+
+MODELS = {"lenet300": lenet_300_100, "lenet5": lenet_5, "cnn-bn": small_cnn_bn, "vit": vit_tiny}
 
 
 def vgg11_bn_cifar(num_classes: int = 10) -> nn.Module:
@@ -74,11 +138,35 @@ ALL_MODELS = {**MODELS, **CIFAR_MODELS}
 INPUT_SHAPES = {name: (1, 28, 28) if name in MODELS else (3, 32, 32) for name in ALL_MODELS}
 
 
-class Classifier(LightningModule):
-    """Any :data:`MODELS` network, SGD with momentum and a per-step cosine schedule (the same for every method)."""
+class WarmupCosine:
+    """Per-step LR factor: linear warm-up from ``1/warmup_steps`` to 1 over ``warmup_steps``, then cosine to 0 at ``total``."""
 
-    def __init__(self, model: str = "lenet300", lr: float = 0.1, momentum: float = 0.9, num_classes: int = 10) -> None:
+    def __init__(self, total: int, warmup_steps: int) -> None:
+        self.total, self.warmup_steps = max(total, 1), max(warmup_steps, 0)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(self.total - self.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class Classifier(LightningModule):
+    """Any :data:`MODELS` network, trained the same way for every method: SGD with momentum (default) or AdamW, and a per-step
+    cosine schedule, optionally after a linear warm-up over the first ``warmup`` fraction of the steps.
+
+    The defaults (``optimizer="sgd"``, ``weight_decay=0``, ``warmup=0``) are the sweep's recipe: SGD and
+    ``CosineAnnealingLR`` over every step, exactly as before these options existed.
+    """
+
+    def __init__(self, model: str = "lenet300", lr: float = 0.1, momentum: float = 0.9, num_classes: int = 10,
+                 optimizer: str = "sgd", weight_decay: float = 0.0, warmup: float = 0.0) -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")
         self.save_hyperparameters()
         self.net = MODELS[model](num_classes)
 
@@ -91,10 +179,23 @@ class Classifier(LightningModule):
         self.log("train/loss", loss)
         return loss
 
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The base optimizer over ``params`` (parameters or param groups)."""
+        hp = self.hparams
+        if hp.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    def make_scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Cosine over every step (no warm-up: the sweep's ``CosineAnnealingLR``), else warm-up then cosine to 0."""
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if not self.hparams.warmup:
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total, math.ceil(self.hparams.warmup * total)))
+
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(self.trainer.estimated_stepping_batches), 1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt = self.make_optimizer(self.parameters())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt), "interval": "step"}}
 
 
 @torch.no_grad()

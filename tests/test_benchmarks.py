@@ -134,3 +134,106 @@ def test_cifar_shaped_nets_factorize_and_collapse_exactly(name):
         assert len(factorize_(net, 3, config=FactorizeConfig(init="balanced"))) == len(layers)
         collapse_(net)
         torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_forward_and_factorization():
+    """The tiny ViT maps 1×28×28 images to logits, and DWF's default selection factorizes its attention and MLP Linears."""
+    import torch
+
+    from benchmarks.models import INPUT_SHAPES, MODELS
+    from lightning_dwf import factorize_
+
+    net = MODELS["vit"]()
+    assert net(torch.randn(3, *INPUT_SHAPES["vit"])).shape == (3, 10) and INPUT_SHAPES["vit"] == (1, 28, 28)
+    names = factorize_(net, 3)
+    for block in (0, 1):
+        for layer in ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.0", "mlp.2"):
+            assert f"blocks.{block}.{layer}.weight" in names
+    assert {"embed.weight", "head.weight"} <= set(names) and len(names) == len(sweep.prunable(MODELS["vit"]()))
+
+
+def test_classifier_default_is_the_sweep_recipe():
+    """Without options the Classifier is SGD + CosineAnnealingLR (the sweep's); warm-up ramps linearly, then cosine to 0."""
+    import torch
+
+    from benchmarks.models import Classifier, WarmupCosine
+
+    module = Classifier("lenet300")
+    module.trainer = argparse.Namespace(estimated_stepping_batches=100)  # what configure_optimizers reads
+    conf = module.configure_optimizers()
+    assert type(conf["optimizer"]) is torch.optim.SGD and conf["optimizer"].defaults["momentum"] == 0.9
+    assert conf["optimizer"].defaults["weight_decay"] == 0 and type(conf["lr_scheduler"]["scheduler"]).__name__ == "CosineAnnealingLR"
+    schedule = WarmupCosine(100, 5)
+    assert [schedule(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert schedule(5) == 1.0 and schedule(100) == pytest.approx(0.0) and 0 < schedule(50) < 1
+
+
+def test_matrix_plan_sizes():
+    """5 settings × 2 optimizers × (2 batch sizes × (dense + 3 targets × 3 methods) + 3 targets × 2 from-pretrained runs)."""
+    from benchmarks import matrix
+
+    plan = matrix.plan_first_pass()
+    assert len(plan) == 5 * 2 * (2 * (1 + 3 * 3) + 3 * 2) == 260 and len({sweep.key(c) for c in plan}) == 260
+    pretrained = [c for c in plan if c["start"] == "pretrained"]
+    assert all(c["batch_size"] == 256 and c["epochs"] == matrix.pretrained_epochs(c["dense_epochs"]) for c in pretrained)
+    keys = {sweep.key(c) for c in plan}
+    assert all(sweep.key(matrix.dense_source(c)) in keys for c in pretrained)  # each starts from a planned dense run
+    only = matrix.parse_only("model=vit,opt=adamw,bs=64,target=0.98")
+    assert len([c for c in plan if matrix.selected(c, only)]) == 1 + 3  # dense (every target) and the cell's 3 methods
+
+
+def _row(cfg, acc):
+    return dict(config=cfg, results=dict(acc=acc, sparsity=cfg.get("target", 0.0), emptied=[]))
+
+
+def test_matrix_second_pass_picks_close_cells():
+    from benchmarks import matrix
+
+    base = matrix.base_config("fashion-mnist", "lenet5", "sgd", 64)
+    rows = [_row(dict(base, method="dense"), 0.90)]
+    for target, (mp, pat, dwf) in {0.9: (0.880, 0.870, 0.884), 0.98: (0.85, 0.86, 0.80)}.items():
+        rows += [_row(dict(base, method=m, target=target), a) for m, a in zip(matrix.METHODS[1:], (mp, pat, dwf))]
+    second = matrix.plan_second_pass(rows)
+    assert {(c["method"], c.get("target"), c["seed"]) for c in second} == {
+        (m, t, s) for s in (1, 2) for m, t in (("dense", None), ("model-pruning", 0.9), ("pat", 0.9), ("dwf", 0.9))}
+
+
+def test_matrix_end_to_end(tmp_path, monkeypatch):
+    """One cell per method (and both from-pretrained runs) on synthetic images, a diverged DWF run, and the report."""
+    import torch
+
+    from benchmarks import matrix
+    from lightning_dwf.datasets import ImageData
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData("toy", torch.randn(480, 1, 28, 28, generator=g), torch.randint(0, 10, (480,), generator=g),
+                     torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+    plan = [dict(c, batch_size=4) for c in matrix.plan_first_pass(epochs=3)
+            if c["model"] == "lenet300" and c["dataset"] == "fashion-mnist" and c["optimizer"] == "sgd"
+            and c["batch_size"] == 256 and c.get("target", 0.9) == 0.9]
+    plan = [dict(c, epochs=1, **({"dense_epochs": 1} if "dense_epochs" in c else {})) for c in plan]  # 120 steps
+    assert [c["method"] for c in plan] == ["dense", "model-pruning", "pat", "dwf", "dwf-balanced", "model-pruning"]
+    monkeypatch.setattr(matrix, "PRETRAINED_BATCH", 4)
+    path = tmp_path / "matrix.jsonl"
+    rows = matrix.run_all(plan, path, loader=lambda name, root: data)
+    assert len(rows) == 6 and len(path.read_text().splitlines()) == 6
+    for row in rows.values():
+        res = row["results"]
+        if row["config"]["method"] != "pat" or not matrix.pat_missing():
+            assert res["acc"] is not None and res["train_seconds"] > 0 and row["versions"]["torch"]
+        if row["config"]["method"] != "dense":
+            assert res["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert len(list((tmp_path / "matrix_dense").glob("*.pt"))) == 1
+    assert matrix.run_all(plan, path, loader=lambda name, root: data) == rows  # resumes: nothing left to run
+
+    def nan_fit(*args):
+        raise RuntimeError("DWFCallback: the factors of ['net.1'] became NaN/Inf at step 3 (learning rates [0.1]). More text")
+
+    monkeypatch.setattr(matrix, "fit", nan_fit)
+    diverged = dict(plan[3], target=0.98)
+    res = matrix.run_all([diverged], path, loader=lambda name, root: data)[sweep.key(diverged)]["results"]
+    assert res["acc"] is None and res["diverged"].endswith("at step 3 (learning rates [0.1])")
+    md, png = matrix.report(path)
+    text = md.read_text()
+    assert "| fashion-mnist | lenet300 | sgd | 4 | scratch | 1 | 90 % |" in text and "| pretrained |" in text
+    assert "diverged: DWF s0" in text and png.stat().st_size > 0

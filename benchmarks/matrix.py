@@ -1,0 +1,637 @@
+"""Generalization matrix, defaults only: DWF as shipped (``DWFCallback(depth=3, target_sparsity=T)``) against untuned
+peers on every model, optimizer and batch size.
+
+    python -m benchmarks.matrix                               # everything (resumes): first pass, then the seed pass
+    python -m benchmarks.matrix --pass 1                      # the first pass only (seed 0)
+    python -m benchmarks.matrix --only model=vit,opt=adamw    # a subset (keys: data model opt bs target method start)
+    python -m benchmarks.matrix --list                        # the plan and its estimated time, nothing run
+    python -m benchmarks.matrix --report                      # matrix_table.md + matrix_gap.png
+    python -m benchmarks.matrix --only model=lenet5,bs=256 --max-batches 20 --results /tmp/smoke.jsonl   # a smoke run
+
+Cells: Fashion-MNIST × {LeNet-300-100, LeNet-5, the BN CNN, the tiny ViT} and the MNIST subset × LeNet-300-100;
+optimizers SGD (lr 0.1, momentum 0.9, no weight decay) and AdamW (lr 1e-3, weight decay 0.01, torch's default, on
+every parameter; DWF neutralizes it on its factors, which get its own penalty instead), both with a linear LR warm-up
+over the first 5 % of the steps, then cosine to 0, per step; batch sizes 64 and 256; targets 90 / 98 / 99.5 %.
+Methods per cell, at the same epochs, optimizer, schedule and data order: dense; Lightning's ModelPruning (global L1,
+the sweep's cubic per-epoch schedule to the target at 70 % of training, :class:`benchmarks.sweep.LayerPruning`);
+torchao's prototype PAT (``PruneOptimizer`` around the same optimizer, a global per-element magnitude constraint on
+a cubic ramp, warm-up 10 % of the run, mask frozen from 60 %; ``pip install -e '.[bench]'``, skipped with a logged
+reason when torchao is missing); DWF with ``DWFCallback(depth=3, target_sparsity=T)`` and nothing else that changes
+training (``save_collapsed=False, verbose=False`` only silence its file and table). All methods prune the Linear/Conv
+weights, and sparsity is counted over them. From pretrained (batch 256, seed 0): the dense cell's trained net
+(``<results>/matrix_dense/*.pt``) sparsified for a third of its epochs by ``DWFCallback(depth=3, target_sparsity=T,
+init="balanced")`` and by ModelPruning. The seed pass adds seeds 1 and 2 (every method of the cell, and dense) to each
+from-scratch cell whose DWF and best-peer accuracies are within 0.5 points on seed 0.
+
+One JSON row per run (config, results, versions) goes to ``benchmarks/results/matrix.jsonl``; runs already there are
+skipped. A DWF run stopped on NaN/Inf factors is a ``diverged`` row; a configuration DWF refuses (e.g. a target it
+cannot reach in the planned steps) an ``error`` row; neither stops the matrix.
+
+Time, first pass (260 runs, ``--list`` prints the estimate): about 2.8 hours of training on 2 CPU cores with the epochs
+of :data:`EPOCHS` (LeNet-300-100 12, LeNet-5 6, BN CNN 5, ViT 6, MNIST subset 30; from pretrained a third of them),
+plus about a second of Trainer set-up per run. Basis, :data:`SECONDS_PER_EPOCH` (dense, one Fashion-MNIST epoch)::
+
+    model      batch 64   batch 256   source
+    lenet300      3.1        1.3      sweep rows (full.jsonl): b256 dense 20 epochs; b64 from the MNIST-subset b64 steps
+    lenet5        5.5        4.9      the same
+    cnn-bn       14.0        9.5      the same (b256: the DWF / ModelPruning rows, dense's one row was disturbed)
+    vit          14.0       10.0      assumed equal to the BN CNN (similar MACs per image; in the smoke runs, under the
+                                      same load, the ViT took at most the CNN's time at both batch sizes)
+
+and :data:`METHOD_COST` (DWF D=3 1.4× dense, from the sweep's rows; PAT 1.1×, from the smoke runs). The smoke runs
+(every Fashion-MNIST model, SGD, target 98 %, batch 64 and 256, 4 epochs of 40 batches) ran while another job kept
+the 2 cores loaded (load average 3.5-5.8): their own seconds per epoch (e.g. LeNet-5 b256 dense 8.8, ViT b256 28) were
+2-5× the quiet-machine numbers and varied by 10× between repeats, so they set only the ViT's relative cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from benchmarks import sweep
+from benchmarks.models import Classifier
+from lightning_dwf import DWFCallback
+from lightning_dwf.datasets import ImageData, load_dataset
+from lightning_dwf.factorize import DEFAULT_LAYER_TYPES
+
+PATH = sweep.RESULTS / "matrix.jsonl"
+#: (dataset, model) settings; the MNIST subset only with LeNet-300-100.
+SETTINGS = (
+    ("fashion-mnist", "lenet300"),
+    ("fashion-mnist", "lenet5"),
+    ("fashion-mnist", "cnn-bn"),
+    ("fashion-mnist", "vit"),
+    ("mnist-subset", "lenet300"),
+)
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0),
+    "adamw": dict(optimizer="adamw", lr=1e-3, weight_decay=0.01),
+}
+BATCH_SIZES = (64, 256)
+TARGETS = (0.9, 0.98, 0.995)
+#: Linear LR warm-up, fraction of the steps (keeps dense LeNet-5 with SGD lr 0.1 alive on every seed).
+WARMUP = 0.05
+METHODS = ("dense", "model-pruning", "pat", "dwf")
+PRETRAINED_METHODS = ("dwf-balanced", "model-pruning")
+#: Batch size of the from-pretrained runs (and of the dense nets they start from).
+PRETRAINED_BATCH = 256
+#: PAT: no pruning for the first 10 % of the steps, mask frozen (healing) from 60 %.
+PAT_WARMUP, PAT_HEAL = 0.1, 0.6
+#: Epochs per setting, the same for every method of a cell (from pretrained: a third of them).
+EPOCHS = {
+    ("fashion-mnist", "lenet300"): 12,
+    ("fashion-mnist", "lenet5"): 6,
+    ("fashion-mnist", "cnn-bn"): 5,
+    ("fashion-mnist", "vit"): 6,
+    ("mnist-subset", "lenet300"): 30,
+}
+#: Dense seconds per Fashion-MNIST epoch (60,000 images) at batch 64 / 256 on 2 quiet CPU cores (see the docstring).
+SECONDS_PER_EPOCH = {
+    "lenet300": {64: 3.1, 256: 1.3},
+    "lenet5": {64: 5.5, 256: 4.9},
+    "cnn-bn": {64: 14.0, 256: 9.5},
+    "vit": {64: 14.0, 256: 10.0},
+}
+#: Cost of a method relative to dense training.
+METHOD_COST = {"dense": 1.0, "model-pruning": 1.0, "pat": 1.1, "dwf": 1.4, "dwf-balanced": 1.4}
+#: Trainer set-up and test evaluation per run, seconds.
+RUN_OVERHEAD = 1.5
+TRAIN_SIZE = {"fashion-mnist": 60_000, "mnist-subset": 4_000}
+EXTRA_SEEDS = (1, 2)
+#: The seed pass runs where |DWF − best peer| is below this (accuracy fraction: 0.5 points).
+CLOSE = 0.005
+#: Short names accepted by ``--only``.
+ALIASES = {"data": "dataset", "opt": "optimizer", "bs": "batch_size"}
+
+
+# ----------------------------------------------------------------------------------------------------------------- plan
+def base_config(
+    dataset: str, model: str, opt: str, batch_size: int, epochs: int | None = None, max_batches: int | None = None
+) -> dict[str, Any]:
+    """The config keys every run of a (setting, optimizer, batch size) shares."""
+    cfg = dict(
+        dataset=dataset,
+        model=model,
+        batch_size=batch_size,
+        epochs=epochs or EPOCHS[(dataset, model)],
+        warmup=WARMUP,
+        start="scratch",
+        seed=0,
+        **OPTIMIZERS[opt],
+    )
+    if max_batches:
+        cfg["max_batches"] = max_batches
+    return cfg
+
+
+def pretrained_epochs(epochs: int) -> int:
+    return max(1, round(epochs / 3))
+
+
+def plan_first_pass(epochs: int | None = None, max_batches: int | None = None) -> list[dict[str, Any]]:
+    """Every first-pass run (seed 0); each dense run comes before the sparse runs of its cells and its fine-tunes."""
+    out = []
+    for dataset, model in SETTINGS:
+        for opt in OPTIMIZERS:
+            for batch_size in BATCH_SIZES:
+                base = base_config(dataset, model, opt, batch_size, epochs, max_batches)
+                out.append(dict(base, method="dense"))
+                out += [dict(base, method=m, target=t) for t in TARGETS for m in METHODS[1:]]
+            base = base_config(dataset, model, opt, PRETRAINED_BATCH, epochs, max_batches)
+            short = dict(
+                base, start="pretrained", epochs=pretrained_epochs(base["epochs"]), dense_epochs=base["epochs"]
+            )
+            out += [dict(short, method=m, target=t) for t in TARGETS for m in PRETRAINED_METHODS]
+    return out
+
+
+def dense_source(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The dense run a from-pretrained run starts from."""
+    src = {k: v for k, v in cfg.items() if k not in ("target", "dense_epochs")}
+    return dict(src, method="dense", start="scratch", epochs=cfg["dense_epochs"], seed=0)
+
+
+def cell_key(cfg: dict[str, Any]) -> str:
+    """A from-scratch cell: the config without method and seed (dense rows belong to every target of their setting)."""
+    return sweep.key({k: v for k, v in cfg.items() if k not in ("method", "seed")})
+
+
+def close_cells(rows: Iterable[dict]) -> list[dict[str, Any]]:
+    """Seed-0 from-scratch cells (as their DWF config) whose DWF and best-peer accuracies are within :data:`CLOSE`."""
+    acc: dict[str, dict[str, float]] = defaultdict(dict)
+    dwf_cfg = {}
+    for row in rows:
+        c, res = row["config"], row["results"]
+        if c["start"] != "scratch" or c["seed"] != 0 or "target" not in c or res.get("acc") is None:
+            continue
+        acc[cell_key(c)][c["method"]] = res["acc"]
+        if c["method"] == "dwf":
+            dwf_cfg[cell_key(c)] = c
+    out = []
+    for cell, by_method in acc.items():
+        peers = [by_method[m] for m in ("model-pruning", "pat") if m in by_method]
+        if "dwf" in by_method and peers and abs(by_method["dwf"] - max(peers)) < CLOSE:
+            out.append(dwf_cfg[cell])
+    return out
+
+
+def plan_second_pass(rows: Iterable[dict]) -> list[dict[str, Any]]:
+    """Seeds 1 and 2 of every method (and of dense) in each close cell, dense once per setting."""
+    out: dict[str, dict[str, Any]] = {}
+    for dwf in close_cells(rows):
+        for seed in EXTRA_SEEDS:
+            dense = {k: v for k, v in dwf.items() if k != "target"}
+            for cfg in [dict(dense, method="dense", seed=seed)] + [dict(dwf, method=m, seed=seed) for m in METHODS[1:]]:
+                out.setdefault(sweep.key(cfg), cfg)
+    return list(out.values())
+
+
+def parse_only(text: str | None) -> dict[str, str]:
+    """``"model=vit,opt=adamw"`` → ``{"model": "vit", "optimizer": "adamw"}``."""
+    if not text:
+        return {}
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"--only takes key=value pairs separated by commas, got {text!r}.")
+    return {ALIASES.get(k.strip(), k.strip()): v.strip() for k, v in pairs}
+
+
+def selected(cfg: dict[str, Any], only: dict[str, str]) -> bool:
+    """Whether ``cfg`` matches every ``key=value`` of ``only`` (values compared as numbers where they parse); dense runs
+    match any ``target`` (they belong to every target's cell)."""
+    for k, v in only.items():
+        have = cfg.get(k)
+        if k == "target" and cfg["method"] == "dense":
+            continue
+        try:
+            if have is None or float(have) != float(v):
+                return False
+        except (TypeError, ValueError):
+            if str(have) != v:
+                return False
+    return True
+
+
+def estimate_seconds(cfg: dict[str, Any]) -> float:
+    """Predicted training seconds of one run from :data:`SECONDS_PER_EPOCH` and :data:`METHOD_COST`."""
+    per_epoch = SECONDS_PER_EPOCH[cfg["model"]][cfg["batch_size"]] * TRAIN_SIZE[cfg["dataset"]] / 60_000
+    if cfg.get("max_batches"):
+        per_epoch *= min(1.0, cfg["max_batches"] * cfg["batch_size"] / TRAIN_SIZE[cfg["dataset"]])
+    return cfg["epochs"] * per_epoch * METHOD_COST[cfg["method"]] + RUN_OVERHEAD
+
+
+# ------------------------------------------------------------------------------------------------------------ training
+class PATClassifier(Classifier):
+    """:class:`Classifier` whose optimizer is torchao's PAT ``PruneOptimizer`` around the same base optimizer: one
+    global per-element (``KElementGrouper(k=1)``) minimum-sparsity constraint over the Linear/Conv weights, ramped
+    cubically from :data:`PAT_WARMUP` to :data:`PAT_HEAL` of the run, the mask frozen after it."""
+
+    def __init__(self, *args: Any, target: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.target = target
+
+    def configure_optimizers(self):
+        from torchao.prototype.pat.optim import PruneOptimizer
+
+        total = max(int(self.trainer.estimated_stepping_batches), 2)
+        pruned = {id(m.weight) for m in self.net.modules() if isinstance(m, DEFAULT_LAYER_TYPES)}
+        groups = [
+            dict(
+                params=[p for p in self.parameters() if id(p) in pruned],
+                prox_type="GlobalMinSparsityConstraint",
+                group_type="KElementGrouper",
+                k=1,
+                min_sparsity=self.target,
+                min_sparsity_schedule=True,
+            ),
+            dict(params=[p for p in self.parameters() if id(p) not in pruned]),
+        ]
+        opt = PruneOptimizer(
+            self.make_optimizer(groups), warmup_steps=int(PAT_WARMUP * total), healing_start_step=int(PAT_HEAL * total)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt), "interval": "step"}}
+
+
+def pat_missing() -> str | None:
+    """Why PAT cannot run here (torchao missing or broken), or None."""
+    try:
+        import torchao.prototype.pat.optim  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure skips the method
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def make_module(cfg: dict[str, Any], num_classes: int) -> Classifier:
+    kwargs = {k: cfg[k] for k in ("lr", "optimizer", "weight_decay", "warmup")}
+    kwargs["momentum"] = cfg.get("momentum", 0.0)
+    if cfg["method"] == "pat":
+        return PATClassifier(cfg["model"], num_classes=num_classes, target=cfg["target"], **kwargs)
+    return Classifier(cfg["model"], num_classes=num_classes, **kwargs)
+
+
+def callbacks(cfg: dict[str, Any]) -> list:
+    """The callback that makes the method (none for dense and PAT)."""
+    method = cfg["method"]
+    if method == "model-pruning":
+        return sweep.method_callbacks(dict(method="model-pruning", target=cfg["target"], epochs=cfg["epochs"]))
+    if method in ("dwf", "dwf-balanced"):  # the defaults; the two flags only silence the collapsed file and the table
+        init = dict(init="balanced") if method == "dwf-balanced" else {}
+        return [DWFCallback(depth=3, target_sparsity=cfg["target"], save_collapsed=False, verbose=False, **init)]
+    return []
+
+
+def fit(cfg: dict[str, Any], module: Classifier, data: ImageData, cbs: list) -> float:
+    """Train ``module`` as ``cfg`` says; returns the seconds it took."""
+    trainer = Trainer(
+        devices=1,
+        max_epochs=cfg["epochs"],
+        callbacks=cbs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=cfg.get("max_batches") or 1.0,
+        **sweep.DEVICE_DEFAULTS,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, sweep.loader(data, cfg["batch_size"], cfg["seed"]))
+    return time.perf_counter() - start
+
+
+def emptied_layers(net: nn.Module) -> list[str]:
+    """Linear/Conv layers whose weight is entirely zero."""
+    return [name for name, m in net.named_modules() if isinstance(m, DEFAULT_LAYER_TYPES) and not bool(m.weight.any())]
+
+
+def measure(net: nn.Module, data: ImageData) -> dict[str, Any]:
+    """Accuracy, sparsity (Linear/Conv weights), emptied layers of the trained (collapsed) net; non-finite weights."""
+    finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    out = dict(sweep.measure(net, data), emptied=emptied_layers(net))
+    if not finite:
+        out["diverged"] = "non-finite weights at the end of training"
+    return out
+
+
+def dense_path(cfg: dict[str, Any], results: Path) -> Path:
+    """Where the trained dense net of ``cfg`` (a dense config) is kept for the from-pretrained runs."""
+    digest = hashlib.sha1(sweep.key(cfg).encode()).hexdigest()[:10]
+    return results.parent / f"{results.stem}_dense" / f"{cfg['dataset']}_{cfg['model']}_{cfg['optimizer']}_{digest}.pt"
+
+
+def run_one(
+    cfg: dict[str, Any], data: ImageData, dense_state: dict | None = None, save_to: Path | None = None
+) -> dict[str, Any]:
+    """Train and measure one config (starting from ``dense_state`` if given, saving the trained net to ``save_to``);
+    DWF's NaN/Inf stop is a ``diverged`` result, a configuration DWF refuses an ``error``."""
+    seed_everything(cfg["seed"], verbose=False)
+    module = make_module(cfg, data.num_classes)
+    if dense_state is not None:
+        module.net.load_state_dict(dense_state)
+    try:
+        seconds = fit(cfg, module, data, callbacks(cfg))
+    except MisconfigurationException as err:
+        return dict(acc=None, error=str(err))
+    except RuntimeError as err:
+        if "NaN/Inf" not in str(err):
+            raise
+        return dict(acc=None, diverged=str(err).split(". ")[0])
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(module.net.state_dict(), save_to)
+    return dict(measure(module.net, data), train_seconds=seconds)
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "lightning", "torchao", "lightning-dwf"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    """The rows already in ``path``, by config key."""
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {sweep.key(row["config"]): row for row in rows}
+
+
+def outcome(res: dict[str, Any]) -> str:
+    if res.get("acc") is None:
+        return "diverged: " + res["diverged"] if "diverged" in res else "error: " + res.get("error", "?")[:100]
+    return f"acc {res['acc']:.4f}  sparsity {res['sparsity']:.4f}" + (
+        f"  emptied {res['emptied']}" if res["emptied"] else ""
+    )
+
+
+def run_all(
+    plan: list[dict[str, Any]],
+    results: Path,
+    data_dir: str | None = None,
+    loader: Callable[..., ImageData] = load_dataset,
+) -> dict[str, dict]:
+    """Run every config of ``plan`` not yet in ``results`` (appending one row each); returns all rows by key."""
+    done = load_rows(results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    datasets: dict[str, ImageData] = {}
+    skip_pat = pat_missing()
+    for cfg in plan:
+        if sweep.key(cfg) in done:
+            continue
+        if cfg["method"] == "pat" and skip_pat:
+            print(
+                f"skipped PAT ({skip_pat}): {cfg['dataset']} {cfg['model']} {cfg['optimizer']} b{cfg['batch_size']}",
+                flush=True,
+            )
+            continue
+        data = datasets.get(cfg["dataset"]) or datasets.setdefault(cfg["dataset"], loader(cfg["dataset"], data_dir))
+        state = None
+        if cfg["start"] == "pretrained":
+            state = dense_weights(dense_source(cfg), data, results, done)
+        source = cfg["method"] == "dense" and cfg["batch_size"] == PRETRAINED_BATCH and cfg["seed"] == 0
+        res = run_one(cfg, data, state, dense_path(cfg, results) if source else None)
+        record(cfg, res, results, done)
+    return done
+
+
+def dense_weights(src: dict[str, Any], data: ImageData, results: Path, done: dict[str, dict]) -> dict:
+    """The trained dense net ``src`` names: from its file, else trained now (and its row recorded if missing)."""
+    path = dense_path(src, results)
+    if not path.exists():
+        res = run_one(src, data, save_to=path)
+        if sweep.key(src) not in done:
+            record(src, res, results, done)
+    return torch.load(path, weights_only=True)
+
+
+def record(cfg: dict[str, Any], res: dict[str, Any], results: Path, done: dict[str, dict]) -> None:
+    row = dict(config=cfg, results=res, versions=versions(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    done[sweep.key(cfg)] = row
+    knob = f"{cfg['target']:<6}" if "target" in cfg else " " * 6
+    print(
+        f"{cfg['dataset']:13s} {cfg['model']:8s} {cfg['optimizer']:5s} b{cfg['batch_size']:<4d} {cfg['start']:10s} "
+        f"{cfg['method']:13s} {knob} s{cfg['seed']} {outcome(res)}  ({res.get('train_seconds', 0):.0f} s)",
+        flush=True,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------------- report
+LABELS = {"dense": "dense", "model-pruning": "ModelPruning", "pat": "PAT", "dwf": "DWF", "dwf-balanced": "DWF"}
+
+
+def table_cells(rows: Iterable[dict]) -> dict[tuple, dict[str, list[dict]]]:
+    """Rows grouped by cell ``(dataset, model, optimizer, batch, start, target)`` and method; dense rows (and a
+    from-pretrained cell's source) are filed under every target of their setting."""
+    rows = list(rows)
+    targets: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        c = r["config"]
+        if "target" in c:
+            targets[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["start"])].add(c["target"])
+    cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        c = r["config"]
+        if "target" in c:
+            method = "dwf" if c["method"] == "dwf-balanced" else c["method"]
+            cells[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["start"], c["target"])][method].append(
+                r
+            )
+            continue
+        for start in ("scratch", "pretrained"):
+            if start == "pretrained" and (c["batch_size"] != PRETRAINED_BATCH or c["seed"] != 0):
+                continue
+            for t in targets[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], start)]:
+                cells[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], start, t)]["dense"].append(r)
+    return dict(sorted(cells.items(), key=lambda kv: kv[0]))
+
+
+def mean_acc(runs: list[dict]) -> float | None:
+    accs = [r["results"].get("acc") for r in runs]
+    return sum(accs) / len(accs) if accs and all(a is not None for a in accs) else None
+
+
+def fmt_acc(runs: list[dict]) -> str:
+    """``88.12`` for one seed, ``88.10 (88.0 / 88.2 / 88.1)`` for several, ``diverged`` / ``error`` / ``—``."""
+    if not runs:
+        return "—"
+    runs = sorted(runs, key=lambda r: r["config"]["seed"])
+    per_seed = [
+        "diverged"
+        if "diverged" in r["results"] and r["results"].get("acc") is None
+        else "error"
+        if r["results"].get("acc") is None
+        else f"{100 * r['results']['acc']:.2f}"
+        for r in runs
+    ]
+    mean = mean_acc(runs)
+    if len(runs) == 1:
+        return per_seed[0]
+    return (f"{100 * mean:.2f}" if mean is not None else "—") + " (" + " / ".join(per_seed) + ")"
+
+
+def gap(by_method: dict[str, list[dict]]) -> float | None:
+    """DWF − best peer (ModelPruning, PAT) in points, on the seed means."""
+    dwf = mean_acc(by_method.get("dwf", []))
+    peers = [a for a in (mean_acc(by_method.get(m, [])) for m in ("model-pruning", "pat")) if a is not None]
+    return None if dwf is None or not peers else 100 * (dwf - max(peers))
+
+
+def flags(target: float, by_method: dict[str, list[dict]]) -> list[str]:
+    """Diverged / refused runs, emptied layers, sparsity more than 0.1 points off the target."""
+    out = []
+    for method, runs in by_method.items():
+        for r in runs:
+            res, who = r["results"], f"{LABELS[method]} s{r['config']['seed']}"
+            if "diverged" in res:
+                out.append(f"diverged: {who}")
+            if res.get("acc") is None and "error" in res:
+                out.append(f"error: {who}")
+            if res.get("emptied"):
+                out.append(f"emptied {','.join(res['emptied'])}: {who}")
+            if method != "dense" and res.get("sparsity") is not None and abs(res["sparsity"] - target) > 0.001:
+                out.append(f"sparsity {100 * res['sparsity']:.2f}: {who}")
+    return out
+
+
+def sparsity_text(by_method: dict[str, list[dict]]) -> str:
+    parts = []
+    for m in ("model-pruning", "pat", "dwf"):
+        vals = [r["results"]["sparsity"] for r in by_method.get(m, []) if r["results"].get("sparsity") is not None]
+        if vals:
+            parts.append(f"{LABELS[m]} {100 * sum(vals) / len(vals):.2f}")
+    return " / ".join(parts) or "—"
+
+
+def table(rows: Iterable[dict]) -> str:
+    out = [
+        "# Generalization matrix, defaults only",
+        "",
+        "Reproduce: `python -m benchmarks.matrix && python -m benchmarks.matrix --report`. Test accuracy (%) of the "
+        "collapsed / pruned model; several seeds: mean (per seed). From pretrained: the dense column is the net the "
+        'run started from, DWF is `init="balanced"`. Sparsity over the Linear/Conv weights (%). Gap: DWF − best of '
+        "ModelPruning and PAT, points.",
+        "",
+        "| data | model | opt | batch | start | epochs | target | dense | ModelPruning | PAT | DWF | sparsity | gap "
+        "| flags |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, model, opt, batch, start, target), by_method in table_cells(rows).items():
+        epochs = next(r["config"]["epochs"] for m, rs in by_method.items() if m != "dense" for r in rs)
+        g = gap(by_method)
+        cols = [
+            dataset,
+            model,
+            opt,
+            str(batch),
+            start,
+            str(epochs),
+            f"{100 * target:g} %",
+            *(fmt_acc(by_method.get(m, [])) for m in METHODS),
+            sparsity_text(by_method),
+            "—" if g is None else f"{g:+.2f}",
+            "; ".join(flags(target, by_method)),
+        ]
+        out.append("| " + " | ".join(cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def gap_plot(rows: Iterable[dict], path: Path) -> Path:
+    """One dot per cell: DWF − best peer (points), from-scratch and from-pretrained cells in two colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [
+        (f"{d} {m} {o} b{b} {100 * t:g}%" + (" pre" if s == "pretrained" else ""), gap(bm), s)
+        for (d, m, o, b, s, t), bm in table_cells(rows).items()
+        if gap(bm) is not None
+    ]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.2 * len(points) + 1)))
+    for start, color in (("scratch", "tab:blue"), ("pretrained", "tab:orange")):
+        pts = [(i, g) for i, (_, g, s) in enumerate(points) if s == start]
+        if pts:
+            ax.scatter([g for _, g in pts], [i for i, _ in pts], color=color, s=14, label=f"from {start}")
+    ax.axvline(0, color="k", lw=1)
+    ax.set_yticks(range(len(points)), [p[0] for p in points], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("DWF − best peer (accuracy points)")
+    ax.set_title("Generalization matrix, defaults only")
+    ax.grid(True, axis="x", alpha=0.3)
+    if points:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(results: Path) -> tuple[Path, Path]:
+    rows = list(load_rows(results).values())
+    md = results.with_name(f"{results.stem}_table.md")
+    md.write_text(table(rows))
+    return md, gap_plot(rows, results.with_name(f"{results.stem}_gap.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only", default=None, help="key=value,... over data, model, opt, bs, target, method, start, seed"
+    )
+    parser.add_argument(
+        "--pass", dest="passes", choices=("1", "2", "all"), default="all", help="first pass, seed pass, or both"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="write the table and the gap plot from the results, run nothing"
+    )
+    parser.add_argument("--list", action="store_true", help="print the plan and its estimated time, run nothing")
+    parser.add_argument("--results", type=Path, default=PATH, help="the .jsonl results file (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=None, help="override every setting's epochs (smoke runs)")
+    parser.add_argument(
+        "--max-batches", type=int, default=None, help="train on this many batches per epoch (smoke runs)"
+    )
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    if args.report:
+        for p in report(args.results):
+            print(p)
+        return
+    os.environ.setdefault("WANDB_MODE", "offline")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    only = parse_only(args.only)
+    first = [c for c in plan_first_pass(args.epochs, args.max_batches) if selected(c, only)]
+    if args.list:
+        for c in first:
+            print(sweep.key(c))
+        hours = sum(estimate_seconds(c) for c in first) / 3600
+        print(f"{len(first)} first-pass runs, about {hours:.1f} h of training (seed pass: decided by the results)")
+        return
+    done = run_all(first, args.results, args.data_dir) if args.passes in ("1", "all") else load_rows(args.results)
+    if args.passes in ("2", "all"):
+        second = [c for c in plan_second_pass(done.values()) if selected(c, only)]
+        run_all(second, args.results, args.data_dir)
+
+
+if __name__ == "__main__":
+    main()
