@@ -17,10 +17,12 @@ the sweep's cubic per-epoch schedule to the target at 70 % of training, :class:`
 torchao's prototype PAT (``PruneOptimizer`` around the same optimizer, a global per-element magnitude constraint on
 a cubic ramp, warm-up 10 % of the run, mask frozen from 60 %; ``pip install -e '.[bench]'``, skipped with a logged
 reason when torchao is missing); DWF with ``DWFCallback(depth=3, target_sparsity=T)`` and nothing else that changes
-training (``save_collapsed=False, verbose=False`` only silence its file and table). All methods prune the Linear/Conv
+training (``collapse=CollapseConfig(save=False), verbose=False`` only silence its file and table). All methods
+prune the Linear/Conv
 weights, and sparsity is counted over them. From pretrained (batch 256, seed 0): the dense cell's trained net
 (``<results>/matrix_dense/*.pt``) sparsified for a third of its epochs by ``DWFCallback(depth=3, target_sparsity=T,
-init="balanced")`` and by ModelPruning. The seed pass adds seeds 1 and 2 (every method of the cell, and dense) to each
+factorize=FactorizeConfig(init="balanced"))`` and by ModelPruning. The seed pass adds seeds 1 and 2 (every
+method of the cell, and dense) to each
 from-scratch cell whose DWF and best-peer accuracies are within 0.5 points on seed 0.
 
 One JSON row per run (config, results, versions) goes to ``benchmarks/results/matrix.jsonl``; runs already there are
@@ -64,9 +66,8 @@ from torch import nn
 
 from benchmarks import sweep
 from benchmarks.models import Classifier
-from lightning_dwf import DWFCallback
-from lightning_dwf.datasets import ImageData, load_dataset
-from lightning_dwf.factorize import DEFAULT_LAYER_TYPES
+from examples.data import ImageData, load_dataset
+from lightning_dwf import DEFAULT_LAYER_TYPES, CollapseConfig, DWFCallback, FactorizeConfig
 
 PATH = sweep.RESULTS / "matrix.jsonl"
 #: (dataset, model) settings; the MNIST subset only with LeNet-300-100.
@@ -289,8 +290,12 @@ def callbacks(cfg: dict[str, Any]) -> list:
     if method == "model-pruning":
         return sweep.method_callbacks(dict(method="model-pruning", target=cfg["target"], epochs=cfg["epochs"]))
     if method in ("dwf", "dwf-balanced"):  # the defaults; the two flags only silence the collapsed file and the table
-        init = dict(init="balanced") if method == "dwf-balanced" else {}
-        return [DWFCallback(depth=3, target_sparsity=cfg["target"], save_collapsed=False, verbose=False, **init)]
+        init = dict(factorize=FactorizeConfig(init="balanced")) if method == "dwf-balanced" else {}
+        return [
+            DWFCallback(
+                depth=3, target_sparsity=cfg["target"], collapse=CollapseConfig(save=False), verbose=False, **init
+            )
+        ]
     return []
 
 
@@ -528,7 +533,8 @@ def table(rows: Iterable[dict]) -> str:
         "",
         "Reproduce: `python -m benchmarks.matrix && python -m benchmarks.matrix --report`. Test accuracy (%) of the "
         "collapsed / pruned model; several seeds: mean (per seed). From pretrained: the dense column is the net the "
-        'run started from, DWF is `init="balanced"`. Sparsity over the Linear/Conv weights (%). Gap: DWF − best of '
+        'run started from, DWF is `FactorizeConfig(init="balanced")`. Sparsity over the Linear/Conv weights (%). '
+        'Gap: DWF − best of '
         "ModelPruning and PAT, points.",
         "",
         "| data | model | opt | batch | start | epochs | target | dense | ModelPruning | PAT | DWF | sparsity | gap "

@@ -11,27 +11,48 @@ from torchmetrics.classification import MulticlassAccuracy
 
 
 def lenet_300_100(num_classes: int = 10) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, num_classes)
+    )
 
 
 def lenet_5(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
     )
 
 
 def small_cnn_bn(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, num_classes),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
     )
 
 
 class _Attention(nn.Module):
-    """Multi-head self-attention with explicit ``nn.Linear`` q/k/v/out projections (so DWF's default selection factorizes them;
+    """Multi-head self-attention with explicit ``nn.Linear`` q/k/v/out projections (so DWF's default selection
+    factorizes them;
     ``nn.MultiheadAttention`` keeps its in-projection as a bare Parameter)."""
 
     def __init__(self, width: int, heads: int) -> None:
@@ -64,8 +85,17 @@ class TinyViT(nn.Module):
     """A small vision transformer for 1×28×28 images: 7×7 patches (16 tokens), Linear patch embedding, learned position
     embedding, pre-LayerNorm blocks, mean-pooled tokens, Linear head."""
 
-    def __init__(self, num_classes: int = 10, patch: int = 7, width: int = 64, depth: int = 2, heads: int = 4,
-                 mlp_ratio: int = 2, image: int = 28, channels: int = 1) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        patch: int = 7,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+        image: int = 28,
+        channels: int = 1,
+    ) -> None:
         super().__init__()
         self.patch = patch
         tokens = (image // patch) ** 2
@@ -113,8 +143,11 @@ class _BasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                         if stride != 1 or cin != cout else nn.Identity())
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -139,7 +172,8 @@ INPUT_SHAPES = {name: (1, 28, 28) if name in MODELS else (3, 32, 32) for name in
 
 
 class WarmupCosine:
-    """Per-step LR factor: linear warm-up from ``1/warmup_steps`` to 1 over ``warmup_steps``, then cosine to 0 at ``total``."""
+    """Per-step LR factor: linear warm-up from ``1/warmup_steps`` to 1 over ``warmup_steps``, then cosine to 0 at
+    ``total``."""
 
     def __init__(self, total: int, warmup_steps: int) -> None:
         self.total, self.warmup_steps = max(total, 1), max(warmup_steps, 0)
@@ -155,15 +189,24 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 class Classifier(LightningModule):
-    """Any :data:`MODELS` network, trained the same way for every method: SGD with momentum (default) or AdamW, and a per-step
+    """Any :data:`MODELS` network, trained the same way for every method: SGD with momentum (default) or AdamW, and a
+    per-step
     cosine schedule, optionally after a linear warm-up over the first ``warmup`` fraction of the steps.
 
     The defaults (``optimizer="sgd"``, ``weight_decay=0``, ``warmup=0``) are the sweep's recipe: SGD and
     ``CosineAnnealingLR`` over every step, exactly as before these options existed.
     """
 
-    def __init__(self, model: str = "lenet300", lr: float = 0.1, momentum: float = 0.9, num_classes: int = 10,
-                 optimizer: str = "sgd", weight_decay: float = 0.0, warmup: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: str = "lenet300",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        num_classes: int = 10,
+        optimizer: str = "sgd",
+        weight_decay: float = 0.0,
+        warmup: float = 0.0,
+    ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")
@@ -201,7 +244,8 @@ class Classifier(LightningModule):
 @torch.no_grad()
 @torch.no_grad()
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
-    """Test accuracy of ``net`` in eval mode (torchmetrics' micro-averaged multiclass accuracy: the fraction correct)."""
+    """Test accuracy of ``net`` in eval mode (torchmetrics' micro-averaged multiclass accuracy: the fraction
+    correct)."""
     was_training = net.training
     net.eval()
     metric = None

@@ -2,7 +2,8 @@
 
     python -m benchmarks.overhead                    # CPU, the MNIST-sized nets: benchmarks/results/overhead.{json,md}
     python -m benchmarks.overhead --device cuda      # GPU, also VGG-11 and ResNet-18 on CIFAR-shaped synthetic data
-                                                     # (fp32 and bf16 autocast): benchmarks/results/overhead_cuda.{json,md}
+                                                     # (fp32 and bf16 autocast):
+                                                     # benchmarks/results/overhead_cuda.{json,md}
 
 * training step time (forward, backward, DWF penalty, SGD step) of DWF D = 2/3/4 vs dense, per model;
 * training memory of one step: parameters, gradients, optimizer state and saved activations (counted, on
@@ -31,7 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("dense", "dwf-d2", "dwf-d3", "dwf-d4")
 
 
-def build(model: str, config: str, device: str = "cpu") -> tuple[nn.Module, torch.optim.Optimizer, FactorPenalty | None]:
+def build(
+    model: str, config: str, device: str = "cpu"
+) -> tuple[nn.Module, torch.optim.Optimizer, FactorPenalty | None]:
     torch.manual_seed(0)
     net = ALL_MODELS[model]().to(device)
     penalty = None
@@ -80,7 +83,9 @@ def data(model: str, batch_size: int, device: str = "cpu") -> tuple[torch.Tensor
     return x.to(device), y.to(device)
 
 
-def step_times(model: str, batch_size: int, rounds: int, steps: int, device: str = "cpu", amp: bool = False) -> dict[str, float]:
+def step_times(
+    model: str, batch_size: int, rounds: int, steps: int, device: str = "cpu", amp: bool = False
+) -> dict[str, float]:
     x, y = data(model, batch_size, device)
     built = {c: build(model, c, device) for c in CONFIGS}
     for c in CONFIGS:  # warm-up
@@ -150,11 +155,21 @@ def measure_model(model: str, args: argparse.Namespace, amp: bool) -> dict:
     steps = step_times(model, args.batch_size, args.rounds, args.steps, device, amp)
     infer = inference_times(model, args.batch_size, args.rounds, args.steps, device)
     mem = {c: training_memory_mb(model, c, args.batch_size, device, amp) for c in CONFIGS}
-    return dict(model=model, batch_size=args.batch_size, device=device, amp="bf16" if amp else None,
-                device_name=torch.cuda.get_device_name(device) if _is_cuda(device) else "cpu",
-                step_seconds=steps, step_ratio={c: steps[c] / steps["dense"] for c in CONFIGS},
-                training_memory_mb=mem, memory_ratio={c: mem[c] / mem["dense"] for c in CONFIGS}, inference_seconds=infer,
-                inference_ratio=infer["dwf-collapsed"] / infer["dense"], torch=torch.__version__, threads=torch.get_num_threads())
+    return dict(
+        model=model,
+        batch_size=args.batch_size,
+        device=device,
+        amp="bf16" if amp else None,
+        device_name=torch.cuda.get_device_name(device) if _is_cuda(device) else "cpu",
+        step_seconds=steps,
+        step_ratio={c: steps[c] / steps["dense"] for c in CONFIGS},
+        training_memory_mb=mem,
+        memory_ratio={c: mem[c] / mem["dense"] for c in CONFIGS},
+        inference_seconds=infer,
+        inference_ratio=infer["dwf-collapsed"] / infer["dense"],
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
 
 
 def main() -> None:
@@ -163,7 +178,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the CIFAR-shaped VGG-11 and ResNet-18)")
-    parser.add_argument("--models", nargs="*", choices=sorted(ALL_MODELS), help="default: the MNIST nets on cpu, all on cuda")
+    parser.add_argument(
+        "--models", nargs="*", choices=sorted(ALL_MODELS), help="default: the MNIST nets on cpu, all on cuda"
+    )
     args = parser.parse_args()
     cuda = _is_cuda(args.device)
     if cuda and not torch.cuda.is_available():
@@ -171,7 +188,7 @@ def main() -> None:
     models = args.models or (list(ALL_MODELS) if cuda else list(MODELS))
     rows = []
     for model in models:
-        for amp in ((False, True) if cuda else (False,)):
+        for amp in (False, True) if cuda else (False,):
             row = measure_model(model, args, amp)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -179,16 +196,27 @@ def main() -> None:
     stem = "overhead_cuda" if cuda else "overhead"
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     where = rows[0]["device_name"] if cuda else f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"# DWF overhead ({'GPU' if cuda else 'CPU'})", "",
-             f"Reproduce: `python -m benchmarks.overhead{' --device ' + args.device if cuda else ''}` (batch {args.batch_size}, "
-             f"{args.rounds} interleaved rounds of {args.steps} steps, torch {torch.__version__}, {where}; SGD momentum 0.9).", "",
-             "| model | precision | dense step (ms) | step ratio D=2 | D=3 | D=4 | training memory dense (MB) | memory ratio D=2 | "
-             "D=3 | D=4 | inference ratio collapsed/dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# DWF overhead ({'GPU' if cuda else 'CPU'})",
+        "",
+        f"Reproduce: `python -m benchmarks.overhead{' --device ' + args.device if cuda else ''}` (batch "
+        f"{args.batch_size}, "
+        f"{args.rounds} interleaved rounds of {args.steps} steps, torch {torch.__version__}, {where}; SGD momentum "
+        "0.9).",
+        "",
+        "| model | precision | dense step (ms) | step ratio D=2 | D=3 | D=4 | training memory dense (MB) | memory "
+        "ratio D=2 | "
+        "D=3 | D=4 | inference ratio collapsed/dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {'bf16 autocast' if r['amp'] else 'fp32'} | {1000 * r['step_seconds']['dense']:.2f} | "
-                     + " | ".join(f"{r['step_ratio'][c]:.2f}" for c in CONFIGS[1:])
-                     + f" | {r['training_memory_mb']['dense']:.1f} | " + " | ".join(f"{r['memory_ratio'][c]:.2f}" for c in CONFIGS[1:])
-                     + f" | {r['inference_ratio']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {'bf16 autocast' if r['amp'] else 'fp32'} | {1000 * r['step_seconds']['dense']:.2f} | "
+            + " | ".join(f"{r['step_ratio'][c]:.2f}" for c in CONFIGS[1:])
+            + f" | {r['training_memory_mb']['dense']:.1f} | "
+            + " | ".join(f"{r['memory_ratio'][c]:.2f}" for c in CONFIGS[1:])
+            + f" | {r['inference_ratio']:.2f} |"
+        )
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,13 +29,27 @@ from lightning_dwf import ScheduleConfig
 
 PATH = sweep.RESULTS / "probes.jsonl"
 #: Config keys the table shows under "other" when a row has them.
-OTHER_KEYS = (*sweep.DEVICE_DEFAULTS, "init", "controller_gain", "controller_max_step", "control_threshold", "recovery_lr_warmup")
+OTHER_KEYS = (
+    *sweep.DEVICE_DEFAULTS,
+    "init",
+    "controller_gain",
+    "controller_max_step",
+    "control_threshold",
+    "recovery_lr_warmup",
+)
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or sweep.MODES["full"]["epochs"][args.dataset][args.model]
-    cfg: dict[str, Any] = dict(dataset=args.dataset, model=args.model, epochs=epochs, batch_size=sweep.BATCH_SIZE[args.dataset],
-                               lr=sweep.LR, momentum=sweep.MOMENTUM, seed=args.seed)
+    cfg: dict[str, Any] = dict(
+        dataset=args.dataset,
+        model=args.model,
+        epochs=epochs,
+        batch_size=sweep.BATCH_SIZE[args.dataset],
+        lr=sweep.LR,
+        momentum=sweep.MOMENTUM,
+        seed=args.seed,
+    )
     cfg.update({k: getattr(args, k) for k, default in sweep.DEVICE_DEFAULTS.items() if getattr(args, k) != default})
     if args.dense:
         return dict(cfg, method="dense")
@@ -63,20 +77,29 @@ def run(cfg: dict[str, Any], data_dir: str | None = None) -> dict[str, Any]:
 
 def table() -> str:
     rows_all = [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
-    out = ["| method | target / λ | factor lr × (warm-up) | recovery | other | accuracy % per seed | mean | CR |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| method | target / λ | factor lr × (warm-up) | recovery | other | accuracy % per seed | mean | CR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for rows in by_config(rows_all):
         c = rows[0]["config"]
         accs = [r["results"]["acc"] for r in sorted(rows, key=lambda r: r["config"]["seed"])]
         ok = [a for a in accs if a is not None]
         mean = f"{100 * sum(ok) / len(ok):.2f}" if len(ok) == len(accs) else "diverged"
         default_epochs = sweep.MODES["full"]["epochs"][c["dataset"]][c["model"]]
-        other = ", ".join([c["model"]] * (c["model"] != "lenet300") + [f"{c['epochs']} epochs"] * (c["epochs"] != default_epochs)
-                          + [f"{k}={c[k]}" for k in OTHER_KEYS if k in c])
+        other = ", ".join(
+            [c["model"]] * (c["model"] != "lenet300")
+            + [f"{c['epochs']} epochs"] * (c["epochs"] != default_epochs)
+            + [f"{k}={c[k]}" for k in OTHER_KEYS if k in c]
+        )
         crs = [r["results"]["compression_ratio"] for r in rows if r["results"]["acc"] is not None]
         cr = f"{sum(crs) / len(crs):.1f}" if crs else "—"
         per_seed = " / ".join("NaN" if a is None else f"{100 * a:.2f}" for a in accs)
-        out.append(f"| {c['method']} | {c.get('target', c.get('lam'))} | {c.get('factor_lr_multiplier', '')} ({c.get('factor_lr_warmup', '')}) | "
-                   f"{c.get('recovery', '')} | {other} | {per_seed} | {mean} | {cr} |")
+        out.append(
+            f"| {c['method']} | {c.get('target', c.get('lam'))} | {c.get('factor_lr_multiplier', '')} "
+            f"({c.get('factor_lr_warmup', '')}) | "
+            f"{c.get('recovery', '')} | {other} | {per_seed} | {mean} | {cr} |"
+        )
     return "\n".join(out)
 
 
@@ -92,14 +115,39 @@ def main() -> None:
     parser.add_argument("--factor-lr-multiplier", type=float, default=10.0)
     parser.add_argument("--factor-lr-warmup", type=float, default=0.0)
     parser.add_argument("--recovery", type=float, default=0.5)
-    parser.add_argument("--init", default="dwf", choices=("dwf", "balanced"), help="factor init (balanced: exact factorization of the dense init)")
-    parser.add_argument("--controller-gain", type=float, default=None, help="override the λ controller's gain (0: λ stays at its start value)")
-    parser.add_argument("--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update")
-    parser.add_argument("--control-threshold", type=float, default=None, help="ScheduleConfig(control_threshold=...) (default: the callback's)")
-    parser.add_argument("--accelerator", default=sweep.DEVICE_DEFAULTS["accelerator"], help="Trainer(accelerator=...), e.g. gpu")
-    parser.add_argument("--precision", default=sweep.DEVICE_DEFAULTS["precision"], help="Trainer(precision=...), e.g. 16-mixed on a GPU")
-    parser.add_argument("--data-dir", default=None, help="where the dataset files are (default: the loader's search path)")
-    parser.add_argument("--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF")
+    parser.add_argument(
+        "--init",
+        default="dwf",
+        choices=("dwf", "balanced"),
+        help="factor init (balanced: exact factorization of the dense init)",
+    )
+    parser.add_argument(
+        "--controller-gain",
+        type=float,
+        default=None,
+        help="override the λ controller's gain (0: λ stays at its start value)",
+    )
+    parser.add_argument(
+        "--controller-max-step", type=float, default=None, help="override the bound on |Δ ln λ| per update"
+    )
+    parser.add_argument(
+        "--control-threshold",
+        type=float,
+        default=None,
+        help="ScheduleConfig(control_threshold=...) (default: the callback's)",
+    )
+    parser.add_argument(
+        "--accelerator", default=sweep.DEVICE_DEFAULTS["accelerator"], help="Trainer(accelerator=...), e.g. gpu"
+    )
+    parser.add_argument(
+        "--precision", default=sweep.DEVICE_DEFAULTS["precision"], help="Trainer(precision=...), e.g. 16-mixed on a GPU"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="where the dataset files are (default: the loader's search path)"
+    )
+    parser.add_argument(
+        "--model-pruning", action="store_true", help="Lightning's ModelPruning (gradual global L1) instead of DWF"
+    )
     parser.add_argument("--dense", action="store_true", help="plain training (the seed spread of the dense baseline)")
     parser.add_argument("--table", action="store_true", help="print the probes recorded so far and exit")
     args = parser.parse_args()
@@ -110,8 +158,12 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = config(args)
     results = run(cfg, args.data_dir)
-    row = dict(config=cfg, results=results, versions=dict(torch=torch.__version__, lightning=lightning.__version__),
-               finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    row = dict(
+        config=cfg,
+        results=results,
+        versions=dict(torch=torch.__version__, lightning=lightning.__version__),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     PATH.parent.mkdir(parents=True, exist_ok=True)
     with PATH.open("a") as f:
         f.write(json.dumps(row) + "\n")

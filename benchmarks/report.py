@@ -1,7 +1,7 @@
 """Tables and frontier plots from the sweep results.
 
-    python -m benchmarks.report            # full results -> benchmarks/results/full_table.md, full_<dataset>_<model>.png
-    python -m benchmarks.report --quick    # quick results
+python -m benchmarks.report            # full results -> benchmarks/results/full_table.md, full_<dataset>_<model>.png
+python -m benchmarks.report --quick    # quick results
 """
 
 from __future__ import annotations
@@ -14,10 +14,28 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 CRS = (10, 20, 50, 100, 200, 500)
-METHODS = ("dense", "dwf-d2", "dwf-d3", "dwf-d4", "dwf-target-d2", "dwf-target-d3", "dwf-target-d4", "model-pruning", "oneshot", "oneshot-ft")
-LABELS = {"dense": "dense", "dwf-d2": "DWF D=2 (shallow)", "dwf-d3": "DWF D=3", "dwf-d4": "DWF D=4",
-          **{f"dwf-target-d{d}": f"DWF D={d}, target_sparsity" for d in (2, 3, 4)},
-          "model-pruning": "ModelPruning (gradual L1)", "oneshot": "one-shot magnitude", "oneshot-ft": "one-shot + fine-tune"}
+METHODS = (
+    "dense",
+    "dwf-d2",
+    "dwf-d3",
+    "dwf-d4",
+    "dwf-target-d2",
+    "dwf-target-d3",
+    "dwf-target-d4",
+    "model-pruning",
+    "oneshot",
+    "oneshot-ft",
+)
+LABELS = {
+    "dense": "dense",
+    "dwf-d2": "DWF D=2 (shallow)",
+    "dwf-d3": "DWF D=3",
+    "dwf-d4": "DWF D=4",
+    **{f"dwf-target-d{d}": f"DWF D={d}, target_sparsity" for d in (2, 3, 4)},
+    "model-pruning": "ModelPruning (gradual L1)",
+    "oneshot": "one-shot magnitude",
+    "oneshot-ft": "one-shot + fine-tune",
+}
 
 
 def load(mode: str) -> list[dict]:
@@ -38,15 +56,25 @@ def by_config(rows: list[dict]) -> list[list[dict]]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per config over its seeds: mean accuracy and compression ratio, with ``n`` and ``acc_sd`` (diverged runs count as such)."""
+    """One row per config over its seeds: mean accuracy and compression ratio, with ``n`` and ``acc_sd`` (diverged
+    runs count as such)."""
     out = []
     for runs in by_config(rows):
         ok = [r["results"] for r in runs if r["results"]["acc"] is not None]
         if len(ok) < len(runs):
             diverged = f"{len(runs) - len(ok)} of {len(runs)} seeds" if len(runs) > 1 else "1 run"
-            out.append(dict(config=runs[0]["config"], results=dict(acc=None, compression_ratio=None, n=len(runs), diverged=diverged)))
+            out.append(
+                dict(
+                    config=runs[0]["config"],
+                    results=dict(acc=None, compression_ratio=None, n=len(runs), diverged=diverged),
+                )
+            )
             continue
-        mean = {k: sum(r[k] for r in ok) / len(ok) for k in ("acc", "compression_ratio", "sparsity") if all(k in r for r in ok)}
+        mean = {
+            k: sum(r[k] for r in ok) / len(ok)
+            for k in ("acc", "compression_ratio", "sparsity")
+            if all(k in r for r in ok)
+        }
         sd = math.sqrt(sum((r["acc"] - mean["acc"]) ** 2 for r in ok) / (len(ok) - 1)) if len(ok) > 1 else 0.0
         seconds = sum(r.get("train_seconds", 0) for r in ok) / len(ok)
         out.append(dict(config=runs[0]["config"], results=dict(mean, n=len(ok), acc_sd=sd, train_seconds=seconds)))
@@ -55,8 +83,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def best_at(rows: list[dict], cr: float) -> float | None:
     """Best accuracy among runs whose compression ratio is at least ``cr`` (0.5 % slack; None if no run gets there)."""
-    accs = [r["results"]["acc"] for r in rows
-            if r["results"]["acc"] is not None and r["results"]["compression_ratio"] >= CR_SLACK * cr]
+    accs = [
+        r["results"]["acc"]
+        for r in rows
+        if r["results"]["acc"] is not None and r["results"]["compression_ratio"] >= CR_SLACK * cr
+    ]
     return max(accs) if accs else None
 
 
@@ -65,7 +96,11 @@ def fmt_cr(cr: float) -> str:
 
 
 #: Recipe settings shown in each table's heading: config key, label.
-_RECIPE = (("factor_lr_multiplier", "DWF factor_lr_multiplier"), ("factor_lr_warmup", "factor_lr_warmup"), ("recovery", "target-mode recovery"))
+_RECIPE = (
+    ("factor_lr_multiplier", "DWF factor_lr_multiplier"),
+    ("factor_lr_warmup", "factor_lr_warmup"),
+    ("recovery", "target-mode recovery"),
+)
 
 
 def _values(by_method: dict[str, list[dict]], name: str) -> str:
@@ -80,9 +115,15 @@ def tables(rows: list[dict]) -> str:
     for (dataset, model), by_method in groups.items():
         cfg = next(iter(by_method.values()))[0]["config"]
         extra = "".join(f", {label} {_values(by_method, name)}" for name, label in _RECIPE if _values(by_method, name))
-        out.append(f"### {dataset} / {model} ({cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']} momentum {cfg['momentum']}{extra})\n")
-        out.append("Best test accuracy (%) among runs with compression ratio ≥ CR (0.5 % slack for rounding; — : no run reached it); "
-                   "a config run with several seeds counts with its mean.\n")
+        out.append(
+            f"### {dataset} / {model} ({cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']} "
+            f"momentum {cfg['momentum']}{extra})\n"
+        )
+        out.append(
+            "Best test accuracy (%) among runs with compression ratio ≥ CR (0.5 % slack for rounding; — : no run "
+            "reached it); "
+            "a config run with several seeds counts with its mean.\n"
+        )
         out.append("| method | " + " | ".join(f"CR ≥ {c}" for c in CRS) + " |")
         out.append("|---|" + "---|" * len(CRS))
         for method in METHODS:
@@ -93,21 +134,32 @@ def tables(rows: list[dict]) -> str:
                 out.append(f"| dense (CR 1) | {100 * acc:.2f} |" + " |" * (len(CRS) - 1))
                 continue
             cells = [best_at(by_method[method], c) for c in CRS]
-            out.append(f"| {LABELS[method]} | " + " | ".join("—" if a is None else f"{100 * a:.2f}" for a in cells) + " |")
+            out.append(
+                f"| {LABELS[method]} | " + " | ".join("—" if a is None else f"{100 * a:.2f}" for a in cells) + " |"
+            )
         out.append("\nEvery run (λ for DWF, target sparsity for pruning):\n")
         out.append("| method | λ / target | accuracy (%) | CR | train s |")
         out.append("|---|---|---|---|---|")
         for method in METHODS:
-            for r in sorted(by_method.get(method, []), key=lambda r: r["config"].get("lam", r["config"].get("target", 0))):
+            for r in sorted(
+                by_method.get(method, []), key=lambda r: r["config"].get("lam", r["config"].get("target", 0))
+            ):
                 c, res = r["config"], r["results"]
                 knob = c.get("lam", c.get("target", ""))
                 if res["acc"] is None:
-                    out.append(f"| {LABELS[method]} | {knob} | diverged in {res['diverged']} (NaN/Inf factors, stopped by the callback) | — | — |")
+                    out.append(
+                        f"| {LABELS[method]} | {knob} | diverged in {res['diverged']} (NaN/Inf factors, stopped by "
+                        "the callback) | — | — |"
+                    )
                     continue
                 reached = f" (reached {100 * res['sparsity']:.2f} %)" if method.startswith("dwf-target") else ""
-                acc = f"{100 * res['acc']:.2f}" + (f" ± {100 * res['acc_sd']:.2f} (mean ± sd of {res['n']} seeds)" if res.get("n", 1) > 1 else "")
-                out.append(f"| {LABELS[method]} | {knob}{reached} | {acc} | {fmt_cr(res['compression_ratio'])} | "
-                           f"{res.get('train_seconds', 0):.0f} |")
+                acc = f"{100 * res['acc']:.2f}" + (
+                    f" ± {100 * res['acc_sd']:.2f} (mean ± sd of {res['n']} seeds)" if res.get("n", 1) > 1 else ""
+                )
+                out.append(
+                    f"| {LABELS[method]} | {knob}{reached} | {acc} | {fmt_cr(res['compression_ratio'])} | "
+                    f"{res.get('train_seconds', 0):.0f} |"
+                )
         out.append("")
     return "\n".join(out)
 
@@ -125,9 +177,13 @@ def plots(rows: list[dict], mode: str) -> list[Path]:
     for (dataset, model), group in groups.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method in METHODS:
-            pts = sorted((r["results"]["compression_ratio"], 100 * r["results"]["acc"]) for r in group
-                         if r["config"]["method"] == method and r["results"]["acc"] is not None
-                         and math.isfinite(r["results"]["compression_ratio"]))
+            pts = sorted(
+                (r["results"]["compression_ratio"], 100 * r["results"]["acc"])
+                for r in group
+                if r["config"]["method"] == method
+                and r["results"]["acc"] is not None
+                and math.isfinite(r["results"]["compression_ratio"])
+            )
             if not pts:
                 continue
             if method == "dense":
@@ -141,8 +197,16 @@ def plots(rows: list[dict], mode: str) -> list[Path]:
         dense = [100 * r["results"]["acc"] for r in group if r["config"]["method"] == "dense"]
         if dense:  # zoom on the interesting band; runs far below it (one-shot without fine-tune) leave the plot
             ax.set_ylim(dense[0] - 15, dense[0] + 1.5)
-            ax.text(0.99, 0.01, "runs more than 15 points below dense are off the plot (see the table)", transform=ax.transAxes,
-                    ha="right", va="bottom", fontsize=7, color="gray")
+            ax.text(
+                0.99,
+                0.01,
+                "runs more than 15 points below dense are off the plot (see the table)",
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="gray",
+            )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -160,7 +224,11 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     rows = load(mode)
     flag = " --quick" if args.quick else ""
-    text = f"# Benchmark results ({mode})\n\nReproduce: `python -m benchmarks.sweep{flag} && python -m benchmarks.report{flag}`\n\n" + tables(rows)
+    text = (
+        f"# Benchmark results ({mode})\n\nReproduce: `python -m benchmarks.sweep{flag} && "
+        f"python -m benchmarks.report{flag}`\n\n"
+        + tables(rows)
+    )
     (RESULTS / f"{mode}_table.md").write_text(text)
     for p in plots(rows, mode):
         print(p)

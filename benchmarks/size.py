@@ -41,17 +41,28 @@ DEPTH = {"lenet300": 3, "cnn-bn": 3}
 
 def base_config(model: str) -> dict[str, Any]:
     epochs = sweep.MODES["full"]["epochs"][DATASET][model]
-    return dict(dataset=DATASET, model=model, epochs=epochs, batch_size=sweep.BATCH_SIZE[DATASET], lr=sweep.LR,
-                momentum=sweep.MOMENTUM, seed=sweep.SEED)
+    return dict(
+        dataset=DATASET,
+        model=model,
+        epochs=epochs,
+        batch_size=sweep.BATCH_SIZE[DATASET],
+        lr=sweep.LR,
+        momentum=sweep.MOMENTUM,
+        seed=sweep.SEED,
+    )
 
 
 def training_configs(model: str) -> list[dict[str, Any]]:
     """One trained model per config; each is exported at several bit widths."""
     base = base_config(model)
     out = [dict(base, method="dense")]
-    recipe = dict(depth=DEPTH[model], factor_lr_multiplier=sweep.FACTOR_LR_MULTIPLIER[(DATASET, model)],
-                  factor_lr_warmup=sweep.FACTOR_LR_WARMUP[(DATASET, model)], control_threshold="auto",
-                  **sweep.TARGET_RECIPE)
+    recipe = dict(
+        depth=DEPTH[model],
+        factor_lr_multiplier=sweep.FACTOR_LR_MULTIPLIER[(DATASET, model)],
+        factor_lr_warmup=sweep.FACTOR_LR_WARMUP[(DATASET, model)],
+        control_threshold="auto",
+        **sweep.TARGET_RECIPE,
+    )
     for target in TARGETS[model]:
         out.append(dict(base, method="model-pruning", target=target))
         dwf = dict(base, method=f"dwf-target-d{DEPTH[model]}", target=target, **recipe)
@@ -75,11 +86,20 @@ def file_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, bits: int | N
         report = save_compressed(net, path, bits=bits)
         fresh = Classifier(cfg["model"], num_classes=data.num_classes).net
         load_compressed(path, fresh)
-    results = dict(sweep.measure(fresh, data), file_bytes=report.file_bytes, dense_bytes=report.dense_bytes,
-                   csr_bytes=report.csr_bytes, size_ratio=report.ratio, train_seconds=seconds)
-    return dict(config=dict(cfg, export_bits=bits), results=results,
-                versions=dict(torch=torch.__version__, lightning=lightning.__version__),
-                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    results = dict(
+        sweep.measure(fresh, data),
+        file_bytes=report.file_bytes,
+        dense_bytes=report.dense_bytes,
+        csr_bytes=report.csr_bytes,
+        size_ratio=report.ratio,
+        train_seconds=seconds,
+    )
+    return dict(
+        config=dict(cfg, export_bits=bits),
+        results=results,
+        versions=dict(torch=torch.__version__, lightning=lightning.__version__),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
 
 
 def key(cfg: dict[str, Any]) -> str:
@@ -89,8 +109,11 @@ def key(cfg: dict[str, Any]) -> str:
 def done() -> set[str]:
     if not PATH.exists():
         return set()
-    return {key({k: v for k, v in json.loads(line)["config"].items() if k != "export_bits"})
-            for line in PATH.read_text().splitlines() if line.strip()}
+    return {
+        key({k: v for k, v in json.loads(line)["config"].items() if k != "export_bits"})
+        for line in PATH.read_text().splitlines()
+        if line.strip()
+    }
 
 
 def run(models: tuple[str, ...], data_dir: str | None) -> None:
@@ -100,8 +123,10 @@ def run(models: tuple[str, ...], data_dir: str | None) -> None:
         for cfg in training_configs(model):
             if key(cfg) in finished:
                 continue
-            print(f"[size] {cfg['model']} {cfg['method']} {cfg.get('target', '')} bits={cfg.get('quantize_bits')}",
-                  flush=True)
+            print(
+                f"[size] {cfg['model']} {cfg['method']} {cfg.get('target', '')} bits={cfg.get('quantize_bits')}",
+                flush=True,
+            )
             module, seconds = sweep.run_training(cfg, data, sweep.method_callbacks(cfg))
             rows = [file_row(cfg, module.net, data, bits, seconds) for bits in exports(cfg)]
             with PATH.open("a") as f:
@@ -123,14 +148,18 @@ def label(cfg: dict[str, Any]) -> str:
 
 def report() -> str:
     rows = [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
-    out = ["| model | method | target | accuracy % | file bytes | × smaller than dense fp32 | sparsity % |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| model | method | target | accuracy % | file bytes | × smaller than dense fp32 | sparsity % |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for model in MODELS:
         mine = sorted((r for r in rows if r["config"]["model"] == model), key=lambda r: -r["results"]["file_bytes"])
         for r in mine:
             c, res = r["config"], r["results"]
-            out.append(f"| {model} | {label(c)} | {c.get('target', '')} | {100 * res['acc']:.2f} | "
-                       f"{res['file_bytes']:,} | {res['size_ratio']:.1f} | {100 * res['sparsity']:.2f} |")
+            out.append(
+                f"| {model} | {label(c)} | {c.get('target', '')} | {100 * res['acc']:.2f} | "
+                f"{res['file_bytes']:,} | {res['size_ratio']:.1f} | {100 * res['sparsity']:.2f} |"
+            )
     table = "\n".join(out)
     (sweep.RESULTS / "size_table.md").write_text(table + "\n")
     plot(rows)

@@ -52,15 +52,28 @@ LAM_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": dict(
-        datasets=["fashion-mnist"], models=["lenet300"], depths=[2, 3], lam_multiples={"default": (1, 3, 9)}, targets=(0.95, 0.99),
-        epochs={"fashion-mnist": {"lenet300": 5}}, finetune_epochs=1, target_runs={("fashion-mnist", "lenet300"): (3,)},
+        datasets=["fashion-mnist"],
+        models=["lenet300"],
+        depths=[2, 3],
+        lam_multiples={"default": (1, 3, 9)},
+        targets=(0.95, 0.99),
+        epochs={"fashion-mnist": {"lenet300": 5}},
+        finetune_epochs=1,
+        target_runs={("fashion-mnist", "lenet300"): (3,)},
     ),
     "full": dict(
-        datasets=["fashion-mnist", "mnist-subset"], models=["lenet300", "lenet5", "cnn-bn"], depths=[2, 3, 4],
+        datasets=["fashion-mnist", "mnist-subset"],
+        models=["lenet300", "lenet5", "cnn-bn"],
+        depths=[2, 3, 4],
         # the full grid where the bar is set (Fashion-MNIST LeNet-300-100), a coarser one elsewhere to fit the hour
-        lam_multiples={("fashion-mnist", "lenet300"): LAM_MULTIPLES, "default": (1, 2, 4, 8)}, targets=TARGETS,
-        epochs={"fashion-mnist": {"lenet300": 20, "lenet5": 6, "cnn-bn": 4}, "mnist-subset": {"lenet300": 30, "lenet5": 20, "cnn-bn": 8}},
-        finetune_epochs=2, target_runs={("fashion-mnist", "lenet300"): (2, 3, 4), ("fashion-mnist", "cnn-bn"): (2, 3)},
+        lam_multiples={("fashion-mnist", "lenet300"): LAM_MULTIPLES, "default": (1, 2, 4, 8)},
+        targets=TARGETS,
+        epochs={
+            "fashion-mnist": {"lenet300": 20, "lenet5": 6, "cnn-bn": 4},
+            "mnist-subset": {"lenet300": 30, "lenet5": 20, "cnn-bn": 8},
+        },
+        finetune_epochs=2,
+        target_runs={("fashion-mnist", "lenet300"): (2, 3, 4), ("fashion-mnist", "cnn-bn"): (2, 3)},
         # extra seeds where the bar is set, for these targets
         repeat={("fashion-mnist", "lenet300"): ((1, 2), TARGETS), ("fashion-mnist", "cnn-bn"): ((1, 2), TARGETS)},
     ),
@@ -69,12 +82,14 @@ BATCH_SIZE = {"fashion-mnist": 256, "mnist": 256, "mnist-subset": 64}
 LR, MOMENTUM, FINETUNE_LR, SEED = 0.1, 0.9, 0.01, 0
 #: Where and in what precision the sweep trains; a probe row that differs carries the key (sweep rows never do).
 DEVICE_DEFAULTS = dict(accelerator="cpu", precision="32-true")
-#: factor_lr_multiplier per (dataset, model): 10 (effective factor LR 10 at lr 0.1, momentum 0.9), ramped up over the first
+#: factor_lr_multiplier per (dataset, model): 10 (effective factor LR 10 at lr 0.1, momentum 0.9), ramped up over the
+# first
 #: 10 % of the run, where it was tuned (README: 1, 2, 5, 7 lose accuracy; 14 and 20 diverge without the ramp); the
 #: settings not retuned keep the first sweep's 5 without a ramp.
 FACTOR_LR_MULTIPLIER = {("fashion-mnist", "lenet300"): 10.0, ("fashion-mnist", "cnn-bn"): 10.0, "default": 5.0}
 FACTOR_LR_WARMUP = {("fashion-mnist", "lenet300"): 0.1, ("fashion-mnist", "cnn-bn"): 0.1, "default": 0.0}
-#: Marks target-mode rows (sweep and probe) run since the factor LR warm-up is repeated at the recovery point; older rows
+#: Marks target-mode rows (sweep and probe) run since the factor LR warm-up is repeated at the recovery point; older
+# rows
 #: lack it, so the sweep retires them.
 TARGET_RECIPE = dict(recovery_lr_warmup=True)
 
@@ -90,10 +105,20 @@ def loader(data: ImageData, batch_size: int, seed: int = SEED) -> DataLoader:
 
 
 def trainer(epochs: int, callbacks: list, cfg: dict | None = None) -> Trainer:
-    """The Trainer every method runs in: ``cfg``'s accelerator/precision if it names them, else :data:`DEVICE_DEFAULTS`."""
+    """The Trainer every method runs in: ``cfg``'s accelerator/precision if it names them, else
+    :data:`DEVICE_DEFAULTS`."""
     device = {k: (cfg or {}).get(k, v) for k, v in DEVICE_DEFAULTS.items()}
-    return Trainer(devices=1, max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **device)
+    return Trainer(
+        devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **device,
+    )
 
 
 def prunable(net: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -132,8 +157,13 @@ class LayerPruning(ModelPruning):
 
 def measure(net: nn.Module, data: ImageData) -> dict[str, float]:
     report = sparsity_report(net, threshold=0.0)
-    return dict(acc=accuracy(net, data.test_x, data.test_y), compression_ratio=report.compression_ratio,
-                sparsity=report.sparsity, nonzero=report.nonzero, numel=report.numel)
+    return dict(
+        acc=accuracy(net, data.test_x, data.test_y),
+        compression_ratio=report.compression_ratio,
+        sparsity=report.sparsity,
+        nonzero=report.nonzero,
+        numel=report.numel,
+    )
 
 
 def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifier, float]:
@@ -152,23 +182,43 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
     if cfg["method"] == "dense":
         return []
     if cfg["method"] == "model-pruning":
-        return [LayerPruning("l1_unstructured", parameter_names=["weight"], use_global_unstructured=True,
-                             amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
-                             make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)]
+        return [
+            LayerPruning(
+                "l1_unstructured",
+                parameter_names=["weight"],
+                use_global_unstructured=True,
+                amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
+                make_pruning_permanent=True,
+                use_lottery_ticket_hypothesis=False,
+                verbose=0,
+            )
+        ]
     control = cfg.get("control_threshold")
     if "target" in cfg:
-        schedule = replace(schedule or ScheduleConfig(), recovery=cfg["recovery"],
-                           control_threshold=None if control == "auto" else control)
+        schedule = replace(
+            schedule or ScheduleConfig(),
+            recovery=cfg["recovery"],
+            control_threshold=None if control == "auto" else control,
+        )
         knob: dict[str, Any] = dict(target_sparsity=cfg["target"], schedule=schedule)
         collapse = CollapseConfig(save=False)
     else:
         knob = dict(lam=cfg["lam"])
         collapse = CollapseConfig(threshold=cfg.get("threshold", DEFAULT_THRESHOLD), save=False)
-    factor_lr = FactorLRConfig(multiplier=cfg["factor_lr_multiplier"], warmup=cfg.get("factor_lr_warmup", 0.0),
-                               check="off")
-    return [DWFCallback(depth=cfg["depth"], factorize=FactorizeConfig(init=cfg.get("init", "dwf")),
-                        factor_lr=factor_lr, collapse=collapse, quantize_bits=cfg.get("quantize_bits"), verbose=False,
-                        **knob)]
+    factor_lr = FactorLRConfig(
+        multiplier=cfg["factor_lr_multiplier"], warmup=cfg.get("factor_lr_warmup", 0.0), check="off"
+    )
+    return [
+        DWFCallback(
+            depth=cfg["depth"],
+            factorize=FactorizeConfig(init=cfg.get("init", "dwf")),
+            factor_lr=factor_lr,
+            collapse=collapse,
+            quantize_bits=cfg.get("quantize_bits"),
+            verbose=False,
+            **knob,
+        )
+    ]
 
 
 def train_and_measure(cfg: dict, data: ImageData, callbacks: list) -> dict[str, Any]:
@@ -209,7 +259,16 @@ def configs(mode: str, dataset: str, model: str, data: ImageData) -> list[dict]:
     spec = MODES[mode]
     epochs, batch_size = spec["epochs"][dataset][model], BATCH_SIZE[dataset]
     steps = epochs * math.ceil(len(data.train_y) / batch_size)
-    base = dict(mode=mode, dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=LR, momentum=MOMENTUM, seed=SEED)
+    base = dict(
+        mode=mode,
+        dataset=dataset,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=LR,
+        momentum=MOMENTUM,
+        seed=SEED,
+    )
     out = [dict(base, method="dense")]
     mult = FACTOR_LR_MULTIPLIER.get((dataset, model), FACTOR_LR_MULTIPLIER["default"])
     factor_lr = dict(factor_lr_multiplier=mult)
@@ -219,21 +278,53 @@ def configs(mode: str, dataset: str, model: str, data: ImageData) -> list[dict]:
     lam0 = floor_lam(steps, mult)
     for depth in spec["depths"]:
         for k in spec["lam_multiples"].get((dataset, model), spec["lam_multiples"]["default"]):
-            out.append(dict(base, method=f"dwf-d{depth}", depth=depth, lam=float(f"{lam0 * k:.3g}"), threshold=DEFAULT_THRESHOLD, **factor_lr))
+            out.append(
+                dict(
+                    base,
+                    method=f"dwf-d{depth}",
+                    depth=depth,
+                    lam=float(f"{lam0 * k:.3g}"),
+                    threshold=DEFAULT_THRESHOLD,
+                    **factor_lr,
+                )
+            )
     for depth in spec["target_runs"].get((dataset, model), ()):
         for target in spec["targets"]:
-            out.append(dict(base, method=f"dwf-target-d{depth}", depth=depth, target=target, recovery=default_recovery(target),
-                            control_threshold="auto", **TARGET_RECIPE, **factor_lr))
+            out.append(
+                dict(
+                    base,
+                    method=f"dwf-target-d{depth}",
+                    depth=depth,
+                    target=target,
+                    recovery=default_recovery(target),
+                    control_threshold="auto",
+                    **TARGET_RECIPE,
+                    **factor_lr,
+                )
+            )
     for target in spec["targets"]:
         out.append(dict(base, method="model-pruning", target=target))
         out.append(dict(base, method="oneshot", target=target, finetune_epochs=0))
-        out.append(dict(base, method="oneshot-ft", target=target, finetune_epochs=spec["finetune_epochs"], finetune_lr=FINETUNE_LR))
+        out.append(
+            dict(
+                base,
+                method="oneshot-ft",
+                target=target,
+                finetune_epochs=spec["finetune_epochs"],
+                finetune_lr=FINETUNE_LR,
+            )
+        )
     # repeats with other seeds (init and data order) where the bar is set, for the methods it compares
     repeat = spec.get("repeat", {}).get((dataset, model))
     if repeat:
         seeds, targets = repeat
-        out += [dict(cfg, seed=seed) for seed in seeds for cfg in list(out)
-                if cfg.get("target") in targets and (cfg["method"] == "model-pruning" or cfg["method"].startswith("dwf-target"))]
+        out += [
+            dict(cfg, seed=seed)
+            for seed in seeds
+            for cfg in list(out)
+            if cfg.get("target") in targets
+            and (cfg["method"] == "model-pruning" or cfg["method"].startswith("dwf-target"))
+        ]
     return out
 
 
@@ -242,11 +333,16 @@ def key(cfg: dict) -> str:
 
 
 def retire_stale(path: Path, done: dict[str, dict], dataset: str, model: str, current: set[str]) -> None:
-    """Move rows of ``dataset``/``model`` that the sweep no longer defines (an older recipe) to ``<mode>_superseded.jsonl``.
+    """Move rows of ``dataset``/``model`` that the sweep no longer defines (an older recipe) to
+    ``<mode>_superseded.jsonl``.
 
     Keeps the results file equal to what the current code would produce; the old rows stay on record.
     """
-    stale = [k for k, row in done.items() if (row["config"]["dataset"], row["config"]["model"]) == (dataset, model) and k not in current]
+    stale = [
+        k
+        for k, row in done.items()
+        if (row["config"]["dataset"], row["config"]["model"]) == (dataset, model) and k not in current
+    ]
     if not stale:
         return
     with path.with_name(f"{path.stem}_superseded.jsonl").open("a") as f:
@@ -301,8 +397,15 @@ def main() -> None:
                 with path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 done[key(cfg)] = row  # retire_stale rewrites the file from `done` for the next setting
-                outcome = "diverged" if results["acc"] is None else f"acc {results['acc']:.4f}  CR {results['compression_ratio']:8.1f}"
-                print(f"{dataset:13s} {model:8s} {method:13s} {cfg.get('lam', cfg.get('target', '')):>8} {outcome}", flush=True)
+                outcome = (
+                    "diverged"
+                    if results["acc"] is None
+                    else f"acc {results['acc']:.4f}  CR {results['compression_ratio']:8.1f}"
+                )
+                print(
+                    f"{dataset:13s} {model:8s} {method:13s} {cfg.get('lam', cfg.get('target', '')):>8} {outcome}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

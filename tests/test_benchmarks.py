@@ -22,21 +22,28 @@ def test_gradual_schedule_reaches_target(target, epochs):
 
 def test_method_callbacks_passes_the_control_threshold():
     cfg = dict(method="dwf-target-d3", depth=3, target=0.98, recovery=0.5, factor_lr_multiplier=10.0)
-    assert sweep.method_callbacks(dict(cfg, control_threshold="auto"))[0].schedule.control_threshold is None  # the default
+    assert (
+        sweep.method_callbacks(dict(cfg, control_threshold="auto"))[0].schedule.control_threshold is None
+    )  # the default
     assert sweep.method_callbacks(dict(cfg, control_threshold=1e-3))[0].schedule.control_threshold == 1e-3
     assert sweep.method_callbacks(cfg)[0].control_threshold is None
 
 
 def test_retire_stale_moves_old_recipe_rows(tmp_path):
     path = tmp_path / "full.jsonl"
-    rows = [dict(config=dict(dataset="d", model="m", method="dense")), dict(config=dict(dataset="d", model="m", method="old")),
-            dict(config=dict(dataset="d", model="other", method="old"))]
+    rows = [
+        dict(config=dict(dataset="d", model="m", method="dense")),
+        dict(config=dict(dataset="d", model="m", method="old")),
+        dict(config=dict(dataset="d", model="other", method="old")),
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = {sweep.key(r["config"]): r for r in rows}
     sweep.retire_stale(path, done, "d", "m", {sweep.key(rows[0]["config"])})
     kept = [json.loads(line)["config"] for line in path.read_text().splitlines()]
     assert kept == [rows[0]["config"], rows[2]["config"]] and len(done) == 2  # other settings are left alone
-    assert [json.loads(line)["config"] for line in (tmp_path / "full_superseded.jsonl").read_text().splitlines()] == [rows[1]["config"]]
+    assert [json.loads(line)["config"] for line in (tmp_path / "full_superseded.jsonl").read_text().splitlines()] == [
+        rows[1]["config"]
+    ]
 
 
 def test_report_tables_and_plots(tmp_path, monkeypatch):
@@ -47,35 +54,58 @@ def test_report_tables_and_plots(tmp_path, monkeypatch):
         dict(config=dict(base, method="dwf-d3", lam=1e-3), results=dict(acc=0.85, compression_ratio=60.0)),
         dict(config=dict(base, method="dwf-d3", lam=1e-2), results=dict(acc=0.70, compression_ratio=math.inf)),
         dict(config=dict(base, method="model-pruning", target=0.99), results=dict(acc=0.8, compression_ratio=100.0)),
-        dict(config=dict(base, method="dwf-d4", lam=1.0), results=dict(acc=None, compression_ratio=None, diverged="NaN")),
-        dict(config=dict(base, method="dwf-target-d2", depth=2, target=0.98, seed=0), results=dict(acc=0.82, compression_ratio=50.0, sparsity=0.98)),
-        dict(config=dict(base, method="dwf-target-d2", depth=2, target=0.98, seed=1), results=dict(acc=0.84, compression_ratio=50.0, sparsity=0.98)),
+        dict(
+            config=dict(base, method="dwf-d4", lam=1.0), results=dict(acc=None, compression_ratio=None, diverged="NaN")
+        ),
+        dict(
+            config=dict(base, method="dwf-target-d2", depth=2, target=0.98, seed=0),
+            results=dict(acc=0.82, compression_ratio=50.0, sparsity=0.98),
+        ),
+        dict(
+            config=dict(base, method="dwf-target-d2", depth=2, target=0.98, seed=1),
+            results=dict(acc=0.84, compression_ratio=50.0, sparsity=0.98),
+        ),
     ]
     (tmp_path / "full.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     text = report.tables(report.load("full"))
     assert "| DWF D=3 | 85.00 | 85.00 | 85.00 | 70.00 | 70.00 | 70.00 |" in text
     assert "| ModelPruning (gradual L1) | 80.00 | 80.00 | 80.00 | 80.00 | — | — |" in text
     assert "| DWF D=4 | — | — | — | — | — | — |" in text and "diverged" in text
-    assert "| DWF D=2, target_sparsity | 83.00 | 83.00 | 83.00 | — | — | — |" in text and "0.98 (reached 98.00 %) | 83.00 ± 1.41 (mean ± sd of 2 seeds)" in text
+    assert (
+        "| DWF D=2, target_sparsity | 83.00 | 83.00 | 83.00 | — | — | — |" in text
+        and "0.98 (reached 98.00 %) | 83.00 ± 1.41 (mean ± sd of 2 seeds)" in text
+    )
     paths = report.plots(report.load("full"), "full")
     assert [p.name for p in paths] == ["full_toy_m.png"] and paths[0].stat().st_size > 0
 
 
 def test_oneshot_and_model_pruning_hit_their_sparsity(tmp_path):
-    """One-shot pruning (with masks kept through fine-tuning) and the gradual ModelPruning schedule reach the target on real layers."""
+    """One-shot pruning (with masks kept through fine-tuning) and the gradual ModelPruning schedule reach the
+    target on real layers."""
     import torch
 
     from benchmarks.models import lenet_300_100
     from examples.data import ImageData
 
     g = torch.Generator().manual_seed(0)
-    data = ImageData("toy", torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g),
-                     torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+    data = ImageData(
+        "toy",
+        torch.randn(128, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (128,), generator=g),
+        torch.randn(64, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (64,), generator=g),
+    )
     cfg = dict(model="lenet300", target=0.9, finetune_epochs=1, batch_size=32, epochs=3)
     no_ft, ft = sweep.oneshot(lenet_300_100(), cfg, data)
     assert no_ft["sparsity"] == pytest.approx(0.9, abs=1e-3) and ft["sparsity"] == pytest.approx(0.9, abs=1e-3)
-    mp = sweep.LayerPruning("l1_unstructured", parameter_names=["weight"], amount=sweep._Amount(sweep.gradual_amounts(0.9, 3)),
-                            use_global_unstructured=True, use_lottery_ticket_hypothesis=False, verbose=0)
+    mp = sweep.LayerPruning(
+        "l1_unstructured",
+        parameter_names=["weight"],
+        amount=sweep._Amount(sweep.gradual_amounts(0.9, 3)),
+        use_global_unstructured=True,
+        use_lottery_ticket_hypothesis=False,
+        verbose=0,
+    )
     module, _ = sweep.run_training(cfg, data, [mp])
     assert sweep.measure(module.net, data)["sparsity"] == pytest.approx(0.9, abs=1e-3)
 
@@ -84,12 +114,33 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
     """The probe builds the sweep's config schema and its table groups seeds, marking divergences."""
     from benchmarks import probe
 
-    args = argparse.Namespace(dataset="fashion-mnist", model="lenet300", epochs=None, seed=1, depth=3, target=0.98, lam=None,
-                              factor_lr_multiplier=10.0, factor_lr_warmup=0.1, recovery=0.5, controller_gain=0.0, init="dwf",
-                              controller_max_step=None, control_threshold=None, model_pruning=False, dense=False,
-                              accelerator="cpu", precision="32-true")
+    args = argparse.Namespace(
+        dataset="fashion-mnist",
+        model="lenet300",
+        epochs=None,
+        seed=1,
+        depth=3,
+        target=0.98,
+        lam=None,
+        factor_lr_multiplier=10.0,
+        factor_lr_warmup=0.1,
+        recovery=0.5,
+        controller_gain=0.0,
+        init="dwf",
+        controller_max_step=None,
+        control_threshold=None,
+        model_pruning=False,
+        dense=False,
+        accelerator="cpu",
+        precision="32-true",
+    )
     cfg = probe.config(args)
-    assert cfg["method"] == "dwf-target-d3" and cfg["epochs"] == 20 and cfg["controller_gain"] == 0.0 and "controller_max_step" not in cfg
+    assert (
+        cfg["method"] == "dwf-target-d3"
+        and cfg["epochs"] == 20
+        and cfg["controller_gain"] == 0.0
+        and "controller_max_step" not in cfg
+    )
     assert cfg["control_threshold"] == "auto"  # the callback's default, recorded as such
     assert probe.config(argparse.Namespace(**{**vars(args), "control_threshold": 1e-2}))["control_threshold"] == 1e-2
     assert probe.config(argparse.Namespace(**{**vars(args), "model_pruning": True}))["method"] == "model-pruning"
@@ -99,19 +150,27 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
     assert "accelerator" not in cfg and "precision" not in cfg  # CPU float32 rows keep the sweep's keys
     gpu = probe.config(argparse.Namespace(**{**vars(args), "accelerator": "gpu", "precision": "16-mixed"}))
     assert (gpu["accelerator"], gpu["precision"]) == ("gpu", "16-mixed")
-    rows = [dict(config=dict(cfg, seed=s), results=dict(acc=a, compression_ratio=50.0)) for s, a in ((0, 0.88), (1, 0.89))]
+    rows = [
+        dict(config=dict(cfg, seed=s), results=dict(acc=a, compression_ratio=50.0)) for s, a in ((0, 0.88), (1, 0.89))
+    ]
     rows.append(dict(config=dict(cfg, factor_lr_multiplier=20.0), results=dict(acc=None, compression_ratio=None)))
     monkeypatch.setattr(probe, "PATH", tmp_path / "probes.jsonl")
     probe.PATH.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = probe.table()
-    assert "| 88.00 / 89.00 | 88.50 | 50.0 |" in text and "| NaN | diverged | — |" in text and "controller_gain=0.0" in text
+    assert (
+        "| 88.00 / 89.00 | 88.50 | 50.0 |" in text
+        and "| NaN | diverged | — |" in text
+        and "controller_gain=0.0" in text
+    )
 
 
 def test_overhead_measures_every_depth():
     """The overhead benchmark's row: counted memory grows with D, times are positive."""
     from benchmarks import overhead
 
-    row = overhead.measure_model("lenet300", argparse.Namespace(device="cpu", batch_size=2, rounds=1, steps=1), amp=False)
+    row = overhead.measure_model(
+        "lenet300", argparse.Namespace(device="cpu", batch_size=2, rounds=1, steps=1), amp=False
+    )
     ratios = [row["memory_ratio"][c] for c in overhead.CONFIGS]
     assert ratios[0] == 1.0 and ratios == sorted(ratios) and ratios[-1] > 1.1
     assert all(t > 0 for t in row["step_seconds"].values()) and row["inference_ratio"] > 0
@@ -137,7 +196,8 @@ def test_cifar_shaped_nets_factorize_and_collapse_exactly(name):
 
 
 def test_vit_forward_and_factorization():
-    """The tiny ViT maps 1×28×28 images to logits, and DWF's default selection factorizes its attention and MLP Linears."""
+    """The tiny ViT maps 1×28×28 images to logits, and DWF's default selection factorizes its attention and MLP
+    Linears."""
     import torch
 
     from benchmarks.models import INPUT_SHAPES, MODELS
@@ -153,7 +213,8 @@ def test_vit_forward_and_factorization():
 
 
 def test_classifier_default_is_the_sweep_recipe():
-    """Without options the Classifier is SGD + CosineAnnealingLR (the sweep's); warm-up ramps linearly, then cosine to 0."""
+    """Without options the Classifier is SGD + CosineAnnealingLR (the sweep's); warm-up ramps linearly, then cosine
+    to 0."""
     import torch
 
     from benchmarks.models import Classifier, WarmupCosine
@@ -162,20 +223,26 @@ def test_classifier_default_is_the_sweep_recipe():
     module.trainer = argparse.Namespace(estimated_stepping_batches=100)  # what configure_optimizers reads
     conf = module.configure_optimizers()
     assert type(conf["optimizer"]) is torch.optim.SGD and conf["optimizer"].defaults["momentum"] == 0.9
-    assert conf["optimizer"].defaults["weight_decay"] == 0 and type(conf["lr_scheduler"]["scheduler"]).__name__ == "CosineAnnealingLR"
+    assert (
+        conf["optimizer"].defaults["weight_decay"] == 0
+        and type(conf["lr_scheduler"]["scheduler"]).__name__ == "CosineAnnealingLR"
+    )
     schedule = WarmupCosine(100, 5)
     assert [schedule(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert schedule(5) == 1.0 and schedule(100) == pytest.approx(0.0) and 0 < schedule(50) < 1
 
 
 def test_matrix_plan_sizes():
-    """5 settings × 2 optimizers × (2 batch sizes × (dense + 3 targets × 3 methods) + 3 targets × 2 from-pretrained runs)."""
+    """5 settings × 2 optimizers × (2 batch sizes × (dense + 3 targets × 3 methods) + 3 targets × 2 from-pretrained
+    runs)."""
     from benchmarks import matrix
 
     plan = matrix.plan_first_pass()
     assert len(plan) == 5 * 2 * (2 * (1 + 3 * 3) + 3 * 2) == 260 and len({sweep.key(c) for c in plan}) == 260
     pretrained = [c for c in plan if c["start"] == "pretrained"]
-    assert all(c["batch_size"] == 256 and c["epochs"] == matrix.pretrained_epochs(c["dense_epochs"]) for c in pretrained)
+    assert all(
+        c["batch_size"] == 256 and c["epochs"] == matrix.pretrained_epochs(c["dense_epochs"]) for c in pretrained
+    )
     keys = {sweep.key(c) for c in plan}
     assert all(sweep.key(matrix.dense_source(c)) in keys for c in pretrained)  # each starts from a planned dense run
     only = matrix.parse_only("model=vit,opt=adamw,bs=64,target=0.98")
@@ -195,7 +262,8 @@ def test_matrix_second_pass_picks_close_cells():
         rows += [_row(dict(base, method=m, target=target), a) for m, a in zip(matrix.METHODS[1:], (mp, pat, dwf))]
     second = matrix.plan_second_pass(rows)
     assert {(c["method"], c.get("target"), c["seed"]) for c in second} == {
-        (m, t, s) for s in (1, 2) for m, t in (("dense", None), ("model-pruning", 0.9), ("pat", 0.9), ("dwf", 0.9))}
+        (m, t, s) for s in (1, 2) for m, t in (("dense", None), ("model-pruning", 0.9), ("pat", 0.9), ("dwf", 0.9))
+    }
 
 
 def test_matrix_end_to_end(tmp_path, monkeypatch):
@@ -203,14 +271,25 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
     import torch
 
     from benchmarks import matrix
-    from lightning_dwf.datasets import ImageData
+    from examples.data import ImageData
 
     g = torch.Generator().manual_seed(0)
-    data = ImageData("toy", torch.randn(480, 1, 28, 28, generator=g), torch.randint(0, 10, (480,), generator=g),
-                     torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
-    plan = [dict(c, batch_size=4) for c in matrix.plan_first_pass(epochs=3)
-            if c["model"] == "lenet300" and c["dataset"] == "fashion-mnist" and c["optimizer"] == "sgd"
-            and c["batch_size"] == 256 and c.get("target", 0.9) == 0.9]
+    data = ImageData(
+        "toy",
+        torch.randn(480, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (480,), generator=g),
+        torch.randn(64, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (64,), generator=g),
+    )
+    plan = [
+        dict(c, batch_size=4)
+        for c in matrix.plan_first_pass(epochs=3)
+        if c["model"] == "lenet300"
+        and c["dataset"] == "fashion-mnist"
+        and c["optimizer"] == "sgd"
+        and c["batch_size"] == 256
+        and c.get("target", 0.9) == 0.9
+    ]
     plan = [dict(c, epochs=1, **({"dense_epochs": 1} if "dense_epochs" in c else {})) for c in plan]  # 120 steps
     assert [c["method"] for c in plan] == ["dense", "model-pruning", "pat", "dwf", "dwf-balanced", "model-pruning"]
     monkeypatch.setattr(matrix, "PRETRAINED_BATCH", 4)
@@ -227,7 +306,9 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
     assert matrix.run_all(plan, path, loader=lambda name, root: data) == rows  # resumes: nothing left to run
 
     def nan_fit(*args):
-        raise RuntimeError("DWFCallback: the factors of ['net.1'] became NaN/Inf at step 3 (learning rates [0.1]). More text")
+        raise RuntimeError(
+            "DWFCallback: the factors of ['net.1'] became NaN/Inf at step 3 (learning rates [0.1]). More text"
+        )
 
     monkeypatch.setattr(matrix, "fit", nan_fit)
     diverged = dict(plan[3], target=0.98)
