@@ -29,7 +29,15 @@ from torch import nn
 from benchmarks import sweep
 from benchmarks.models import Classifier
 from examples.data import ImageData, load_dataset
-from lightning_dwf import load_compressed, save_compressed
+from lightning_dwf import (
+    DecomposeConfig,
+    decompose_,
+    finetune_,
+    load_compressed,
+    load_decomposed,
+    save_compressed,
+    save_decomposed,
+)
 
 PATH = sweep.RESULTS / "size.jsonl"
 DATASET = "fashion-mnist"
@@ -37,6 +45,11 @@ MODELS = ("lenet300", "cnn-bn")
 TARGETS = {"lenet300": (0.95, 0.98, 0.99), "cnn-bn": (0.9, 0.95, 0.98)}
 #: DWF depth per model (the sweep's target-mode settings there).
 DEPTH = {"lenet300": 3, "cnn-bn": 3}
+#: Quantized sparse decomposition settings (one rank rule, one density per factor) and its short fine-tune.
+QSD = ({"rank_ratio": 0.25, "density": 0.1, "bits": 8}, {"rank_ratio": 0.25, "density": 0.1, "bits": 4})
+QSD_FINETUNE = dict(epochs=1, lr=1e-4)
+#: The DWF model QSD starts from (its target).
+QSD_DWF_TARGET = {"lenet300": 0.95, "cnn-bn": 0.9}
 
 
 def base_config(model: str) -> dict[str, Any]:
@@ -69,13 +82,16 @@ def training_configs(model: str) -> list[dict[str, Any]]:
         dwf["recovery"] = sweep.default_recovery(target)
         out.append(dwf)
         out += [dict(dwf, quantize_bits=bits) for bits in (8, 4)]
+        if target == QSD_DWF_TARGET[model]:
+            out += [dict(dwf, qsd=qsd) for qsd in QSD]
+    out += [dict(base, method="dense", qsd=qsd) for qsd in QSD]
     return out
 
 
 def exports(cfg: dict[str, Any]) -> tuple[int | None, ...]:
     """The bit widths a trained model is written at: its own grid after the quantization-aware finish."""
-    if cfg.get("quantize_bits"):
-        return (cfg["quantize_bits"],)
+    if cfg.get("quantize_bits") or cfg.get("qsd"):
+        return (cfg.get("quantize_bits") or cfg["qsd"]["bits"],)
     return (None, 8) if cfg["method"] == "dense" else (None, 8, 4)
 
 
@@ -100,6 +116,30 @@ def file_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, bits: int | N
         versions=dict(torch=torch.__version__, lightning=lightning.__version__),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+
+
+def qsd_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, seconds: float) -> dict:
+    """Decompose ``net`` (a trained plain net), fine-tune it briefly, write it, load it back collapsed, measure."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the small per-layer matrix work is far slower with threads fighting over 2 cores
+    start = time.perf_counter()
+    try:
+        report = decompose_(net, DecomposeConfig(**cfg["qsd"]))
+    finally:
+        torch.set_num_threads(threads)
+    loader = sweep.loader(data, cfg["batch_size"], cfg["seed"])
+    finetune_(net, loader, nn.functional.cross_entropy, **QSD_FINETUNE)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.safetensors")
+        saved = save_decomposed(net, path)
+        fresh = Classifier(cfg["model"], num_classes=data.num_classes).net
+        load_decomposed(path, fresh, collapse=True)
+    results = dict(sweep.measure(fresh, data), file_bytes=saved.file_bytes, dense_bytes=saved.dense_bytes,
+                   size_ratio=saved.ratio, train_seconds=seconds, qsd_seconds=time.perf_counter() - start,
+                   reconstruction_error=[layer.error for layer in report.layers])
+    return dict(config=dict(cfg, export_bits=cfg["qsd"]["bits"]), results=results,
+                versions=dict(torch=torch.__version__, lightning=lightning.__version__),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def key(cfg: dict[str, Any]) -> str:
@@ -127,8 +167,12 @@ def run(models: tuple[str, ...], data_dir: str | None) -> None:
                 f"[size] {cfg['model']} {cfg['method']} {cfg.get('target', '')} bits={cfg.get('quantize_bits')}",
                 flush=True,
             )
-            module, seconds = sweep.run_training(cfg, data, sweep.method_callbacks(cfg))
-            rows = [file_row(cfg, module.net, data, bits, seconds) for bits in exports(cfg)]
+            train = {k: v for k, v in cfg.items() if k != "qsd"}
+            module, seconds = sweep.run_training(train, data, sweep.method_callbacks(train))
+            if cfg.get("qsd"):
+                rows = [qsd_row(cfg, module.net, data, seconds)]
+            else:
+                rows = [file_row(cfg, module.net, data, bits, seconds) for bits in exports(cfg)]
             with PATH.open("a") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
@@ -137,11 +181,11 @@ def run(models: tuple[str, ...], data_dir: str | None) -> None:
 def label(cfg: dict[str, Any]) -> str:
     bits = cfg.get("export_bits")
     width = "fp32" if bits is None else f"int{bits}"
-    if cfg["method"] == "dense":
+    if cfg["method"] == "dense" and not cfg.get("qsd"):
         return f"dense {width}"
     name = "ModelPruning" if cfg["method"] == "model-pruning" else "DWF"
-    if cfg["method"].startswith("qsd"):
-        name = cfg["method"]
+    if cfg.get("qsd"):
+        return f"QSD of {'dense' if cfg['method'] == 'dense' else 'DWF'} int{cfg['qsd']['bits']}"
     finish = " + QAT finish" if cfg.get("quantize_bits") else ""
     return f"{name} {width}{finish}"
 
