@@ -48,6 +48,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_dwf.functional import grid_codes
+
 FORMAT = "lightning-dwf-compressed"
 FORMAT_VERSION = "1"
 SUPPORTED_BITS = (None, 8, 4)
@@ -281,16 +283,13 @@ def _quantize(weight: Tensor, bits: int, name: str) -> tuple[Tensor, Tensor]:
     """Per-row symmetric quantization: returns ``(q, scales)``, int8 of the weight's shape and float32 ``[rows]``."""
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"`bits={bits}` needs finite weights, but {name!r} has NaN or inf. Save it with `bits=None`.")
-    qmax = 2 ** (bits - 1) - 1
-    rows = weight.detach().double().reshape(weight.shape[0], -1)
-    rowmax = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(weight.shape[0])
-    scales = (rowmax / qmax).float()
-    scales = torch.where((scales == 0) & (rowmax > 0), rowmax.float(), scales)
+    if weight.numel() == 0:
+        return torch.zeros(weight.shape, dtype=torch.int8), torch.zeros(weight.shape[0])
+    rowmax = weight.detach().double().reshape(weight.shape[0], -1).abs().amax(dim=1)
+    codes, scales = grid_codes(weight, bits)
     if not bool(torch.isfinite(scales).all()) or bool(((scales == 0) & (rowmax > 0)).any()):
         raise ValueError(f"{name!r} has magnitudes outside float32's range (no float32 scale). Use `bits=None`.")
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).double()
-    q = torch.round(rows / safe[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-    return q.reshape(weight.shape), scales
+    return codes.to(torch.int8), scales
 
 
 def _candidates(

@@ -106,13 +106,21 @@ def channel_scales(weight: Tensor, bits: int) -> Tensor:
     return (rows.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).float()
 
 
+def grid_codes(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """The integer codes ``round(w / scale)`` (float64, in ``[-(2**(bits-1)-1), 2**(bits-1)-1]``) of ``weight`` on
+    its per-channel grid, and the float32 scales of :func:`channel_scales`; a zero row keeps codes 0."""
+    scales = channel_scales(weight, bits)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).double()
+    qmax = 2 ** (bits - 1) - 1
+    shape = (-1, *([1] * (weight.dim() - 1)))
+    return torch.round(weight.detach().double() / safe.view(shape)).clamp_(-qmax, qmax), scales
+
+
 def quantize_to_grid(weight: Tensor, bits: int) -> Tensor:
     """``weight`` rounded to its per-channel grid (``round(w / scale) · scale``), without a gradient."""
-    scales = channel_scales(weight, bits).double()
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).view(-1, *([1] * (weight.dim() - 1)))
-    qmax = 2 ** (bits - 1) - 1
-    codes = torch.round(weight.detach().double() / safe).clamp_(-qmax, qmax)
-    return (codes * safe).to(weight.dtype)
+    codes, scales = grid_codes(weight, bits)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).double()
+    return (codes * safe.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
 
 
 def fake_quantize(weight: Tensor, bits: int) -> Tensor:
