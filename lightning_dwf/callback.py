@@ -45,6 +45,7 @@ from lightning_dwf.messages import (
     divergence_message,
 )
 from lightning_dwf.optim import FactorPenalty, check_learning_rates, factor_learning_rates, warmup_multiplier
+from lightning_dwf.pictures import DEFAULT_PICTURE_FACTOR, log_summary_figure, log_weight_histograms, picture_cadence
 from lightning_dwf.quantize import check_bits, set_fake_quantization_, zero_quantized_zeros_
 from lightning_dwf.report import SparsityReport, sparsity_report, weight_scales
 from lightning_dwf.support import fix_support_, support_threshold
@@ -100,6 +101,11 @@ class DWFCallback(Callback):
         log_every_n_steps: metric cadence in optimizer steps (default: the Trainer's ``log_every_n_steps``).
         log_per_layer: also log ``dwf/sparsity/<layer>``.
         verbose: print the per-layer rich table on rank zero at fit end.
+        log_pictures: pictures for TensorBoard and W&B loggers (others are skipped; rank zero only; training is
+            unchanged): a histogram of ``log10|w|`` of each factorized tensor's non-zero weights
+            (``dwf/log10_abs_weight/<tensor>``) and, at fit end, one figure of the collapsed model's per-layer density
+            and the ``dwf/sparsity`` curve (``dwf/summary``, needs matplotlib). ``True``: histograms every 10 × the
+            metric cadence (``log_every_n_steps``) optimizer steps; an int N: every N optimizer steps; ``False``: none.
 
     Attributes:
         factorized_names: qualified names of the factorized tensors (set at ``setup``).
@@ -133,6 +139,7 @@ class DWFCallback(Callback):
         log_every_n_steps: int | None = None,
         log_per_layer: bool = True,
         verbose: bool = True,
+        log_pictures: bool | int = True,
         **moved: Any,
     ) -> None:
         if moved:
@@ -166,6 +173,8 @@ class DWFCallback(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
         self.verbose = verbose
+        self.log_pictures = log_pictures
+        self._picture_every = picture_cadence(log_pictures)  # 0: a multiple of the metric cadence, -1: off
         # results
         self.factorized_names: list[str] = []
         self.control_threshold: float | None = None
@@ -184,6 +193,8 @@ class DWFCallback(Callback):
         self._fits_collapsed = 0
         self._quantize_step: float = math.inf
         self._quantizing = False
+        self._sparsity_curve: list[tuple[int, float]] = []  # (step, dwf/sparsity) as logged, for the fit-end figure
+        self._last_picture_step = -1
 
     @property
     def current_lam(self) -> float:
@@ -217,6 +228,7 @@ class DWFCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
         self._warned_dead = False
+        self._sparsity_curve = []
         check_amp_optimizers(trainer)
         self._penalty = FactorPenalty(factor_parameters(pl_module), self._lam, self.depth, self.factor_lr.multiplier)
         self._penalty.bind(trainer.optimizers)
@@ -400,6 +412,7 @@ class DWFCallback(Callback):
             report = sparsity_report(pl_module, self._zero_threshold(), self._lam)
             self._set_lam(self._controller.update(step, report.sparsity))
         every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._log_histograms(trainer, pl_module, step, every)
         if step == self._last_logged_step or not (step % every == 0 or trainer.is_last_batch):
             return
         self._last_logged_step = step
@@ -417,6 +430,15 @@ class DWFCallback(Callback):
             metrics["dwf/target_sparsity"] = self._controller.target
             metrics["dwf/reference_sparsity"] = self._controller.reference(step)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+        self._sparsity_curve.append((step, report.sparsity))
+
+    def _log_histograms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, every: int) -> None:
+        """Weight histograms every ``log_pictures`` optimizer steps (``True``: 10 × the metric cadence ``every``)."""
+        cadence = self._picture_every or DEFAULT_PICTURE_FACTOR * every
+        if self._picture_every < 0 or step == self._last_picture_step or step % cadence:
+            return
+        self._last_picture_step = step
+        log_weight_histograms(trainer.loggers, pl_module, step)
 
     def _warn_dead(self, names: list[str], what: str, detail: str) -> None:
         rank_zero_warn(dead_layer_message(names, what, detail, self.target_sparsity, self._lam),
@@ -463,6 +485,8 @@ class DWFCallback(Callback):
             self.compression_report = self._export(trainer, pl_module)
             final["dwf/final/file_bytes"] = self.compression_report.file_bytes
             final["dwf/final/size_ratio"] = self.compression_report.ratio
+        if self._picture_every >= 0:
+            log_summary_figure(trainer.loggers, report, self._sparsity_curve, trainer.global_step)
         for logger in trainer.loggers:
             logger.log_metrics(final, step=trainer.global_step)
             logger.save()

@@ -82,9 +82,12 @@ class SparsityController:
         total_steps: optimizer steps of the whole run.
         lam: the current λ (start value λ0; updated in place by :meth:`update`).
         threshold: the control threshold (absolute): the caller measures sparsity as the fraction of ``|w| <`` it.
-        warmup: fraction of the run before the ramp starts. ramp_end: fraction at which ``s_ref = target``.
-        gain: step size of the log-λ integrator. max_step: bound on ``|Δ ln λ|`` per update.
-        lam_min, lam_max: bounds on λ (relative factors of λ0 are set by the callback).
+        warmup: fraction of the run before the ramp starts.
+        ramp_end: fraction at which ``s_ref = target``.
+        gain: step size of the log-λ integrator.
+        max_step: bound on ``|Δ ln λ|`` per update.
+        lam_min: lower bound on λ (relative factors of λ0 are set by the callback).
+        lam_max: upper bound on λ (relative factors of λ0 are set by the callback).
         recovery_step: the optimizer step at which the recovery phase (support fixed, λ = 0) started, -1 before it;
             the callback restarts the factor LR warm-up there.
     """
