@@ -52,8 +52,7 @@ def small_cnn_bn(num_classes: int = 10) -> nn.Module:
 
 class _Attention(nn.Module):
     """Multi-head self-attention with explicit ``nn.Linear`` q/k/v/out projections (so DWF's default selection
-    factorizes them;
-    ``nn.MultiheadAttention`` keeps its in-projection as a bare Parameter)."""
+    factorizes them; ``nn.MultiheadAttention`` keeps its in-projection as a bare Parameter)."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -190,8 +189,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 class Classifier(LightningModule):
     """Any :data:`MODELS` network, trained the same way for every method: SGD with momentum (default) or AdamW, and a
-    per-step
-    cosine schedule, optionally after a linear warm-up over the first ``warmup`` fraction of the steps.
+    per-step cosine schedule, optionally after a linear warm-up over the first ``warmup`` fraction of the steps.
 
     The defaults (``optimizer="sgd"``, ``weight_decay=0``, ``warmup=0``) are the sweep's recipe: SGD and
     ``CosineAnnealingLR`` over every step, exactly as before these options existed.
@@ -241,7 +239,6 @@ class Classifier(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt), "interval": "step"}}
 
 
-@torch.no_grad()
 @torch.no_grad()
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
     """Test accuracy of ``net`` in eval mode (torchmetrics' micro-averaged multiclass accuracy: the fraction
