@@ -318,3 +318,34 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
     text = md.read_text()
     assert "| fashion-mnist | lenet300 | sgd | 4 | scratch | 1 | 90 % |" in text and "| pretrained |" in text
     assert "diverged: DWF s0" in text and png.stat().st_size > 0
+
+
+def test_size_benchmark_plans_and_measures_the_loaded_file(tmp_path, monkeypatch):
+    """Every method of the size benchmark is planned; a row's bytes are the file's and its accuracy is that of the
+    net loaded back from it (int8 of a sparse net: zeros stay, the file is smaller than the lossless one)."""
+    import torch
+
+    from benchmarks import size
+    from benchmarks.models import lenet_300_100
+    from examples.data import ImageData
+
+    plan = size.training_configs("lenet300")
+    methods = {(c["method"], c.get("quantize_bits"), bool(c.get("qsd"))) for c in plan}
+    assert ("dense", None, False) in methods and ("model-pruning", None, False) in methods
+    assert ("dwf-target-d3", 4, False) in methods and ("dwf-target-d3", None, True) in methods
+    assert ("dense", None, True) in methods
+    assert size.exports(dict(method="dense")) == (None, 8) and size.exports(dict(method="x", quantize_bits=4)) == (4,)
+    g = torch.Generator().manual_seed(0)
+    data = ImageData("toy", torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),
+                     torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g))
+    net = lenet_300_100()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.mul_(torch.rand_like(p) > 0.9)
+    cfg = dict(model="lenet300", method="model-pruning", target=0.9)
+    lossless, int8 = (size.file_row(cfg, net, data, bits, 1.0) for bits in (None, 8))
+    assert lossless["results"]["acc"] == pytest.approx(sweep.measure(net, data)["acc"])
+    assert int8["results"]["file_bytes"] < lossless["results"]["file_bytes"] < lossless["results"]["dense_bytes"]
+    assert int8["results"]["sparsity"] == pytest.approx(lossless["results"]["sparsity"], abs=1e-3)
+    assert int8["config"]["export_bits"] == 8 and size.label(int8["config"]) == "ModelPruning int8"
