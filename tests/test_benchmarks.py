@@ -295,7 +295,8 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(matrix, "PRETRAINED_BATCH", 4)
     path = tmp_path / "matrix.jsonl"
     rows = matrix.run_all(plan, path, loader=lambda name, root: data)
-    assert len(rows) == 6 and len(path.read_text().splitlines()) == 6
+    expected = 5 if matrix.pat_missing() else 6  # without torchao (CI) PAT is skipped with a reason and no row
+    assert len(rows) == expected and len(path.read_text().splitlines()) == expected
     for row in rows.values():
         res = row["results"]
         if row["config"]["method"] != "pat" or not matrix.pat_missing():
