@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -301,18 +301,7 @@ def callbacks(cfg: dict[str, Any]) -> list:
 
 def fit(cfg: dict[str, Any], module: Classifier, data: ImageData, cbs: list) -> float:
     """Train ``module`` as ``cfg`` says; returns the seconds it took."""
-    trainer = Trainer(
-        devices=1,
-        max_epochs=cfg["epochs"],
-        callbacks=cbs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_train_batches=cfg.get("max_batches") or 1.0,
-        **sweep.DEVICE_DEFAULTS,
-    )
+    trainer = sweep.trainer(cfg["epochs"], cbs, limit_train_batches=cfg.get("max_batches") or 1.0)
     start = time.perf_counter()
     trainer.fit(module, sweep.loader(data, cfg["batch_size"], cfg["seed"]))
     return time.perf_counter() - start

@@ -104,9 +104,9 @@ def loader(data: ImageData, batch_size: int, seed: int = SEED) -> DataLoader:
     return DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=batch_size, shuffle=True, generator=g)
 
 
-def trainer(epochs: int, callbacks: list, cfg: dict | None = None) -> Trainer:
+def trainer(epochs: int, callbacks: list, cfg: dict | None = None, **overrides: Any) -> Trainer:
     """The Trainer every method runs in: ``cfg``'s accelerator/precision if it names them, else
-    :data:`DEVICE_DEFAULTS`."""
+    :data:`DEVICE_DEFAULTS`; ``overrides`` are further Trainer arguments (e.g. ``limit_train_batches``)."""
     device = {k: (cfg or {}).get(k, v) for k, v in DEVICE_DEFAULTS.items()}
     return Trainer(
         devices=1,
@@ -118,6 +118,7 @@ def trainer(epochs: int, callbacks: list, cfg: dict | None = None) -> Trainer:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         **device,
+        **overrides,
     )
 
 
