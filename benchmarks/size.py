@@ -51,6 +51,8 @@ DEPTH = {"lenet300": 3, "cnn-bn": 3}
 QSD = {"lenet300": ({"rank_ratio": 0.25, "density": 0.1, "bits": 8}, {"rank_ratio": 0.25, "density": 0.1, "bits": 4}),
        "cnn-bn": ({"rank_ratio": 0.25, "density": 0.1, "bits": 8},)}
 QSD_FINETUNE = dict(epochs=1, lr=1e-4)
+#: Other lengths of the quantization-aware finish (fraction of the run; default 0.2): LeNet-300-100, 98 %, 4 bits.
+QAT_FRACTIONS = (0.1, 0.3)
 #: The DWF model QSD starts from (its target).
 QSD_DWF_TARGET = {"lenet300": 0.95, "cnn-bn": 0.9}
 
@@ -85,6 +87,8 @@ def training_configs(model: str) -> list[dict[str, Any]]:
         dwf["recovery"] = sweep.default_recovery(target)
         out.append(dwf)
         out += [dict(dwf, quantize_bits=bits) for bits in QAT_BITS[model]]
+        if model == "lenet300" and target == 0.98:
+            out += [dict(dwf, quantize_bits=4, quantize_fraction=f) for f in QAT_FRACTIONS]
         if target == QSD_DWF_TARGET[model]:
             out += [dict(dwf, qsd=qsd) for qsd in QSD[model]]
     out += [dict(base, method="dense", qsd=qsd) for qsd in QSD[model]]
@@ -189,7 +193,10 @@ def label(cfg: dict[str, Any]) -> str:
     name = "ModelPruning" if cfg["method"] == "model-pruning" else "DWF"
     if cfg.get("qsd"):
         return f"QSD of {'dense' if cfg['method'] == 'dense' else 'DWF'} int{cfg['qsd']['bits']}"
-    finish = " + QAT finish" if cfg.get("quantize_bits") else ""
+    fraction = cfg.get("quantize_fraction")
+    finish = ""
+    if cfg.get("quantize_bits"):
+        finish = f" + QAT finish ({fraction:g} of the run)" if fraction else " + QAT finish"
     return f"{name} {width}{finish}"
 
 

@@ -202,7 +202,7 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
             control_threshold=None if control == "auto" else control,
         )
         knob: dict[str, Any] = dict(target_sparsity=cfg["target"], schedule=schedule)
-        collapse = CollapseConfig(save=False)
+        collapse = CollapseConfig(save=False, quantize_fraction=cfg.get("quantize_fraction", 0.2))
     else:
         knob = dict(lam=cfg["lam"])
         collapse = CollapseConfig(threshold=cfg.get("threshold", DEFAULT_THRESHOLD), save=False)
