@@ -285,9 +285,9 @@ def _quantize(weight: Tensor, bits: int, name: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"`bits={bits}` needs finite weights, but {name!r} has NaN or inf. Save it with `bits=None`.")
     if weight.numel() == 0:
         return torch.zeros(weight.shape, dtype=torch.int8), torch.zeros(weight.shape[0])
-    rowmax = weight.detach().double().reshape(weight.shape[0], -1).abs().amax(dim=1)
     codes, scales = grid_codes(weight, bits)
-    if not bool(torch.isfinite(scales).all()) or bool(((scales == 0) & (rowmax > 0)).any()):
+    nonzero_rows = weight.detach().reshape(weight.shape[0], -1).ne(0).any(dim=1)
+    if not bool(torch.isfinite(scales).all()) or bool(((scales == 0) & nonzero_rows).any()):
         raise ValueError(f"{name!r} has magnitudes outside float32's range (no float32 scale). Use `bits=None`.")
     return codes.to(torch.int8), scales
 
