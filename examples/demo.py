@@ -73,10 +73,7 @@ def parse_args() -> argparse.Namespace:
         "--factor-lr-multiplier",
         type=float,
         default=None,
-        help="DWF factors' LR = lr × this; default 10 (5 on the MNIST subset, whose batch 64 diverged at 10)",
-    )
-    p.add_argument(
-        "--factor-lr-warmup", type=float, default=0.1, help="fraction of the run over which that multiplier ramps up"
+        help="DWF factors' LR = lr × this (optional tuning knob; default: the callback's per-layer 'auto')",
     )
     p.add_argument("--epochs", type=int, default=None, help="default: 30 (Fashion-MNIST), 60 (MNIST subset)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 (Fashion-MNIST), 64 (MNIST subset)")
@@ -88,9 +85,9 @@ def parse_args() -> argparse.Namespace:
 
 #: Per-dataset defaults (see README for the measured results).
 DEFAULTS = {
-    "fashion-mnist": dict(epochs=30, batch_size=256, factor_lr_multiplier=10.0),
-    "mnist": dict(epochs=30, batch_size=256, factor_lr_multiplier=10.0),
-    "mnist-subset": dict(epochs=60, batch_size=64, factor_lr_multiplier=5.0),
+    "fashion-mnist": dict(epochs=30, batch_size=256),
+    "mnist": dict(epochs=30, batch_size=256),
+    "mnist-subset": dict(epochs=60, batch_size=64),
 }
 
 
@@ -160,19 +157,19 @@ def main() -> None:
         args.target_sparsity = None
     args.epochs = args.epochs or defaults["epochs"]
     args.batch_size = args.batch_size or defaults["batch_size"]
-    args.factor_lr_multiplier = args.factor_lr_multiplier or defaults["factor_lr_multiplier"]
     knob = dict(lam=args.lam) if args.lam is not None else dict(target_sparsity=args.target_sparsity)
     print(
         f"dataset: {data.name} ({len(data.train_y)} train / {len(data.test_y)} test), depth={args.depth}, "
-        f"{', '.join(f'{k}={v:g}' for k, v in knob.items())}, lr={args.lr:g} (factors ×{args.factor_lr_multiplier:g}), "
+        f"{', '.join(f'{k}={v:g}' for k, v in knob.items())}, lr={args.lr:g} "
+        f"(factors ×{args.factor_lr_multiplier or 'auto'}), "
         f"epochs={args.epochs}"
     )
     # build the callback first: invalid arguments fail here, before the dense run
     dwf = DWFCallback(
         depth=args.depth,
         collapse=CollapseConfig(threshold=args.threshold),
-        factor_lr=FactorLRConfig(multiplier=args.factor_lr_multiplier, warmup=args.factor_lr_warmup),
         **knob,
+        **({"factor_lr": FactorLRConfig(multiplier=args.factor_lr_multiplier)} if args.factor_lr_multiplier else {}),
     )
 
     dense_acc, dense_cr, dense_s, _ = run(args, data, None)
@@ -198,8 +195,7 @@ def main() -> None:
         lam=args.lam,
         target_sparsity=args.target_sparsity,
         lr=args.lr,
-        factor_lr_multiplier=args.factor_lr_multiplier,
-        factor_lr_warmup=args.factor_lr_warmup,
+        factor_lr_multiplier=args.factor_lr_multiplier or "auto",
         epochs=args.epochs,
         batch_size=args.batch_size,
         threshold=args.threshold,

@@ -1,7 +1,7 @@
 """lightning-dwf: sparse training by Deep Weight Factorization, as a PyTorch Lightning callback.
 
 Plain-PyTorch mechanics (no Trainer needed): :func:`factorize_`, :func:`collapse_`,
-:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`, :func:`fix_support_`; settings as
+:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`, :func:`cut_to_sparsity_`; settings as
 validated config objects (:class:`FactorizeConfig`, :class:`ScheduleConfig`, :class:`FactorLRConfig`,
 :class:`CollapseConfig`); the callback :class:`DWFCallback` orchestrates them inside ``Trainer.fit``.
 """
@@ -36,11 +36,12 @@ from lightning_dwf.factorize import (
 )
 from lightning_dwf.functional import DEFAULT_THRESHOLD
 from lightning_dwf.init import dwf_init_
-from lightning_dwf.messages import DWFDeadLayerWarning, DWFLearningRateWarning
-from lightning_dwf.optim import FactorPenalty, LearningRateCheck, check_learning_rates
+from lightning_dwf.messages import DWFDeadLayerWarning, DWFLearningRateWarning, DWFRollbackWarning
+from lightning_dwf.optim import FactorPenalty, LearningRateCheck, check_learning_rates, penalty_kind
 from lightning_dwf.parametrization import HadamardProduct
 from lightning_dwf.report import LayerSparsity, SparsityReport, sparsity_report
-from lightning_dwf.support import fix_support_, support_threshold
+from lightning_dwf.rollback import TrainingSnapshot
+from lightning_dwf.support import cut_to_sparsity_, fix_support_, keep_masks, support_threshold
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "DWFCallback",
     "DWFDeadLayerWarning",
     "DWFLearningRateWarning",
+    "DWFRollbackWarning",
     "DecomposeConfig",
     "DecompositionReport",
     "FactorLRConfig",
@@ -65,10 +67,12 @@ __all__ = [
     "SparsityController",
     "SparsityReport",
     "TensorSize",
+    "TrainingSnapshot",
     "check_learning_rates",
     "collapse_",
     "collapse_decomposed_",
     "collapse_state_dict",
+    "cut_to_sparsity_",
     "decompose_",
     "dwf_init_",
     "factor_parameters",
@@ -78,8 +82,10 @@ __all__ = [
     "fix_support_",
     "functional",
     "is_factorized",
+    "keep_masks",
     "load_compressed",
     "load_decomposed",
+    "penalty_kind",
     "save_compressed",
     "save_decomposed",
     "sparsity_report",

@@ -37,18 +37,22 @@ from lightning_dwf.compressed import CompressionReport
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, ScheduleConfig, resolve_target
 from lightning_dwf.controller import SparsityController, plan_controller
 from lightning_dwf.factorize import factor_parameters, factorize_, factorized_tensors
+from lightning_dwf.functional import auto_lr_multiplier
 from lightning_dwf.messages import (
     PLAIN_CHECKPOINT_MESSAGE,
     DWFDeadLayerWarning,
     DWFLearningRateWarning,
+    DWFRollbackWarning,
     dead_layer_message,
     divergence_message,
+    rollback_message,
 )
 from lightning_dwf.optim import FactorPenalty, check_learning_rates, factor_learning_rates, warmup_multiplier
 from lightning_dwf.pictures import DEFAULT_PICTURE_FACTOR, log_summary_figure, log_weight_histograms, picture_cadence
 from lightning_dwf.quantize import check_bits, set_fake_quantization_, zero_quantized_zeros_
 from lightning_dwf.report import SparsityReport, sparsity_report, weight_scales
-from lightning_dwf.support import fix_support_, support_threshold
+from lightning_dwf.rollback import TrainingSnapshot
+from lightning_dwf.support import cut_to_sparsity_, fix_support_
 
 #: Where checkpoints written during fit keep the factors (their ``state_dict`` holds the collapsed weights).
 FACTORIZED_STATE_KEY = "dwf_factorized_state_dict"
@@ -195,6 +199,10 @@ class DWFCallback(Callback):
         self._quantizing = False
         self._sparsity_curve: list[tuple[int, float]] = []  # (step, dwf/sparsity) as logged, for the fit-end figure
         self._last_picture_step = -1
+        self._snapshot = TrainingSnapshot()  # the last finite state, for rollbacks
+        self._rollbacks = 0
+        self._factor_lr_scale = 1.0  # halved by each rollback
+        self._multipliers: dict[str, float] = {}  # each factorized tensor's factor LR multiplier after the warm-up
 
     @property
     def current_lam(self) -> float:
@@ -214,6 +222,7 @@ class DWFCallback(Callback):
         if stage != "fit":
             return
         check_trainer(trainer, pl_module)
+        self._multipliers, self._rollbacks, self._factor_lr_scale = {}, 0, 1.0  # a resumed run restores them after this
         if is_overridden("configure_model", pl_module):
             rank_zero_info("DWFCallback: calling `configure_model()` before factorizing, so that its layers exist "
                            "(it must be idempotent).")
@@ -229,15 +238,54 @@ class DWFCallback(Callback):
         """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
         self._warned_dead = False
         self._sparsity_curve = []
+        self._snapshot = TrainingSnapshot()
         check_amp_optimizers(trainer)
-        self._penalty = FactorPenalty(factor_parameters(pl_module), self._lam, self.depth, self.factor_lr.multiplier)
+        self._penalty = FactorPenalty(factor_parameters(pl_module), self._lam, self.depth, self._factor_lr_scale)
         self._penalty.bind(trainer.optimizers)
+        if not self._multipliers:  # a resumed run keeps the multipliers it started with
+            self._multipliers = self._plan_multipliers(pl_module)
+        self._set_multipliers(trainer, pl_module)
         neutralized = self._penalty.user_weight_decay()
         if neutralized:
             rank_zero_info(
                 f"DWFCallback: the weight_decay of param groups {neutralized} is neutralized on the DWF factors; they "
                 f"get the DWF penalty (λ={self._lam:g}) instead. Other parameters keep your weight decay."
             )
+
+    def _plan_multipliers(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Each factorized tensor's factor LR multiplier: ``FactorLRConfig.multiplier``, or with ``"auto"``
+        :func:`~lightning_dwf.functional.auto_lr_multiplier` of its weights' RMS and its optimizer family."""
+        assert self._penalty is not None
+        out = {}
+        for tensor in factorized_tensors(pl_module):
+            if self.factor_lr.multiplier != "auto":
+                out[tensor.name] = float(self.factor_lr.multiplier)
+                continue
+            with torch.no_grad():
+                rms = float(tensor.product().float().pow(2).mean().sqrt())
+            out[tensor.name] = auto_lr_multiplier(rms, self.depth, self._penalty.kind_of(tensor.factors[0]))
+        if self.factor_lr.multiplier == "auto" and out:
+            rank_zero_info("DWFCallback: factor LR multipliers (auto, by the weights' RMS): "
+                           + ", ".join(f"{name} ×{m:.3g}" for name, m in out.items()))
+        return out
+
+    def _set_multipliers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put each tensor's multiplier, ramped by the warm-up (from the start, and again from the recovery point),
+        into the penalty, with the rollback scale on top."""
+        if self._penalty is None:
+            return
+        start = max(self._controller.recovery_step, 0) if self._controller is not None else 0  # -1 before recovery
+        total = trainer.estimated_stepping_batches
+        for tensor in factorized_tensors(pl_module):
+            m = warmup_multiplier(trainer.global_step, start, total, self.factor_lr.warmup,
+                                  self._multipliers.get(tensor.name, 1.0))
+            for factor in tensor.factors:
+                self._penalty.multipliers[id(factor)] = m
+        self._penalty.lr_multiplier = self._factor_lr_scale
+
+    def _multiplier_range(self) -> tuple[float, float]:
+        values = list(self._multipliers.values()) or [1.0]
+        return min(values), max(values)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,6 +299,8 @@ class DWFCallback(Callback):
                 "this run has no step budget (max_epochs=-1 or max_time): the factors train at the full multiplier "
                 "from the start."
             )
+        if self.factor_lr.rollbacks:
+            self._snapshot.take(pl_module, trainer.optimizers, trainer.global_step)
         scale, rms = weight_scales(pl_module)
         if self.target_sparsity is not None:
             self._start_controller(trainer, pl_module, total, scale, rms)
@@ -261,7 +311,7 @@ class DWFCallback(Callback):
             return
         result = check_learning_rates(
             trainer.optimizers, factor_parameters(pl_module), self._lam, self.depth, steps, scale,
-            self.collapse.threshold, self.factor_lr.multiplier,
+            self.collapse.threshold, *self._multiplier_range(),
         )
         if result.errors:
             raise MisconfigurationException("DWFCallback: " + " ".join(result.errors))
@@ -274,8 +324,8 @@ class DWFCallback(Callback):
     def _start_controller(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: float, scale: float,
                           rms: float) -> None:
         assert self.target_sparsity is not None
-        multiplier = self.factor_lr.multiplier
-        lrs = [eta for *_, eta in factor_learning_rates(trainer.optimizers, factor_parameters(pl_module), multiplier)]
+        lrs = [eta for multiplier in self._multiplier_range()
+               for *_, eta in factor_learning_rates(trainer.optimizers, factor_parameters(pl_module), multiplier)]
         restored = self._restored_controller
         try:
             controller = plan_controller(self.target_sparsity, total, lrs, self.depth, scale, rms, self.schedule,
@@ -332,28 +382,26 @@ class DWFCallback(Callback):
         The controller usually lags its schedule (it raises λ cautiously); the magnitude cut closes the rest. That is
         the measured best regime (docs), so it is reported, not warned about.
         """
-        assert self._controller is not None
+        assert self._controller is not None and self.target_sparsity is not None
         control = self._controller.threshold
         reached = sparsity_report(pl_module, control).sparsity
-        threshold = self._support_threshold(pl_module)
-        zeroed = fix_support_(pl_module, threshold, trainer.optimizers)
+        threshold = self._cut(trainer, pl_module, self.target_sparsity)
         self._controller.start_recovery(trainer.global_step)
         self._set_lam(self._controller.lam)
         warmup = self.factor_lr.warmup
         rank_zero_info(
             f"DWFCallback: step {trainer.global_step}: sparsity pattern fixed. The penalty had brought {reached:.1%} "
-            f"of the weights below the control threshold {control:.3g}; the {self.target_sparsity:.1%} smallest "
-            f"({zeroed} weights, |w| < {threshold:.3g}) are now exactly 0. λ = 0 for the remaining {self.recovery:.0%} "
-            "of the run"
+            f"of the weights below the control threshold {control:.3g}; the {self.target_sparsity:.1%} smallest (|w| < "
+            f"{threshold:.3g}, each layer keeping at least {self.schedule.min_layer_share:g} of its share) are now "
+            f"exactly 0. λ = 0 for the remaining {self.recovery:.0%} of the run"
             + (f"; the factor LR multiplier ramps up again over {warmup:.0%} of it." if warmup else ".")
         )
 
-    def _support_threshold(self, pl_module: pl.LightningModule) -> float:
-        """The global magnitude threshold (absolute) that gives exactly the target sparsity."""
-        assert self.target_sparsity is not None
-        with torch.no_grad():
-            weights = [t.product() for t in factorized_tensors(pl_module)]
-        return support_threshold(weights, self.target_sparsity, self.collapse.threshold)
+    def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float) -> float:
+        """Zero all but the largest weights so that exactly ``sparsity`` of them are zero, no layer emptied
+        (:func:`~lightning_dwf.support.keep_masks`); returns the smallest surviving magnitude (absolute)."""
+        return cut_to_sparsity_(pl_module, sparsity, self.collapse.threshold, trainer.optimizers,
+                                self.schedule.min_layer_share)
 
     def _set_lam(self, lam: float) -> None:
         self._lam = lam
@@ -387,28 +435,25 @@ class DWFCallback(Callback):
         the start and again from the recovery point."""
         if self.quantize_bits and not self._quantizing and trainer.global_step >= self._quantize_step:
             self._start_quantization(trainer, pl_module)
-        if self._penalty is None or not self.factor_lr.warmup:
-            return
-        start = max(self._controller.recovery_step, 0) if self._controller is not None else 0  # -1 before recovery
-        self._penalty.lr_multiplier = warmup_multiplier(
-            trainer.global_step, start, trainer.estimated_stepping_batches, self.factor_lr.warmup,
-            self.factor_lr.multiplier,
-        )
+        if self.factor_lr.warmup:
+            self._set_multipliers(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """Stop on non-finite factors; steer λ (target mode); log the metrics every ``log_every_n_steps`` optimizer
-        steps and at epoch end."""
+        """Roll back (or stop) on non-finite weights; steer λ and cut the support (target mode); log the metrics every
+        ``log_every_n_steps`` optimizer steps and at epoch end."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if torch.is_tensor(loss) and not bool(torch.isfinite(loss)):
-            self._check_finite(trainer, pl_module)
+        if torch.is_tensor(loss) and not bool(torch.isfinite(loss)) and self._check_finite(trainer, pl_module):
+            return
         step = trainer.global_step
         if self._controller is not None and self._controller.recovery_due(step):
             self._start_recovery(trainer, pl_module)
         report = None  # one product per layer serves both the controller and the metrics
         if self._controller is not None and step != self._last_control_step and step % self._control_interval == 0:
             self._last_control_step = step
+            if self.schedule.gradual and not self._recovering:
+                self._cut(trainer, pl_module, self._controller.support_sparsity(step))
             report = sparsity_report(pl_module, self._zero_threshold(), self._lam)
             self._set_lam(self._controller.update(step, report.sparsity))
         every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -417,8 +462,10 @@ class DWFCallback(Callback):
             return
         self._last_logged_step = step
         report = report or sparsity_report(pl_module, self._zero_threshold(), self._lam)
-        if not report.finite:
-            self._check_finite(trainer, pl_module)
+        if not report.finite and self._check_finite(trainer, pl_module):
+            return
+        if self.factor_lr.rollbacks:
+            self._snapshot.take(pl_module, trainer.optimizers, step)
         # once per fit (the curves show the rest); in target mode only once λ is off (the control threshold is not 0)
         if report.dead_layers and not self._warned_dead and (self.target_sparsity is None or self._recovering):
             self._warned_dead = True
@@ -426,6 +473,8 @@ class DWFCallback(Callback):
                             f"is below {self._zero_threshold():.3g} (λ={self._lam:.3g})")
         metrics = report.metrics(per_layer=self.log_per_layer)
         metrics["dwf/lam"] = self._lam
+        metrics["dwf/rollbacks"] = float(self._rollbacks)
+        metrics["dwf/factor_lr_scale"] = self._factor_lr_scale
         if self._controller is not None:
             metrics["dwf/target_sparsity"] = self._controller.target
             metrics["dwf/reference_sparsity"] = self._controller.reference(step)
@@ -444,12 +493,27 @@ class DWFCallback(Callback):
         rank_zero_warn(dead_layer_message(names, what, detail, self.target_sparsity, self._lam),
                        category=DWFDeadLayerWarning)
 
-    def _check_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        bad = [t.name for t in factorized_tensors(pl_module)
-               if not all(bool(torch.isfinite(f).all()) for f in t.factors)]
-        if bad:
+    def _check_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """If a weight is non-finite, roll back to the last finite state with the factors' step halved (returns True),
+        or raise when no rollback is left. The factors are identical on every rank, so every rank decides alike."""
+        bad = [name for name, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return False
+        if self._rollbacks >= self.factor_lr.rollbacks or self._snapshot.step < 0:
             lrs = sorted({float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups})
             raise RuntimeError(divergence_message(bad, trainer.global_step, lrs, self.depth))
+        self._snapshot.restore(pl_module, trainer.optimizers)
+        self._rollbacks += 1
+        self._factor_lr_scale *= 0.5
+        if self._penalty is not None:
+            self._penalty.lr_multiplier = self._factor_lr_scale
+        if self._rollbacks == 1:
+            rank_zero_warn(rollback_message(bad, trainer.global_step, self._snapshot.step, self._factor_lr_scale,
+                                            self.factor_lr.rollbacks - self._rollbacks), category=DWFRollbackWarning)
+        else:
+            rank_zero_info(f"DWFCallback: step {trainer.global_step}: non-finite weights again; rolled back to step "
+                           f"{self._snapshot.step}, factor step ×{self._factor_lr_scale:g}.")
+        return True
 
     # ---------------------------------------------------------------- the end
     @override
@@ -459,8 +523,9 @@ class DWFCallback(Callback):
             self._penalty.unbind()
         factorized = bool(factorized_tensors(pl_module))
         threshold = self._zero_threshold()
-        if self.target_sparsity is not None and not self._recovering and factorized:
-            threshold = self._support_threshold(pl_module)  # the run ended before the recovery phase
+        if self.target_sparsity is not None and not self._recovering and factorized and self.collapse.on_fit_end:
+            self._cut(trainer, pl_module, self.target_sparsity)  # the run ended before the recovery phase
+            threshold = self.collapse.threshold
         self._controller, self._restored_controller = None, None
         if not self.collapse.on_fit_end or not factorized:
             return
@@ -534,7 +599,9 @@ class DWFCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"depth": self.depth, "lam": self._lam, "factorized": list(self.factorized_names)}
+        state: dict[str, Any] = {"depth": self.depth, "lam": self._lam, "factorized": list(self.factorized_names),
+                                 "rollbacks": self._rollbacks, "factor_lr_scale": self._factor_lr_scale,
+                                 "factor_lr_multipliers": dict(self._multipliers)}
         controller = self._controller.state_dict() if self._controller is not None else self._restored_controller
         if controller:
             state["controller"] = controller
@@ -548,6 +615,9 @@ class DWFCallback(Callback):
                 f"depth={self.depth}. Resume with the same depth."
             )
         self._restored_controller = state_dict.get("controller")
+        self._rollbacks = int(state_dict.get("rollbacks", 0))
+        self._factor_lr_scale = float(state_dict.get("factor_lr_scale", 1.0))
+        self._multipliers = dict(state_dict.get("factor_lr_multipliers", {}))
         if self._restored_controller:
             self._lam = float(self._restored_controller["lam"])
 

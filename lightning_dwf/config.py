@@ -131,6 +131,17 @@ class ScheduleConfig:
         warmup: fraction of the run before the ramp starts (λ stays at its start value).
         gain: step size of the integral controller on log λ (0: λ never leaves its start value).
         max_step: bound on ``|Δ ln λ|`` per controller update (raising; lowering may be 4× faster).
+        gradual: cut the support gradually during the ramp (every controller update, the smallest weights down to the
+            cubic schedule's sparsity become exact zeros), so that the target is reached whatever the penalty managed;
+            ``False``: one cut when the recovery phase starts (lightning-dwf 0.1).
+        lead: with ``gradual``, how far ahead of the cut (fraction of the run) the λ controller aims. 0 (default): it
+            aims at the cut's own schedule, which the cut always meets, so λ never rises above its start value (a
+            tenth of the LR-floor λ) and the cut sets the sparsity; that measured best (LeNet-300-100, 98 %, SGD:
+            88.75 % against 87.23 % with lead 0.1; docs, "Benchmarks"). A lead makes the penalty shrink weights
+            before the cut removes them, at the cost of shrinking the survivors too.
+        min_layer_share: every factorized tensor keeps at least this fraction of its uniform share ``(1 − target)·n``
+            of weights (and at least one) at every cut, so no layer is emptied; 0 allows a pure global cut, which can
+            empty a layer.
     """
 
     recovery: float | None = None
@@ -138,6 +149,9 @@ class ScheduleConfig:
     warmup: float = 0.1
     gain: float = 0.2
     max_step: float = 0.05
+    gradual: bool = True
+    lead: float = 0.0
+    min_layer_share: float = 0.1
 
     def __post_init__(self) -> None:
         if self.recovery is not None:
@@ -152,6 +166,16 @@ class ScheduleConfig:
                                             "the fraction of the run before λ starts to follow the ramp (e.g. 0.1)"))
         _set(self, "gain", check_nonnegative("gain", self.gain, " E.g. 0.2, the default."))
         _set(self, "max_step", check_positive("max_step", self.max_step, " E.g. 0.05, the default."))
+        if not isinstance(self.gradual, bool):
+            raise ValueError(f"`gradual` must be True (cut the support along the ramp) or False (one cut at the "
+                             f"recovery point), got {self.gradual!r}.")
+        _set(self, "lead", check_fraction("lead", self.lead, 0.5, False,
+                                          "the fraction of the run the λ controller aims ahead of the cut (e.g. 0.1)"))
+        _set(self, "min_layer_share", check_fraction(
+            "min_layer_share", self.min_layer_share, 1.0, True,
+            "the fraction of a tensor's uniform share of surviving weights it always keeps (e.g. 0.1; 0 allows "
+            "emptying a layer)",
+        ))
 
     def recovery_for(self, target: float) -> float:
         """``recovery``, or its default for ``target`` (fraction of zero weights)."""
@@ -165,25 +189,37 @@ class FactorLRConfig:
     """The factors' learning rate relative to the optimizer's, and how it is checked.
 
     Args:
-        multiplier: scales the factors' updates, i.e. their learning rate (DWF needs larger learning rates than
-            dense training; the other parameters keep theirs).
-        warmup: fraction of the planned run over which the multiplier ramps linearly from 1 (0: no ramp); target
+        multiplier: scales the factors' updates, i.e. their learning rate (the other parameters keep theirs).
+            ``"auto"`` (default): per factorized tensor, :func:`lightning_dwf.functional.auto_lr_multiplier` of its
+            weights' RMS at the start of ``fit`` and of the optimizer family, so that a typical weight of every layer
+            moves as fast as it would in dense training (DWF's factors otherwise train its weights far more slowly:
+            about 18× at RMS 0.05, D = 3, under SGD). A number: the same multiplier for every factor.
+        warmup: fraction of the planned run over which the multipliers ramp linearly from 1 (0: no ramp); target
             mode repeats the ramp from the recovery point.
         check: at train start, compare the factor LR with the floor needed to reach exact zeros in the planned steps:
             ``"warn"``, ``"error"`` or ``"off"``. An LR at which the penalty alone diverges is always an error.
+        rollbacks: how many times a run whose weights went non-finite is rolled back to its last finite state (kept
+            every metric-logging step) with the factors' step halved, before it stops with an error (0: stop at once).
     """
 
-    multiplier: float = 1.0
-    warmup: float = 0.0
+    multiplier: float | Literal["auto"] = "auto"
+    warmup: float = 0.1
     check: Literal["warn", "error", "off"] = "warn"
+    rollbacks: int = 3
 
     def __post_init__(self) -> None:
-        _set(self, "multiplier", check_positive("multiplier", self.multiplier, " E.g. FactorLRConfig(multiplier=10)."))
+        if self.multiplier != "auto":
+            _set(self, "multiplier", check_positive(
+                "multiplier", self.multiplier, " E.g. FactorLRConfig(multiplier=10), or 'auto' (the default)."
+            ))
         _set(self, "warmup", check_fraction(
             "warmup", self.warmup, 1.0, False,
             "the fraction of the run over which the factor LR multiplier ramps up from 1 (e.g. 0.1)",
         ))
         check_choice("check", self.check, ("warn", "error", "off"))
+        if isinstance(self.rollbacks, bool) or not isinstance(self.rollbacks, int) or self.rollbacks < 0:
+            raise ValueError(f"`rollbacks` must be an int >= 0 (0: stop at the first non-finite step), got "
+                             f"{self.rollbacks!r}. E.g. FactorLRConfig(rollbacks=3), the default.")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ the docs, "Benchmarks"). :class:`SparsityController` instead treats λ as the ac
 
 * warm-up (``warmup`` of the run): λ = λ0, the λ at which unsupported weights just reach the
   threshold in the run's steps (the LR floor solved for λ);
-* ramp (until ``ramp_end`` of the run): the reference sparsity follows the cubic schedule of gradual
-  magnitude pruning, ``s_ref = target·(1 − (1 − p)^3)``;
+* ramp (until ``ramp_end`` of the run): the support sparsity follows the cubic schedule of gradual
+  magnitude pruning, ``s(p) = target·(1 − (1 − p)^3)``: the callback cuts the smallest weights down to it every update
+  (``ScheduleConfig.gradual``), and λ is steered so that the penalty runs ``lead`` of the run *ahead* of the cut
+  (the reference ``s_ref = s(p + lead)``), shrinking the weights before the cut removes them;
 * recovery (the rest, from ``ramp_end``): the callback fixes the support at exactly the target sparsity
   (:func:`lightning_dwf.support.fix_support_`) and λ drops to 0, so the surviving weights recover accuracy
   without the penalty's shrinkage. The callback repeats its factor LR warm-up from there: the cut makes the
@@ -90,6 +92,7 @@ class SparsityController:
         lam_max: upper bound on λ (relative factors of λ0 are set by the callback).
         recovery_step: the optimizer step at which the recovery phase (support fixed, λ = 0) started, -1 before it;
             the callback restarts the factor LR warm-up there.
+        lead: fraction of the run by which the λ reference runs ahead of the support schedule (0: they coincide).
     """
 
     target: float
@@ -103,19 +106,26 @@ class SparsityController:
     lam_min: float = 0.0
     lam_max: float = math.inf
     recovery_step: int = -1
+    lead: float = 0.0
 
     @property
     def recovering(self) -> bool:
         """Whether the recovery phase has started."""
         return self.recovery_step >= 0
 
-    def reference(self, step: int) -> float:
-        """The sparsity wanted after ``step`` optimizer steps."""
+    def support_sparsity(self, step: int) -> float:
+        """The cubic schedule: the sparsity of the support after ``step`` optimizer steps (0 in the warm-up)."""
         progress = step / max(self.total_steps, 1)
         if progress <= self.warmup:
             return 0.0
         p = min(1.0, (progress - self.warmup) / max(self.ramp_end - self.warmup, 1e-9))
         return self.target * (1.0 - (1.0 - p) ** 3)
+
+    def reference(self, step: int) -> float:
+        """The sparsity λ aims at after ``step`` optimizer steps: the support schedule ``lead`` of the run ahead."""
+        if step / max(self.total_steps, 1) <= self.warmup:
+            return 0.0
+        return self.support_sparsity(step + int(self.lead * self.total_steps))
 
     def recovery_due(self, step: int) -> bool:
         """Whether the recovery phase should start after ``step`` optimizer steps (it starts once)."""
@@ -177,7 +187,8 @@ def plan_controller(
         factor_lrs: effective peak learning rate of every param group holding factors.
         depth: D. weight_scale: largest per-layer RMS of the collapsed weights. weight_rms: their global RMS.
         config: the schedule settings. zero_threshold: absolute magnitude counted as zero at collapse.
-        check_reachable: refuse a target whose ramp is too short for any stable λ (off when resuming).
+        check_reachable: refuse a target whose ramp is too short for any stable λ (off when resuming; never with
+            ``config.gradual``, whose cuts reach the target whatever λ does).
 
     Raises:
         ValueError: with the numbers and the fix, for a run too short to schedule or a target it cannot reach.
@@ -195,11 +206,11 @@ def plan_controller(
     lam_max = MAX_SHRINK_PER_STEP * depth / (2 * max(factor_lrs))  # 2·lr·λ/D = MAX_SHRINK_PER_STEP solved for λ
     controller = SparsityController(
         target, steps, 0.1 * lam0, control, warmup=config.warmup, ramp_end=1.0 - recovery, gain=config.gain,
-        max_step=config.max_step, lam_min=lam0 * 1e-3, lam_max=lam_max,
+        max_step=config.max_step, lam_min=lam0 * 1e-3, lam_max=lam_max, lead=config.lead if config.gradual else 0.0,
     )
     ramp = (controller.ramp_end - controller.warmup) * steps
     needed = lam_floor(min(factor_lrs), ramp, start, control, min_log_ratio=1.0)
-    if check_reachable and needed > lam_max:
+    if check_reachable and not config.gradual and needed > lam_max:
         raise ValueError(
             f"target_sparsity={target:g} cannot be reached in {steps} steps: shrinking weights from "
             f"{weight_scale:.3g} to {control:.3g} during the ramp ({ramp:.0f} steps) needs λ ≈ {needed:.3g}, but the "

@@ -13,6 +13,20 @@ class DWFDeadLayerWarning(UserWarning):
     """Every weight of a factorized tensor is (or would collapse to) zero: the layer no longer passes its input on."""
 
 
+class DWFRollbackWarning(UserWarning):
+    """The weights went non-finite and training stepped back to its last finite state with a smaller factor step."""
+
+
+def rollback_message(names: Sequence[str], step: int, back_to: int, scale: float, left: int) -> str:
+    """Non-finite factors, handled by a rollback: what happened and how to avoid it."""
+    return (
+        f"DWFCallback: the weights of {list(names[:5])} became NaN/Inf at step {step}; training stepped back to the "
+        f"state of step {back_to} (the last finite one) and the factors' step is now ×{scale:g} of the optimizer's "
+        f"(logged as dwf/rollbacks and dwf/factor_lr_scale; {left} more rollbacks allowed). If this recurs, lower the "
+        "learning rate or clip gradients (Trainer(gradient_clip_val=...))."
+    )
+
+
 def dead_layer_message(names: Sequence[str], what: str, detail: str, target: float | None, lam: float) -> str:
     """Why ``names`` are entirely zero and what to change, for the mode the run is in (target, fixed λ, λ = 0)."""
     if target is not None:
@@ -33,9 +47,9 @@ def divergence_message(names: Sequence[str], step: int, lrs: Sequence[float], de
     """Non-finite factors: where, and what to change."""
     return (
         f"DWFCallback: the factors of {list(names[:5])} became NaN/Inf at step {step} (learning rates {list(lrs)}, "
-        f"depth {depth}). The factor learning rate is too large for this depth: lower it (or "
-        "FactorLRConfig.multiplier), add a warm-up, or clip gradients (Trainer(gradient_clip_val=...)). No collapsed "
-        "checkpoint was written."
+        f"depth {depth}), after every allowed rollback (FactorLRConfig.rollbacks) or with no finite state to go back "
+        "to. The learning rate is too large for this depth: lower it (or FactorLRConfig.multiplier), add a warm-up, "
+        "or clip gradients (Trainer(gradient_clip_val=...)). No collapsed checkpoint was written."
     )
 
 

@@ -1,16 +1,27 @@
 """Applying the DWF penalty inside any optimizer, and checking the factors' learning rate.
 
-:class:`FactorPenalty` adds the gradient of ``(λ/D)·Σ_d ||ω_d||²`` (``2λ/D · ω_d``) to every factor
-right before each optimizer step, after AMP unscaling and before gradient clipping, so the penalty is
-applied once per optimizer step whatever optimizer, parameter groups and schedulers the user built.
-It never changes the param-group layout, so LR schedulers keep driving the factors and optimizer
-and scheduler state resume as usual. The user's own ``weight_decay`` on the factors is neutralized
-(the factors get exactly λ, no double penalty):
+:class:`FactorPenalty` applies the factor penalty ``(λ/D)·Σ_d ||ω_d||²`` right before each optimizer step, after AMP
+unscaling and before gradient clipping, so it acts once per optimizer step whatever optimizer, parameter groups and
+schedulers the user built. It never changes the param-group layout, so LR schedulers keep driving the factors and
+optimizer and scheduler state resume as usual. How the penalty enters the step depends on the optimizer family
+(:func:`penalty_kind`):
 
-* coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) is cancelled by subtracting ``wd·ω``;
-* decoupled decay (AdamW, or ``decoupled_weight_decay=True``: ``p *= 1 − lr·wd``) is cancelled by
-  scaling ω by ``1/(1 − lr·wd)`` before the step. The factors then get the *coupled* L2 penalty,
-  which is the DWF objective; AdamW's decoupled decay is not (it induces a different regularizer).
+* ``"gradient"`` (SGD, ASGD: steps proportional to the gradient): ``2λ/D · ω_d`` is added to the gradient. Gradient
+  descent then minimizes ``loss + λ·Σ|w|^(2/D)``, the DWF objective, exactly.
+* ``"decoupled"`` (Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad, Adadelta and any optimizer not listed): each
+  factor is shrunk by ``ω_d ← ω_d·(1 − lr·2λ/D)`` before the step, outside the optimizer's per-coordinate
+  normalization. Passed through Adam's preconditioner, the penalty gradient of a small weight would be normalized to a
+  step as large as a big weight's, so a layer whose weights are small (in scale, not in importance) would be emptied
+  first. Decoupled, every factor loses the same fraction per step and only the loss gradient, normalized as the
+  optimizer does it, holds it up. A factor without loss gradient shrinks as under SGD, so the LR floor and the
+  stability limit read the same with ``η = lr``. Under Adam this is AdamW-style decay of the *factors*: the collapsed
+  weights then feel a shrinkage that grows like ``|w|^(1−2/D)`` relative to their size, the sparsifying L_{2/D}
+  shape, but the stationary points are those of the preconditioned problem, not of ``loss + λ·Σ|w|^(2/D)`` itself.
+  λ has different units there (a fraction per unit LR): typical values are ~1e2-1e3 × SGD's.
+
+The user's own ``weight_decay`` on the factors is neutralized (the factors get exactly λ, no double penalty):
+coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) by subtracting ``wd·ω``; decoupled decay (AdamW, or
+``decoupled_weight_decay=True``: ``p *= 1 − lr·wd``) by scaling ω by ``1/(1 − lr·wd)`` before the step.
 """
 
 from __future__ import annotations
@@ -31,10 +42,8 @@ COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
     torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.ASGD,
 )
-#: Optimizers for which the learning-rate floor of the method doc (§3.2) is derived.
-SGD_LIKE_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.SGD,)
-#: Effective factor LR (peak lr × multiplier / (1 − momentum), SGD) below which the benchmarks lost accuracy (docs).
-MIN_EFFECTIVE_FACTOR_LR = 5.0
+#: Optimizers whose step is proportional to the gradient: the penalty is added to the gradient (the DWF objective).
+GRADIENT_PENALTY_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.SGD, torch.optim.ASGD)
 
 
 def _unwrap(optimizer: Any) -> Optimizer:
@@ -57,11 +66,28 @@ def peak_lr(group: dict[str, Any]) -> float:
     return max(float(v) for v in values if isinstance(v, (int, float)) or torch.is_tensor(v))
 
 
+def penalty_kind(optimizer: Optimizer) -> str:
+    """``"gradient"`` (the penalty gradient joins the loss gradient) for SGD-type optimizers, ``"decoupled"`` (the
+    factors are shrunk outside the optimizer's normalization) for adaptive and unknown ones (module docstring)."""
+    return "gradient" if isinstance(_unwrap(optimizer), GRADIENT_PENALTY_OPTIMIZERS) else "decoupled"
+
+
+def effective_lr(optimizer: Optimizer, group: dict[str, Any], lr_multiplier: float = 1.0) -> float:
+    """The step size the penalty sees in a group: ``peak lr × multiplier``, divided by ``1 − momentum`` when the
+    penalty goes through the gradient (heavy-ball momentum μ multiplies the step of a slowly varying gradient, such as
+    the penalty's, by ``1/(1 − μ)``)."""
+    eta = peak_lr(group) * lr_multiplier
+    if penalty_kind(optimizer) == "gradient":
+        eta /= 1.0 - float(group.get("momentum", 0.0) or 0.0)
+    return eta
+
+
 @dataclass
 class _GroupPlan:
     group: dict[str, Any]
     params: list[nn.Parameter]
-    kind: str
+    kind: str  # how the optimizer applies the user's weight_decay (decay_kind)
+    penalty: str  # how the DWF penalty is applied (penalty_kind)
 
 
 class FactorPenalty:
@@ -81,7 +107,8 @@ class FactorPenalty:
         lam: λ in mean-loss units; may be changed between steps (``penalty.lam = ...``).
         depth: D.
         lr_multiplier: the factors' updates are scaled by this, which equals multiplying their
-            learning rate for every optimizer whose update is linear in the LR (SGD, Adam, …).
+            learning rate for every optimizer whose update is linear in the LR (SGD, Adam, …). It may be changed
+            between steps (the callback ramps it, and lowers it after a non-finite step).
     """
 
     def __init__(self, factors: Sequence[nn.Parameter], lam: float, depth: int, lr_multiplier: float = 1.0) -> None:
@@ -89,8 +116,10 @@ class FactorPenalty:
         self.lam = lam
         self.depth = depth
         self.lr_multiplier = lr_multiplier
+        #: per-factor multipliers on top of ``lr_multiplier`` (by ``id`` of the Parameter; absent: 1).
+        self.multipliers: dict[int, float] = {}
         self._plans: dict[int, list[_GroupPlan]] = {}
-        self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self._snapshots: dict[int, list[tuple[nn.Parameter, float, torch.Tensor]]] = {}
         self._hooks: list[Any] = []
 
     def bind(self, optimizers: Sequence[Any]) -> None:
@@ -122,18 +151,29 @@ class FactorPenalty:
                         "(lightning_dwf.factor_parameters(model)) in a param group with weight_decay=0; DWF applies "
                         "λ itself."
                     )
-                plans.append(_GroupPlan(group, params, kind))
+                plans.append(_GroupPlan(group, params, kind, penalty_kind(opt)))
             if plans:
                 self._plans[id(opt)] = plans
-                if self.lr_multiplier != 1.0:
-                    self._hooks.append(opt.register_step_pre_hook(self._snapshot))
-                    self._hooks.append(opt.register_step_post_hook(self._scale_update))
+                self._hooks.append(opt.register_step_pre_hook(self._snapshot))
+                self._hooks.append(opt.register_step_post_hook(self._scale_update))
         missing = [p for p in self.factors if id(p) not in owner and p.requires_grad]
         if missing:
             raise ValueError(
                 f"{len(missing)} DWF factor Parameters are in no optimizer, so they would never train or shrink. "
                 "Build the optimizer from self.parameters() (or include lightning_dwf.factor_parameters(self))."
             )
+
+    def kind_of(self, factor: nn.Parameter) -> str:
+        """How the penalty reaches ``factor`` (:func:`penalty_kind` of its optimizer); after :meth:`bind`."""
+        for plans in self._plans.values():
+            for plan in plans:
+                if any(p is factor for p in plan.params):
+                    return plan.penalty
+        raise KeyError("this factor is in no bound optimizer")
+
+    def multiplier_of(self, factor: nn.Parameter) -> float:
+        """The factor's LR multiplier now: ``lr_multiplier × multipliers[factor]``."""
+        return self.lr_multiplier * self.multipliers.get(id(factor), 1.0)
 
     def unbind(self) -> None:
         """Forget the optimizers and remove the LR-multiplier hooks."""
@@ -154,7 +194,8 @@ class FactorPenalty:
 
     @torch.no_grad()
     def before_step(self, optimizer: Any) -> None:
-        """Add ``2λ/D·ω`` (minus the user's coupled decay) to the factors' gradients of ``optimizer``."""
+        """Apply the penalty to the factors of ``optimizer`` (``2λ/D·ω`` into the gradient, or the decoupled shrink, by
+        :func:`penalty_kind`) and neutralize the user's own weight decay on them."""
         opt = _unwrap(optimizer)
         coef = lam_to_weight_decay(self.lam, self.depth)
         for plan in self._plans.get(id(opt), ()):
@@ -162,49 +203,65 @@ class FactorPenalty:
             if not params:
                 continue
             wd = float(plan.group.get("weight_decay", 0.0) or 0.0)
-            group_coef = coef - wd if plan.kind == "coupled" else coef
+            grad_coef = (coef if plan.penalty == "gradient" else 0.0) - (wd if plan.kind == "coupled" else 0.0)
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if group_coef:
-                torch._foreach_add_([p.grad for p in params], params, alpha=group_coef)
+            if grad_coef:
+                torch._foreach_add_([p.grad for p in params], params, alpha=grad_coef)
+            lr = float(plan.group["lr"])
+            keep = 1.0
             if plan.kind == "decoupled" and wd:  # undo the step's `p *= 1 - lr·wd` in advance
-                shrink = 1.0 - float(plan.group["lr"]) * wd
-                if shrink <= 0:
-                    raise ValueError(f"lr·weight_decay = {1 - shrink:.3g} >= 1 in a group with DWF factors; set "
+                keep = 1.0 - lr * wd
+                if keep <= 0:
+                    raise ValueError(f"lr·weight_decay = {1 - keep:.3g} >= 1 in a group with DWF factors; set "
                                      "weight_decay=0 for the factors.")
-                torch._foreach_mul_(params, 1.0 / shrink)
+            by_scale: dict[float, list[nn.Parameter]] = {}
+            for p in params:
+                shrink = 1.0
+                if plan.penalty == "decoupled" and coef:
+                    shrink = 1.0 - lr * self.multiplier_of(p) * coef
+                    if shrink <= 0:
+                        raise ValueError(f"lr × multiplier × 2λ/D = {1 - shrink:.3g} >= 1 for DWF factors: the "
+                                         "decoupled penalty would flip their sign. Use a smaller lam or lr.")
+                by_scale.setdefault(shrink / keep, []).append(p)
+            for scale, group_params in by_scale.items():
+                if scale != 1.0:
+                    torch._foreach_mul_(group_params, scale)
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
-        plans = self._plans[id(optimizer)]
-        self._snapshots[id(optimizer)] = [p.detach().clone() for plan in plans for p in plan.params]
+        params = [p for plan in self._plans[id(optimizer)] for p in plan.params]
+        scaled = [(p, m) for p in params if (m := self.multiplier_of(p)) != 1.0]
+        if scaled:
+            self._snapshots[id(optimizer)] = [(p, m, p.detach().clone()) for p, m in scaled]
 
     @torch.no_grad()
     def _scale_update(self, optimizer: Optimizer, *_: Any) -> None:
-        before = self._snapshots.pop(id(optimizer), None)
-        if before is None:
+        saved = self._snapshots.pop(id(optimizer), None)
+        if saved is None:
             return
-        params = [p for plan in self._plans[id(optimizer)] for p in plan.params]
-        torch._foreach_lerp_(before, params, self.lr_multiplier)
-        torch._foreach_copy_(params, before)
+        by_multiplier: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for p, m, before in saved:
+            params, befores = by_multiplier.setdefault(m, ([], []))
+            params.append(p)
+            befores.append(before)
+        for m, (params, befores) in by_multiplier.items():  # p = before + m·(after − before)
+            torch._foreach_lerp_(befores, params, m)
+            torch._foreach_copy_(params, befores)
 
 
 def factor_learning_rates(
     optimizers: Sequence[Any], factors: Sequence[nn.Parameter], lr_multiplier: float = 1.0
 ) -> list[tuple[str, Optimizer, float]]:
-    """``(description, optimizer, effective peak LR)`` of every param group holding factors.
-
-    The effective LR is ``peak lr × lr_multiplier / (1 − momentum)``: heavy-ball momentum μ multiplies the
-    step of a slowly varying gradient (such as the penalty's) by ``1/(1 − μ)``.
-    """
+    """``(description, optimizer, effective peak LR)`` of every param group holding factors (:func:`effective_lr`)."""
     ids = {id(p) for p in factors}
     out = []
     for i, opt in enumerate(map(_unwrap, optimizers)):
         for j, group in enumerate(opt.param_groups):
             if any(id(p) in ids for p in group["params"]):
-                eta = peak_lr(group) * lr_multiplier / (1.0 - float(group.get("momentum", 0.0) or 0.0))
-                out.append((f"{type(opt).__name__} (optimizer {i}, group {j})", opt, eta))
+                out.append((f"{type(opt).__name__} (optimizer {i}, group {j})", opt, effective_lr(opt, group,
+                                                                                                   lr_multiplier)))
     return out
 
 
@@ -227,44 +284,41 @@ def check_learning_rates(
     init_std: float,
     threshold: float,
     lr_multiplier: float = 1.0,
+    max_lr_multiplier: float | None = None,
 ) -> LearningRateCheck:
     """Check each factor group's peak LR against the floor and the stability limit (method doc §3.2).
 
-    * Floor (SGD only; the derivation assumes plain SGD steps): an unsupported weight reaches
-      ``threshold`` within ``steps`` only if ``η0 ≥ ln(init_std/threshold)/(λ·steps)``
-      (cosine decay; a constant LR gets there twice as fast).
+    * Floor (every optimizer: a factor without loss gradient shrinks by the penalty alone, the same way under the
+      gradient and the decoupled penalty): an unsupported weight reaches ``threshold`` within ``steps`` only if
+      ``η0 ≥ ln(init_std/threshold)/(λ·steps)`` (cosine decay; a constant LR gets there twice as fast).
     * Stability: ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
-    * Accuracy (SGD only): below an effective factor LR of :data:`MIN_EFFECTIVE_FACTOR_LR` the benchmarks lost
-      accuracy against larger factor LRs (docs, "Benchmarks").
 
-    η is the effective LR ``peak lr × lr_multiplier / (1 − momentum)``.
+    η is the effective LR of :func:`effective_lr`.
 
     Args:
         optimizers: the optimizers (or LightningOptimizers). factors: the factor Parameters.
         lam: λ (mean-loss units). depth: D. steps: optimizer steps left in the run.
         init_std: typical magnitude of the collapsed weights now. threshold: zero threshold.
-        lr_multiplier: the factor LR multiplier in use.
+        lr_multiplier: the (smallest) factor LR multiplier in use, for the floor.
+        max_lr_multiplier: the largest one, for the stability limit (default ``lr_multiplier``).
     """
     floor = lr_floor(lam, steps, init_std, threshold)
     errors: list[str] = []
     warns: list[str] = []
-    for where, opt, eta in factor_learning_rates(optimizers, factors, lr_multiplier):
-        if lam > 0 and lam_to_weight_decay(lam, depth) * eta >= 1:
+    top = max_lr_multiplier or lr_multiplier
+    for (where, _opt, eta), (*_, eta_max) in zip(factor_learning_rates(optimizers, factors, lr_multiplier),
+                                                 factor_learning_rates(optimizers, factors, top), strict=True):
+        if lam > 0 and lam_to_weight_decay(lam, depth) * eta_max >= 1:
             errors.append(
-                f"{where}: effective factor lr {eta:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta:.3g} >= 1, so "
+                f"{where}: effective factor lr {eta_max:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta_max:.3g} "
+                ">= 1, so "
                 f"the penalty step alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a "
                 "smaller lam."
             )
             continue
-        if isinstance(opt, SGD_LIKE_OPTIMIZERS) and eta < MIN_EFFECTIVE_FACTOR_LR:
+        if math.isfinite(floor) and eta < floor:
             warns.append(
-                f"{where}: effective factor lr {eta:.3g} (lr × multiplier / (1 − momentum)) is below "
-                f"{MIN_EFFECTIVE_FACTOR_LR:g}, where the documented benchmarks (SGD, momentum 0.9) lost accuracy. Try "
-                f"FactorLRConfig(multiplier={lr_multiplier * 10 / eta:.3g}, warmup=0.1) (effective 10)."
-            )
-        if isinstance(opt, SGD_LIKE_OPTIMIZERS) and math.isfinite(floor) and eta < floor:
-            warns.append(
-                f"{where}: effective factor lr {eta:.3g} (lr × multiplier / (1 − momentum)) is below the floor "
+                f"{where}: effective factor lr {eta:.3g} is below the floor "
                 f"{floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
                 f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model "
                 f"will have few exact zeros. Raise the lr (or FactorLRConfig.multiplier) to >= {floor:.3g}, raise lam, "

@@ -9,6 +9,7 @@ any gradient-based optimizer: each factor's gradient is the loss gradient times 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -33,6 +34,71 @@ def support_threshold(weights: Sequence[Tensor], target: float, floor: float = 0
         return floor
     values = torch.sort(magnitudes).values
     return max(floor, float(values[min(k, values.numel() - 1)]))
+
+
+#: Every tensor keeps at least this fraction of its uniform share ``(1 − target)·n`` of weights (and at least one), so
+#: that a global magnitude cut never empties a layer whose weights are small in scale (Adam-trained nets, late layers).
+MIN_KEEP_SHARE = 0.1
+
+
+@torch.no_grad()
+def keep_masks(
+    weights: Mapping[str, Tensor], target: float, floor: float = 0.0, min_share: float = MIN_KEEP_SHARE
+) -> dict[str, Tensor]:
+    """Which weights survive a global magnitude cut to sparsity ``target``, without emptying any tensor.
+
+    Exactly ``n − round(target · n)`` weights are kept over all tensors (``n`` weights in all): the largest by
+    magnitude, except that every tensor first keeps its ``ceil(min_share · (1 − target) · n_t)`` largest (at least
+    one), a tenth of its uniform share by default. Weights with ``|w| < floor`` (absolute) are never kept: they are
+    numerically zero already, so the sparsity can exceed ``target`` only by those.
+
+    Args:
+        weights: the collapsed weights by name. target: the fraction to cut. floor: see above.
+        min_share: the per-tensor minimum as a fraction of the tensor's uniform share (0: a pure global cut, which can
+            empty a tensor).
+
+    >>> masks = keep_masks({"a": torch.tensor([0.1, -0.4, 0.3, 0.2]), "b": torch.tensor([0.01, 0.02])}, target=0.5)
+    >>> masks["a"].tolist(), masks["b"].tolist()
+    ([False, True, True, False], [False, True])
+    """
+    names = list(weights)
+    sizes = [weights[n].numel() for n in names]
+    total = sum(sizes)
+    keep = total - int(round(target * total))
+    magnitudes = torch.cat([weights[n].detach().abs().flatten().float() for n in names])
+    ranked = magnitudes.clone()
+    start = 0
+    for size in sizes:
+        forced = min(size, max(1, math.ceil(min_share * (1.0 - target) * size - 1e-9))) if keep and min_share else 0
+        if forced:
+            chunk = ranked[start:start + size]
+            chunk[torch.topk(chunk, forced, sorted=False).indices] = math.inf
+        start += size
+    mask = torch.zeros(total, dtype=torch.bool, device=magnitudes.device)
+    if keep:
+        mask[torch.topk(ranked, min(keep, total), sorted=False).indices] = True
+    mask &= magnitudes >= floor
+    return {n: m.view_as(weights[n]) for n, m in zip(names, torch.split(mask, sizes), strict=True)}
+
+
+@torch.no_grad()
+def cut_to_sparsity_(
+    module: nn.Module,
+    target: float,
+    floor: float = 0.0,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    min_share: float = MIN_KEEP_SHARE,
+) -> float:
+    """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
+
+    Returns:
+        The smallest surviving magnitude (absolute; ``inf`` if none survives): the effective cut threshold.
+    """
+    weights = {t.name: t.product() for t in factorized_tensors(module)}
+    masks = keep_masks(weights, target, floor, min_share)
+    zero_weights_(module, masks, optimizers)
+    kept = [weights[n].abs()[m] for n, m in masks.items() if bool(m.any())]
+    return min((float(k.min()) for k in kept), default=math.inf)
 
 
 @torch.no_grad()

@@ -10,6 +10,11 @@ from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_dwf import FactorLRConfig
+
+#: The factors at the optimizer's own LR (no auto multiplier, no warm-up), unchecked: for tests that pin the mechanics.
+PLAIN_FACTOR_LR = FactorLRConfig(multiplier=1.0, warmup=0.0, check="off")
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

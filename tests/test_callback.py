@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import FactorSnapshot, ToyModel, toy_data, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, toy_data, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -51,7 +51,7 @@ class OutputsBeforeCollapse(Callback):
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_fit_logs_metrics_and_writes_collapsed_checkpoint(tmp_path, depth, kind):
     model = ToyModel(kind=kind, lr=0.5, scheduler=True)
-    dwf = DWFCallback(depth=depth, lam=0.02, factor_lr=FactorLRConfig(check="off"))
+    dwf = DWFCallback(depth=depth, lam=0.02, factor_lr=PLAIN_FACTOR_LR)
     x = toy_data(16, kind, seed=3).tensors[0]
     probe = OutputsBeforeCollapse(x)
     logger = CSVLogger(tmp_path, name="csv")
@@ -109,7 +109,7 @@ def test_dead_network_is_warned_during_training_and_at_collapse(tmp_path, depth)
     """λ far above the cliff zeroes every weight: the callback says so (once while training, again at collapse)."""
     model = ToyModel(lr=0.1, momentum=0.9, n=256)
     dwf = DWFCallback(
-        depth=depth, lam=1.0, factor_lr=FactorLRConfig(check="off")
+        depth=depth, lam=1.0, factor_lr=PLAIN_FACTOR_LR
     )  # each factor shrinks by ~10 % per step: 160 steps kill the net
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf], enable_checkpointing=False))
     with pytest.warns(DWFDeadLayerWarning) as caught:
@@ -128,7 +128,7 @@ def test_penalty_applied_once_per_optimizer_step(tmp_path):
     lam, lr, depth = 0.5, 0.2, 3
     model = ToyModel(lr=lr, zero_loss=True, n=64, batch_size=16)
     dwf = DWFCallback(
-        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     snap = FactorSnapshot()
     trainer = Trainer(
@@ -164,7 +164,7 @@ def test_every_configure_optimizers_form_gets_the_penalty(tmp_path, form):
     model = Model(zero_loss=True, n=32, batch_size=16)
     snap = FactorSnapshot()
     dwf = DWFCallback(
-        depth=3, lam=0.5, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+        depth=3, lam=0.5, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, snap], enable_checkpointing=False))
     trainer.fit(model)
@@ -185,7 +185,7 @@ def test_wandb_offline_run_gets_metrics(tmp_path, monkeypatch):
             tmp_path,
             max_epochs=1,
             logger=logger,
-            callbacks=[DWFCallback(depth=3, lam=0.01, factor_lr=FactorLRConfig(check="off"))],
+            callbacks=[DWFCallback(depth=3, lam=0.01, factor_lr=PLAIN_FACTOR_LR)],
         )
     )
     trainer.fit(ToyModel())
@@ -206,7 +206,7 @@ def test_resume_is_exact(tmp_path):
         torch.manual_seed(seed)
         model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1, save_top_k=-1)
-        dwf = DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"))
+        dwf = DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR)
         trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=max_epochs, callbacks=[dwf, ckpt]))
         trainer.fit(model, ckpt_path=ckpt_path)
         return model, trainer
@@ -247,7 +247,7 @@ def test_dense_checkpoint_starts_dwf_with_balanced_init(tmp_path):
             max_epochs=1,
             callbacks=[
                 DWFCallback(
-                    depth=3, lam=0.01, factorize=FactorizeConfig(init="balanced"), factor_lr=FactorLRConfig(check="off")
+                    depth=3, lam=0.01, factorize=FactorizeConfig(init="balanced"), factor_lr=PLAIN_FACTOR_LR
                 ),
                 check,
             ],
@@ -273,12 +273,17 @@ def test_lr_check_warns_and_errors(tmp_path):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(
             ToyModel(lr=0.5)
         )
-    with pytest.warns(
-        DWFLearningRateWarning, match=r"effective factor lr 0.1 .* is below 5.*FactorLRConfig\(multiplier=100"
-    ):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(
-            ToyModel(lr=0.1)
-        )
+
+
+    class AdamToy(ToyModel):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    # the floor covers Adam-type optimizers too (their decoupled penalty shrinks an idle factor as SGD's does)
+    with pytest.warns(DWFLearningRateWarning, match=r"Adam \(optimizer 0, group 0\).*below the floor"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(AdamToy())
+    with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=2e3)])).fit(AdamToy())
 
 
 def test_lr_check_without_a_step_budget(tmp_path):
@@ -297,7 +302,7 @@ def test_lr_check_without_a_step_budget(tmp_path):
 
 
 def test_divergence_is_caught_and_no_checkpoint_written(tmp_path):
-    dwf = DWFCallback(depth=3, lam=1e-3, factor_lr=FactorLRConfig(check="off"))
+    dwf = DWFCallback(depth=3, lam=1e-3, factor_lr=FactorLRConfig(multiplier=1.0, warmup=0.0, check="off", rollbacks=0))
     with pytest.raises(RuntimeError, match="became NaN/Inf") as err:
         Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[dwf])).fit(ToyModel(lr=1e4, momentum=0.9))
     step = int(str(err.value).split(" at step ")[1].split(" ")[0])
@@ -395,7 +400,7 @@ def test_checkpoint_of_other_depth_is_refused(tmp_path):
         **trainer_kwargs(
             tmp_path,
             max_epochs=1,
-            callbacks=[DWFCallback(depth=2, lam=0.01, factor_lr=FactorLRConfig(check="off")), ckpt],
+            callbacks=[DWFCallback(depth=2, lam=0.01, factor_lr=PLAIN_FACTOR_LR), ckpt],
         )
     ).fit(ToyModel())
     with pytest.raises(ValueError, match="factorized with depth 3"):
@@ -403,7 +408,7 @@ def test_checkpoint_of_other_depth_is_refused(tmp_path):
             **trainer_kwargs(
                 tmp_path,
                 max_epochs=2,
-                callbacks=[DWFCallback(depth=3, lam=0.01, factor_lr=FactorLRConfig(check="off"))],
+                callbacks=[DWFCallback(depth=3, lam=0.01, factor_lr=PLAIN_FACTOR_LR)],
             )
         ).fit(ToyModel(), ckpt_path=str(tmp_path / "last.ckpt"))
 
@@ -412,7 +417,7 @@ def test_mid_fit_checkpoints_load_into_the_plain_class(tmp_path):
     """Checkpoints written during fit hold collapsed weights in state_dict (factors kept aside for resume)."""
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     dwf = DWFCallback(
-        depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+        depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     model = ToyModel(lr=0.3)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, ckpt])).fit(model)
@@ -429,7 +434,7 @@ def test_resuming_from_a_plain_checkpoint_is_refused(tmp_path, kind):
     """A dense run's checkpoint gets DWF's explanation; the weights-only collapsed one gets Lightning's own."""
     match = "points to a plain checkpoint" if kind == "dense" else "checkpoint contains only the model"
     if kind == "collapsed":
-        dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
+        dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(ToyModel())
         path = dwf.collapsed_checkpoint_path
     else:
@@ -442,7 +447,7 @@ def test_resuming_from_a_plain_checkpoint_is_refused(tmp_path, kind):
             **trainer_kwargs(
                 tmp_path,
                 max_epochs=2,
-                callbacks=[DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"))],
+                callbacks=[DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR)],
             )
         ).fit(ToyModel(), ckpt_path=path)
 
@@ -453,9 +458,9 @@ def test_factor_lr_warmup_ramps_the_multiplier(tmp_path):
 
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(
-                (trainer.global_step - 1, dwf._penalty.lr_multiplier)
-            )  # the multiplier used by the step just taken
+            seen.append(  # the multiplier used by the step just taken
+                (trainer.global_step - 1, dwf._penalty.multiplier_of(factor_parameters(pl_module)[0]))
+            )
 
     dwf = DWFCallback(
         depth=3, lam=1e-3, verbose=False, factor_lr=FactorLRConfig(multiplier=5.0, warmup=0.5, check="off")

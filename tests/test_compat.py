@@ -54,7 +54,8 @@ def test_old_target_checkpoint_resumes_the_controller_exactly(tmp_path):
     dwf = DWFCallback(depth=3, target_sparsity=0.9)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[dwf, probe, snapshot]))
     trainer.fit(ToyModel(n=512, momentum=0.9, scheduler=True), ckpt_path=TARGET)
-    assert probe.state["controller"] == saved["controller"]
+    # every saved field exactly; `lead` (added after 0.1) takes the config's value
+    assert {k: v for k, v in probe.state["controller"].items() if k != "lead"} == saved["controller"]
     assert probe.state["lam"] == saved["lam"]
     factors = [v for k, v in ckpt["dwf_factorized_state_dict"].items() if ".original" in k]
     assert len(factors) == len(snapshot.factors) == 6

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import replace
 
 import pytest
-from conftest import ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, ToyModel, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
@@ -14,7 +15,6 @@ from lightning_dwf import (
     CollapseConfig,
     DWFCallback,
     FactorizeConfig,
-    FactorLRConfig,
     ScheduleConfig,
     factorize_,
     factorized_tensors,
@@ -46,7 +46,7 @@ def test_filter_fn_has_the_last_say():
 
 
 def test_filter_fn_through_the_callback(tmp_path):
-    factor_lr = FactorLRConfig(check="off")
+    factor_lr = PLAIN_FACTOR_LR
     dwf = DWFCallback(depth=3, lam=0.01, factor_lr=factor_lr, verbose=False,
                       factorize=FactorizeConfig(filter_fn=lambda module, name: name == "net.2"))
     model = ToyModel()
@@ -94,8 +94,10 @@ def test_plan_controller_starts_at_a_tenth_of_the_floor():
     assert (controller.threshold, controller.ramp_end, controller.warmup) == (1e-3, 0.5, 0.1)
     with pytest.raises(ValueError, match="at least 50 optimizer steps"):
         plan_controller(0.95, 49, [1.0], 3, 0.05, 0.04, config, 1.19e-7)
-    with pytest.raises(ValueError, match="cannot be reached in 1000 steps"):
-        plan_controller(0.95, 1000, [1e-6, 10.0], 3, 0.05, 0.04, config, 1.19e-7)
+    with pytest.raises(ValueError, match="cannot be reached in 1000 steps"):  # one cut at recovery: λ must get there
+        plan_controller(0.95, 1000, [1e-6, 10.0], 3, 0.05, 0.04, replace(config, gradual=False), 1.19e-7)
+    # gradual cuts reach the target whatever λ does: nothing to refuse
+    assert plan_controller(0.95, 1000, [1e-6, 10.0], 3, 0.05, 0.04, config, 1.19e-7).lead == 0.0
 
 
 def test_factorize_config_init_reaches_the_factors():

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, ToyModel, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 
-from lightning_dwf import DWFCallback, FactorLRConfig, ScheduleConfig, factor_parameters, factorized_tensors
+from lightning_dwf import DWFCallback, ScheduleConfig, factor_parameters, factorized_tensors
 
 
 class RankAgreement(Callback):
@@ -58,7 +58,7 @@ def test_ddp_spawn_two_processes(tmp_path, mode):
     )  # target mode diverges at 0.3 for most seeds
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     kwargs = (
-        dict(lam=0.02, factor_lr=FactorLRConfig(check="off"))
+        dict(lam=0.02, factor_lr=PLAIN_FACTOR_LR)
         if mode == "lam"
         else dict(target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4))
     )
@@ -84,14 +84,14 @@ import glob, json, os, sys
 sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
 import pytest
 import torch
-from conftest import ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 from test_ddp import RankAgreement
 from lightning_dwf import DWFCallback, FactorLRConfig, factorized_tensors
 
 torch.manual_seed(0)
 model = ToyModel(lr=0.3, momentum=0.9)
-dwf = DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"), verbose=False)
+dwf = DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR, verbose=False)
 trainer = Trainer(**trainer_kwargs({root!r}, strategy="ddp", devices=2, max_epochs=2, callbacks=[dwf, RankAgreement()]))
 trainer.fit(model)
 assert not factorized_tensors(model)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FactorSnapshot, ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 
-from lightning_dwf import CollapseConfig, DWFCallback, FactorLRConfig, factor_parameters
+from lightning_dwf import CollapseConfig, DWFCallback, factor_parameters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,7 +27,7 @@ def test_penalty_step_is_exact_under_mixed_precision(tmp_path, precision):
     lam, lr, depth = 0.5, 0.2, 3
     model = ToyModel(lr=lr, zero_loss=True, n=64, batch_size=16)
     dwf = DWFCallback(
-        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     snap = FactorSnapshot()
     trainer = Trainer(

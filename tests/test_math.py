@@ -118,8 +118,8 @@ def test_user_weight_decay_is_neutralized_on_factors():
         assert pen.user_weight_decay()
         others_b = [p for n, p in b.named_parameters() if "original" not in n]
         opt_b = ref_opt(factor_parameters(b), others_b)
-        if opt_b is None:  # AdamW: factors follow Adam with coupled L2, others AdamW with decay
-            opt_b = torch.optim.Adam(factor_parameters(b), lr=0.01, weight_decay=2 * lam / depth)
+        if opt_b is None:  # AdamW: factors get the decoupled penalty (AdamW decay 2λ/D), others the user's decay
+            opt_b = torch.optim.AdamW(factor_parameters(b), lr=0.01, weight_decay=2 * lam / depth)
             opt_b2 = torch.optim.AdamW(others_b, lr=0.01, weight_decay=0.1)
         else:
             opt_b2 = None
@@ -169,13 +169,12 @@ def test_lr_multiplier_equals_scaled_lr(optimizer):
     opt_a = make(a.parameters(), 0.01)
     pen = FactorPenalty(factor_parameters(a), 0.01, depth, lr_multiplier=mult)
     pen.bind([opt_a])
-    opt_b = make(
-        [
-            {"params": factor_parameters(b), "lr": 0.01 * mult, "weight_decay": 2 * 0.01 / depth},
-            {"params": [p for n, p in b.named_parameters() if "original" not in n]},
-        ],
-        0.01,
-    )
+    groups = [
+        {"params": factor_parameters(b), "lr": 0.01 * mult, "weight_decay": 2 * 0.01 / depth},
+        {"params": [p for n, p in b.named_parameters() if "original" not in n], "weight_decay": 0.0},
+    ]
+    # SGD: the penalty is coupled L2 through the gradient; Adam: decoupled, i.e. AdamW decay 2λ/D on the factors
+    opt_b = make(groups, 0.01) if optimizer == "sgd" else torch.optim.AdamW(groups, lr=0.01)
     for _ in range(3):
         for model, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()

@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
-from conftest import ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from lightning_dwf import DWFCallback, FactorLRConfig
+from lightning_dwf import DWFCallback
 from lightning_dwf.pictures import FIGURE_TAG, HISTOGRAM_TAG, picture_cadence
 
 pytest.importorskip("tensorboard")
@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 def _fit(tmp_path, logger, log_pictures=True, max_epochs=2) -> tuple[DWFCallback, ToyModel]:
-    dwf = DWFCallback(depth=3, lam=0.01, factor_lr=FactorLRConfig(check="off"), log_pictures=log_pictures)
+    dwf = DWFCallback(depth=3, lam=0.01, factor_lr=PLAIN_FACTOR_LR, log_pictures=log_pictures)
     model = ToyModel()
     Trainer(**trainer_kwargs(tmp_path, max_epochs=max_epochs, logger=logger, callbacks=[dwf])).fit(model)
     return dwf, model
@@ -54,7 +54,7 @@ def test_int_cadence_and_training_unchanged(tmp_path):
     assert steps == [4, 8, 12, 16]
     # a cadence that is not a multiple of the metric cadence: histograms still every 3 steps
     logger = TensorBoardLogger(tmp_path, name="tb_3")
-    dwf = DWFCallback(depth=3, lam=0.01, factor_lr=FactorLRConfig(check="off"), log_pictures=3)
+    dwf = DWFCallback(depth=3, lam=0.01, factor_lr=PLAIN_FACTOR_LR, log_pictures=3)
     Trainer(**trainer_kwargs(tmp_path / "c", max_epochs=1, logger=logger, log_every_n_steps=4, callbacks=[dwf])).fit(
         ToyModel()
     )

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FactorSnapshot, ToyModel, build_net, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, build_net, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -31,7 +31,6 @@ from lightning_dwf import (
     CollapseConfig,
     DWFCallback,
     FactorizeConfig,
-    FactorLRConfig,
     collapse_state_dict,
     factor_parameters,
     factorize_,
@@ -196,7 +195,7 @@ def test_layer_selection_in_fit(tmp_path, kind, kwargs, expected):
     cls = Conv3dModel if kind == "conv3d" else ToyModel
     model = cls(kind="linear" if kind == "conv3d" else kind, lr=LR, zero_loss=True, n=32, batch_size=16)
     dwf = DWFCallback(
-        depth=DEPTH, lam=LAM, verbose=False, factorize=FactorizeConfig(**kwargs), factor_lr=FactorLRConfig(check="off")
+        depth=DEPTH, lam=LAM, verbose=False, factorize=FactorizeConfig(**kwargs), factor_lr=PLAIN_FACTOR_LR
     )
     snap = TensorSnapshot()
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False))
@@ -250,7 +249,7 @@ def test_excluded_layer_trains_dense_with_plain_sgd(tmp_path):
         verbose=False,
         collapse=CollapseConfig(threshold=0.1),
         factorize=FactorizeConfig(exclude=["net.2"]),
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
     )
     check = PlainSGDCheck(lr)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, check], enable_checkpointing=False))
@@ -272,7 +271,7 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
         lam=lam,
         verbose=False,
         collapse=CollapseConfig(threshold=threshold),
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
     )
     model = ToyModel(lr=0.3, n=128, batch_size=16)
     trainer = Trainer(
@@ -291,6 +290,8 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
             "dwf/misalignment",
             "dwf/compression_ratio",
             "dwf/lam",
+            "dwf/rollbacks",
+            "dwf/factor_lr_scale",
         }
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
@@ -356,7 +357,7 @@ def test_log_cadence(tmp_path, dwf_every, trainer_every, accumulate, expected):
     log_dict)."""
     model = LogSpy(lr=0.1, n=256, batch_size=32)  # 8 batches per epoch, 2 epochs
     dwf = DWFCallback(
-        depth=3, lam=0.01, verbose=False, log_every_n_steps=dwf_every, factor_lr=FactorLRConfig(check="off")
+        depth=3, lam=0.01, verbose=False, log_every_n_steps=dwf_every, factor_lr=PLAIN_FACTOR_LR
     )
     trainer = Trainer(
         **trainer_kwargs(
@@ -380,7 +381,7 @@ def test_log_per_layer(tmp_path, per_layer):
         lam=0.01,
         verbose=False,
         log_per_layer=per_layer,
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
         factorize=FactorizeConfig(param_names=("weight", "bias"), exclude=["net.2"]),
     )
     trainer = Trainer(
@@ -388,7 +389,8 @@ def test_log_per_layer(tmp_path, per_layer):
     )
     trainer.fit(ToyModel(n=64, batch_size=32))
     keys = {k for _, m in logger.calls for k in m if k.startswith("dwf/") and not k.startswith("dwf/final/")}
-    base = {"dwf/sparsity", "dwf/compression_ratio", "dwf/misalignment", "dwf/penalty", "dwf/factor_penalty", "dwf/lam"}
+    base = {"dwf/sparsity", "dwf/compression_ratio", "dwf/misalignment", "dwf/penalty", "dwf/factor_penalty", "dwf/lam",
+            "dwf/rollbacks", "dwf/factor_lr_scale"}
     assert keys == base | ({"dwf/sparsity/net.0.weight", "dwf/sparsity/net.0.bias"} if per_layer else set())
     final_keys = {k for _, m in logger.calls for k in m if k.startswith("dwf/final/")}
     assert not any(k.startswith("dwf/final/sparsity/") for k in final_keys)  # never per layer at the end
@@ -424,7 +426,7 @@ def test_early_stopping_on_sparsity_threshold_stops_the_run(tmp_path):
     record = EpochSparsity(0.05)
     stop = EarlyStopping(monitor="dwf/sparsity", mode="max", stopping_threshold=0.3, patience=1000)
     dwf = DWFCallback(
-        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=FactorLRConfig(check="off")
+        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=PLAIN_FACTOR_LR
     )
     trainer = Trainer(
         **trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf, record, stop], enable_checkpointing=False)
@@ -442,7 +444,7 @@ def test_checkpoint_keeps_the_sparsest_epoch(tmp_path):
     record = EpochSparsity(0.05, inflate_at=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="dwf/sparsity", mode="max", save_top_k=1)
     dwf = DWFCallback(
-        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=FactorLRConfig(check="off")
+        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=PLAIN_FACTOR_LR
     )
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[dwf, record, ckpt]))
     trainer.fit(ToyModel(lr=0.1, zero_loss=True, n=64, batch_size=8))
@@ -460,7 +462,7 @@ def test_checkpoint_keeps_the_sparsest_epoch(tmp_path):
 def test_weights_only_checkpoint_holds_factors_that_collapse_state_dict_converts(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
     dwf = DWFCallback(
-        depth=3, lam=0.05, verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=FactorLRConfig(check="off")
+        depth=3, lam=0.05, verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=PLAIN_FACTOR_LR
     )
     model = ToyModel(lr=0.3, n=64, batch_size=16)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, ckpt]))
@@ -493,7 +495,7 @@ def collapsed_files(root) -> list[str]:
 def test_collapsed_ckpt_path_is_used(tmp_path):
     path = tmp_path / "out" / "x.ckpt"
     dwf = DWFCallback(
-        depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(path=str(path))
+        depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(path=str(path))
     )
     model = ToyModel(lr=0.3, n=64)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf], enable_checkpointing=False))
@@ -507,7 +509,7 @@ def test_collapsed_ckpt_path_is_used(tmp_path):
 
 def test_save_collapsed_false_writes_nothing_but_collapses(tmp_path):
     dwf = DWFCallback(
-        depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(save=False)
+        depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(save=False)
     )
     model = ToyModel(lr=0.3, n=64)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf]))
@@ -528,7 +530,7 @@ def test_collapse_on_fit_end_false_leaves_the_model_factorized(tmp_path):
         depth=3,
         lam=0.02,
         verbose=False,
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
         collapse=CollapseConfig(on_fit_end=False),
     )
     model = ToyModel(lr=0.3, n=64)
@@ -560,7 +562,7 @@ def test_init_std(tmp_path, init_std):
         depth=3,
         lam=0.01,
         verbose=False,
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
         factorize=FactorizeConfig(init_std=init_std),
     )
     Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
@@ -593,7 +595,7 @@ def test_configure_model_layers_are_factorized_and_collapsed(tmp_path):
     model = LazyModel(lr=0.3, n=64)
     snap = TensorSnapshot()
     dwf = DWFCallback(
-        depth=3, lam=0.05, verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=FactorLRConfig(check="off")
+        depth=3, lam=0.05, verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=PLAIN_FACTOR_LR
     )
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     assert model.configure_calls == 2  # once by DWF before factorizing, once by Lightning
@@ -619,17 +621,20 @@ def test_fused_optimizer_under_a_grad_scaler_is_refused(make):
     opt = make(model.parameters())
     assert opt._step_supports_amp_scaling
     dwf = DWFCallback(depth=3, lam=0.01)
-    stub = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[opt])
+    budget = dict(estimated_stepping_batches=10, global_step=0)
+    stub = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[opt],
+                           **budget)
     with pytest.raises(
         MisconfigurationException, match=rf"{type(opt).__name__} unscales gradients inside step\(\).*fused=False"
     ):
         dwf.on_fit_start(stub, model)
     # no scaler (fp32, bf16-mixed): fused optimizers are fine; an unfused one is fine with a scaler
-    dwf.on_fit_start(SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), optimizers=[opt]), model)
+    dwf.on_fit_start(SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), optimizers=[opt], **budget), model)
     assert dwf._penalty is not None
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     dwf.on_fit_start(
-        SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[plain]), model
+        SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[plain],
+                        **budget), model
     )
 
 
@@ -647,7 +652,7 @@ def test_fused_sgd_on_cpu_16_mixed_trains(tmp_path):
         depth=DEPTH,
         lam=LAM,
         verbose=False,
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
         collapse=CollapseConfig(on_fit_end=False),
     )
     with warnings.catch_warnings():
@@ -687,7 +692,7 @@ def test_one_penalty_step_is_exact_under_bf16_mixed(tmp_path, precision):
         depth=DEPTH,
         lam=LAM,
         verbose=False,
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
         collapse=CollapseConfig(on_fit_end=False),
     )
     trainer = Trainer(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FactorSnapshot, ToyModel, toy_data, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, toy_data, trainer_kwargs
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import (
     EarlyStopping,
@@ -22,7 +22,7 @@ from lightning_dwf import CollapseConfig, DWFCallback, FactorLRConfig, factor_pa
 
 def test_fit_twice_continues_from_the_collapsed_model(tmp_path):
     model = ToyModel(lr=0.3, momentum=0.9)
-    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
+    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf])).fit(model)
     x = toy_data(8).tensors[0]
     with torch.no_grad():
@@ -43,7 +43,7 @@ def test_fit_twice_continues_from_the_collapsed_model(tmp_path):
 
 def test_validate_test_predict_before_and_after_fit(tmp_path):
     model = ToyModel()
-    dwf = DWFCallback(depth=3, lam=0.01, verbose=False, factor_lr=FactorLRConfig(check="off"))
+    dwf = DWFCallback(depth=3, lam=0.01, verbose=False, factor_lr=PLAIN_FACTOR_LR)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf]))
     loader = DataLoader(toy_data(32), batch_size=16)
     for _ in range(2):
@@ -61,7 +61,7 @@ def test_checkpoint_and_early_stopping_monitor_sparsity(tmp_path):
         **trainer_kwargs(
             tmp_path,
             max_epochs=2,
-            callbacks=[DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off")), ckpt, stop],
+            callbacks=[DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR), ckpt, stop],
         )
     )
     trainer.fit(ToyModel(lr=0.3))
@@ -84,7 +84,7 @@ def test_incompatible_callbacks_are_refused(tmp_path, other):
 
 
 def test_bf16_mixed_on_cpu(tmp_path):
-    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
+    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=2, precision="bf16-mixed", callbacks=[dwf])).fit(ToyModel(lr=0.3))
     assert dwf.final_report.finite
     ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path)
@@ -98,7 +98,7 @@ def test_true_half_precision_is_refused(tmp_path, precision):
                 tmp_path,
                 max_epochs=1,
                 precision=precision,
-                callbacks=[DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))],
+                callbacks=[DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)],
             )
         ).fit(ToyModel())
 
@@ -137,7 +137,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     model = ManualModel(n=32, batch_size=16)
     snap = FactorSnapshot()
     dwf = DWFCallback(
-        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     first = {id(p) for p in model.net[0].parameters()}
@@ -152,7 +152,7 @@ def test_gradient_clipping_includes_the_penalty(tmp_path):
     model = ToyModel(lr=lr, zero_loss=True, n=16, batch_size=16)
     snap = FactorSnapshot()
     dwf = DWFCallback(
-        depth=depth, lam=lam, factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(on_fit_end=False)
+        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     Trainer(
         **trainer_kwargs(
@@ -233,7 +233,7 @@ def test_lightning_cli_builds_the_callback(tmp_path):
 
 def test_compile(tmp_path):
     """Compiling the inner network works; compiling the whole LightningModule is refused with the alternative."""
-    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
+    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)
     with pytest.raises(MisconfigurationException, match=r"self.net = torch.compile\(self.net\)"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(torch.compile(ToyModel()))
     model = ToyModel(lr=0.3)
@@ -251,7 +251,7 @@ CRASHING_RUN = """
 import os, signal, sys
 sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
 import torch
-from conftest import ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, ToyModel, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_dwf import DWFCallback, FactorLRConfig
@@ -263,7 +263,7 @@ class Kill(Callback):
 
 torch.manual_seed(0)
 ckpt = ModelCheckpoint(dirpath={root!r}, save_last=True, every_n_epochs=1)
-dwf = DWFCallback(depth=3, lam=0.02, factor_lr=FactorLRConfig(check="off"))
+dwf = DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR)
 trainer = Trainer(**trainer_kwargs({root!r}, max_epochs=4, callbacks=[dwf, ckpt, Kill()]))
 trainer.fit(ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32))
 """
@@ -289,7 +289,7 @@ def test_sigkill_mid_epoch_then_resume_from_last(tmp_path):
         torch.manual_seed(0)
         model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32)
         ckpt = ModelCheckpoint(dirpath=directory, save_last=True, every_n_epochs=1)
-        dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=FactorLRConfig(check="off"))
+        dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)
         Trainer(**trainer_kwargs(directory, max_epochs=4, callbacks=[dwf, ckpt])).fit(model, ckpt_path=ckpt_path)
         return model
 

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
-from conftest import ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, ToyModel, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_dwf import DWFCallback, DWFDeadLayerWarning, FactorizeConfig, FactorLRConfig, ScheduleConfig
+from lightning_dwf import (
+    CollapseConfig,
+    DWFCallback,
+    DWFDeadLayerWarning,
+    FactorizeConfig,
+    FactorLRConfig,
+    ScheduleConfig,
+    factor_parameters,
+)
 from lightning_dwf.controller import SparsityController, default_control_threshold
 from lightning_dwf.factorize import factorize_, factorized_tensors
 from lightning_dwf.support import fix_support_, support_threshold
@@ -217,7 +226,7 @@ def test_factor_lr_warmup_restarts_when_the_support_is_fixed(tmp_path):
             self.dwf, self.seen, self.cut = dwf, {}, None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.seen[trainer.global_step] = self.dwf._penalty.lr_multiplier
+            self.seen[trainer.global_step] = self.dwf._penalty.multiplier_of(factor_parameters(pl_module)[0])
             self.cut = self.dwf._controller.recovery_step
 
     dwf = DWFCallback(
@@ -242,14 +251,20 @@ def test_factor_lr_warmup_restarts_when_the_support_is_fixed(tmp_path):
 
 
 def test_unreachable_target_is_refused_early(tmp_path):
+    """With one cut at the recovery point (``gradual=False``) the penalty alone must get there: refused up front. The
+    default gradual cuts reach the target exactly in the same short run."""
+    schedule = ScheduleConfig(control_threshold=1e-3, gradual=False)
     with pytest.raises(MisconfigurationException, match="cannot be reached in"):
         Trainer(
             **trainer_kwargs(
-                tmp_path,
-                max_epochs=8,
-                callbacks=[DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(control_threshold=1e-3))],
+                tmp_path, max_epochs=8, callbacks=[DWFCallback(depth=3, target_sparsity=0.9, schedule=schedule)]
             )
         ).fit(ToyModel(lr=1e-4))
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, collapse=CollapseConfig(save=False))
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf], enable_checkpointing=False)).fit(
+        ToyModel(lr=1e-4)
+    )
+    assert abs(dwf.final_report.sparsity - 0.9) <= 1 / dwf.final_report.numel
     with pytest.raises(MisconfigurationException, match="at least 50 optimizer steps"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, target_sparsity=0.9)])).fit(
             ToyModel()
@@ -270,9 +285,35 @@ def test_all_zero_weights_do_not_break_the_default_control_threshold(tmp_path):
     assert dwf.control_threshold == dwf.collapse.threshold and dwf.final_report.sparsity == 1.0
 
 
+@pytest.mark.parametrize("gradual", [True, False])
+def test_no_layer_is_emptied_by_the_global_cut(tmp_path, gradual):
+    """A layer far smaller in scale than the rest would lose every weight to a pure global magnitude cut; each layer
+    keeps at least a tenth of its share, and the global target is still met within one weight."""
+    model = ToyModel(lr=0.1, momentum=0.9, n=256)
+    with torch.no_grad():
+        model.net[2].weight.mul_(1e-3)  # the 64-weight classifier, far below the 1,024-weight hidden layer
+    dwf = DWFCallback(
+        depth=3,
+        target_sparsity=0.9,
+        verbose=False,
+        factorize=FactorizeConfig(init="balanced"),
+        factor_lr=PLAIN_FACTOR_LR,
+        schedule=ScheduleConfig(gradual=gradual),
+        collapse=CollapseConfig(save=False),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DWFDeadLayerWarning)
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+    report = dwf.final_report
+    assert not report.dead_layers
+    classifier = {layer.name: layer for layer in report.layers}["net.2.weight"]
+    assert classifier.nonzero >= math.ceil(0.1 * 0.1 * 64)
+    assert abs(report.sparsity - 0.9) <= 1 / report.numel
+
+
 def test_a_layer_emptied_by_the_global_cut_is_named(tmp_path):
-    """The support is one global magnitude cut: a layer far smaller than the rest can lose every weight; the
-    callback says so."""
+    """Asked for (``min_layer_share=0``: a pure global magnitude cut), a layer far smaller than the rest can lose
+    every weight; the callback says so."""
     model = ToyModel(lr=0.1, momentum=0.9, n=256)
     with torch.no_grad():
         model.net[2].weight.mul_(1e-6)  # the 64-weight classifier, far below the 1,024-weight hidden layer
@@ -281,7 +322,8 @@ def test_a_layer_emptied_by_the_global_cut_is_named(tmp_path):
         target_sparsity=0.1,
         verbose=False,
         factorize=FactorizeConfig(init="balanced"),
-        factor_lr=FactorLRConfig(check="off"),
+        factor_lr=PLAIN_FACTOR_LR,
+        schedule=ScheduleConfig(min_layer_share=0.0),
     )
     with pytest.warns(
         DWFDeadLayerWarning, match=r"no non-zero weight in \['net.2.weight'\].*target_sparsity=0.1 left nothing"
