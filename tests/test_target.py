@@ -148,7 +148,7 @@ def test_default_control_threshold_is_deeper_for_longer_runs():
 def test_explicit_control_threshold_is_used(tmp_path):
     dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, schedule=ScheduleConfig(control_threshold=2e-3))
     Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf], enable_checkpointing=False)).fit(
-        ToyModel(lr=0.3, momentum=0.9, n=512)
+        ToyModel(lr=0.1, momentum=0.9, n=512, scheduler=True)
     )
     assert dwf.control_threshold == 2e-3
     with pytest.raises(ValueError, match="control_threshold"):
