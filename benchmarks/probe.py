@@ -8,6 +8,7 @@ schema) to ``benchmarks/results/probes.jsonl``; ``--table`` prints every probe g
     python -m benchmarks.probe --target 0.98 --model-pruning --seed 1
     python -m benchmarks.probe --model cnn-bn --dense --seed 1
     python -m benchmarks.probe --target 0.98 --controller-gain 0     # ablation: λ never leaves its warm-up value
+    python -m benchmarks.probe --target 0.98 --defaults --seed 1     # the callback's defaults, no recipe
     python -m benchmarks.probe --table
 """
 
@@ -36,6 +37,7 @@ OTHER_KEYS = (
     "controller_max_step",
     "control_threshold",
     "recovery_lr_warmup",
+    "recipe",
 )
 
 
@@ -55,9 +57,12 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         return dict(cfg, method="dense")
     if args.model_pruning:
         return dict(cfg, method="model-pruning", target=args.target)
-    cfg.update(depth=args.depth, factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup)
+    cfg["depth"] = args.depth
     if args.init != "dwf":
         cfg["init"] = args.init
+    if args.defaults:
+        return dict(cfg, method=f"dwf-target-d{args.depth}", target=args.target, recipe="defaults")
+    cfg.update(factor_lr_multiplier=args.factor_lr_multiplier, factor_lr_warmup=args.factor_lr_warmup)
     if args.lam is not None:
         return dict(cfg, method=f"dwf-d{args.depth}", lam=args.lam)
     cfg.update(method=f"dwf-target-d{args.depth}", target=args.target, recovery=args.recovery)
@@ -112,6 +117,12 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.98, help="target sparsity (DWF target mode and ModelPruning)")
     parser.add_argument("--lam", type=float, default=None, help="a fixed λ instead of the target")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="DWFCallback(depth=D, target_sparsity=T) and nothing else (ignores the factor-LR, recovery and "
+        "controller options)",
+    )
     parser.add_argument("--factor-lr-multiplier", type=float, default=10.0)
     parser.add_argument("--factor-lr-warmup", type=float, default=0.0)
     parser.add_argument("--recovery", type=float, default=0.5)

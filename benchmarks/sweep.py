@@ -176,10 +176,22 @@ def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifie
     return module, time.perf_counter() - start
 
 
+def defaults_callback(
+    depth: int, target: float | None = None, init: str = "dwf", lam: float | None = None
+) -> DWFCallback:
+    """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else
+    (``init="balanced"`` to start from a trained net); ``save=False`` and ``verbose=False`` only silence the collapsed
+    file and the messages."""
+    factorize = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
+    knob: dict[str, Any] = dict(lam=lam) if lam is not None else dict(target_sparsity=target)
+    return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **factorize)
+
+
 def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
     """The callback that makes ``cfg["method"]`` (DWF fixed λ or target, or ModelPruning) out of a plain training run
-    (none: dense). ``schedule`` overrides target mode's schedule settings (gain, step bound); the row's
-    ``recovery`` and ``control_threshold`` are set on it."""
+    (none: dense). A row with ``recipe="defaults"`` gets :func:`defaults_callback`; otherwise ``schedule`` overrides
+    target mode's schedule settings (gain, step bound) and the row's ``recovery``, ``control_threshold`` and factor
+    LR settings are set on the callback."""
     if cfg["method"] == "dense":
         return []
     if cfg["method"] == "model-pruning":
@@ -194,6 +206,8 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
                 verbose=0,
             )
         ]
+    if cfg.get("recipe") == "defaults":
+        return [defaults_callback(cfg["depth"], cfg["target"], cfg.get("init", "dwf"))]
     control = cfg.get("control_threshold")
     if "target" in cfg:
         schedule = replace(

@@ -193,6 +193,7 @@ class DWFCallback(Callback):
         self._control_interval = 1
         self._last_logged_step = -1
         self._last_control_step = -1
+        self._pending_prox: dict[str, float] = {}  # thresholds of the step just taken, applied after it
         self._warned_dead = False
         self._fits_collapsed = 0
         self._quantize_step: float = math.inf
@@ -424,9 +425,12 @@ class DWFCallback(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        """Add the penalty gradient: gradients are unscaled (AMP) and not clipped yet, once per optimizer step."""
+        """Apply the penalty (gradients are unscaled (AMP) and not clipped yet), once per optimizer step; fixed λ under
+        Adam-type optimizers: note the proximal thresholds at this step's lr."""
         if self._penalty is not None:
             self._penalty.before_step(optimizer)
+            if self._proximal:
+                self._pending_prox.update(self._penalty.proximal_thresholds(pl_module, self.collapse.threshold))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -441,12 +445,15 @@ class DWFCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """Roll back (or stop) on non-finite weights; steer λ and cut the support (target mode); log the metrics every
-        ``log_every_n_steps`` optimizer steps and at epoch end."""
+        """Roll back (or stop) on non-finite weights; apply the proximal step (fixed λ, Adam-type); steer λ and cut
+        the support (target mode); log the metrics every ``log_every_n_steps`` optimizer steps and at epoch end."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        prox, self._pending_prox = self._pending_prox, {}
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss)) and self._check_finite(trainer, pl_module):
             return
         step = trainer.global_step
+        if prox:
+            fix_support_(pl_module, prox, trainer.optimizers)
         if self._controller is not None and self._controller.recovery_due(step):
             self._start_recovery(trainer, pl_module)
         report = None  # one product per layer serves both the controller and the metrics
@@ -480,6 +487,13 @@ class DWFCallback(Callback):
             metrics["dwf/reference_sparsity"] = self._controller.reference(step)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
         self._sparsity_curve.append((step, report.sparsity))
+
+    @property
+    def _proximal(self) -> bool:
+        """Fixed λ (not target mode, whose cut sets the support) with a penalty in force: the decoupled penalty's
+        proximal step follows each optimizer step (:meth:`~lightning_dwf.FactorPenalty.proximal_thresholds` taken at
+        the step's lr, applied in ``on_train_batch_end``)."""
+        return self.target_sparsity is None and self._lam > 0 and self._penalty is not None
 
     def _log_histograms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, every: int) -> None:
         """Weight histograms every ``log_pictures`` optimizer steps (``True``: 10 × the metric cadence ``every``)."""

@@ -96,6 +96,27 @@ def lam_floor(
     return lr_floor(lr, steps, init_std, threshold, min_log_ratio)
 
 
+def prox_threshold(step: float, lam: float, depth: int) -> float:
+    """The magnitude below which the proximal map of ``step·lam·|w|^(2/D)`` is exactly zero (absolute).
+
+    The proximal step ``argmin_x ½(x − z)² + step·lam·|x|^q`` (q = 2/D) maps ``|z| < τ`` to 0, with
+    ``τ = (2−q)·(2(1−q))^((q−1)/(2−q))·(step·lam)^(1/(2−q))``: the lasso's soft threshold ``step·lam`` for D = 2,
+    ``≈ 1.476·(step·lam)^(3/4)`` for D = 3, ``1.5·(step·lam)^(2/3)`` for D = 4. The decoupled (Adam-type) penalty
+    applies it to the collapsed weights after each step in fixed-λ mode, where Adam's normalized step would
+    otherwise hold every weight with a consistent gradient off zero (docs, "Optimizers"). 0 for D = 1 (no threshold).
+
+    >>> prox_threshold(0.01, 2.0, depth=2), round(prox_threshold(1e-3, 0.3, depth=3), 5)
+    (0.02, 0.00336)
+    """
+    t = step * lam
+    if depth < 2 or t <= 0:
+        return 0.0
+    q = 2.0 / depth
+    if depth == 2:
+        return t
+    return (2.0 - q) * (2.0 * (1.0 - q)) ** ((q - 1.0) / (2.0 - q)) * t ** (1.0 / (2.0 - q))
+
+
 #: Bounds of :func:`auto_lr_multiplier`.
 AUTO_MULTIPLIER_RANGE = (0.1, 100.0)
 

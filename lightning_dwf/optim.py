@@ -17,7 +17,12 @@ optimizer and scheduler state resume as usual. How the penalty enters the step d
   stability limit read the same with ``η = lr``. Under Adam this is AdamW-style decay of the *factors*: the collapsed
   weights then feel a shrinkage that grows like ``|w|^(1−2/D)`` relative to their size, the sparsifying L_{2/D}
   shape, but the stationary points are those of the preconditioned problem, not of ``loss + λ·Σ|w|^(2/D)`` itself.
-  λ has different units there (a fraction per unit LR): typical values are ~1e2-1e3 × SGD's.
+  λ has different units there (a fraction per unit LR): typical values are ~1e2-1e3 × SGD's. Adam's normalized
+  step holds every weight with a consistent gradient at a size set by λ and that gradient's signal-to-noise ratio,
+  never at zero, so with a fixed λ :class:`~lightning_dwf.DWFCallback` follows each step with the proximal step of
+  ``λ·|w|^(2/D)`` on the collapsed weights: those below
+  :func:`~lightning_dwf.functional.prox_threshold` of ``lr × multiplier`` become exact zeros
+  (:meth:`FactorPenalty.proximal_thresholds`). In target mode the cut sets the support instead.
 
 The user's own ``weight_decay`` on the factors is neutralized (the factors get exactly λ, no double penalty):
 coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) by subtracting ``wd·ω``; decoupled decay (AdamW, or
@@ -35,7 +40,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_dwf.functional import lam_to_weight_decay, lr_floor
+from lightning_dwf.factorize import factorized_tensors
+from lightning_dwf.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, lr_floor, prox_threshold
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -119,6 +125,7 @@ class FactorPenalty:
         #: per-factor multipliers on top of ``lr_multiplier`` (by ``id`` of the Parameter; absent: 1).
         self.multipliers: dict[int, float] = {}
         self._plans: dict[int, list[_GroupPlan]] = {}
+        self._plan_of: dict[int, _GroupPlan] = {}  # by id of the factor
         self._snapshots: dict[int, list[tuple[nn.Parameter, float, torch.Tensor]]] = {}
         self._hooks: list[Any] = []
 
@@ -152,6 +159,7 @@ class FactorPenalty:
                         "λ itself."
                     )
                 plans.append(_GroupPlan(group, params, kind, penalty_kind(opt)))
+                self._plan_of.update((id(p), plans[-1]) for p in params)
             if plans:
                 self._plans[id(opt)] = plans
                 self._hooks.append(opt.register_step_pre_hook(self._snapshot))
@@ -165,11 +173,36 @@ class FactorPenalty:
 
     def kind_of(self, factor: nn.Parameter) -> str:
         """How the penalty reaches ``factor`` (:func:`penalty_kind` of its optimizer); after :meth:`bind`."""
-        for plans in self._plans.values():
-            for plan in plans:
-                if any(p is factor for p in plan.params):
-                    return plan.penalty
-        raise KeyError("this factor is in no bound optimizer")
+        plan = self._plan_of.get(id(factor))
+        if plan is None:
+            raise KeyError("this factor is in no bound optimizer")
+        return plan.penalty
+
+    def decoupled_step(self, factor: nn.Parameter) -> float:
+        """The step ``lr × multiplier`` of the decoupled penalty on ``factor`` now (its param group's current lr);
+        0 when its optimizer takes the penalty through the gradient, or it is in no bound optimizer (frozen)."""
+        plan = self._plan_of.get(id(factor))
+        if plan is None or plan.penalty != "decoupled":
+            return 0.0
+        return float(plan.group["lr"]) * self.multiplier_of(factor)
+
+    def proximal_thresholds(self, module: nn.Module, floor: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+        """Per factorized tensor of ``module`` under the decoupled penalty: the magnitude below which the proximal
+        step of ``λ·|w|^(2/D)`` at the factors' current ``lr × multiplier`` is exactly zero
+        (:func:`~lightning_dwf.functional.prox_threshold`), at least ``floor`` (absolute).
+
+        Fixed λ under Adam-type optimizers: take them before ``optimizer.step()`` and zero below them after it with
+        ``fix_support_(module, thresholds, [optimizer])``, as the callback does. Adam's normalized step would
+        otherwise hold every weight with a consistent gradient off zero: few zeros, then a dead network.
+        """
+        out = {}
+        if self.lam <= 0:
+            return out
+        for tensor in factorized_tensors(module):
+            eta = self.decoupled_step(tensor.factors[0])
+            if eta > 0:
+                out[tensor.name] = max(floor, prox_threshold(eta, self.lam, self.depth))
+        return out
 
     def multiplier_of(self, factor: nn.Parameter) -> float:
         """The factor's LR multiplier now: ``lr_multiplier × multipliers[factor]``."""
@@ -181,6 +214,7 @@ class FactorPenalty:
             handle.remove()
         self._hooks.clear()
         self._plans.clear()
+        self._plan_of.clear()
         self._snapshots.clear()
 
     def user_weight_decay(self) -> dict[str, float]:
@@ -288,10 +322,11 @@ def check_learning_rates(
 ) -> LearningRateCheck:
     """Check each factor group's peak LR against the floor and the stability limit (method doc §3.2).
 
-    * Floor (every optimizer: a factor without loss gradient shrinks by the penalty alone, the same way under the
-      gradient and the decoupled penalty): an unsupported weight reaches ``threshold`` within ``steps`` only if
-      ``η0 ≥ ln(init_std/threshold)/(λ·steps)`` (cosine decay; a constant LR gets there twice as fast).
-    * Stability: ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
+    * Floor (gradient penalty, SGD-type): an unsupported weight reaches ``threshold`` within ``steps`` only if
+      ``η0 ≥ ln(init_std/threshold)/(λ·steps)`` (cosine decay; a constant LR gets there twice as fast). Not checked
+      under the decoupled penalty: there the callback's proximal step zeroes a weight once it falls below
+      :func:`~lightning_dwf.functional.prox_threshold`, far above ``threshold``.
+    * Stability (every optimizer): ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
 
     η is the effective LR of :func:`effective_lr`.
 
@@ -306,7 +341,7 @@ def check_learning_rates(
     errors: list[str] = []
     warns: list[str] = []
     top = max_lr_multiplier or lr_multiplier
-    for (where, _opt, eta), (*_, eta_max) in zip(factor_learning_rates(optimizers, factors, lr_multiplier),
+    for (where, opt, eta), (*_, eta_max) in zip(factor_learning_rates(optimizers, factors, lr_multiplier),
                                                  factor_learning_rates(optimizers, factors, top), strict=True):
         if lam > 0 and lam_to_weight_decay(lam, depth) * eta_max >= 1:
             errors.append(
@@ -316,6 +351,8 @@ def check_learning_rates(
                 "smaller lam."
             )
             continue
+        if penalty_kind(opt) == "decoupled":
+            continue  # fixed λ: the proximal step after each step makes the zeros (FactorPenalty.proximal_thresholds)
         if math.isfinite(floor) and eta < floor:
             warns.append(
                 f"{where}: effective factor lr {eta:.3g} is below the floor "

@@ -102,14 +102,36 @@ def cut_to_sparsity_(
 
 
 @torch.no_grad()
-def fix_support_(module: nn.Module, threshold: float, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
+def fix_support_(
+    module: nn.Module, threshold: float | Mapping[str, float], optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> int:
     """Set every factor of each factorized weight with ``|w| < threshold`` (absolute) to exactly zero.
 
     The optimizers' per-parameter state tensors of the factors' shape (momentum buffers, Adam moments) are
-    zeroed at the same entries, so momentum cannot move them off zero. Returns the number of zeroed weights.
+    zeroed at the same entries, so momentum cannot move them off zero. Only entries not zeroed yet are written (those
+    whose first factor is not 0: a zeroed weight has every factor 0, and the other factors of a weight whose first
+    factor is 0 get no gradient), so this is cheap enough to run every step, as the callback's proximal step under
+    Adam-type optimizers does.
+
+    Args:
+        module: a factorized model (changed in place).
+        threshold: one magnitude for every factorized tensor, or one per tensor name (tensors not named are left
+            alone).
+        optimizers: whose state is zeroed with the factors.
+
+    Returns:
+        The number of weights below their threshold (zero now).
     """
-    keep = {tensor.name: tensor.product().abs() >= threshold for tensor in factorized_tensors(module)}
-    return zero_weights_(module, keep, optimizers)
+    states = [opt.state for opt in optimizers]
+    below = 0
+    for tensor in factorized_tensors(module):
+        tau = threshold.get(tensor.name) if isinstance(threshold, Mapping) else threshold
+        if tau is None:
+            continue
+        dead = tensor.product().abs() < tau
+        below += int(dead.count_nonzero())
+        _zero_entries_(tensor.factors, (dead & (tensor.factors[0] != 0)).nonzero(as_tuple=True), states)
+    return below
 
 
 @torch.no_grad()
@@ -132,11 +154,19 @@ def zero_weights_(
         mask = keep.get(tensor.name)
         if mask is None:
             continue
-        zeroed += int((~mask).sum())
-        for factor in tensor.factors:
-            factor.mul_(mask)
-            for state in states:
-                for value in state.get(factor, {}).values():
-                    if torch.is_tensor(value) and value.shape == factor.shape:
-                        value.mul_(mask)
+        zeroed += int((~mask).count_nonzero())
+        _zero_entries_(tensor.factors, (~mask).nonzero(as_tuple=True), states)
     return zeroed
+
+
+def _zero_entries_(factors: Sequence[Tensor], index: tuple[Tensor, ...], states: Sequence[Mapping]) -> None:
+    """Zero ``factors`` and their optimizer state tensors of the factors' shape at ``index`` (``nonzero`` tuple)."""
+    if not index or index[0].numel() == 0:
+        return
+    for factor in factors:
+        targets = [factor] + [
+            value for state in states for value in state.get(factor, {}).values()
+            if torch.is_tensor(value) and value.shape == factor.shape
+        ]
+        for target in targets:
+            target.index_put_(index, torch.zeros((), dtype=target.dtype, device=target.device))

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from benchmarks import report, sweep
+from lightning_dwf import ScheduleConfig
 
 
 @pytest.mark.parametrize("target", sweep.TARGETS)
@@ -131,6 +132,7 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
         control_threshold=None,
         model_pruning=False,
         dense=False,
+        defaults=False,
         accelerator="cpu",
         precision="32-true",
     )
@@ -147,6 +149,11 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
     dense = probe.config(argparse.Namespace(**{**vars(args), "dense": True}))
     assert dense["method"] == "dense" and "target" not in dense and "depth" not in dense
     assert sweep.method_callbacks(dense) == []  # a plain run
+    plain = probe.config(argparse.Namespace(**{**vars(args), "defaults": True}))  # the callback's defaults, no recipe
+    assert plain["recipe"] == "defaults" and "factor_lr_multiplier" not in plain and "recovery" not in plain
+    (callback,) = sweep.method_callbacks(plain)
+    assert (callback.target_sparsity, callback.factor_lr.multiplier) == (0.98, "auto")
+    assert callback.schedule == ScheduleConfig()
     assert "accelerator" not in cfg and "precision" not in cfg  # CPU float32 rows keep the sweep's keys
     gpu = probe.config(argparse.Namespace(**{**vars(args), "accelerator": "gpu", "precision": "16-mixed"}))
     assert (gpu["accelerator"], gpu["precision"]) == ("gpu", "16-mixed")
@@ -253,16 +260,19 @@ def _row(cfg, acc):
     return dict(config=cfg, results=dict(acc=acc, sparsity=cfg.get("target", 0.0), emptied=[]))
 
 
-def test_matrix_second_pass_picks_close_cells():
+def test_matrix_second_pass_seeds_close_and_behind_cells():
     from benchmarks import matrix
 
     base = matrix.base_config("fashion-mnist", "lenet5", "sgd", 64)
     rows = [_row(dict(base, method="dense"), 0.90)]
-    for target, (mp, pat, dwf) in {0.9: (0.880, 0.870, 0.884), 0.98: (0.85, 0.86, 0.80)}.items():
+    cells = {0.9: (0.880, 0.870, 0.884), 0.98: (0.85, 0.86, 0.80), 0.995: (0.70, 0.60, 0.75)}  # close, behind, ahead
+    for target, (mp, pat, dwf) in cells.items():
         rows += [_row(dict(base, method=m, target=target), a) for m, a in zip(matrix.METHODS[1:], (mp, pat, dwf))]
     second = matrix.plan_second_pass(rows)
     assert {(c["method"], c.get("target"), c["seed"]) for c in second} == {
-        (m, t, s) for s in (1, 2) for m, t in (("dense", None), ("model-pruning", 0.9), ("pat", 0.9), ("dwf", 0.9))
+        (m, t, s)
+        for s in (1, 2)
+        for m, t in [("dense", None)] + [(m, t) for m in matrix.METHODS[1:] for t in (0.9, 0.98)]
     }
 
 
@@ -350,3 +360,23 @@ def test_size_benchmark_plans_and_measures_the_loaded_file(tmp_path, monkeypatch
     assert int8["results"]["file_bytes"] < lossless["results"]["file_bytes"] < lossless["results"]["dense_bytes"]
     assert int8["results"]["sparsity"] == pytest.approx(lossless["results"]["sparsity"], abs=1e-3)
     assert int8["config"]["export_bits"] == 8 and size.label(int8["config"]) == "ModelPruning int8"
+
+
+def test_fixed_lam_plan_callback_and_table():
+    """Fixed λ on a matrix cell: the cell's training setting, DWFCallback(depth=3, lam=λ) and nothing else, a table."""
+    from benchmarks import fixed_lam, matrix
+
+    configs = fixed_lam.plan("fashion-mnist", "lenet300", "adamw", 64, [0.3, 1.0])
+    assert [c["lam"] for c in configs] == [0.3, 1.0] and all(c["method"] == "dwf-lam" for c in configs)
+    assert {k: v for k, v in configs[0].items() if k not in ("method", "lam")} == matrix.base_config(
+        "fashion-mnist", "lenet300", "adamw", 64
+    )
+    (callback,) = matrix.callbacks(configs[1])
+    assert (callback.lam, callback.target_sparsity, callback.depth) == (1.0, None, 3)
+    assert callback.factor_lr.multiplier == "auto"
+    rows = [
+        dict(config=configs[1], results=dict(acc=0.8, sparsity=0.99, compression_ratio=100.0, emptied=[])),
+        dict(config=configs[0], results=dict(acc=None, diverged="NaN/Inf")),
+    ]
+    lines = fixed_lam.table(rows).splitlines()
+    assert lines[2].endswith("| 0.3 | diverged | | | |") and lines[3].endswith("| 1 | 99.00 | 100.0 | 80.00 | — |")

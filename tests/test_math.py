@@ -28,6 +28,7 @@ from lightning_dwf.functional import (
     lam_to_weight_decay,
     lr_floor,
     misalignment,
+    prox_threshold,
     weight_decay_to_lam,
 )
 
@@ -328,3 +329,15 @@ def test_load_dense_and_mismatched_state_dicts():
         model.load_state_dict(deeper.state_dict())
     with pytest.raises(ValueError, match="already plain"):
         collapse_state_dict(dense.state_dict())
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_prox_threshold_is_where_the_proximal_map_of_the_l2d_penalty_jumps_to_zero(depth):
+    """argmin_x ½(x − z)² + t·|x|^(2/D), by brute force on a fine grid: 0 just below the threshold, not 0 above."""
+    step, lam = 0.01, 0.5
+    tau = prox_threshold(step, lam, depth)
+    x = torch.linspace(0, 1, 1_000_001, dtype=torch.float64)
+    for z, zero in ((0.99 * tau, True), (1.01 * tau, False)):
+        objective = 0.5 * (x - z) ** 2 + step * lam * x.abs() ** (2.0 / depth)
+        assert (float(x[objective.argmin()]) == 0.0) == zero, (depth, z)
+    assert prox_threshold(step, 0.0, depth) == 0.0 and prox_threshold(step, lam, 1) == 0.0

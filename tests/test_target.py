@@ -285,25 +285,32 @@ def test_all_zero_weights_do_not_break_the_default_control_threshold(tmp_path):
     assert dwf.control_threshold == dwf.collapse.threshold and dwf.final_report.sparsity == 1.0
 
 
+def _fit_with_a_tiny_classifier(tmp_path, scale: float, target: float, schedule: ScheduleConfig) -> DWFCallback:
+    """Target mode on a toy whose 64-weight classifier is ``scale`` times smaller than it was initialized, far below
+    the 1,024-weight hidden layer: a pure global magnitude cut takes it first."""
+    model = ToyModel(lr=0.1, momentum=0.9, n=256)
+    with torch.no_grad():
+        model.net[2].weight.mul_(scale)
+    dwf = DWFCallback(
+        depth=3,
+        target_sparsity=target,
+        verbose=False,
+        factorize=FactorizeConfig(init="balanced"),
+        factor_lr=PLAIN_FACTOR_LR,
+        schedule=schedule,
+        collapse=CollapseConfig(save=False),
+    )
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+    return dwf
+
+
 @pytest.mark.parametrize("gradual", [True, False])
 def test_no_layer_is_emptied_by_the_global_cut(tmp_path, gradual):
     """A layer far smaller in scale than the rest would lose every weight to a pure global magnitude cut; each layer
     keeps at least a tenth of its share, and the global target is still met within one weight."""
-    model = ToyModel(lr=0.1, momentum=0.9, n=256)
-    with torch.no_grad():
-        model.net[2].weight.mul_(1e-3)  # the 64-weight classifier, far below the 1,024-weight hidden layer
-    dwf = DWFCallback(
-        depth=3,
-        target_sparsity=0.9,
-        verbose=False,
-        factorize=FactorizeConfig(init="balanced"),
-        factor_lr=PLAIN_FACTOR_LR,
-        schedule=ScheduleConfig(gradual=gradual),
-        collapse=CollapseConfig(save=False),
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", DWFDeadLayerWarning)
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+        dwf = _fit_with_a_tiny_classifier(tmp_path, 1e-3, 0.9, ScheduleConfig(gradual=gradual))
     report = dwf.final_report
     assert not report.dead_layers
     classifier = {layer.name: layer for layer in report.layers}["net.2.weight"]
@@ -314,19 +321,8 @@ def test_no_layer_is_emptied_by_the_global_cut(tmp_path, gradual):
 def test_a_layer_emptied_by_the_global_cut_is_named(tmp_path):
     """Asked for (``min_layer_share=0``: a pure global magnitude cut), a layer far smaller than the rest can lose
     every weight; the callback says so."""
-    model = ToyModel(lr=0.1, momentum=0.9, n=256)
-    with torch.no_grad():
-        model.net[2].weight.mul_(1e-6)  # the 64-weight classifier, far below the 1,024-weight hidden layer
-    dwf = DWFCallback(
-        depth=3,
-        target_sparsity=0.1,
-        verbose=False,
-        factorize=FactorizeConfig(init="balanced"),
-        factor_lr=PLAIN_FACTOR_LR,
-        schedule=ScheduleConfig(min_layer_share=0.0),
-    )
     with pytest.warns(
         DWFDeadLayerWarning, match=r"no non-zero weight in \['net.2.weight'\].*target_sparsity=0.1 left nothing"
     ):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+        dwf = _fit_with_a_tiny_classifier(tmp_path, 1e-6, 0.1, ScheduleConfig(min_layer_share=0.0))
     assert dwf.final_report.dead_layers == ["net.2.weight"] and abs(dwf.final_report.sparsity - 0.1) < 0.01

@@ -1,0 +1,75 @@
+"""Fixed λ on matrix cells: ``DWFCallback(depth=3, lam=λ)`` and nothing else, in the matrix's training setting (same
+optimizer, LR schedule, epochs, data order): how many exact zeros each λ gives, and at what accuracy.
+
+    python -m benchmarks.fixed_lam                                   # LeNet-300-100, Fashion-MNIST, AdamW, batch 64
+    python -m benchmarks.fixed_lam --opt sgd --lam 3e-4 1e-3 3e-3
+
+Under Adam-type optimizers λ is a shrink per unit LR (about 1e2-1e3 × SGD's λ) and each step is followed by the
+proximal step of ``λ·|w|^(2/D)`` (docs, "Optimizers"). One row per run goes to ``benchmarks/results/fixed_lam.jsonl``
+(runs already there are skipped); the table of every row is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from benchmarks import matrix, sweep
+
+PATH = sweep.RESULTS / "fixed_lam.jsonl"
+DEFAULT_LAMS = (0.3, 0.5, 1.0)
+
+
+def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0) -> list[dict[str, Any]]:
+    """One ``dwf-lam`` config per λ on the matrix cell ``(dataset, model, opt, batch_size)``."""
+    base = matrix.base_config(dataset, model, opt, batch_size)
+    return [dict(base, method="dwf-lam", lam=lam, seed=seed) for lam in lams]
+
+
+def _order(row: dict) -> tuple:
+    c = row["config"]
+    return c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["lam"]
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table, one line per run."""
+    out = [
+        "| data | model | optimizer | batch | λ | zeros % | compression ratio | accuracy % | emptied layers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=_order):
+        c, res = r["config"], r["results"]
+        if res.get("acc") is None:
+            outcome = "diverged" if "diverged" in res else "error"
+            out.append(f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c['lam']:g} | "
+                       f"{outcome} | | | |")
+            continue
+        out.append(
+            f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c['lam']:g} | "
+            f"{100 * res['sparsity']:.2f} | {res['compression_ratio']:.1f} | {100 * res['acc']:.2f} | "
+            f"{', '.join(res.get('emptied') or []) or '—'} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--model", default="lenet300", choices=sorted({m for _, m in matrix.SETTINGS}))
+    parser.add_argument("--opt", default="adamw", choices=sorted(matrix.OPTIMIZERS))
+    parser.add_argument("--bs", type=int, default=64)
+    parser.add_argument("--lam", type=float, nargs="+", default=list(DEFAULT_LAMS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=PATH)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    done = matrix.run_all(plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed), args.results,
+                          args.data_dir)
+    print(table(list(done.values())))
+
+
+if __name__ == "__main__":
+    main()
