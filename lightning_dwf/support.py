@@ -154,8 +154,9 @@ def zero_weights_(
         mask = keep.get(tensor.name)
         if mask is None:
             continue
-        zeroed += int((~mask).count_nonzero())
-        _zero_entries_(tensor.factors, (~mask).nonzero(as_tuple=True), states)
+        drop = (~mask).nonzero(as_tuple=True)
+        zeroed += int(drop[0].numel())
+        _zero_entries_(tensor.factors, drop, states)
     return zeroed
 
 
