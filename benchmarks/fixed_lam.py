@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 from benchmarks import matrix, sweep
 
 PATH = sweep.RESULTS / "fixed_lam.jsonl"
-DEFAULT_LAMS = (0.3, 0.5, 1.0)
+DEFAULT_LAMS = (0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0) -> list[dict[str, Any]]:
@@ -56,14 +55,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--model", default="lenet300", choices=sorted({m for _, m in matrix.SETTINGS}))
-    parser.add_argument("--opt", default="adamw", choices=sorted(matrix.OPTIMIZERS))
-    parser.add_argument("--bs", type=int, default=64)
+    matrix.cell_arguments(parser, model="lenet300", opt="adamw", results=PATH)
     parser.add_argument("--lam", type=float, nargs="+", default=list(DEFAULT_LAMS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", type=Path, default=PATH)
-    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     done = matrix.run_all(plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed), args.results,

@@ -22,9 +22,10 @@ prune the Linear/Conv
 weights, and sparsity is counted over them. From pretrained (batch 256, seed 0): the dense cell's trained net
 (``<results>/matrix_dense/*.pt``) sparsified for a third of its epochs by ``DWFCallback(depth=3, target_sparsity=T,
 factorize=FactorizeConfig(init="balanced"))`` and by ModelPruning. The seed pass adds seeds 1 and 2 (every
-method of the cell, and dense) to each
-from-scratch cell where DWF is not ahead of the best peer by 0.5 points on seed 0 (close cells, and cells where DWF
-is behind: a verdict either way then rests on three seeds).
+method of the cell, and dense from scratch; from pretrained the same seed-0 dense net) to each cell where DWF is not
+ahead of the best peer by 0.5 points on seed 0 (close cells, and cells where DWF is behind: a verdict either way then
+rests on three seeds), and to every cell seeded before, so that a method re-run later (its old rows moved to
+``matrix_superseded.jsonl``, e.g. DWF under AdamW when ``"auto"`` changed) is compared on the same seeds.
 
 One JSON row per run (config, results, versions) goes to ``benchmarks/results/matrix.jsonl``; runs already there are
 skipped. A DWF run stopped on NaN/Inf factors is a ``diverged`` row; a configuration DWF refuses (e.g. a target it
@@ -173,32 +174,42 @@ def cell_key(cfg: dict[str, Any]) -> str:
 
 
 def seeded_cells(rows: Iterable[dict]) -> list[dict[str, Any]]:
-    """Seed-0 from-scratch cells (as their DWF config) where DWF is less than :data:`CLOSE` ahead of the best peer
-    (close, or behind)."""
+    """Seed-0 cells (as their DWF config, from scratch or from pretrained) where DWF is less than :data:`CLOSE` ahead of
+    the best peer (close, or behind), and cells seeded before (a method re-run later, e.g. with a new default, gets
+    the seeds its cell already has, so that every method of a cell is compared on the same seeds)."""
     acc: dict[str, dict[str, float]] = defaultdict(dict)
     dwf_cfg = {}
+    seeded = set()
     for row in rows:
         c, res = row["config"], row["results"]
-        if c["start"] != "scratch" or c["seed"] != 0 or "target" not in c or res.get("acc") is None:
+        if c["seed"] != 0 and "target" in c:
+            seeded.add(cell_key(c))
+        if c["seed"] != 0 or "target" not in c or res.get("acc") is None:
             continue
         acc[cell_key(c)][c["method"]] = res["acc"]
-        if c["method"] == "dwf":
+        if c["method"] in ("dwf", "dwf-balanced"):
             dwf_cfg[cell_key(c)] = c
     out = []
     for cell, by_method in acc.items():
         peers = [by_method[m] for m in ("model-pruning", "pat") if m in by_method]
-        if "dwf" in by_method and peers and by_method["dwf"] - max(peers) < CLOSE:
+        close = peers and cell in dwf_cfg and by_method[dwf_cfg[cell]["method"]] - max(peers) < CLOSE
+        if cell in dwf_cfg and (close or cell in seeded):
             out.append(dwf_cfg[cell])
     return out
 
 
 def plan_second_pass(rows: Iterable[dict]) -> list[dict[str, Any]]:
-    """Seeds 1 and 2 of every method (and of dense) in each :func:`seeded_cells` cell, dense once per setting."""
+    """Seeds 1 and 2 of every method in each :func:`seeded_cells` cell: from scratch with dense (once per setting),
+    from pretrained from the same seed-0 dense net (the seed changes the sparse run: its data order and init)."""
     out: dict[str, dict[str, Any]] = {}
     for dwf in seeded_cells(rows):
         for seed in EXTRA_SEEDS:
-            dense = {k: v for k, v in dwf.items() if k != "target"}
-            for cfg in [dict(dense, method="dense", seed=seed)] + [dict(dwf, method=m, seed=seed) for m in METHODS[1:]]:
+            if dwf["start"] == "pretrained":
+                cfgs = [dict(dwf, method=m, seed=seed) for m in PRETRAINED_METHODS]
+            else:
+                dense = {k: v for k, v in dwf.items() if k != "target"}
+                cfgs = [dict(dense, method="dense", seed=seed)] + [dict(dwf, method=m, seed=seed) for m in METHODS[1:]]
+            for cfg in cfgs:
                 out.setdefault(sweep.key(cfg), cfg)
     return list(out.values())
 
@@ -287,12 +298,14 @@ def make_module(cfg: dict[str, Any], num_classes: int) -> Classifier:
 
 
 def callbacks(cfg: dict[str, Any]) -> list:
-    """The callback that makes the method (none for dense and PAT; ``dwf-lam``: a fixed ``cfg["lam"]``)."""
+    """The callback that makes the method (none for dense and PAT; ``dwf-lam``: a fixed ``cfg["lam"]``; a
+    ``factor_lr_multiplier`` key replaces DWF's ``"auto"``, for :mod:`benchmarks.factor_lr`)."""
     method = cfg["method"]
     if method == "model-pruning":
         return sweep.method_callbacks(dict(method="model-pruning", target=cfg["target"], epochs=cfg["epochs"]))
     if method in ("dwf", "dwf-balanced"):
-        return [sweep.defaults_callback(3, cfg["target"], "balanced" if method == "dwf-balanced" else "dwf")]
+        init = "balanced" if method == "dwf-balanced" else "dwf"
+        return [sweep.defaults_callback(3, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
     if method == "dwf-lam":  # benchmarks.fixed_lam
         return [sweep.defaults_callback(3, lam=cfg["lam"])]
     return []
@@ -311,10 +324,17 @@ def emptied_layers(net: nn.Module) -> list[str]:
     return [name for name, m in net.named_modules() if isinstance(m, DEFAULT_LAYER_TYPES) and not bool(m.weight.any())]
 
 
+def layer_nonzeros(net: nn.Module) -> dict[str, int]:
+    """Non-zero weights of each Linear/Conv layer: where a method put the weights it kept."""
+    layers = (item for item in net.named_modules() if isinstance(item[1], DEFAULT_LAYER_TYPES))
+    return {name: int(m.weight.count_nonzero()) for name, m in layers}
+
+
 def measure(net: nn.Module, data: ImageData) -> dict[str, Any]:
-    """Accuracy, sparsity (Linear/Conv weights), emptied layers of the trained (collapsed) net; non-finite weights."""
+    """Accuracy, sparsity (Linear/Conv weights), non-zeros per layer, emptied layers of the trained (collapsed) net;
+    non-finite weights."""
     finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
-    out = dict(sweep.measure(net, data), emptied=emptied_layers(net))
+    out = dict(sweep.measure(net, data), emptied=emptied_layers(net), layer_nonzeros=layer_nonzeros(net))
     if not finite:
         out["diverged"] = "non-finite weights at the end of training"
     return out
@@ -549,6 +569,34 @@ def table(rows: Iterable[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary(rows: Iterable[dict]) -> str:
+    """The from-scratch cells, one line per setting (the README's table): per target DWF (its gap) / ModelPruning /
+    PAT, seed means marked ³."""
+
+    def acc(runs: list[dict]) -> str:
+        mean = mean_acc(runs)
+        return "—" if mean is None else f"{100 * mean:.2f}" + ("³" if len(runs) > 1 else "")
+
+    lines: dict[tuple, dict[float, str]] = defaultdict(dict)
+    for (dataset, model, opt, batch, start, target), by_method in table_cells(rows).items():
+        if start != "scratch":
+            continue
+        g = gap(by_method)
+        dwf = f"**{acc(by_method.get('dwf', []))}**" + ("" if g is None else f" ({g:+.2f})")
+        lines[(dataset, model, opt, batch)][target] = " / ".join(
+            [dwf, acc(by_method.get("model-pruning", [])), acc(by_method.get("pat", []))]
+        )
+    targets = sorted({t for by_target in lines.values() for t in by_target})
+    out = [
+        "| data | model | optimizer | batch | " + " | ".join(f"{100 * t:g} %: DWF / MP / PAT" for t in targets) + " |",
+        "|---|---|---|---|" + "---|" * len(targets),
+    ]
+    for (dataset, model, opt, batch), by_target in lines.items():
+        cols = [dataset, model, opt, str(batch), *(by_target.get(t, "—") for t in targets)]
+        out.append("| " + " | ".join(cols) + " |")
+    return "\n".join(out) + "\n"
+
+
 def gap_plot(rows: Iterable[dict], path: Path) -> Path:
     """One dot per cell: DWF − best peer (points), from-scratch and from-pretrained cells in two colours."""
     import matplotlib
@@ -583,11 +631,25 @@ def gap_plot(rows: Iterable[dict], path: Path) -> Path:
 def report(results: Path) -> tuple[Path, Path]:
     rows = list(load_rows(results).values())
     md = results.with_name(f"{results.stem}_table.md")
-    md.write_text(table(rows))
+    md.write_text(
+        table(rows) + "\n## From scratch, one line per setting\n\nDWF (DWF − best peer, points) / ModelPruning / PAT, "
+        "test accuracy %; ³: mean of seeds 0–2.\n\n" + summary(rows)
+    )
     return md, gap_plot(rows, results.with_name(f"{results.stem}_gap.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------- CLI
+def cell_arguments(parser: argparse.ArgumentParser, model: str, opt: str, results: Path) -> None:
+    """The arguments that name one matrix cell (``--data``, ``--model``, ``--opt``, ``--bs``) and where its rows go
+    (``--results``, ``--data-dir``): shared by the probes that run a matrix cell with one knob changed."""
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--model", default=model, choices=sorted({m for _, m in SETTINGS}))
+    parser.add_argument("--opt", default=opt, choices=sorted(OPTIMIZERS))
+    parser.add_argument("--bs", type=int, default=64)
+    parser.add_argument("--results", type=Path, default=results)
+    parser.add_argument("--data-dir", default=None)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -177,14 +177,21 @@ def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifie
 
 
 def defaults_callback(
-    depth: int, target: float | None = None, init: str = "dwf", lam: float | None = None
+    depth: int,
+    target: float | None = None,
+    init: str = "dwf",
+    lam: float | None = None,
+    multiplier: float | None = None,
 ) -> DWFCallback:
     """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else
-    (``init="balanced"`` to start from a trained net); ``save=False`` and ``verbose=False`` only silence the collapsed
+    (``init="balanced"`` to start from a trained net; ``multiplier``: one factor LR multiplier for every tensor instead
+    of ``"auto"``, for :mod:`benchmarks.factor_lr`); ``save=False`` and ``verbose=False`` only silence the collapsed
     file and the messages."""
-    factorize = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
+    extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
+    if multiplier is not None:
+        extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
     knob: dict[str, Any] = dict(lam=lam) if lam is not None else dict(target_sparsity=target)
-    return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **factorize)
+    return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **extra)
 
 
 def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:

@@ -266,7 +266,8 @@ class DWFCallback(Callback):
                 rms = float(tensor.product().float().pow(2).mean().sqrt())
             out[tensor.name] = auto_lr_multiplier(rms, self.depth, self._penalty.kind_of(tensor.factors[0]))
         if self.factor_lr.multiplier == "auto" and out:
-            rank_zero_info("DWFCallback: factor LR multipliers (auto, by the weights' RMS): "
+            rank_zero_info("DWFCallback: factor LR multipliers (auto: by the weights' RMS under SGD, 2.5 under "
+                           "Adam-type): "
                            + ", ".join(f"{name} ×{m:.3g}" for name, m in out.items()))
         return out
 

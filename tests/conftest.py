@@ -17,6 +17,8 @@ PLAIN_FACTOR_LR = FactorLRConfig(multiplier=1.0, warmup=0.0, check="off")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# wandb ≥ 0.31 records nothing into the offline run file when it wraps a stdout that pytest has captured
+os.environ.setdefault("WANDB_CONSOLE", "off")
 
 
 def toy_data(n: int = 256, kind: str = "linear", seed: int = 0) -> TensorDataset:

@@ -268,12 +268,48 @@ def test_matrix_second_pass_seeds_close_and_behind_cells():
     cells = {0.9: (0.880, 0.870, 0.884), 0.98: (0.85, 0.86, 0.80), 0.995: (0.70, 0.60, 0.75)}  # close, behind, ahead
     for target, (mp, pat, dwf) in cells.items():
         rows += [_row(dict(base, method=m, target=target), a) for m, a in zip(matrix.METHODS[1:], (mp, pat, dwf))]
+    short = dict(base, start="pretrained", epochs=2, dense_epochs=base["epochs"])  # from pretrained: behind, ahead
+    rows += [_row(dict(short, method="dwf-balanced", target=0.9), 0.85), _row(dict(short, method="model-pruning",
+                                                                               target=0.9), 0.86)]
+    rows += [_row(dict(short, method="dwf-balanced", target=0.98), 0.80), _row(dict(short, method="model-pruning",
+                                                                                target=0.98), 0.60)]
     second = matrix.plan_second_pass(rows)
-    assert {(c["method"], c.get("target"), c["seed"]) for c in second} == {
+    scratch = [c for c in second if c["start"] == "scratch"]
+    assert {(c["method"], c.get("target"), c["seed"]) for c in scratch} == {
         (m, t, s)
         for s in (1, 2)
         for m, t in [("dense", None)] + [(m, t) for m in matrix.METHODS[1:] for t in (0.9, 0.98)]
     }
+    # a cell seeded before (its ModelPruning has seed 1) is seeded again, although DWF is now ahead there
+    seeded_before = rows + [_row(dict(base, method="model-pruning", target=0.995, seed=1), 0.70)]
+    again = {(c["method"], c["seed"]) for c in matrix.plan_second_pass(seeded_before) if c.get("target") == 0.995}
+    assert again == {(m, s) for s in (1, 2) for m in matrix.METHODS[1:]}
+    pretrained = [c for c in second if c["start"] == "pretrained"]  # no dense run: they start from the seed-0 net
+    assert {(c["method"], c["target"], c["seed"]) for c in pretrained} == {
+        (m, 0.9, s) for s in (1, 2) for m in matrix.PRETRAINED_METHODS
+    }
+    assert all(matrix.dense_source(c)["seed"] == 0 for c in pretrained)
+
+
+def test_matrix_summary_one_line_per_setting():
+    """The README's table: per target DWF (its gap to the better peer) / ModelPruning / PAT, seed means marked ³;
+    from-pretrained cells are left out."""
+    from benchmarks import matrix
+
+    base = matrix.base_config("fashion-mnist", "lenet5", "sgd", 64)
+    rows = [_row(dict(base, method="dense"), 0.90)]
+    for seed, (mp, pat, dwf) in enumerate([(0.881, 0.870, 0.884), (0.883, 0.871, 0.885), (0.882, 0.869, 0.883)]):
+        accs = zip(matrix.METHODS[1:], (mp, pat, dwf))
+        rows += [_row(dict(base, method=m, target=0.9, seed=seed), a) for m, a in accs]
+    rows += [_row(dict(base, method=m, target=0.98), a) for m, a in zip(matrix.METHODS[1:], (0.86, 0.80, 0.85))]
+    short = dict(base, start="pretrained", epochs=2, dense_epochs=base["epochs"])
+    rows += [_row(dict(short, method="dwf-balanced", target=0.9), 0.5)]
+    header, rule, line = matrix.summary(rows).splitlines()
+    assert header.startswith("| data | model | optimizer | batch | 90 %: DWF / MP / PAT | 98 %: DWF / MP / PAT |")
+    assert line == (
+        "| fashion-mnist | lenet5 | sgd | 64 | **88.40³** (+0.20) / 88.20³ / 87.00³ "
+        "| **85.00** (-1.00) / 86.00 / 80.00 |"
+    )
 
 
 def test_matrix_end_to_end(tmp_path, monkeypatch):
@@ -380,3 +416,29 @@ def test_fixed_lam_plan_callback_and_table():
     ]
     lines = fixed_lam.table(rows).splitlines()
     assert lines[2].endswith("| 0.3 | diverged | | | |") and lines[3].endswith("| 1 | 99.00 | 100.0 | 80.00 | — |")
+
+
+def test_factor_lr_plan_callback_and_table():
+    """A factor-LR variant of a matrix cell: the cell's setting, one multiplier for every tensor, a table beside the
+    matrix's own DWF ("auto") and peer rows of the same seeds."""
+    from benchmarks import factor_lr, matrix
+
+    configs = factor_lr.plan("fashion-mnist", "lenet5", "sgd", 64, [0.995], [1.0], [0, 1])
+    assert [(c["seed"], c["factor_lr_multiplier"]) for c in configs] == [(0, 1.0), (1, 1.0)]
+    assert {k: v for k, v in configs[0].items() if k not in ("method", "target", "factor_lr_multiplier")} == (
+        matrix.base_config("fashion-mnist", "lenet5", "sgd", 64)
+    )
+    (callback,) = matrix.callbacks(configs[0])
+    assert (callback.target_sparsity, callback.depth, callback.factor_lr.multiplier) == (0.995, 3, 1.0)
+    (auto,) = matrix.callbacks({k: v for k, v in configs[0].items() if k != "factor_lr_multiplier"})
+    assert auto.factor_lr.multiplier == "auto"
+
+    def row(cfg, acc, **extra):
+        return dict(config=cfg, results=dict(acc=acc, sparsity=0.995, emptied=[], **extra))
+
+    base = {k: v for k, v in configs[0].items() if k != "factor_lr_multiplier"}
+    reference = [row(dict(base, method=m, seed=s), acc) for m, acc in (("dwf", 0.4), ("model-pruning", 0.7))
+                 for s in (0, 1, 2)]
+    rows = [row(configs[0], 0.80, layer_nonzeros={"a": 3, "b": 4}), row(configs[1], 0.82)]
+    (line,) = factor_lr.table(rows, reference).splitlines()[2:]
+    assert "| 99.5 % | ×1 | 81.00 (80.00 / 82.00) | 3/4 | 40.00 (40.00 / 40.00) | 70.00 (70.00 / 70.00) | — |" in line

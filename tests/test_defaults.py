@@ -116,7 +116,7 @@ def test_proximal_step_only_under_fixed_lam_and_decoupled_penalty(tmp_path, monk
         dwf = DWFCallback(depth=3, verbose=False, collapse=CollapseConfig(save=False), **mode)
         trainer = _fit(tmp_path, model, dwf, max_epochs=epochs, accumulate_grad_batches=2)
         assert len(calls) == (trainer.global_step if expected else 0), (opt, mode)
-        if expected:  # per tensor: the prox threshold at the step's lr (AdamW: lr × multiplier 1)
+        if expected:  # per tensor: the prox threshold at the step's factor lr (AdamW: lr × the multiplier)
             assert set(calls[0]) == {"net.0.weight", "net.2.weight"}
             assert all(t > dwf.collapse.threshold for t in calls[0].values())
 

@@ -1,0 +1,87 @@
+"""The factor LR multiplier on matrix cells: ``DWFCallback(depth=3, target_sparsity=T)`` with one multiplier for every
+factorized tensor (``FactorLRConfig(multiplier=m)``) instead of the default ``"auto"`` (one per tensor, from its
+weights' RMS), in the matrix's training setting (same optimizer, LR schedule, epochs, data order), beside the matrix's
+own rows of the cell (DWF with ``"auto"``, ModelPruning, PAT).
+
+    python -m benchmarks.factor_lr --model lenet5 --opt sgd --bs 64 --target 0.995 --multiplier 1 --seed 0 1 2
+
+It is how the LeNet-5 SGD batch-64 99.5 % miss of the matrix was diagnosed (docs, "Why"): ``"auto"`` gives that
+net's layers ×1.0 to ×6.0 under SGD. One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already
+there are skipped, as in the matrix); the table of every row is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import defaultdict
+from typing import Any
+
+from benchmarks import matrix, sweep
+
+PATH = sweep.RESULTS / "factor_lr.jsonl"
+
+
+def plan(
+    dataset: str, model: str, opt: str, batch_size: int, targets: list[float], multipliers: list[float],
+    seeds: list[int],
+) -> list[dict[str, Any]]:
+    """One DWF config per target, multiplier and seed on the matrix cell ``(dataset, model, opt, batch_size)``."""
+    base = matrix.base_config(dataset, model, opt, batch_size)
+    return [
+        dict(base, method="dwf", target=t, seed=s, factor_lr_multiplier=m)
+        for t in targets for m in multipliers for s in seeds
+    ]
+
+
+def _layers(runs: list[dict]) -> str:
+    """The first seed's non-zeros per layer, ``a/b/c`` in layer order (``—`` for rows without them)."""
+    first = min(runs, key=lambda r: r["config"]["seed"])["results"].get("layer_nonzeros")
+    return "/".join(str(v) for v in first.values()) if first else "—"
+
+
+def table(rows: list[dict], matrix_rows: list[dict]) -> str:
+    """One line per (cell, target, multiplier): its seeds, then the matrix's DWF (``"auto"``), ModelPruning and PAT
+    on the same seeds."""
+    reference = matrix.table_cells(matrix_rows)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        c = r["config"]
+        key = (c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["target"], c["factor_lr_multiplier"])
+        groups[key].append(r)
+    out = [
+        "| data | model | optimizer | batch | target | multiplier | DWF % (seeds) | non-zeros per layer (first seed) "
+        "| DWF auto % | ModelPruning % | PAT % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (data, model, opt, bs, target, mult), runs in sorted(groups.items()):
+        seeds = {r["config"]["seed"] for r in runs}
+        cell = reference.get((data, model, opt, bs, "scratch", target), {})
+        same = {m: [r for r in cell.get(m, []) if r["config"]["seed"] in seeds] for m in matrix.METHODS[1:]}
+        out.append(
+            f"| {data} | {model} | {opt} | {bs} | {100 * target:g} % | ×{mult:g} | {matrix.fmt_acc(runs)} | "
+            f"{_layers(runs)} | {matrix.fmt_acc(same['dwf'])} | {matrix.fmt_acc(same['model-pruning'])} | "
+            f"{matrix.fmt_acc(same['pat'])} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    matrix.cell_arguments(parser, model="lenet5", opt="sgd", results=PATH)
+    parser.add_argument("--target", type=float, nargs="+", default=[0.995])
+    parser.add_argument("--multiplier", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--seed", type=int, nargs="+", default=[0])
+    parser.add_argument("--report", action="store_true", help="print the table of every row, run nothing")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if args.report:
+        done = matrix.load_rows(args.results)
+    else:
+        configs = plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed)
+        done = matrix.run_all(configs, args.results, args.data_dir)
+    print(table(list(done.values()), list(matrix.load_rows(matrix.PATH).values())))
+
+
+if __name__ == "__main__":
+    main()
