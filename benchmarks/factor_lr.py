@@ -4,9 +4,12 @@ weights' RMS), in the matrix's training setting (same optimizer, LR schedule, ep
 own rows of the cell (DWF with ``"auto"``, ModelPruning, PAT).
 
     python -m benchmarks.factor_lr --model lenet5 --opt sgd --bs 64 --target 0.995 --multiplier 1 --seed 0 1 2
+    python -m benchmarks.factor_lr --model lenet300 --opt adamw --target 0.98 --multiplier 1 2.5 5 --depth 2 4
 
 It is how the LeNet-5 SGD batch-64 99.5 % miss of the matrix was diagnosed (docs, "Why"): ``"auto"`` gives that
-net's layers ×1.0 to ×6.0 under SGD. One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already
+net's layers ×1.0 to ×6.0 under SGD. ``--depth`` runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the
+matrix's own columns stay D = 3): whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
+One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already
 there are skipped, as in the matrix); the table of every row is printed.
 """
 
@@ -24,10 +27,13 @@ PATH = sweep.RESULTS / "factor_lr.jsonl"
 
 def plan(
     dataset: str, model: str, opt: str, batch_size: int, targets: list[float], multipliers: list[float],
-    seeds: list[int],
+    seeds: list[int], depth: int = 3,
 ) -> list[dict[str, Any]]:
-    """One DWF config per target, multiplier and seed on the matrix cell ``(dataset, model, opt, batch_size)``."""
+    """One DWF config per target, multiplier and seed on the matrix cell ``(dataset, model, opt, batch_size)``
+    (a ``depth`` key only where it is not the matrix's 3, so that D = 3 rows keep their keys)."""
     base = matrix.base_config(dataset, model, opt, batch_size)
+    if depth != 3:
+        base["depth"] = depth
     return [
         dict(base, method="dwf", target=t, seed=s, factor_lr_multiplier=m)
         for t in targets for m in multipliers for s in seeds
@@ -41,25 +47,28 @@ def _layers(runs: list[dict]) -> str:
 
 
 def table(rows: list[dict], matrix_rows: list[dict]) -> str:
-    """One line per (cell, target, multiplier): its seeds, then the matrix's DWF (``"auto"``), ModelPruning and PAT
-    on the same seeds."""
+    """One line per (cell, target, depth, multiplier): its seeds, then the matrix's DWF (D = 3, ``"auto"``),
+    ModelPruning and PAT on the same seeds."""
     reference = matrix.table_cells(matrix_rows)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         c = r["config"]
-        key = (c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["target"], c["factor_lr_multiplier"])
+        key = (
+            c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["target"], c.get("depth", 3),
+            c["factor_lr_multiplier"],
+        )
         groups[key].append(r)
     out = [
-        "| data | model | optimizer | batch | target | multiplier | DWF % (seeds) | non-zeros per layer (first seed) "
-        "| DWF auto % | ModelPruning % | PAT % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | model | optimizer | batch | target | depth | multiplier | DWF % (seeds) | non-zeros per layer (first "
+        "seed) | DWF D=3 auto % | ModelPruning % | PAT % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (data, model, opt, bs, target, mult), runs in sorted(groups.items()):
+    for (data, model, opt, bs, target, depth, mult), runs in sorted(groups.items()):
         seeds = {r["config"]["seed"] for r in runs}
         cell = reference.get((data, model, opt, bs, "scratch", target), {})
         same = {m: [r for r in cell.get(m, []) if r["config"]["seed"] in seeds] for m in matrix.METHODS[1:]}
         out.append(
-            f"| {data} | {model} | {opt} | {bs} | {100 * target:g} % | ×{mult:g} | {matrix.fmt_acc(runs)} | "
+            f"| {data} | {model} | {opt} | {bs} | {100 * target:g} % | {depth} | ×{mult:g} | {matrix.fmt_acc(runs)} | "
             f"{_layers(runs)} | {matrix.fmt_acc(same['dwf'])} | {matrix.fmt_acc(same['model-pruning'])} | "
             f"{matrix.fmt_acc(same['pat'])} |"
         )
@@ -72,13 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=float, nargs="+", default=[0.995])
     parser.add_argument("--multiplier", type=float, nargs="+", default=[1.0])
     parser.add_argument("--seed", type=int, nargs="+", default=[0])
+    parser.add_argument("--depth", type=int, nargs="+", default=[3], help="DWF's depth D (the matrix's is 3)")
     parser.add_argument("--report", action="store_true", help="print the table of every row, run nothing")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.report:
         done = matrix.load_rows(args.results)
     else:
-        configs = plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed)
+        configs = [
+            cfg for depth in args.depth
+            for cfg in plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed, depth)
+        ]
         done = matrix.run_all(configs, args.results, args.data_dir)
     print(table(list(done.values()), list(matrix.load_rows(matrix.PATH).values())))
 

@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks import matrix, sweep
 
 PATH = sweep.RESULTS / "fixed_lam.jsonl"
-DEFAULT_LAMS = (0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_LAMS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0) -> list[dict[str, Any]]:

@@ -298,14 +298,15 @@ def make_module(cfg: dict[str, Any], num_classes: int) -> Classifier:
 
 
 def callbacks(cfg: dict[str, Any]) -> list:
-    """The callback that makes the method (none for dense and PAT; ``dwf-lam``: a fixed ``cfg["lam"]``; a
-    ``factor_lr_multiplier`` key replaces DWF's ``"auto"``, for :mod:`benchmarks.factor_lr`)."""
+    """The callback that makes the method (none for dense and PAT; ``dwf-lam``: a fixed ``cfg["lam"]``; for
+    :mod:`benchmarks.factor_lr`, a ``factor_lr_multiplier`` key replaces DWF's ``"auto"`` and a ``depth`` key its 3)."""
     method = cfg["method"]
     if method == "model-pruning":
         return sweep.method_callbacks(dict(method="model-pruning", target=cfg["target"], epochs=cfg["epochs"]))
     if method in ("dwf", "dwf-balanced"):
         init = "balanced" if method == "dwf-balanced" else "dwf"
-        return [sweep.defaults_callback(3, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
+        depth = cfg.get("depth", 3)
+        return [sweep.defaults_callback(depth, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
     if method == "dwf-lam":  # benchmarks.fixed_lam
         return [sweep.defaults_callback(3, lam=cfg["lam"])]
     return []

@@ -37,7 +37,7 @@ from lightning_dwf.compressed import CompressionReport
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, ScheduleConfig, resolve_target
 from lightning_dwf.controller import SparsityController, plan_controller
 from lightning_dwf.factorize import factor_parameters, factorize_, factorized_tensors
-from lightning_dwf.functional import auto_lr_multiplier
+from lightning_dwf.functional import DECOUPLED_AUTO_MULTIPLIER, auto_lr_multiplier
 from lightning_dwf.messages import (
     PLAIN_CHECKPOINT_MESSAGE,
     DWFDeadLayerWarning,
@@ -266,8 +266,8 @@ class DWFCallback(Callback):
                 rms = float(tensor.product().float().pow(2).mean().sqrt())
             out[tensor.name] = auto_lr_multiplier(rms, self.depth, self._penalty.kind_of(tensor.factors[0]))
         if self.factor_lr.multiplier == "auto" and out:
-            rank_zero_info("DWFCallback: factor LR multipliers (auto: by the weights' RMS under SGD, 2.5 under "
-                           "Adam-type): "
+            rank_zero_info(f"DWFCallback: factor LR multipliers (auto: by the weights' RMS under SGD, "
+                           f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type): "
                            + ", ".join(f"{name} ×{m:.3g}" for name, m in out.items()))
         return out
 

@@ -193,7 +193,7 @@ class FactorLRConfig:
             ``"auto"`` (default): per factorized tensor, :func:`lightning_dwf.functional.auto_lr_multiplier` of its
             weights' RMS at the start of ``fit`` and of the optimizer family, so that a typical weight of every layer
             moves as fast as it would in dense training (DWF's factors otherwise train its weights far more slowly:
-            about 18× at RMS 0.05, D = 3, under SGD); under Adam-type optimizers 2.5 for every tensor. A number: the
+            about 18× at RMS 0.05, D = 3, under SGD); under Adam-type optimizers 5 for every tensor. A number: the
             same multiplier for every factor.
         warmup: fraction of the planned run over which the multipliers ramp linearly from 1 (0: no ramp); target
             mode repeats the ramp from the recovery point.

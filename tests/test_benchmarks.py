@@ -441,4 +441,10 @@ def test_factor_lr_plan_callback_and_table():
                  for s in (0, 1, 2)]
     rows = [row(configs[0], 0.80, layer_nonzeros={"a": 3, "b": 4}), row(configs[1], 0.82)]
     (line,) = factor_lr.table(rows, reference).splitlines()[2:]
-    assert "| 99.5 % | ×1 | 81.00 (80.00 / 82.00) | 3/4 | 40.00 (40.00 / 40.00) | 70.00 (70.00 / 70.00) | — |" in line
+    assert "| 99.5 % | 3 | ×1 | 81.00 (80.00 / 82.00) | 3/4 | 40.00 (40.00 / 40.00) | 70.00 (70.00 / 70.00) | — |" in (
+        line
+    )
+    (deep,) = factor_lr.plan("fashion-mnist", "lenet5", "sgd", 64, [0.995], [2.5], [0], depth=4)
+    assert deep["depth"] == 4 and matrix.callbacks(deep)[0].depth == 4  # D = 3 configs carry no depth key
+    (line,) = factor_lr.table([row(deep, 0.5)], reference).splitlines()[2:]
+    assert "| 99.5 % | 4 | ×2.5 | 50.00 | — | 40.00 | 70.00 | — |" in line  # seed 0's matrix rows beside it
