@@ -190,11 +190,11 @@ def seeded_cells(rows: Iterable[dict]) -> list[dict[str, Any]]:
         if c["method"] in ("dwf", "dwf-balanced"):
             dwf_cfg[cell_key(c)] = c
     out = []
-    for cell, by_method in acc.items():
+    for cell, dwf in dwf_cfg.items():
+        by_method = acc[cell]
         peers = [by_method[m] for m in ("model-pruning", "pat") if m in by_method]
-        close = peers and cell in dwf_cfg and by_method[dwf_cfg[cell]["method"]] - max(peers) < CLOSE
-        if cell in dwf_cfg and (close or cell in seeded):
-            out.append(dwf_cfg[cell])
+        if cell in seeded or (peers and by_method[dwf["method"]] - max(peers) < CLOSE):
+            out.append(dwf)
     return out
 
 
@@ -300,15 +300,14 @@ def make_module(cfg: dict[str, Any], num_classes: int) -> Classifier:
 def callbacks(cfg: dict[str, Any]) -> list:
     """The callback that makes the method (none for dense and PAT; ``dwf-lam``: a fixed ``cfg["lam"]``; for
     :mod:`benchmarks.factor_lr`, a ``factor_lr_multiplier`` key replaces DWF's ``"auto"`` and a ``depth`` key its 3)."""
-    method = cfg["method"]
+    method, depth = cfg["method"], cfg.get("depth", 3)
     if method == "model-pruning":
         return sweep.method_callbacks(dict(method="model-pruning", target=cfg["target"], epochs=cfg["epochs"]))
     if method in ("dwf", "dwf-balanced"):
         init = "balanced" if method == "dwf-balanced" else "dwf"
-        depth = cfg.get("depth", 3)
         return [sweep.defaults_callback(depth, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
     if method == "dwf-lam":  # benchmarks.fixed_lam
-        return [sweep.defaults_callback(3, lam=cfg["lam"])]
+        return [sweep.defaults_callback(depth, lam=cfg["lam"])]
     return []
 
 
