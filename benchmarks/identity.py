@@ -1,0 +1,129 @@
+"""Behaviour check for refactors: train fixed scenarios and save every weight and logged DWF metric, or compare two
+such files bit for bit.
+
+    python -m benchmarks.identity --out before.pt        # on the old code
+    python -m benchmarks.identity --out after.pt         # on the new code
+    python -m benchmarks.identity --compare before.pt after.pt
+
+Scenarios (tiny MLP on synthetic data, CPU, one thread, deterministic): fixed λ with SGD (the gradient penalty), fixed
+λ with AdamW (the proximal step), target mode with SGD through its recovery phase, target mode with AdamW, and the
+quantization-aware finish after fixed λ (SGD) and after target mode (AdamW). A scenario that triggers a rollback is
+included too (an SGD learning rate at which the factors overflow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dwf import DWFCallback
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "fixed_sgd": dict(opt="sgd", lr=0.1, dwf=dict(lam=0.03)),
+    "fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.05)),
+    "target_sgd": dict(opt="sgd", lr=0.1, dwf=dict(target_sparsity=0.9)),
+    "target_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(target_sparsity=0.95)),
+    "quant_fixed_sgd": dict(opt="sgd", lr=0.1, dwf=dict(lam=0.03, quantize_bits=4)),
+    "quant_target_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(target_sparsity=0.9, quantize_bits=8)),
+    "rollback_sgd": dict(opt="sgd", lr=12.0, dwf=dict(lam=1e-3)),
+}
+
+
+class Tiny(LightningModule):
+    def __init__(self, opt: str, lr: float) -> None:
+        super().__init__()
+        self.opt, self.lr = opt, lr
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def log_dict(self, dictionary: Any, *args: Any, **kwargs: Any) -> None:
+        if "dwf/sparsity" in dictionary:
+            self.logged.append((self.trainer.global_step, {k: float(v) for k, v in dictionary.items()}))
+        super().log_dict(dictionary, *args, **kwargs)
+
+    def configure_optimizers(self) -> Any:
+        if self.opt == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 32, generator=g)
+        y = (x[:, :3].sum(dim=1) > 0).long()
+        return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=g)
+
+
+def run(name: str, root: str) -> dict[str, Any]:
+    spec = SCENARIOS[name]
+    torch.manual_seed(0)
+    model = Tiny(spec["opt"], spec["lr"])
+    dwf = DWFCallback(depth=3, verbose=False, log_pictures=False, **spec["dwf"])
+    trainer = Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_epochs=15, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[dwf],
+                      log_every_n_steps=5, num_sanity_val_steps=0)
+    error = ""
+    try:
+        trainer.fit(model)
+    except Exception as err:  # a diverged scenario is a result too
+        error = type(err).__name__
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "logged": model.logged,
+            "error": error}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    problems = []
+    for name in sorted(set(a) | set(b)):
+        if name not in a or name not in b:
+            problems.append(f"{name}: only in one file")
+            continue
+        x, y = a[name], b[name]
+        if x["error"] != y["error"]:
+            problems.append(f"{name}: error {x['error']!r} vs {y['error']!r}")
+        if x["state"].keys() != y["state"].keys():
+            problems.append(f"{name}: state keys differ")
+        for key in x["state"].keys() & y["state"].keys():
+            if not torch.equal(x["state"][key], y["state"][key]):
+                problems.append(f"{name}: {key} differs (max |Δ| {float((x['state'][key] - y['state'][key]).abs().max()):.3g})")
+        if x["logged"] != y["logged"]:
+            problems.append(f"{name}: logged metrics differ")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out")
+    parser.add_argument("--root", default="/tmp/dwf-identity")
+    parser.add_argument("--compare", nargs=2)
+    args = parser.parse_args(argv)
+    if args.compare:
+        problems = compare(*(torch.load(p, weights_only=False) for p in args.compare))
+        print("\n".join(problems) or f"bit-identical: {len(SCENARIOS)} scenarios")
+        return 1 if problems else 0
+    torch.set_num_threads(1)
+    results = {}
+    for name in SCENARIOS:
+        results[name] = run(name, args.root)
+        zeros = sum(int((v == 0).sum()) for k, v in results[name]["state"].items() if k.endswith("weight"))
+        print(f"{name}: error={results[name]['error'] or '-'} zeros={zeros} logs={len(results[name]['logged'])}")
+    torch.save(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
