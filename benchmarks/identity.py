@@ -86,6 +86,12 @@ def run(name: str, root: str) -> dict[str, Any]:
             "error": error}
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical values (NaN equal to NaN: a diverged run's weights)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.isnan(), b.isnan())) and bool(
+        torch.equal(a.nan_to_num(), b.nan_to_num()))
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     problems = []
     for name in sorted(set(a) | set(b)):
@@ -98,8 +104,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         if x["state"].keys() != y["state"].keys():
             problems.append(f"{name}: state keys differ")
         for key in x["state"].keys() & y["state"].keys():
-            if not torch.equal(x["state"][key], y["state"][key]):
-                problems.append(f"{name}: {key} differs (max |Δ| {float((x['state'][key] - y['state'][key]).abs().max()):.3g})")
+            if not _same(x["state"][key], y["state"][key]):
+                problems.append(f"{name}: {key} differs")
         if x["logged"] != y["logged"]:
             problems.append(f"{name}: logged metrics differ")
     return problems
