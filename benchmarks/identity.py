@@ -75,8 +75,8 @@ def run(name: str, root: str) -> dict[str, Any]:
     model = Tiny(spec["opt"], spec["lr"])
     dwf = DWFCallback(depth=3, verbose=False, log_pictures=False, **spec["dwf"])
     trainer = Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_epochs=15, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[dwf],
-                      log_every_n_steps=5, num_sanity_val_steps=0)
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      log_every_n_steps=5, num_sanity_val_steps=0, callbacks=[dwf])
     error = ""
     try:
         trainer.fit(model)

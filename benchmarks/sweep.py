@@ -42,8 +42,8 @@ from lightning_dwf import (
     ScheduleConfig,
     sparsity_report,
 )
-from lightning_dwf.controller import default_recovery
-from lightning_dwf.functional import lam_floor
+from lightning_dwf.core.functional import lam_floor
+from lightning_dwf.training.controller import default_recovery
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.9, 0.95, 0.98, 0.99, 0.995)

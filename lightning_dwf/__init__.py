@@ -6,10 +6,7 @@ validated config objects (:class:`FactorizeConfig`, :class:`ScheduleConfig`, :cl
 :class:`CollapseConfig`); the callback :class:`DWFCallback` orchestrates them inside ``Trainer.fit``.
 """
 
-from lightning_dwf import functional
-from lightning_dwf.callback import DWFCallback
-from lightning_dwf.collapse import collapse_, collapse_state_dict
-from lightning_dwf.compressed import CompressionReport, TensorSize, load_compressed, save_compressed
+from lightning_dwf.callbacks.dwf import DWFCallback
 from lightning_dwf.config import (
     DEFAULT_LAYER_TYPES,
     CollapseConfig,
@@ -17,8 +14,19 @@ from lightning_dwf.config import (
     FactorLRConfig,
     ScheduleConfig,
 )
-from lightning_dwf.controller import SparsityController
-from lightning_dwf.decompose import (
+from lightning_dwf.core import functional
+from lightning_dwf.core.collapse import collapse_, collapse_state_dict
+from lightning_dwf.core.factorize import (
+    FactorizedTensor,
+    factor_parameters,
+    factorize_,
+    factorized_tensors,
+    is_factorized,
+)
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD
+from lightning_dwf.core.init import dwf_init_
+from lightning_dwf.core.parametrization import HadamardProduct
+from lightning_dwf.decompose.decompose import (
     DecomposeConfig,
     DecompositionReport,
     collapse_decomposed_,
@@ -27,21 +35,13 @@ from lightning_dwf.decompose import (
     load_decomposed,
     save_decomposed,
 )
-from lightning_dwf.factorize import (
-    FactorizedTensor,
-    factor_parameters,
-    factorize_,
-    factorized_tensors,
-    is_factorized,
-)
-from lightning_dwf.functional import DEFAULT_THRESHOLD
-from lightning_dwf.init import dwf_init_
-from lightning_dwf.messages import DWFDeadLayerWarning, DWFLearningRateWarning, DWFRollbackWarning
-from lightning_dwf.optim import FactorPenalty, LearningRateCheck, check_learning_rates, penalty_kind
-from lightning_dwf.parametrization import HadamardProduct
-from lightning_dwf.report import LayerSparsity, SparsityReport, sparsity_report
-from lightning_dwf.rollback import TrainingSnapshot
-from lightning_dwf.support import cut_to_sparsity_, fix_support_, keep_masks, support_threshold
+from lightning_dwf.errors import DWFDeadLayerWarning, DWFLearningRateWarning, DWFRollbackWarning
+from lightning_dwf.export.compressed import CompressionReport, TensorSize, load_compressed, save_compressed
+from lightning_dwf.observe.report import LayerSparsity, SparsityReport, sparsity_report
+from lightning_dwf.training.controller import SparsityController
+from lightning_dwf.training.penalty import FactorPenalty, LearningRateCheck, check_learning_rates, penalty_kind
+from lightning_dwf.training.rollback import TrainingSnapshot
+from lightning_dwf.training.support import cut_to_sparsity_, fix_support_, keep_masks, support_threshold
 
 __version__ = "0.1.0"
 

@@ -30,8 +30,8 @@ from lightning_dwf._validation import (
     check_positive,
     check_target,
 )
-from lightning_dwf.functional import DEFAULT_THRESHOLD
-from lightning_dwf.init import DEFAULT_EPS_RATIO, InitStd
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD
+from lightning_dwf.core.init import DEFAULT_EPS_RATIO, InitStd
 
 #: Layer classes, or ``torch.nn`` class names such as ``"Linear"``.
 LayerType = type[nn.Module] | str
@@ -125,9 +125,9 @@ class ScheduleConfig:
 
     Args:
         recovery: the fraction of the run, at its end, in which the sparsity pattern is fixed at exactly the target
-            and λ = 0, in [0, 0.8] (default :func:`lightning_dwf.controller.default_recovery` of the target).
+            and λ = 0, in [0, 0.8] (default :func:`~lightning_dwf.training.controller.default_recovery` of the target).
         control_threshold: absolute magnitude below which a weight counts as pruned for the λ controller (default
-            :func:`lightning_dwf.controller.default_control_threshold` of the weights' RMS and the run's length).
+            :func:`~lightning_dwf.training.controller.default_control_threshold` of the weights' RMS and the run's length).
         warmup: fraction of the run before the ramp starts (λ stays at its start value).
         gain: step size of the integral controller on log λ (0: λ never leaves its start value).
         max_step: bound on ``|Δ ln λ|`` per controller update (raising; lowering may be 4× faster).
@@ -179,7 +179,7 @@ class ScheduleConfig:
 
     def recovery_for(self, target: float) -> float:
         """``recovery``, or its default for ``target`` (fraction of zero weights)."""
-        from lightning_dwf.controller import default_recovery
+        from lightning_dwf.training.controller import default_recovery
 
         return default_recovery(target) if self.recovery is None else self.recovery
 
@@ -190,7 +190,7 @@ class FactorLRConfig:
 
     Args:
         multiplier: scales the factors' updates, i.e. their learning rate (the other parameters keep theirs).
-            ``"auto"`` (default): per factorized tensor, :func:`lightning_dwf.functional.auto_lr_multiplier` of its
+            ``"auto"`` (default): per factorized tensor, :func:`lightning_dwf.core.functional.auto_lr_multiplier` of its
             weights' RMS at the start of ``fit`` and of the optimizer family, so that a typical weight of every layer
             moves as fast as it would in dense training (DWF's factors otherwise train its weights far more slowly:
             about 18× at RMS 0.05, D = 3, under SGD); under Adam-type optimizers 5 for every tensor. A number: the

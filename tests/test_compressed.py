@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_dwf import factorize_
-from lightning_dwf.compressed import (
+from lightning_dwf.export.compressed import (
     CompressionReport,
     _candidates,
     _code_stream,

@@ -19,8 +19,8 @@ from lightning_dwf import (
     factorize_,
     factorized_tensors,
 )
-from lightning_dwf.controller import plan_controller
-from lightning_dwf.functional import lam_floor
+from lightning_dwf.core.functional import lam_floor
+from lightning_dwf.training.controller import plan_controller
 
 
 def test_configs_are_frozen_and_normalized():

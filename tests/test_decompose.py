@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dwf import factorize_
-from lightning_dwf.compressed import load_compressed, save_compressed
-from lightning_dwf.decompose import (
+from lightning_dwf.core.functional import quantize_to_grid
+from lightning_dwf.decompose.decompose import (
     DecomposeConfig,
     LowRankProduct,
     collapse_decomposed_,
@@ -23,7 +23,7 @@ from lightning_dwf.decompose import (
     load_decomposed,
     save_decomposed,
 )
-from lightning_dwf.functional import quantize_to_grid
+from lightning_dwf.export.compressed import load_compressed, save_compressed
 
 KINDS = ["linear", "conv1d", "conv2d"]
 

@@ -29,7 +29,7 @@ from lightning_dwf import (
     keep_masks,
     penalty_kind,
 )
-from lightning_dwf.functional import auto_lr_multiplier
+from lightning_dwf.core.functional import auto_lr_multiplier
 
 
 class OptToy(ToyModel):
@@ -101,7 +101,7 @@ def test_adam_type_fixed_lam_gives_exact_zeros(tmp_path, opt):
 def test_proximal_step_only_under_fixed_lam_and_decoupled_penalty(tmp_path, monkeypatch):
     """The proximal zeroing runs once per optimizer step in fixed-λ mode under Adam-type optimizers, never under SGD
     (the penalty gradient is the DWF objective there) or in target mode (the cut sets the support)."""
-    import lightning_dwf.callback as callback_module
+    import lightning_dwf.callbacks.dwf as callback_module
 
     calls = []
     real = callback_module.fix_support_

@@ -20,7 +20,7 @@ from lightning_dwf import (
     factorized_tensors,
     sparsity_report,
 )
-from lightning_dwf.functional import (
+from lightning_dwf.core.functional import (
     balanced_factors,
     factor_penalty,
     hadamard_product,

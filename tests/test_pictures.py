@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_dwf import DWFCallback
-from lightning_dwf.pictures import FIGURE_TAG, HISTOGRAM_TAG, picture_cadence
+from lightning_dwf.observe.pictures import FIGURE_TAG, HISTOGRAM_TAG, picture_cadence
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

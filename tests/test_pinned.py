@@ -36,7 +36,7 @@ from lightning_dwf import (
     factorize_,
     factorized_tensors,
 )
-from lightning_dwf.collapse import has_factors
+from lightning_dwf.core.collapse import has_factors
 
 LINEAR_WEIGHTS = ("net.0.weight", "net.2.weight")
 

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_dwf import CollapseConfig, DWFCallback, load_compressed
-from lightning_dwf.functional import channel_scales, fake_quantize, quantize_to_grid
+from lightning_dwf.core.functional import channel_scales, fake_quantize, quantize_to_grid
 
 
 class Recorder(Callback):

@@ -24,9 +24,9 @@ from lightning_dwf import (
     ScheduleConfig,
     factor_parameters,
 )
-from lightning_dwf.controller import SparsityController, default_control_threshold
-from lightning_dwf.factorize import factorize_, factorized_tensors
-from lightning_dwf.support import fix_support_, support_threshold
+from lightning_dwf.core.factorize import factorize_, factorized_tensors
+from lightning_dwf.training.controller import SparsityController, default_control_threshold
+from lightning_dwf.training.support import fix_support_, support_threshold
 
 
 def test_reference_schedule_warmup_ramp_recovery():
@@ -101,7 +101,10 @@ class WeightRMS(Callback):
         self.steps = int(trainer.estimated_stepping_batches)
 
 
-def test_reaches_the_target_and_logs_the_controller(tmp_path, caplog):
+def test_reaches_the_target_and_logs_the_controller(tmp_path, caplog, monkeypatch):
+    # Lightning stops its logger propagating to the root logger (where caplog listens) when the root had no handler
+    # at import time, which depends on the pytest version
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     dwf, rms = DWFCallback(depth=3, target_sparsity=0.98, verbose=False), WeightRMS()
     logger = CSVLogger(tmp_path)
     trainer = Trainer(

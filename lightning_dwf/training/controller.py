@@ -10,7 +10,7 @@ the docs, "Benchmarks"). :class:`SparsityController` instead treats λ as the ac
   (``ScheduleConfig.gradual``), and λ is steered so that the penalty runs ``lead`` of the run *ahead* of the cut
   (the reference ``s_ref = s(p + lead)``), shrinking the weights before the cut removes them;
 * recovery (the rest, from ``ramp_end``): the callback fixes the support at exactly the target sparsity
-  (:func:`lightning_dwf.support.fix_support_`) and λ drops to 0, so the surviving weights recover accuracy
+  (:func:`lightning_dwf.training.support.fix_support_`) and λ drops to 0, so the surviving weights recover accuracy
   without the penalty's shrinkage. The callback repeats its factor LR warm-up from there: the cut makes the
   loss jump, and the largest weights, whose effective LR grows like |w|^(2−2/D), can diverge at the full factor LR.
 
@@ -21,7 +21,7 @@ is taken at a control threshold (absolute; default :func:`default_control_thresh
 their way to exact zero and barely change the network's output, while exact zeros lag far behind λ. How deep that
 threshold sits is a trade-off the run's length decides (measured in the docs): a deep one lets the penalty separate
 the weights more sharply but shrinks the survivors further, which a short run cannot recover from. At recovery the
-support is fixed at the global magnitude quantile of the target (:func:`lightning_dwf.support.support_threshold`),
+support is fixed at the global magnitude quantile of the target (:func:`~lightning_dwf.training.support.support_threshold`),
 which closes a remaining gap either way: the smallest surviving weights go if the controller lagged, the largest
 sub-threshold ones stay if the dynamics overshot.
 
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lightning_dwf.config import ScheduleConfig
-from lightning_dwf.functional import lam_floor
+from lightning_dwf.core.functional import lam_floor
 
 #: Control threshold relative to the weights' RMS for long runs (>= LONG_RUN_STEPS optimizer steps) and at most.
 MIN_RELATIVE_CONTROL_THRESHOLD = 0.02
@@ -176,7 +176,7 @@ def plan_controller(
 ) -> SparsityController:
     """The controller for a run: control threshold, start λ, λ bounds and phases.
 
-    λ starts at a tenth of the LR floor solved for λ (:func:`lightning_dwf.functional.lam_floor`: the λ at which
+    λ starts at a tenth of the LR floor solved for λ (:func:`lightning_dwf.core.functional.lam_floor`: the λ at which
     unsupported weights of magnitude ``weight_scale`` just reach the control threshold in the run), well below it,
     because at the floor every weight the loss does not support dies. λ is bounded above so that the per-step
     penalty shrink ``2·lr·λ/D`` stays below :data:`MAX_SHRINK_PER_STEP`.

@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_dwf.functional import balanced_factors, fake_quantize, hadamard_product
+from lightning_dwf.core.functional import balanced_factors, fake_quantize, hadamard_product
 
 
 class HadamardProduct(nn.Module):
     """Parametrization ``w = ω1 ⊙ … ⊙ ωD`` (registered with ``parametrize.register_parametrization``).
 
     ``right_inverse`` returns the *balanced* factorization of a given weight, so registering it on a
-    trained module keeps the function it computes; :func:`lightning_dwf.init.dwf_init_` then
+    trained module keeps the function it computes; :func:`lightning_dwf.core.init.dwf_init_` then
     overwrites the factors with the DWF initialization when training starts from scratch.
     The factors live at ``<module>.parametrizations.<name>.original0 … original{D-1}``. With ``quant_bits`` set
-    (:func:`lightning_dwf.quantize.set_fake_quantization_`) the product goes through the straight-through fake
-    quantizer :func:`lightning_dwf.functional.fake_quantize`.
+    (:func:`lightning_dwf.training.quantize.set_fake_quantization_`) the product goes through the straight-through fake
+    quantizer :func:`lightning_dwf.core.functional.fake_quantize`.
 
     Args:
         depth: number of factors D (>= 2).

@@ -13,9 +13,9 @@ from torch.nn.utils import parametrize
 
 from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_depth
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig
-from lightning_dwf.functional import balanced_factors, hadamard_product
-from lightning_dwf.init import dwf_init_, resolve_init_std
-from lightning_dwf.parametrization import HadamardProduct
+from lightning_dwf.core.functional import balanced_factors, hadamard_product
+from lightning_dwf.core.init import dwf_init_, resolve_init_std
+from lightning_dwf.core.parametrization import HadamardProduct
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf._validation import check_nonnegative
-from lightning_dwf.factorize import factorized_tensors
-from lightning_dwf.functional import DEFAULT_THRESHOLD, hadamard_product, threshold_
+from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD, hadamard_product, threshold_
 
 _FACTOR_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.original(?P<index>\d+)$")
 

@@ -21,7 +21,7 @@ optimizer and scheduler state resume as usual. How the penalty enters the step d
   step holds every weight with a consistent gradient at a size set by λ and that gradient's signal-to-noise ratio,
   never at zero, so with a fixed λ :class:`~lightning_dwf.DWFCallback` follows each step with the proximal step of
   ``λ·|w|^(2/D)`` on the collapsed weights: those below
-  :func:`~lightning_dwf.functional.prox_threshold` of ``lr × multiplier`` become exact zeros
+  :func:`~lightning_dwf.core.functional.prox_threshold` of ``lr × multiplier`` become exact zeros
   (:meth:`FactorPenalty.proximal_thresholds`). In target mode the cut sets the support instead.
 
 The user's own ``weight_decay`` on the factors is neutralized (the factors get exactly λ, no double penalty):
@@ -40,8 +40,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_dwf.factorize import factorized_tensors
-from lightning_dwf.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, lr_floor, prox_threshold
+from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, lr_floor, prox_threshold
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -189,7 +189,7 @@ class FactorPenalty:
     def proximal_thresholds(self, module: nn.Module, floor: float = DEFAULT_THRESHOLD) -> dict[str, float]:
         """Per factorized tensor of ``module`` under the decoupled penalty: the magnitude below which the proximal
         step of ``λ·|w|^(2/D)`` at the factors' current ``lr × multiplier`` is exactly zero
-        (:func:`~lightning_dwf.functional.prox_threshold`), at least ``floor`` (absolute).
+        (:func:`~lightning_dwf.core.functional.prox_threshold`), at least ``floor`` (absolute).
 
         Fixed λ under Adam-type optimizers: take them before ``optimizer.step()`` and zero below them after it with
         ``fix_support_(module, thresholds, [optimizer])``, as the callback does. Adam's normalized step would
@@ -325,7 +325,7 @@ def check_learning_rates(
     * Floor (gradient penalty, SGD-type): an unsupported weight reaches ``threshold`` within ``steps`` only if
       ``η0 ≥ ln(init_std/threshold)/(λ·steps)`` (cosine decay; a constant LR gets there twice as fast). Not checked
       under the decoupled penalty: there the callback's proximal step zeroes a weight once it falls below
-      :func:`~lightning_dwf.functional.prox_threshold`, far above ``threshold``.
+      :func:`~lightning_dwf.core.functional.prox_threshold`, far above ``threshold``.
     * Stability (every optimizer): ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
 
     η is the effective LR of :func:`effective_lr`.

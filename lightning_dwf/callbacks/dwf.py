@@ -29,16 +29,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_dwf._checkpoint import default_collapsed_ckpt_path, export_compressed, save_weights_atomically
-from lightning_dwf._guards import check_amp_optimizers, check_trainer
 from lightning_dwf._validation import check_depth, check_nonnegative
-from lightning_dwf.collapse import collapse_, collapse_state_dict, has_factors
-from lightning_dwf.compressed import CompressionReport
+from lightning_dwf.callbacks.checkpoint import default_collapsed_ckpt_path, export_compressed, save_weights_atomically
+from lightning_dwf.callbacks.guards import check_amp_optimizers, check_trainer
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, ScheduleConfig, resolve_target
-from lightning_dwf.controller import SparsityController, plan_controller
-from lightning_dwf.factorize import factor_parameters, factorize_, factorized_tensors
-from lightning_dwf.functional import DECOUPLED_AUTO_MULTIPLIER, auto_lr_multiplier
-from lightning_dwf.messages import (
+from lightning_dwf.core.collapse import collapse_, collapse_state_dict, has_factors
+from lightning_dwf.core.factorize import factor_parameters, factorize_, factorized_tensors
+from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, auto_lr_multiplier
+from lightning_dwf.errors import (
     PLAIN_CHECKPOINT_MESSAGE,
     DWFDeadLayerWarning,
     DWFLearningRateWarning,
@@ -47,12 +45,19 @@ from lightning_dwf.messages import (
     divergence_message,
     rollback_message,
 )
-from lightning_dwf.optim import FactorPenalty, check_learning_rates, factor_learning_rates, warmup_multiplier
-from lightning_dwf.pictures import DEFAULT_PICTURE_FACTOR, log_summary_figure, log_weight_histograms, picture_cadence
-from lightning_dwf.quantize import check_bits, set_fake_quantization_, zero_quantized_zeros_
-from lightning_dwf.report import SparsityReport, sparsity_report, weight_scales
-from lightning_dwf.rollback import TrainingSnapshot
-from lightning_dwf.support import cut_to_sparsity_, fix_support_
+from lightning_dwf.export.compressed import CompressionReport
+from lightning_dwf.observe.pictures import (
+    DEFAULT_PICTURE_FACTOR,
+    log_summary_figure,
+    log_weight_histograms,
+    picture_cadence,
+)
+from lightning_dwf.observe.report import SparsityReport, sparsity_report, weight_scales
+from lightning_dwf.training.controller import SparsityController, plan_controller
+from lightning_dwf.training.penalty import FactorPenalty, check_learning_rates, factor_learning_rates, warmup_multiplier
+from lightning_dwf.training.quantize import check_bits, set_fake_quantization_, zero_quantized_zeros_
+from lightning_dwf.training.rollback import TrainingSnapshot
+from lightning_dwf.training.support import cut_to_sparsity_, fix_support_
 
 #: Where checkpoints written during fit keep the factors (their ``state_dict`` holds the collapsed weights).
 FACTORIZED_STATE_KEY = "dwf_factorized_state_dict"
@@ -79,7 +84,7 @@ class DWFCallback(Callback):
     At ``setup`` (fit only, before the model is moved, wrapped or given an optimizer) every selected
     weight becomes ``w = ω1 ⊙ … ⊙ ωD``. Each optimizer step the factors get the gradient of
     ``(λ/D)·Σ_d ||ω_d||²`` (whatever optimizers and schedulers ``configure_optimizers`` returns; the
-    user's weight decay on factors is neutralized, see :mod:`lightning_dwf.optim`), which makes
+    user's weight decay on factors is neutralized, see :mod:`lightning_dwf.training.penalty`), which makes
     training minimize ``loss + λ·Σ|w|^(2/D)``. Metrics ``dwf/sparsity``, ``dwf/compression_ratio``,
     ``dwf/misalignment``, ``dwf/penalty`` and ``dwf/sparsity/<layer>`` go through ``LightningModule.log``
     (every logger, ``ModelCheckpoint``/``EarlyStopping`` can monitor them). At the end of ``fit`` the
@@ -91,7 +96,7 @@ class DWFCallback(Callback):
         lam: a fixed λ, the strength of the collapsed penalty ``λ·Σ|w|^(2/D)`` in units of a *mean* training loss.
             Larger λ gives more zeros.
         target_sparsity: instead of ``lam``, the fraction of zero weights wanted at the end (e.g. 0.99); λ is then
-            adapted during training (:class:`~lightning_dwf.controller.SparsityController`).
+            adapted during training (:class:`~lightning_dwf.training.controller.SparsityController`).
         target_compression: the same as a compression ratio (weights / non-zeros, e.g. 100).
         factorize: which tensors to factorize and how to initialize them (:class:`~lightning_dwf.FactorizeConfig`).
         schedule: how target mode schedules λ (:class:`~lightning_dwf.ScheduleConfig`).
@@ -255,7 +260,7 @@ class DWFCallback(Callback):
 
     def _plan_multipliers(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """Each factorized tensor's factor LR multiplier: ``FactorLRConfig.multiplier``, or with ``"auto"``
-        :func:`~lightning_dwf.functional.auto_lr_multiplier` of its weights' RMS and its optimizer family."""
+        :func:`~lightning_dwf.core.functional.auto_lr_multiplier` of its weights' RMS and its optimizer family."""
         assert self._penalty is not None
         out = {}
         for tensor in factorized_tensors(pl_module):
@@ -401,7 +406,7 @@ class DWFCallback(Callback):
 
     def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float) -> float:
         """Zero all but the largest weights so that exactly ``sparsity`` of them are zero, no layer emptied
-        (:func:`~lightning_dwf.support.keep_masks`); returns the smallest surviving magnitude (absolute)."""
+        (:func:`~lightning_dwf.training.support.keep_masks`); returns the smallest surviving magnitude (absolute)."""
         return cut_to_sparsity_(pl_module, sparsity, self.collapse.threshold, trainer.optimizers,
                                 self.schedule.min_layer_share)
 

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_dwf.functional import grid_codes
+from lightning_dwf.core.functional import grid_codes
 
 FORMAT = "lightning-dwf-compressed"
 FORMAT_VERSION = "1"
@@ -437,7 +437,7 @@ def _check_plain(module: nn.Module, what: str) -> None:
         raise ValueError(
             f"`module` is still factorized (parametrized: {', '.join(names[:3])}{'…' if len(names) > 3 else ''}); "
             f"{what} works on plain weights. Call `lightning_dwf.collapse_(module)` first (a QSD-decomposed module: "
-            "`lightning_dwf.decompose.save_decomposed` or `collapse_decomposed_`)."
+            "`lightning_dwf.decompose.decompose.save_decomposed` or `collapse_decomposed_`)."
         )
 
 
@@ -486,7 +486,7 @@ def save_state(
     """Write a mapping of named tensors to one compressed file, exactly as :func:`save_compressed` writes a module's.
 
     The building block of :func:`save_compressed` (which passes ``module.state_dict()``) for callers that store
-    tensors a module does not hold as such (e.g. :func:`lightning_dwf.decompose.save_decomposed`). Read the file
+    tensors a module does not hold as such (e.g. :func:`~lightning_dwf.save_decomposed`). Read the file
     back with :func:`load_state` (or :func:`load_compressed` when the names match a module's ``state_dict()``).
 
     Args:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_dwf.factorize import factorized_tensors, select_tensors
-from lightning_dwf.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
+from lightning_dwf.core.factorize import factorized_tensors, select_tensors
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
 
 
 @dataclass(frozen=True)

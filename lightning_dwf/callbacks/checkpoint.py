@@ -7,7 +7,7 @@ import os
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_dwf.compressed import CompressionReport, save_compressed
+from lightning_dwf.export.compressed import CompressionReport, save_compressed
 
 #: File name of the collapsed checkpoint written at the end of ``fit``.
 COLLAPSED_CKPT_NAME = "dwf-collapsed.ckpt"

@@ -3,7 +3,7 @@
 Each selected weight ``W`` (a Conv weight is read as the matrix ``[out, in/groups · prod(kernel)]``) is replaced
 by a product of two factors ``W ≈ U @ V`` with ``U: [out, r]`` and ``V: [r, cols]``, each **sparse** (at most
 ``floor(density · numel)`` non-zeros per factor) and, with ``bits``, **quantized** per row on the symmetric grid of
-:mod:`lightning_dwf.compressed` (``scale_r = max_j |x_rj| / (2**(bits-1) - 1)``). The product is computed on the fly
+:mod:`~lightning_dwf.export` (``scale_r = max_j |x_rj| / (2**(bits-1) - 1)``). The product is computed on the fly
 through ``torch.nn.utils.parametrize`` (:class:`LowRankProduct`), so the module stays a plain module whose
 ``layer.weight`` is ``(U @ V).reshape(shape)`` and which an ordinary optimizer fine-tunes end to end.
 
@@ -38,7 +38,7 @@ grid therefore hold in every forward, whatever the optimizer.
 
 Storage (:func:`save_decomposed` / :func:`load_decomposed`): the effective (masked, quantized) factors are saved as
 2-D tensors ``<layer>.<param>.qsd_u`` / ``.qsd_v`` beside every other ``state_dict()`` entry, in the package's
-compressed format (:func:`lightning_dwf.compressed.save_state`), so each factor gets the cheapest sparse encoding
+compressed format (:func:`lightning_dwf.export.compressed.save_state`), so each factor gets the cheapest sparse encoding
 and its values the same per-row integer grid; ``file_bytes`` is the file's true size. Loading rebuilds the
 parametrization on a fresh plain module (or collapses it to a dense weight with ``collapse=True``).
 
@@ -49,7 +49,7 @@ Departures and choices that are ours (the paper's details are unknown to us):
   top-k sparsity per factor, per-row symmetric uniform quantization with the max as scale (no scale search);
 * a Conv weight is decomposed as the matrix ``[out, in/groups · prod(kernel)]``;
 * fine-tuning keeps the PGD masks fixed (no re-selection of the pattern) and uses Adam;
-* the bit accounting is that of :mod:`lightning_dwf.compressed` (its encodings and entropy coding), measured on disk.
+* the bit accounting is that of :mod:`~lightning_dwf.export` (its encodings and entropy coding), measured on disk.
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf._validation import check_patterns, check_positive
-from lightning_dwf.compressed import SUPPORTED_BITS, CompressionReport, _encode_weight, load_state, save_state
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig, FilterFn, LayerType, resolve_layer_types
-from lightning_dwf.factorize import select_tensors
-from lightning_dwf.functional import fake_quantize, quantize_to_grid
+from lightning_dwf.core.factorize import select_tensors
+from lightning_dwf.core.functional import fake_quantize, quantize_to_grid
+from lightning_dwf.export.compressed import SUPPORTED_BITS, CompressionReport, _encode_weight, load_state, save_state
 
 __all__ = [
     "DecomposeConfig",
@@ -122,7 +122,7 @@ class DecomposeConfig:
         density: fraction of entries kept non-zero in EACH factor, in (0, 1]: at most ``floor(density · numel)``
             non-zeros in ``U`` and in ``V`` (e.g. 0.1).
         bits: ``None`` (float factors), 8 or 4: the factors' values lie on the per-row symmetric grid
-            ``scale_r = max_j |x_rj| / (2**(bits-1) - 1)`` of :mod:`lightning_dwf.compressed`.
+            ``scale_r = max_j |x_rj| / (2**(bits-1) - 1)`` of :mod:`lightning_dwf.export.compressed`.
         steps: projected-gradient iterations (each updates ``U`` then ``V``); 0 keeps the projected SVD.
         lr: a fixed PGD step size; ``None`` (default, recommended) uses ``1/||V||₂²`` for ``U`` and ``1/||U||₂²``
             for ``V``, the inverse Lipschitz constants of the two subproblems (no tuning needed).
@@ -322,7 +322,7 @@ class LowRankProduct(nn.Module):
 
     ``U`` and ``V`` are the trainable tensors ``<layer>.parametrizations.<name>.original0`` / ``original1``;
     ``M_U``, ``M_V`` are fixed boolean masks (buffers ``mask_u`` / ``mask_v``, the non-zeros of the given factors),
-    and ``Q`` the straight-through per-row fake quantization of :func:`lightning_dwf.functional.fake_quantize`
+    and ``Q`` the straight-through per-row fake quantization of :func:`lightning_dwf.core.functional.fake_quantize`
     (identity for
     ``bits=None``). Registering it keeps the given factors (its ``right_inverse`` returns them once); assigning a
     new dense weight to the layer afterwards is refused.
@@ -744,7 +744,7 @@ def save_decomposed(
 
     The effective factors (masked, on their grid) are stored as 2-D tensors ``<name>.qsd_u`` / ``<name>.qsd_v``
     in place of each decomposed weight, with every other ``state_dict()`` entry, through
-    :func:`lightning_dwf.compressed.save_state` (cheapest sparse encoding per tensor, per-row integers with
+    :func:`lightning_dwf.export.compressed.save_state` (cheapest sparse encoding per tensor, per-row integers with
     ``bits``). The JSON metadata ``qsd`` lists the decomposed tensors (shape, dtype, rank, bits).
 
     Args:

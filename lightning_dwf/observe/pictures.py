@@ -24,8 +24,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import nn
 
-from lightning_dwf.factorize import factorized_tensors
-from lightning_dwf.report import SparsityReport
+from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.observe.report import SparsityReport
 
 #: Tag prefix of the weight-magnitude histograms (one per factorized tensor).
 HISTOGRAM_TAG = "dwf/log10_abs_weight"

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lightning_dwf.compressed import SUPPORTED_BITS
-from lightning_dwf.factorize import factorized_tensors
-from lightning_dwf.functional import quantize_to_grid
-from lightning_dwf.support import zero_weights_
+from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.core.functional import quantize_to_grid
+from lightning_dwf.export.compressed import SUPPORTED_BITS
+from lightning_dwf.training.support import zero_weights_
 
 
 def check_bits(bits: object, name: str = "quantize_bits") -> int | None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_dwf.factorize import factorized_tensors
+from lightning_dwf.core.factorize import factorized_tensors
 
 
 @torch.no_grad()
