@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning_dwf.core.functional import SUPPORTED_BITS
+
 #: Depths above this train poorly (D-Gating follow-up: no gain beyond D = 4, more instability).
 MAX_RECOMMENDED_DEPTH = 6
 
@@ -55,6 +57,14 @@ def check_fraction(name: str, value: Any, upper: float, upper_inclusive: bool, m
         bracket = "]" if upper_inclusive else ")"
         raise ValueError(f"`{name}` is {meaning}; it must be in [0, {upper:g}{bracket}, got {value!r}.")
     return float(value)
+
+
+def check_bits(bits: Any, name: str = "quantize_bits") -> int | None:
+    """Return ``bits`` if it is None, 8 or 4 (bits per stored value of the per-channel grid), else raise naming
+    ``name``."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"`{name}` must be None (float weights), 8 or 4 (bits per stored value), got {bits!r}.")
+    return bits
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

@@ -1,19 +1,43 @@
-"""The warnings the package emits, and the texts that explain a failure and its fix."""
+"""The exceptions and warnings the package raises, and the texts that explain a failure and its fix.
+
+Every exception lightning-dwf raises on purpose for a failed run or a bad file derives from :class:`DWFError`, so one
+``except DWFError`` catches them; each also derives from the built-in type it replaced (``RuntimeError``,
+``ValueError``), so older ``except`` clauses keep working. Every warning derives from :class:`DWFWarning`. Invalid
+arguments raise ``TypeError``/``ValueError`` at construction, naming the argument and the fix.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 
-class DWFLearningRateWarning(UserWarning):
+class DWFError(Exception):
+    """Base class of the exceptions lightning-dwf raises for a failed run or a file it cannot read."""
+
+
+class DWFDivergenceError(DWFError, RuntimeError):
+    """The weights went non-finite after every allowed rollback (``FactorLRConfig.rollbacks``): the run stopped and
+    no collapsed checkpoint was written. Benchmarks catch it to record a diverged run."""
+
+
+class DWFFileError(DWFError, ValueError):
+    """A file is not what the loader expects (another format, a damaged file, or a model of another shape); nothing
+    was changed."""
+
+
+class DWFWarning(UserWarning):
+    """Base class of the warnings lightning-dwf emits."""
+
+
+class DWFLearningRateWarning(DWFWarning):
     """The factor learning rate is below the floor needed to reach exact zeros (silence with ``check="off"``)."""
 
 
-class DWFDeadLayerWarning(UserWarning):
+class DWFDeadLayerWarning(DWFWarning):
     """Every weight of a factorized tensor is (or would collapse to) zero: the layer no longer passes its input on."""
 
 
-class DWFRollbackWarning(UserWarning):
+class DWFRollbackWarning(DWFWarning):
     """The weights went non-finite and training stepped back to its last finite state with a smaller factor step."""
 
 

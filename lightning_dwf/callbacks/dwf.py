@@ -55,7 +55,8 @@ from lightning_dwf.observe.pictures import (
 from lightning_dwf.observe.report import SparsityReport, sparsity_report, weight_scales
 from lightning_dwf.training.controller import SparsityController, plan_controller
 from lightning_dwf.training.penalty import FactorPenalty, check_learning_rates, factor_learning_rates, warmup_multiplier
-from lightning_dwf.training.quantize import check_bits, set_fake_quantization_, zero_quantized_zeros_
+from lightning_dwf._validation import check_bits
+from lightning_dwf.training.quantize import set_fake_quantization_, zero_quantized_zeros_
 from lightning_dwf.training.rollback import TrainingSnapshot
 from lightning_dwf.training.support import cut_to_sparsity_, fix_support_
 

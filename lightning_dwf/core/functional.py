@@ -154,6 +154,10 @@ def auto_lr_multiplier(weight_rms: float, depth: int, kind: str) -> float:
     return min(high, max(low, 1.0 / (depth * scale ** (2.0 - 2.0 / depth))))
 
 
+#: Bits per stored value of the per-channel grid (None: float weights, no grid).
+SUPPORTED_BITS = (None, 8, 4)
+
+
 def channel_scales(weight: Tensor, bits: int) -> Tensor:
     """Per-output-channel step ``max|w_r| / (2**(bits-1) - 1)`` (float32, one per row of dim 0; 0 for a zero row).
 

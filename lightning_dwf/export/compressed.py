@@ -48,11 +48,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_dwf.core.functional import grid_codes
+from lightning_dwf._validation import check_bits
+from lightning_dwf.core.functional import SUPPORTED_BITS, grid_codes  # noqa: F401  (SUPPORTED_BITS: re-exported)
 
 FORMAT = "lightning-dwf-compressed"
 FORMAT_VERSION = "1"
-SUPPORTED_BITS = (None, 8, 4)
 
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
 _REL_MAX_GAP = {"rel8": 255, "rel4": 15}
@@ -441,12 +441,6 @@ def _check_plain(module: nn.Module, what: str) -> None:
         )
 
 
-def _check_bits(bits: Any) -> int | None:
-    if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
-        raise ValueError(f"`bits` must be None (lossless), 8 or 4, got {bits!r}.")
-    return bits
-
-
 def save_compressed(module: nn.Module, path: str | os.PathLike[str], *, bits: int | None = None) -> CompressionReport:
     """Write the whole ``state_dict()`` of a plain (collapsed) module to one compressed safetensors file.
 
@@ -471,7 +465,7 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str], *, bits: in
     Raises:
         ValueError: ``bits`` is not None, 8 or 4; ``module`` is still factorized; a weight is not finite with ``bits``.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits, "bits")
     _check_plain(module, "save_compressed")
     return save_state(module.state_dict(), path, bits=bits)
 
@@ -503,7 +497,7 @@ def save_state(
         ValueError: bad ``bits``, a non-tensor value, a reserved metadata key, or a weight that is not finite with
             ``bits``.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits, "bits")
     from safetensors.torch import save_file
 
     path = os.fspath(path)

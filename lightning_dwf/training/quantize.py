@@ -16,15 +16,7 @@ from torch import nn
 
 from lightning_dwf.core.factorize import factorized_tensors
 from lightning_dwf.core.functional import quantize_to_grid
-from lightning_dwf.export.compressed import SUPPORTED_BITS
 from lightning_dwf.training.support import zero_weights_
-
-
-def check_bits(bits: object, name: str = "quantize_bits") -> int | None:
-    """Return ``bits`` if it is None, 8 or 4, else raise naming ``name``."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"`{name}` must be None (float weights), 8 or 4 (bits per stored value), got {bits!r}.")
-    return bits  # type: ignore[return-value]
 
 
 def set_fake_quantization_(module: nn.Module, bits: int | None) -> int:
