@@ -26,7 +26,7 @@ from lightning_dwf.core.factorize import (
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD
 from lightning_dwf.core.init import dwf_init_
 from lightning_dwf.core.parametrization import HadamardProduct
-from lightning_dwf.decompose.decompose import (
+from lightning_dwf.decompose import (
     DecomposeConfig,
     DecompositionReport,
     collapse_decomposed_,
@@ -36,7 +36,7 @@ from lightning_dwf.decompose.decompose import (
     save_decomposed,
 )
 from lightning_dwf.errors import DWFDeadLayerWarning, DWFLearningRateWarning, DWFRollbackWarning
-from lightning_dwf.export.compressed import CompressionReport, TensorSize, load_compressed, save_compressed
+from lightning_dwf.export import CompressionReport, TensorSize, load_compressed, save_compressed
 from lightning_dwf.observe.report import LayerSparsity, SparsityReport, sparsity_report
 from lightning_dwf.training.controller import SparsityController
 from lightning_dwf.training.penalty import FactorPenalty, LearningRateCheck, check_learning_rates, penalty_kind

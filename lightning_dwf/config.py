@@ -73,8 +73,41 @@ def _set(config: object, name: str, value: object) -> None:
 
 
 @dataclass(frozen=True)
-class FactorizeConfig:
-    """What to factorize and how to initialize the factors.
+class SelectionConfig:
+    """Which tensors of which layers a transform applies to; the selection fields of :class:`FactorizeConfig` (DWF)
+    and of :class:`~lightning_dwf.DecomposeConfig` (the sparse quantized decomposition), read by
+    :func:`~lightning_dwf.core.factorize.select_tensors`.
+
+    Args:
+        layer_types: layer classes or ``torch.nn`` names whose tensors are selected (default Linear,
+            Conv1d/2d/3d: :data:`lightning_dwf.DEFAULT_LAYER_TYPES`).
+        include: glob patterns of qualified module names to select (default: every layer of ``layer_types``).
+        exclude: glob patterns of module names to leave alone (e.g. ``["classifier"]``).
+        param_names: tensors to select on each selected layer (``("weight", "bias")`` adds biases).
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``, a last say on each selected layer (torchao-style).
+    """
+
+    layer_types: Sequence[LayerType] | None = None
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    param_names: Sequence[str] = ("weight",)
+    filter_fn: FilterFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_types is not None:
+            _set(self, "layer_types", resolve_layer_types(self.layer_types))
+        _set(self, "include", check_patterns("include", self.include))
+        _set(self, "exclude", check_patterns("exclude", self.exclude))
+        _set(self, "param_names", check_patterns("param_names", self.param_names))
+        if not self.param_names:
+            raise ValueError("`param_names` is empty: name the tensors to factorize, e.g. ('weight',).")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"`filter_fn` must be a callable (module, qualified_name) -> bool, got {self.filter_fn!r}.")
+
+
+@dataclass(frozen=True)
+class FactorizeConfig(SelectionConfig):
+    """What to factorize (the fields of :class:`SelectionConfig`) and how to initialize the factors.
 
     Args:
         layer_types: layer classes or ``torch.nn`` names whose tensors are factorized (default Linear,
@@ -89,25 +122,12 @@ class FactorizeConfig:
         eps_ratio: lower bound of the initial ``|w|`` relative to σ_w, in (0, 2).
     """
 
-    layer_types: Sequence[LayerType] | None = None
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
-    param_names: Sequence[str] = ("weight",)
-    filter_fn: FilterFn | None = None
     init: Literal["dwf", "balanced"] = "dwf"
     init_std: InitStd = "kaiming"
     eps_ratio: float = DEFAULT_EPS_RATIO
 
     def __post_init__(self) -> None:
-        if self.layer_types is not None:
-            _set(self, "layer_types", resolve_layer_types(self.layer_types))
-        _set(self, "include", check_patterns("include", self.include))
-        _set(self, "exclude", check_patterns("exclude", self.exclude))
-        _set(self, "param_names", check_patterns("param_names", self.param_names))
-        if not self.param_names:
-            raise ValueError("`param_names` is empty: name the tensors to factorize, e.g. ('weight',).")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise TypeError(f"`filter_fn` must be a callable (module, qualified_name) -> bool, got {self.filter_fn!r}.")
+        super().__post_init__()
         check_choice("init", self.init, ("dwf", "balanced"))
         std = self.init_std
         if not (std in ("kaiming", "current") or (not isinstance(std, (bool, str)) and isinstance(std, (int, float))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_depth
-from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig
+from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig, SelectionConfig
 from lightning_dwf.core.functional import balanced_factors, hadamard_product
 from lightning_dwf.core.init import dwf_init_, resolve_init_std
 from lightning_dwf.core.parametrization import HadamardProduct
@@ -64,7 +64,7 @@ def factor_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [f for t in factorized_tensors(module) for f in t.factors]
 
 
-def select_tensors(module: nn.Module, config: FactorizeConfig | None = None) -> list[tuple[str, nn.Module, str]]:
+def select_tensors(module: nn.Module, config: SelectionConfig | None = None) -> list[tuple[str, nn.Module, str]]:
     """The ``(qualified_name, module, param_name)`` targets that :func:`factorize_` would factorize.
 
     A target is a tensor ``param_name`` of a submodule of one of ``config.layer_types`` whose qualified
