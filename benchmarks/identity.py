@@ -80,8 +80,8 @@ def run(name: str, root: str) -> dict[str, Any]:
     error = ""
     try:
         trainer.fit(model)
-    except Exception as err:  # a diverged scenario is a result too
-        error = type(err).__name__
+    except Exception as err:  # a diverged scenario is a result too (a RuntimeError before the exception family)
+        error = "diverged" if isinstance(err, RuntimeError) and "NaN/Inf" in str(err) else type(err).__name__
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "logged": model.logged,
             "error": error}
 

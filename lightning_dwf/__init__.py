@@ -1,9 +1,14 @@
 """lightning-dwf: sparse training by Deep Weight Factorization, as a PyTorch Lightning callback.
 
-Plain-PyTorch mechanics (no Trainer needed): :func:`factorize_`, :func:`collapse_`,
-:func:`collapse_state_dict`, :func:`sparsity_report`, :class:`FactorPenalty`, :func:`cut_to_sparsity_`; settings as
-validated config objects (:class:`FactorizeConfig`, :class:`ScheduleConfig`, :class:`FactorLRConfig`,
-:class:`CollapseConfig`); the callback :class:`DWFCallback` orchestrates them inside ``Trainer.fit``.
+The callback :class:`DWFCallback` orchestrates plain-PyTorch mechanics that also work without a Trainer:
+:func:`factorize_`, :class:`FactorPenalty`, :class:`TrainingRun` with a regime (:class:`FixedLamConfig`,
+:class:`TargetSparsityConfig`, :class:`QuantizeConfig`, or your own through :func:`register_regime`),
+:func:`sparsity_report`, :func:`collapse_`, and the exports :func:`save_compressed` and :func:`save_decomposed`.
+
+The package in the order data flows (``docs/architecture.md``): ``core`` (math, parametrizations, factorize,
+collapse), ``observe`` (reports, pictures), ``training`` (penalty, factor LR, regimes, controller, support cut,
+rollback), ``callbacks`` (the Lightning glue), ``export`` (the compressed file format) and ``decompose`` (the sparse
+quantized decomposition). ``__all__`` lists the public surface; everything else stays importable from its module.
 """
 
 from lightning_dwf.callbacks.dwf import DWFCallback
@@ -12,11 +17,13 @@ from lightning_dwf.config import (
     CollapseConfig,
     FactorizeConfig,
     FactorLRConfig,
+    QuantizeConfig,
     ScheduleConfig,
+    SelectionConfig,
 )
 from lightning_dwf.core import functional
 from lightning_dwf.core.collapse import collapse_, collapse_state_dict
-from lightning_dwf.core.factorize import (
+from lightning_dwf.core.factorize import (  # noqa: F401  (0.1 names)
     FactorizedTensor,
     factor_parameters,
     factorize_,
@@ -24,8 +31,8 @@ from lightning_dwf.core.factorize import (
     is_factorized,
 )
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD
-from lightning_dwf.core.init import dwf_init_
-from lightning_dwf.core.parametrization import HadamardProduct
+from lightning_dwf.core.init import dwf_init_  # noqa: F401  (0.1 names, importable from their modules)
+from lightning_dwf.core.parametrization import HadamardProduct  # noqa: F401
 from lightning_dwf.decompose import (
     DecomposeConfig,
     DecompositionReport,
@@ -35,59 +42,86 @@ from lightning_dwf.decompose import (
     load_decomposed,
     save_decomposed,
 )
-from lightning_dwf.errors import DWFDeadLayerWarning, DWFLearningRateWarning, DWFRollbackWarning
+from lightning_dwf.errors import (
+    DWFDeadLayerWarning,
+    DWFDivergenceError,
+    DWFError,
+    DWFFileError,
+    DWFLearningRateWarning,
+    DWFRollbackWarning,
+    DWFWarning,
+)
 from lightning_dwf.export import CompressionReport, TensorSize, load_compressed, save_compressed
 from lightning_dwf.observe.report import LayerSparsity, SparsityReport, sparsity_report
-from lightning_dwf.training.controller import SparsityController
-from lightning_dwf.training.penalty import FactorPenalty, LearningRateCheck, check_learning_rates, penalty_kind
-from lightning_dwf.training.rollback import TrainingSnapshot
-from lightning_dwf.training.support import cut_to_sparsity_, fix_support_, keep_masks, support_threshold
+from lightning_dwf.training.controller import SparsityController  # noqa: F401
+from lightning_dwf.training.factor_lr import LearningRateCheck, check_learning_rates
+from lightning_dwf.training.penalty import FactorPenalty, penalty_kind
+from lightning_dwf.training.regimes import (
+    FixedLamConfig,
+    Regime,
+    RunContext,
+    TargetSparsityConfig,
+    register_regime,
+)
+from lightning_dwf.training.rollback import TrainingSnapshot  # noqa: F401
+from lightning_dwf.training.run import TrainingRun
+from lightning_dwf.training.support import cut_to_sparsity_, fix_support_, keep_masks, support_threshold  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # the callback and its settings
+    "DWFCallback",
+    "CollapseConfig",
+    "FactorLRConfig",
+    "FactorizeConfig",
+    "FixedLamConfig",
+    "QuantizeConfig",
+    "ScheduleConfig",
+    "SelectionConfig",
+    "TargetSparsityConfig",
     "DEFAULT_LAYER_TYPES",
     "DEFAULT_THRESHOLD",
-    "CollapseConfig",
-    "CompressionReport",
-    "DWFCallback",
-    "DWFDeadLayerWarning",
-    "DWFLearningRateWarning",
-    "DWFRollbackWarning",
-    "DecomposeConfig",
-    "DecompositionReport",
-    "FactorLRConfig",
+    # a regime of your own
+    "Regime",
+    "RunContext",
+    "register_regime",
+    # plain PyTorch verbs
     "FactorPenalty",
-    "FactorizeConfig",
-    "FactorizedTensor",
-    "HadamardProduct",
-    "LayerSparsity",
-    "LearningRateCheck",
-    "ScheduleConfig",
-    "SparsityController",
-    "SparsityReport",
-    "TensorSize",
-    "TrainingSnapshot",
+    "TrainingRun",
     "check_learning_rates",
     "collapse_",
-    "collapse_decomposed_",
     "collapse_state_dict",
     "cut_to_sparsity_",
-    "decompose_",
-    "dwf_init_",
     "factor_parameters",
     "factorize_",
-    "factorized_tensors",
-    "finetune_",
     "fix_support_",
     "functional",
-    "is_factorized",
-    "keep_masks",
+    "penalty_kind",
+    # save and load
     "load_compressed",
     "load_decomposed",
-    "penalty_kind",
     "save_compressed",
     "save_decomposed",
+    # the sparse quantized decomposition
+    "DecomposeConfig",
+    "collapse_decomposed_",
+    "decompose_",
+    "finetune_",
+    # reports
+    "CompressionReport",
+    "DecompositionReport",
+    "LayerSparsity",
+    "LearningRateCheck",
+    "SparsityReport",
+    "TensorSize",
     "sparsity_report",
-    "support_threshold",
+    # exceptions and warnings
+    "DWFDeadLayerWarning",
+    "DWFDivergenceError",
+    "DWFError",
+    "DWFFileError",
+    "DWFLearningRateWarning",
+    "DWFRollbackWarning",
+    "DWFWarning",
 ]

@@ -42,6 +42,15 @@ def check_positive(name: str, value: Any, hint: str = "") -> float:
     return value
 
 
+def check_int(name: str, value: Any, minimum: int, hint: str = "") -> int:
+    """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r} of type {type(value).__name__}.{hint}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.{hint}")
+    return value
+
+
 def check_target(name: str, value: Any) -> float:
     """Return ``value`` if it is a sparsity (fraction of zero weights) in (0, 1), else raise."""
     value = check_positive(name, value)

@@ -16,6 +16,7 @@ ValueError: `init` must be one of ('dwf', 'balanced'), got 'pretrained'.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +24,7 @@ from typing import Literal
 from torch import nn
 
 from lightning_dwf._validation import (
+    check_bits,
     check_choice,
     check_fraction,
     check_nonnegative,
@@ -32,6 +34,9 @@ from lightning_dwf._validation import (
 )
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD
 from lightning_dwf.core.init import DEFAULT_EPS_RATIO, InitStd
+
+#: Targets from which the default recovery phase is shorter (a longer ramp for the penalty).
+HIGH_TARGET = 0.995
 
 #: Layer classes, or ``torch.nn`` class names such as ``"Linear"``.
 LayerType = type[nn.Module] | str
@@ -145,9 +150,10 @@ class ScheduleConfig:
 
     Args:
         recovery: the fraction of the run, at its end, in which the sparsity pattern is fixed at exactly the target
-            and λ = 0, in [0, 0.8] (default :func:`~lightning_dwf.training.controller.default_recovery` of the target).
-        control_threshold: absolute magnitude below which a weight counts as pruned for the λ controller (default
-            :func:`~lightning_dwf.training.controller.default_control_threshold` of the weights' RMS and the run's length).
+            and λ = 0, in [0, 0.8] (default :func:`default_recovery` of the target).
+        control_threshold: absolute magnitude below which a weight counts as pruned for the λ controller
+            (default :func:`~lightning_dwf.training.controller.default_control_threshold` of the weights' RMS and the
+            run's length).
         warmup: fraction of the run before the ramp starts (λ stays at its start value).
         gain: step size of the integral controller on log λ (0: λ never leaves its start value).
         max_step: bound on ``|Δ ln λ|`` per controller update (raising; lowering may be 4× faster).
@@ -199,8 +205,6 @@ class ScheduleConfig:
 
     def recovery_for(self, target: float) -> float:
         """``recovery``, or its default for ``target`` (fraction of zero weights)."""
-        from lightning_dwf.training.controller import default_recovery
-
         return default_recovery(target) if self.recovery is None else self.recovery
 
 
@@ -254,9 +258,10 @@ class CollapseConfig:
         save: write the collapsed checkpoint (only when collapsing).
         path: where to write it (default ``<ModelCheckpoint dirpath or log dir>/dwf-collapsed.ckpt``).
         export: also write the collapsed model as a compressed file beside it (``dwf-collapsed.safetensors``,
-            :func:`lightning_dwf.save_compressed` at the callback's ``quantize_bits``; lossless without them).
-        quantize_fraction: with ``quantize_bits``, the fraction of the run, at its end, trained through the fake
-            quantizer with the sparsity pattern fixed, in (0, 1).
+            :func:`lightning_dwf.save_compressed` at the bits of the callback's :class:`QuantizeConfig`; lossless
+            without one).
+        quantize_fraction: deprecated, moved to ``QuantizeConfig(fraction=...)`` (still honoured for one release, with
+            a ``FutureWarning``).
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -264,18 +269,60 @@ class CollapseConfig:
     save: bool = True
     path: str | None = None
     export: bool = False
-    quantize_fraction: float = 0.2
+    quantize_fraction: float | None = None
 
     def __post_init__(self) -> None:
         _set(self, "threshold", check_nonnegative("threshold", self.threshold,
                                                   " Use e.g. 1.19e-7 (float32 epsilon), the default."))
         if self.path is not None:
             _set(self, "path", str(self.path))
-        fraction = check_fraction("quantize_fraction", self.quantize_fraction, 1.0, False,
-                                  "the fraction of the run, at its end, trained quantization-aware (e.g. 0.2)")
-        if fraction == 0:
-            raise ValueError("`quantize_fraction` must be > 0: the quantization-aware finish needs some steps.")
-        _set(self, "quantize_fraction", fraction)
+        if self.quantize_fraction is not None:
+            warnings.warn("CollapseConfig(quantize_fraction=...) moved to QuantizeConfig(fraction=...): pass "
+                          "DWFCallback(quantize=QuantizeConfig(bits=..., fraction=...)).", FutureWarning, stacklevel=3)
+            _set(self, "quantize_fraction", check_quantize_fraction(self.quantize_fraction))
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """The quantization-aware finish: the last ``fraction`` of the run trains every factorized weight through a fake
+    quantizer on the per-channel grid of :func:`lightning_dwf.save_compressed`, with the sparsity pattern fixed and
+    λ = 0, so that the collapsed weights lie on that grid (and export to it without loss).
+
+    Args:
+        bits: 8 or 4 bits per stored value.
+        fraction: the fraction of the planned run, at its end, trained quantization-aware, in (0, 1).
+
+    >>> QuantizeConfig(bits=4)
+    QuantizeConfig(bits=4, fraction=0.2)
+    """
+
+    bits: int = 8
+    fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.bits is None:
+            raise ValueError("`bits` must be 8 or 4; for float weights leave the callback's `quantize` unset.")
+        check_bits(self.bits, "bits")
+        _set(self, "fraction", check_quantize_fraction(self.fraction))
+
+
+def check_quantize_fraction(value: object) -> float:
+    """``value`` as the fraction of the run trained quantization-aware, in (0, 1), else raise."""
+    fraction = check_fraction("quantize_fraction", value, 1.0, False,
+                              "the fraction of the run, at its end, trained quantization-aware (e.g. 0.2)")
+    if fraction == 0:
+        raise ValueError("`quantize_fraction` must be > 0: the quantization-aware finish needs some steps.")
+    return fraction
+
+
+def default_recovery(target: float) -> float:
+    """The recovery fraction that measured best (docs, "Benchmarks"): 0.5 below :data:`HIGH_TARGET`, 0.4 from it on,
+    where the penalty needs the longer ramp.
+
+    >>> default_recovery(0.98), default_recovery(0.995)
+    (0.5, 0.4)
+    """
+    return 0.4 if target >= HIGH_TARGET else 0.5
 
 
 def resolve_target(target_sparsity: float | None, target_compression: float | None) -> float | None:

@@ -51,19 +51,9 @@ def rollback_message(names: Sequence[str], step: int, back_to: int, scale: float
     )
 
 
-def dead_layer_message(names: Sequence[str], what: str, detail: str, target: float | None, lam: float) -> str:
-    """Why ``names`` are entirely zero and what to change, for the mode the run is in (target, fixed λ, λ = 0)."""
-    if target is not None:
-        fix = (f"target_sparsity={target:g} left nothing in them (a global magnitude cut with "
-               "ScheduleConfig(min_layer_share=0), or weights already zero): keep min_layer_share > 0 (the default "
-               "0.1 keeps every layer alive), lower the target, or keep these layers dense with "
-               "FactorizeConfig(exclude=[...]).")
-    elif lam > 0:
-        fix = ("λ is too large for this run: lower `lam` (e.g. 3-10×), or name the sparsity you want with "
-               "`target_sparsity=...`.")
-    else:
-        fix = ("With λ = 0 they were zero from the start (zero factors get no gradient): initialize them, or "
-               "FactorizeConfig(exclude=[...]) them.")
+def dead_layer_message(names: Sequence[str], what: str, detail: str, fix: str) -> str:
+    """Why ``names`` are entirely zero, and ``fix``: what to change for the regime the run is in
+    (:meth:`~lightning_dwf.training.regimes.Regime.dead_layer_fix`)."""
     shown = f"{list(names[:5])}{' …' if len(names) > 5 else ''}"
     return (f"DWFCallback: {what} {shown} {detail}: through these layers the output no longer depends on the input "
             f"(expect chance accuracy). {fix}")

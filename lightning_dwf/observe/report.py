@@ -138,6 +138,13 @@ class SparsityReport:
             out.update({f"{prefix}sparsity/{layer.name}": layer.sparsity for layer in self.layers})
         return out
 
+    def final_metrics(self) -> dict[str, float]:
+        """The collapsed model's numbers for the loggers at fit end (``dwf/final/...``)."""
+        final = {f"dwf/final/{k[4:]}": v for k, v in self.metrics(per_layer=False).items()}
+        final["dwf/final/compression_ratio_all_params"] = self.compression_ratio_all
+        final["dwf/final/threshold"] = self.threshold
+        return final
+
     def table(self, title: str = "DWF sparsity") -> rich.table.Table:  # noqa: F821
         """A ``rich`` table with one row per layer and a total row."""
         from rich.table import Table

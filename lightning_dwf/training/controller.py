@@ -21,7 +21,7 @@ is taken at a control threshold (absolute; default :func:`default_control_thresh
 their way to exact zero and barely change the network's output, while exact zeros lag far behind λ. How deep that
 threshold sits is a trade-off the run's length decides (measured in the docs): a deep one lets the penalty separate
 the weights more sharply but shrinks the survivors further, which a short run cannot recover from. At recovery the
-support is fixed at the global magnitude quantile of the target (:func:`~lightning_dwf.training.support.support_threshold`),
+support is fixed at the global magnitude quantile of the target (:func:`~lightning_dwf.support_threshold`),
 which closes a remaining gap either way: the smallest surviving weights go if the controller lagged, the largest
 sub-threshold ones stay if the dynamics overshot.
 
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_dwf.config import ScheduleConfig
+from lightning_dwf.config import HIGH_TARGET, ScheduleConfig, default_recovery  # noqa: F401  (re-exported)
 from lightning_dwf.core.functional import lam_floor
 
 #: Control threshold relative to the weights' RMS for long runs (>= LONG_RUN_STEPS optimizer steps) and at most.
@@ -43,8 +43,6 @@ MIN_RELATIVE_CONTROL_THRESHOLD = 0.02
 MAX_RELATIVE_CONTROL_THRESHOLD = 0.25
 #: Planned steps from which the deep control threshold is used.
 LONG_RUN_STEPS = 4_000
-#: Targets from which the default recovery phase is shorter (a longer ramp for the penalty).
-HIGH_TARGET = 0.995
 #: Fewest planned optimizer steps in which target mode can schedule λ.
 MIN_TARGET_STEPS = 50
 #: Largest per-step penalty shrink ``2·lr·λ/D`` the controller may reach (bounds λ from above).
@@ -63,16 +61,6 @@ def default_control_threshold(weight_rms: float, steps: int) -> float:
     """
     relative = MIN_RELATIVE_CONTROL_THRESHOLD * (LONG_RUN_STEPS / max(steps, 1)) ** 2
     return weight_rms * min(MAX_RELATIVE_CONTROL_THRESHOLD, max(MIN_RELATIVE_CONTROL_THRESHOLD, relative))
-
-
-def default_recovery(target: float) -> float:
-    """The recovery fraction that measured best (docs, "Benchmarks"): 0.5 below :data:`HIGH_TARGET`, 0.4 from it on,
-    where the penalty needs the longer ramp.
-
-    >>> default_recovery(0.98), default_recovery(0.995)
-    (0.5, 0.4)
-    """
-    return 0.4 if target >= HIGH_TARGET else 0.5
 
 
 @dataclass

@@ -31,7 +31,6 @@ coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) by subtracting ``wd·
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_dwf.core.factorize import factorized_tensors
-from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, lr_floor, prox_threshold
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -52,7 +51,7 @@ COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
 GRADIENT_PENALTY_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.SGD, torch.optim.ASGD)
 
 
-def _unwrap(optimizer: Any) -> Optimizer:
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
     """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
     return getattr(optimizer, "_optimizer", optimizer)
 
@@ -75,7 +74,7 @@ def peak_lr(group: dict[str, Any]) -> float:
 def penalty_kind(optimizer: Optimizer) -> str:
     """``"gradient"`` (the penalty gradient joins the loss gradient) for SGD-type optimizers, ``"decoupled"`` (the
     factors are shrunk outside the optimizer's normalization) for adaptive and unknown ones (module docstring)."""
-    return "gradient" if isinstance(_unwrap(optimizer), GRADIENT_PENALTY_OPTIMIZERS) else "decoupled"
+    return "gradient" if isinstance(unwrap_optimizer(optimizer), GRADIENT_PENALTY_OPTIMIZERS) else "decoupled"
 
 
 def effective_lr(optimizer: Optimizer, group: dict[str, Any], lr_multiplier: float = 1.0) -> float:
@@ -139,7 +138,7 @@ class FactorPenalty:
         self.unbind()
         factor_ids = {id(p): p for p in self.factors}
         owner: dict[int, str] = {}
-        for i, opt in enumerate(map(_unwrap, optimizers)):
+        for i, opt in enumerate(map(unwrap_optimizer, optimizers)):
             plans = []
             for j, group in enumerate(opt.param_groups):
                 params = [p for p in group["params"] if id(p) in factor_ids]
@@ -230,7 +229,7 @@ class FactorPenalty:
     def before_step(self, optimizer: Any) -> None:
         """Apply the penalty to the factors of ``optimizer`` (``2λ/D·ω`` into the gradient, or the decoupled shrink, by
         :func:`penalty_kind`) and neutralize the user's own weight decay on them."""
-        opt = _unwrap(optimizer)
+        opt = unwrap_optimizer(optimizer)
         coef = lam_to_weight_decay(self.lam, self.depth)
         for plan in self._plans.get(id(opt), ()):
             params = [p for p in plan.params if p.requires_grad]
@@ -283,97 +282,3 @@ class FactorPenalty:
         for m, (params, befores) in by_multiplier.items():  # p = before + m·(after − before)
             torch._foreach_lerp_(befores, params, m)
             torch._foreach_copy_(params, befores)
-
-
-def factor_learning_rates(
-    optimizers: Sequence[Any], factors: Sequence[nn.Parameter], lr_multiplier: float = 1.0
-) -> list[tuple[str, Optimizer, float]]:
-    """``(description, optimizer, effective peak LR)`` of every param group holding factors (:func:`effective_lr`)."""
-    ids = {id(p) for p in factors}
-    out = []
-    for i, opt in enumerate(map(_unwrap, optimizers)):
-        for j, group in enumerate(opt.param_groups):
-            if any(id(p) in ids for p in group["params"]):
-                out.append((f"{type(opt).__name__} (optimizer {i}, group {j})", opt, effective_lr(opt, group,
-                                                                                                   lr_multiplier)))
-    return out
-
-
-@dataclass(frozen=True)
-class LearningRateCheck:
-    """Outcome of :func:`check_learning_rates`: ``errors`` make training pointless, ``warnings`` predict few zeros or
-    lost accuracy."""
-
-    errors: list[str]
-    warnings: list[str]
-    floor: float
-
-
-def check_learning_rates(
-    optimizers: Sequence[Any],
-    factors: Sequence[nn.Parameter],
-    lam: float,
-    depth: int,
-    steps: int,
-    init_std: float,
-    threshold: float,
-    lr_multiplier: float = 1.0,
-    max_lr_multiplier: float | None = None,
-) -> LearningRateCheck:
-    """Check each factor group's peak LR against the floor and the stability limit (method doc §3.2).
-
-    * Floor (gradient penalty, SGD-type): an unsupported weight reaches ``threshold`` within ``steps`` only if
-      ``η0 ≥ ln(init_std/threshold)/(λ·steps)`` (cosine decay; a constant LR gets there twice as fast). Not checked
-      under the decoupled penalty: there the callback's proximal step zeroes a weight once it falls below
-      :func:`~lightning_dwf.core.functional.prox_threshold`, far above ``threshold``.
-    * Stability (every optimizer): ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
-
-    η is the effective LR of :func:`effective_lr`.
-
-    Args:
-        optimizers: the optimizers (or LightningOptimizers). factors: the factor Parameters.
-        lam: λ (mean-loss units). depth: D. steps: optimizer steps left in the run.
-        init_std: typical magnitude of the collapsed weights now. threshold: zero threshold.
-        lr_multiplier: the (smallest) factor LR multiplier in use, for the floor.
-        max_lr_multiplier: the largest one, for the stability limit (default ``lr_multiplier``).
-    """
-    floor = lr_floor(lam, steps, init_std, threshold)
-    errors: list[str] = []
-    warns: list[str] = []
-    top = max_lr_multiplier or lr_multiplier
-    for (where, opt, eta), (*_, eta_max) in zip(factor_learning_rates(optimizers, factors, lr_multiplier),
-                                                 factor_learning_rates(optimizers, factors, top), strict=True):
-        if lam > 0 and lam_to_weight_decay(lam, depth) * eta_max >= 1:
-            errors.append(
-                f"{where}: effective factor lr {eta_max:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta_max:.3g} "
-                ">= 1, so "
-                f"the penalty step alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a "
-                "smaller lam."
-            )
-            continue
-        if penalty_kind(opt) == "decoupled":
-            continue  # fixed λ: the proximal step after each step makes the zeros (FactorPenalty.proximal_thresholds)
-        if math.isfinite(floor) and eta < floor:
-            warns.append(
-                f"{where}: effective factor lr {eta:.3g} is below the floor "
-                f"{floor:.3g} = ln({init_std:.3g}/{threshold:.3g})/(λ={lam:.3g} × "
-                f"{steps} steps) needed for unsupported weights to reach the zero threshold, so the collapsed model "
-                f"will have few exact zeros. Raise the lr (or FactorLRConfig.multiplier) to >= {floor:.3g}, raise lam, "
-                f"or train {floor / eta:.1f}× longer."
-            )
-    return LearningRateCheck(errors, warns, floor)
-
-
-def warmup_multiplier(step: int, start: int, total: float, warmup: float, multiplier: float) -> float:
-    """The factor LR multiplier after ``step`` optimizer steps of a linear ramp from 1 that began at step ``start``.
-
-    The ramp lasts ``warmup · total`` steps and ends at ``multiplier``; an open-ended run (``total`` infinite) or
-    ``warmup = 0`` gets the full multiplier at once. A function of the step only, so resuming is exact.
-
-    >>> warmup_multiplier(step=50, start=0, total=1000, warmup=0.1, multiplier=10.0)
-    5.5
-    """
-    if not warmup:
-        return multiplier
-    progress = (step - start) / (warmup * total) if math.isfinite(total) else 1.0
-    return 1.0 + (multiplier - 1.0) * min(1.0, progress)

@@ -10,15 +10,14 @@ device and costs one model plus one optimizer state of memory.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "_optimizer", optimizer)
+from lightning_dwf.errors import DWFDivergenceError, divergence_message, rollback_message
+from lightning_dwf.training.penalty import unwrap_optimizer
 
 
 class TrainingSnapshot:
@@ -33,7 +32,7 @@ class TrainingSnapshot:
     def take(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> None:
         """Copy the state of ``module`` and ``optimizers`` after ``step`` optimizer steps (call only when finite)."""
         self._module = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        self._optimizers = [copy.deepcopy(_unwrap(opt).state_dict()) for opt in optimizers]
+        self._optimizers = [copy.deepcopy(unwrap_optimizer(opt).state_dict()) for opt in optimizers]
         self.step = step
 
     @torch.no_grad()
@@ -42,8 +41,52 @@ class TrainingSnapshot:
         if self.step < 0:
             raise RuntimeError("TrainingSnapshot.restore() before take().")
         module.load_state_dict(self._module)
-        for opt, state in zip(map(_unwrap, optimizers), self._optimizers, strict=True):
+        for opt, state in zip(map(unwrap_optimizer, optimizers), self._optimizers, strict=True):
             lrs = [group["lr"] for group in opt.param_groups]
             opt.load_state_dict(copy.deepcopy(state))
             for group, lr in zip(opt.param_groups, lrs, strict=True):
                 group["lr"] = lr
+
+
+class Rollback:
+    """Steps a run whose weights went non-finite back to its last finite state, with the factors' step halved, at most
+    ``allowed`` times (``FactorLRConfig.rollbacks``); then it raises :class:`~lightning_dwf.DWFDivergenceError`.
+
+    Attributes:
+        count: rollbacks so far. scale: the factors' step multiplier left by them (``0.5 ** count``).
+    """
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.count = 0
+        self.scale = 1.0
+        self.snapshot = TrainingSnapshot()
+
+    def take(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> None:
+        """Keep the state after ``step`` optimizer steps as the one to go back to (when rollbacks are allowed)."""
+        if self.allowed:
+            self.snapshot.take(module, optimizers, step)
+
+    def recover(self, module: nn.Module, optimizers: Sequence[Any], step: int, depth: int,
+                warn: Callable[[str], None], info: Callable[[str], None]) -> bool:
+        """If a weight of ``module`` is non-finite, restore the last finite state, halve :attr:`scale` and return True;
+        False when every weight is finite. Every rank holds the same factors, so every rank decides alike.
+
+        Raises:
+            DWFDivergenceError: no rollback is left, or there is no finite state to go back to.
+        """
+        bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return False
+        if self.count >= self.allowed or self.snapshot.step < 0:
+            lrs = sorted({float(g["lr"]) for opt in optimizers for g in unwrap_optimizer(opt).param_groups})
+            raise DWFDivergenceError(divergence_message(bad, step, lrs, depth))
+        self.snapshot.restore(module, optimizers)
+        self.count += 1
+        self.scale *= 0.5
+        if self.count == 1:
+            warn(rollback_message(bad, step, self.snapshot.step, self.scale, self.allowed - self.count))
+        else:
+            info(f"DWFCallback: step {step}: non-finite weights again; rolled back to step {self.snapshot.step}, "
+                 f"factor step ×{self.scale:g}.")
+        return True

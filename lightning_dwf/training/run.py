@@ -1,0 +1,229 @@
+"""One DWF fit's training state, in plain PyTorch: the penalty, the factor LR multipliers, rollbacks and the regime.
+
+:class:`TrainingRun` is what :class:`~lightning_dwf.DWFCallback` drives from its hooks; a hand-written loop drives it
+the same way::
+
+    run = TrainingRun(build_regime(FixedLamConfig(2e-3)), depth=3)
+    run.bind(model, [opt], step=0, total_steps=1000)
+    run.start(model, [opt], step=0, total_steps=1000)
+    for step, (x, y) in enumerate(loader):
+        run.before_batch(model, [opt], step, 1000)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        run.before_step(model, opt)
+        opt.step()
+        opt.zero_grad()
+        run.after_batch(model, [opt], step + 1, bool(loss.isfinite()))
+    run.close()
+    report, threshold = run.finish(model, [opt], 1000, 1000)
+    collapse_(model, threshold)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_dwf.config import FactorLRConfig
+from lightning_dwf.core.factorize import factor_parameters, factorized_tensors
+from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, DEFAULT_THRESHOLD
+from lightning_dwf.errors import DWFDeadLayerWarning, DWFRollbackWarning, dead_layer_message
+from lightning_dwf.observe.report import SparsityReport, sparsity_report, weight_scales
+from lightning_dwf.training.factor_lr import (
+    LearningRateCheck,
+    apply_multipliers,
+    check_learning_rates,
+    factor_learning_rates,
+    plan_multipliers,
+)
+from lightning_dwf.training.penalty import FactorPenalty
+from lightning_dwf.training.regimes.base import Regime, RunContext
+from lightning_dwf.training.rollback import Rollback
+
+_log = logging.getLogger("lightning_dwf")
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    warnings.warn(message, category, stacklevel=3)
+
+
+class TrainingRun:
+    """The state of one fit: penalty, factor LR multipliers, rollbacks, and the regime that sets λ and the support.
+
+    Args:
+        regime: how λ and the support evolve (:func:`~lightning_dwf.training.regimes.build_regime`).
+        depth: D.
+        factor_lr: the factors' LR multiplier, warm-up, LR check and rollbacks.
+        floor: the collapse threshold (absolute).
+        info: where progress messages go (default: the ``lightning_dwf`` logger).
+        warn: where warnings go, ``warn(message, category)`` (default: :func:`warnings.warn`).
+
+    Attributes:
+        penalty: the :class:`~lightning_dwf.FactorPenalty` (from :meth:`bind`).
+        multipliers: each factorized tensor's factor LR multiplier after the warm-up (from :meth:`bind`).
+        rollback: the :class:`~lightning_dwf.training.rollback.Rollback` guard (its ``count`` and ``scale``).
+    """
+
+    def __init__(self, regime: Regime, depth: int, factor_lr: FactorLRConfig | None = None,
+                 floor: float = DEFAULT_THRESHOLD, info: Callable[[str], None] = _log.info,
+                 warn: Callable[[str, type[Warning]], None] = _warn) -> None:
+        self.regime = regime
+        self.depth = depth
+        self.factor_lr = factor_lr or FactorLRConfig()
+        self.floor = floor
+        self.info, self.warn = info, warn
+        self.penalty: FactorPenalty | None = None
+        self.multipliers: dict[str, float] = {}
+        self.rollback = Rollback(self.factor_lr.rollbacks)
+        self.ctx: RunContext | None = None
+        self._measured: SparsityReport | None = None  # the regime's report of this step, reused for the metrics
+        self._warned_dead = False
+
+    def bind(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> dict[str, float]:
+        """Fit start: bind the penalty to ``optimizers`` and set the factor LR multipliers (a resume keeps those it
+        restored). Returns the param groups whose own weight decay on the factors is neutralized."""
+        self._warned_dead = False
+        self.penalty = FactorPenalty(factor_parameters(module), self.regime.lam, self.depth, self.rollback.scale)
+        self.penalty.bind(optimizers)
+        if not self.multipliers:
+            self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)
+            if self.factor_lr.multiplier == "auto" and self.multipliers:
+                self.info(f"DWFCallback: factor LR multipliers (auto: by the weights' RMS under SGD, "
+                          f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type): "
+                          + ", ".join(f"{name} ×{m:.3g}" for name, m in self.multipliers.items()))
+        self._apply_multipliers(module, self._at(module, optimizers, step, total_steps))
+        return self.penalty.user_weight_decay()
+
+    def start(self, module: nn.Module, optimizers: Sequence[Any], step: int,
+              total_steps: float) -> LearningRateCheck | None:
+        """Train start: keep the first finite state, start the regime, and check the factor LR (``None``: not
+        checked). Raises ``ValueError`` for a run the regime cannot schedule."""
+        if self.factor_lr.warmup and not math.isfinite(total_steps):
+            self.warn(
+                f"DWFCallback: FactorLRConfig(warmup={self.factor_lr.warmup:g}) is a fraction of the planned run, but "
+                "this run has no step budget (max_epochs=-1 or max_time): the factors train at the full multiplier "
+                "from the start.", UserWarning,
+            )
+        ctx = self._at(module, optimizers, step, total_steps)
+        self.rollback.take(module, optimizers, step)
+        ctx.weight_scale, ctx.weight_rms = weight_scales(module)
+        low, high = self.multiplier_range
+        factors = factor_parameters(module)
+        ctx.factor_lrs = [eta for m in (low, high) for *_, eta in factor_learning_rates(optimizers, factors, m)]
+        self.regime.start(ctx)
+        if self.factor_lr.check == "off" or self.regime.lam == 0:
+            return None
+        steps = max(int(total_steps) - step, 0) if math.isfinite(total_steps) else 0
+        return check_learning_rates(optimizers, factors, self.regime.lam, self.depth,
+                                    self.regime.lr_check_steps(steps), ctx.weight_scale, self.floor, low, high)
+
+    def before_batch(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> None:
+        """Before each batch: the regime's turn, then the factor LR warm-up."""
+        ctx = self._at(module, optimizers, step, total_steps)
+        self.regime.before_batch(ctx)
+        if self.factor_lr.warmup:
+            self._apply_multipliers(module, ctx)
+
+    def before_step(self, module: nn.Module, optimizer: Any) -> None:
+        """Right before ``optimizer`` steps (after AMP unscaling, before clipping): apply the penalty at the regime's
+        λ, then the regime's turn."""
+        penalty, ctx = self.penalty, self.ctx
+        if penalty is None or ctx is None:
+            return
+        penalty.lam = self.regime.lam
+        penalty.before_step(optimizer)
+        self.regime.before_step(ctx, optimizer, lambda: penalty.proximal_thresholds(module, self.floor))
+
+    def after_batch(self, module: nn.Module, optimizers: Sequence[Any], step: int, loss_finite: bool = True) -> bool:
+        """After each batch: roll back a non-finite loss's step (returns False), else the regime's turn (True)."""
+        ctx = self._at(module, optimizers, step, self.ctx.total_steps if self.ctx else math.inf)
+        self._measured = None
+        if not loss_finite and self._recover(module, optimizers, step):
+            self.regime.on_rollback()
+            return False
+        self._measured = self.regime.after_step(ctx)
+        return True
+
+    def report(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> SparsityReport | None:
+        """The sparsity report of this step for the loggers (None after a rollback); keeps the state as the last
+        finite one and warns once per fit about an emptied layer."""
+        report, self._measured = self._measured, None
+        report = report or sparsity_report(module, self.zero_threshold(), self.regime.lam)
+        if not report.finite and self._recover(module, optimizers, step):
+            return None
+        self.rollback.take(module, optimizers, step)
+        if report.dead_layers and not self._warned_dead and self.regime.warns_dead_layers:
+            self._warned_dead = True
+            self.warn_dead(report.dead_layers, f"at step {step} every weight of",
+                           f"is below {self.zero_threshold():.3g} (λ={self.regime.lam:.3g})")
+        return report
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The training state as metrics: λ, rollbacks, the factor step scale, and the regime's own."""
+        return {"dwf/lam": self.regime.lam, "dwf/rollbacks": float(self.rollback.count),
+                "dwf/factor_lr_scale": self.rollback.scale, **self.regime.metrics(step)}
+
+    def close(self) -> None:
+        """Fit end: release the optimizers (the penalty's hooks)."""
+        if self.penalty is not None:
+            self.penalty.unbind()
+
+    def finish(self, module: nn.Module, optimizers: Sequence[Any], step: int,
+               total_steps: float) -> tuple[SparsityReport, float] | None:
+        """Before the collapse (after :meth:`close`): settle the support and measure; returns the report and the
+        collapse threshold, or None when nothing is factorized."""
+        if not factorized_tensors(module):
+            return None
+        threshold = self.regime.finish(self._at(module, optimizers, step, total_steps))
+        report = sparsity_report(module, threshold, self.regime.lam)
+        if not report.finite:
+            self._recover(module, optimizers, step)
+        return report, threshold
+
+    def zero_threshold(self) -> float:
+        """Where weights count as zero now (absolute)."""
+        return self.regime.zero_threshold(self.floor)
+
+    @property
+    def multiplier_range(self) -> tuple[float, float]:
+        values = list(self.multipliers.values()) or [1.0]
+        return min(values), max(values)
+
+    def warn_dead(self, names: list[str], what: str, detail: str) -> None:
+        self.warn(dead_layer_message(names, what, detail, self.regime.dead_layer_fix()), DWFDeadLayerWarning)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.regime.lam, "rollbacks": self.rollback.count, "factor_lr_scale": self.rollback.scale,
+                "factor_lr_multipliers": dict(self.multipliers), **self.regime.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollback.count = int(state.get("rollbacks", 0))
+        self.rollback.scale = float(state.get("factor_lr_scale", 1.0))
+        self.multipliers = dict(state.get("factor_lr_multipliers", {}))
+        self.regime.load_state_dict(state)
+
+    def _at(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> RunContext:
+        if self.ctx is None:
+            self.ctx = RunContext(module, optimizers, step, total_steps, self.depth, self.floor,
+                                  lr_warmup=self.factor_lr.warmup, info=self.info)
+        ctx = self.ctx
+        ctx.module, ctx.optimizers, ctx.step, ctx.total_steps = module, optimizers, step, total_steps
+        return self.ctx
+
+    def _apply_multipliers(self, module: nn.Module, ctx: RunContext) -> None:
+        assert self.penalty is not None
+        apply_multipliers(self.penalty, module, self.multipliers, ctx.step, self.regime.warmup_start, ctx.total_steps,
+                          self.factor_lr.warmup)
+        self.penalty.lr_multiplier = self.rollback.scale
+
+    def _recover(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> bool:
+        rolled_back = self.rollback.recover(module, optimizers, step, self.depth,
+                                            lambda m: self.warn(m, DWFRollbackWarning), self.info)
+        if rolled_back and self.penalty is not None:
+            self.penalty.lr_multiplier = self.rollback.scale
+        return rolled_back
