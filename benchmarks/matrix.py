@@ -69,7 +69,7 @@ from torch import nn
 from benchmarks import sweep
 from benchmarks.models import Classifier
 from examples.data import ImageData, load_dataset
-from lightning_dwf import DEFAULT_LAYER_TYPES
+from lightning_dwf import DEFAULT_LAYER_TYPES, DWFDivergenceError
 
 PATH = sweep.RESULTS / "matrix.jsonl"
 #: (dataset, model) settings; the MNIST subset only with LeNet-300-100.
@@ -359,9 +359,7 @@ def run_one(
         seconds = fit(cfg, module, data, callbacks(cfg))
     except MisconfigurationException as err:
         return dict(acc=None, error=str(err))
-    except RuntimeError as err:
-        if "NaN/Inf" not in str(err):
-            raise
+    except DWFDivergenceError as err:
         return dict(acc=None, diverged=str(err).split(". ")[0])
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)

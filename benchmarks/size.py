@@ -108,7 +108,7 @@ def file_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, bits: int | N
         path = os.path.join(tmp, "model.safetensors")
         report = save_compressed(net, path, bits=bits)
         fresh = Classifier(cfg["model"], num_classes=data.num_classes).net
-        load_compressed(path, fresh)
+        load_compressed(fresh, path)
     results = dict(
         sweep.measure(fresh, data),
         file_bytes=report.file_bytes,
@@ -140,7 +140,7 @@ def qsd_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, seconds: float
         path = os.path.join(tmp, "model.safetensors")
         saved = save_decomposed(net, path)
         fresh = Classifier(cfg["model"], num_classes=data.num_classes).net
-        load_decomposed(path, fresh, collapse=True)
+        load_decomposed(fresh, path, collapse=True)
     results = dict(sweep.measure(fresh, data), file_bytes=saved.file_bytes, dense_bytes=saved.dense_bytes,
                    size_ratio=saved.ratio, train_seconds=seconds, qsd_seconds=time.perf_counter() - start,
                    reconstruction_error=[layer.error for layer in report.layers])

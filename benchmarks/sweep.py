@@ -37,8 +37,10 @@ from lightning_dwf import (
     DEFAULT_THRESHOLD,
     CollapseConfig,
     DWFCallback,
+    DWFDivergenceError,
     FactorizeConfig,
     FactorLRConfig,
+    QuantizeConfig,
     ScheduleConfig,
     sparsity_report,
 )
@@ -223,7 +225,7 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
             control_threshold=None if control == "auto" else control,
         )
         knob: dict[str, Any] = dict(target_sparsity=cfg["target"], schedule=schedule)
-        collapse = CollapseConfig(save=False, quantize_fraction=cfg.get("quantize_fraction", 0.2))
+        collapse = CollapseConfig(save=False)
     else:
         knob = dict(lam=cfg["lam"])
         collapse = CollapseConfig(threshold=cfg.get("threshold", DEFAULT_THRESHOLD), save=False)
@@ -236,7 +238,8 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
             factorize=FactorizeConfig(init=cfg.get("init", "dwf")),
             factor_lr=factor_lr,
             collapse=collapse,
-            quantize_bits=cfg.get("quantize_bits"),
+            quantize=QuantizeConfig(cfg["quantize_bits"], cfg.get("quantize_fraction", 0.2))
+            if cfg.get("quantize_bits") else None,
             verbose=False,
             **knob,
         )
@@ -247,9 +250,7 @@ def train_and_measure(cfg: dict, data: ImageData, callbacks: list) -> dict[str, 
     """Train, then test the (collapsed) net; a run DWFCallback stopped on NaN/Inf factors is recorded as diverged."""
     try:
         module, seconds = run_training(cfg, data, callbacks)
-    except RuntimeError as err:
-        if "NaN/Inf" not in str(err):
-            raise
+    except DWFDivergenceError as err:
         return dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
     results = dict(measure(module.net, data), train_seconds=seconds)
     for cb in callbacks:  # record the control threshold target mode used (its default depends on the run)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks import report, sweep
-from lightning_dwf import ScheduleConfig
+from lightning_dwf import DWFDivergenceError, ScheduleConfig
 
 
 @pytest.mark.parametrize("target", sweep.TARGETS)
@@ -353,7 +353,7 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
     assert matrix.run_all(plan, path, loader=lambda name, root: data) == rows  # resumes: nothing left to run
 
     def nan_fit(*args):
-        raise RuntimeError(
+        raise DWFDivergenceError(
             "DWFCallback: the factors of ['net.1'] became NaN/Inf at step 3 (learning rates [0.1]). More text"
         )
 

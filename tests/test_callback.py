@@ -460,7 +460,7 @@ def test_factor_lr_warmup_ramps_the_multiplier(tmp_path):
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(  # the multiplier used by the step just taken
-                (trainer.global_step - 1, dwf._penalty.multiplier_of(factor_parameters(pl_module)[0]))
+                (trainer.global_step - 1, dwf.penalty.multiplier_of(factor_parameters(pl_module)[0]))
             )
 
     dwf = DWFCallback(

@@ -101,7 +101,7 @@ def test_adam_type_fixed_lam_gives_exact_zeros(tmp_path, opt):
 def test_proximal_step_only_under_fixed_lam_and_decoupled_penalty(tmp_path, monkeypatch):
     """The proximal zeroing runs once per optimizer step in fixed-λ mode under Adam-type optimizers, never under SGD
     (the penalty gradient is the DWF objective there) or in target mode (the cut sets the support)."""
-    import lightning_dwf.callbacks.dwf as callback_module
+    import lightning_dwf.training.regimes.fixed as callback_module
 
     calls = []
     real = callback_module.fix_support_
@@ -167,7 +167,7 @@ def test_batch_32_defaults_do_not_diverge(tmp_path, opt):
     dwf = DWFCallback(depth=3, target_sparsity=0.95, verbose=False, collapse=CollapseConfig(save=False))
     trainer = _fit(tmp_path, model, dwf, max_epochs=6)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    assert dwf._rollbacks == 0
+    assert dwf.rollbacks == 0
     assert abs(dwf.final_report.sparsity - 0.95) <= 1 / dwf.final_report.numel
     assert trainer.callback_metrics["val_acc"] > 0.7
 
@@ -202,7 +202,7 @@ def test_forced_divergence_rolls_back_and_finishes(tmp_path, mode):
                                        enable_checkpointing=False))
     with pytest.warns(DWFRollbackWarning, match=r"NaN/Inf at step 31.*back to the state of step 30"):
         trainer.fit(model)
-    assert poison.done and dwf._rollbacks == 1 and dwf._factor_lr_scale == 0.5
+    assert poison.done and dwf.rollbacks == 1 and dwf.factor_lr_scale == 0.5
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert dwf.final_report is not None and trainer.global_step == 8 * 16
     assert logged[-1][1:] == (1.0, 0.5)
@@ -237,9 +237,10 @@ def test_rollback_scale_and_auto_multipliers_survive_resume(tmp_path):
     full, dwf_full = run([PoisonOnce(at=5)], root="full")
     run([PoisonOnce(at=5), StopAfter(3)], root="part")
     resumed, dwf_resumed = run([], ckpt_path=str(tmp_path / "part" / "last.ckpt"), root="part")
-    assert dwf_full._multipliers == dwf_resumed._multipliers and len(dwf_full._multipliers) == 2
-    assert dwf_resumed._factor_lr_scale == dwf_full._factor_lr_scale == 0.5
-    assert dwf_resumed._rollbacks == dwf_full._rollbacks == 1
+    multipliers = dwf_full.factor_lr_multipliers
+    assert multipliers == dwf_resumed.factor_lr_multipliers and len(multipliers) == 2
+    assert dwf_resumed.factor_lr_scale == dwf_full.factor_lr_scale == 0.5
+    assert dwf_resumed.rollbacks == dwf_full.rollbacks == 1
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
@@ -257,14 +258,14 @@ def test_auto_multiplier_by_optimizer_family(tmp_path):
         dwf = DWFCallback(depth=3, target_sparsity=0.5, verbose=False, collapse=CollapseConfig(on_fit_end=False))
         rms = RMS()
         Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf, rms], enable_checkpointing=False)).fit(model)
-        assert dwf._multipliers.keys() == rms.rms.keys() == {"net.0.weight", "net.2.weight"}
+        assert dwf.factor_lr_multipliers.keys() == rms.rms.keys() == {"net.0.weight", "net.2.weight"}
         for name, value in rms.rms.items():
-            assert dwf._multipliers[name] == pytest.approx(auto_lr_multiplier(value, 3, kind), rel=1e-5)
+            assert dwf.factor_lr_multipliers[name] == pytest.approx(auto_lr_multiplier(value, 3, kind), rel=1e-5)
     model = OptToy("sgd", lr=0.1, n=64)
     dwf = DWFCallback(depth=3, target_sparsity=0.5, verbose=False, factor_lr=FactorLRConfig(multiplier=3.0),
                       collapse=CollapseConfig(on_fit_end=False))
     _fit(tmp_path, model, dwf, max_epochs=25)
-    assert set(dwf._multipliers.values()) == {3.0}
+    assert set(dwf.factor_lr_multipliers.values()) == {3.0}
 
 
 def test_keep_masks_exact_count_and_layer_minimum():

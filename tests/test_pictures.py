@@ -42,7 +42,7 @@ def test_tensorboard_gets_histograms_and_figure(tmp_path):
     assert FIGURE_TAG in tags["images"]
     (image,) = acc.Images(FIGURE_TAG)
     assert image.step == 16 and image.width > 100 and image.height > 100
-    assert len(dwf._sparsity_curve) == 16
+    assert len(dwf.sparsity_curve) == 16
 
 
 def test_int_cadence_and_training_unchanged(tmp_path):

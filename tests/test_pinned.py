@@ -538,7 +538,7 @@ def test_collapse_on_fit_end_false_leaves_the_model_factorized(tmp_path):
     assert [t.name for t in factorized_tensors(model)] == list(LINEAR_WEIGHTS)
     assert dwf.final_report is None and dwf.collapsed_checkpoint_path is None
     assert collapsed_files(tmp_path) == []
-    assert dwf._penalty is not None and not dwf._penalty._plans  # the penalty is unbound from the optimizers
+    assert dwf.penalty is not None and not dwf.penalty.bound  # the penalty is unbound from the optimizers
 
 
 class InitialWeights(Callback):
@@ -630,7 +630,7 @@ def test_fused_optimizer_under_a_grad_scaler_is_refused(make):
         dwf.on_fit_start(stub, model)
     # no scaler (fp32, bf16-mixed): fused optimizers are fine; an unfused one is fine with a scaler
     dwf.on_fit_start(SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), optimizers=[opt], **budget), model)
-    assert dwf._penalty is not None
+    assert dwf.penalty is not None
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     dwf.on_fit_start(
         SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), optimizers=[plain],

@@ -59,7 +59,7 @@ def test_target_mode_finish_lands_on_the_grid_and_exports_exactly(tmp_path, bits
     path = os.path.join(tmp_path, "checkpoints", "dwf-collapsed.safetensors")
     assert dwf.compression_report is not None and dwf.compression_report.path == path
     assert dwf.compression_report.file_bytes == os.path.getsize(path)
-    loaded = load_compressed(path, ToyModel())
+    loaded = load_compressed(ToyModel(), path)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=1e-6, atol=0)
     plain = ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path)  # the .ckpt beside it holds the same
@@ -112,6 +112,6 @@ def test_export_without_quantization_is_lossless(tmp_path):
                       collapse=CollapseConfig(export=True, path=str(tmp_path / "out" / "model.ckpt")))
     model = ToyModel(lr=0.3, momentum=0.9)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf])).fit(model)
-    loaded = load_compressed(tmp_path / "out" / "model.safetensors", ToyModel())
+    loaded = load_compressed(ToyModel(), tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert dwf.compression_report.bits is None

@@ -229,8 +229,8 @@ def test_factor_lr_warmup_restarts_when_the_support_is_fixed(tmp_path):
             self.dwf, self.seen, self.cut = dwf, {}, None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.seen[trainer.global_step] = self.dwf._penalty.multiplier_of(factor_parameters(pl_module)[0])
-            self.cut = self.dwf._controller.recovery_step
+            self.seen[trainer.global_step] = self.dwf.penalty.multiplier_of(factor_parameters(pl_module)[0])
+            self.cut = self.dwf.regime.controller.recovery_step
 
     dwf = DWFCallback(
         depth=3,

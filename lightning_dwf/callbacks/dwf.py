@@ -27,12 +27,11 @@ from lightning_dwf._validation import check_depth
 from lightning_dwf.callbacks.arguments import as_config, check_log_every, check_moved, resolve_quantize, resolve_regime
 from lightning_dwf.callbacks.checkpoint import FACTORIZED_STATE_KEY, collapse_checkpoint, restore_factors
 from lightning_dwf.callbacks.finish import finish_fit
-from lightning_dwf.callbacks.guards import check_amp_optimizers, check_trainer
+from lightning_dwf.callbacks.guards import check_amp_optimizers, check_learning_rate_result, check_trainer
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, QuantizeConfig, ScheduleConfig
 from lightning_dwf.core.factorize import factorize_
-from lightning_dwf.errors import DWFLearningRateWarning
 from lightning_dwf.export import CompressionReport
-from lightning_dwf.observe.pictures import DEFAULT_PICTURE_FACTOR, log_weight_histograms, picture_cadence
+from lightning_dwf.observe.pictures import PictureCadence, log_weight_histograms
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.penalty import FactorPenalty
 from lightning_dwf.training.regimes import Regime, build_regime
@@ -112,7 +111,7 @@ class DWFCallback(Callback):
         self.quantize = resolve_quantize(quantize, quantize_bits, self.collapse)
         self.log_every_n_steps = check_log_every(log_every_n_steps)
         self.log_per_layer, self.verbose, self.log_pictures = log_per_layer, verbose, log_pictures
-        self._picture_every = picture_cadence(log_pictures)  # 0: a multiple of the metric cadence, -1: off
+        self._pictures = PictureCadence(log_pictures)
         self.factorized_names: list[str] = []
         self.final_report: SparsityReport | None = None
         self.collapsed_checkpoint_path: str | None = None
@@ -120,7 +119,7 @@ class DWFCallback(Callback):
         self.sparsity_curve: list[tuple[int, float]] = []
         self._run: TrainingRun | None = None
         self._fits_collapsed = 0
-        self._last_logged_step = self._last_picture_step = -1
+        self._last_logged_step = -1
 
     # --------------------------------------------------------------- results
     @property
@@ -171,9 +170,8 @@ class DWFCallback(Callback):
         if stage != "fit":
             return
         check_trainer(trainer, pl_module)
-        self._run = TrainingRun(build_regime(self.regime_config, self.quantize), self.depth, self.factor_lr,
-                                self.collapse.threshold, rank_zero_info,
-                                lambda message, category: rank_zero_warn(message, category=category))
+        self._run = None
+        self._ensure_run()
         if is_overridden("configure_model", pl_module):
             rank_zero_info("DWFCallback: calling `configure_model()` before factorizing, so that its layers exist "
                            "(it must be idempotent).")
@@ -187,10 +185,9 @@ class DWFCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
-        assert self._run is not None
         self.sparsity_curve = []
         check_amp_optimizers(trainer)
-        neutralized = self._run.bind(pl_module, trainer.optimizers, trainer.global_step,
+        neutralized = self._ensure_run().bind(pl_module, trainer.optimizers, trainer.global_step,
                                      trainer.estimated_stepping_batches)
         if neutralized:
             rank_zero_info(
@@ -207,15 +204,7 @@ class DWFCallback(Callback):
                                      trainer.estimated_stepping_batches)
         except ValueError as err:
             raise MisconfigurationException(f"DWFCallback: {err}") from err
-        if result is None:
-            return
-        if result.errors:
-            raise MisconfigurationException("DWFCallback: " + " ".join(result.errors))
-        if result.warnings and self.factor_lr.check == "error":
-            raise MisconfigurationException("DWFCallback: " + " ".join(result.warnings) + " (check='error')")
-        for message in result.warnings:
-            rank_zero_warn(f"DWFCallback: {message} Silence with FactorLRConfig(check='off').",
-                           category=DWFLearningRateWarning)
+        check_learning_rate_result(result, self.factor_lr.check)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -241,9 +230,7 @@ class DWFCallback(Callback):
                                      not (torch.is_tensor(loss) and not bool(torch.isfinite(loss)))):
             return
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        cadence = self._picture_every or DEFAULT_PICTURE_FACTOR * every
-        if self._picture_every >= 0 and step != self._last_picture_step and step % cadence == 0:
-            self._last_picture_step = step
+        if self._pictures.histograms_due(step, every):
             log_weight_histograms(trainer.loggers, pl_module, step)
         if step == self._last_logged_step or not (step % every == 0 or trainer.is_last_batch):
             return
@@ -269,9 +256,17 @@ class DWFCallback(Callback):
         self._fits_collapsed += 1
         self.collapsed_checkpoint_path, self.compression_report = finish_fit(
             trainer, pl_module, self.final_report, threshold, self.collapse, self.quantize, self._run,
-            self.sparsity_curve if self._picture_every >= 0 else None,
+            self.sparsity_curve if self._pictures.enabled else None,
             f"DWF (D={self.depth}, λ={self.current_lam:g})" if self.verbose else None,
         )
+
+    def _ensure_run(self) -> TrainingRun:
+        """The fit's training state, built at ``setup`` (or here, for hooks called without it)."""
+        if self._run is None:
+            self._run = TrainingRun(build_regime(self.regime_config, self.quantize), self.depth, self.factor_lr,
+                                    self.collapse.threshold, rank_zero_info,
+                                    lambda message, category: rank_zero_warn(message, category=category))
+        return self._run
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

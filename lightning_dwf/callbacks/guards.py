@@ -1,4 +1,5 @@
-"""Refusing Trainer set-ups that DWF cannot train correctly, early and with the fix (the callback's ``setup``)."""
+"""Refusing Trainer set-ups that DWF cannot train correctly, early and with the fix (the callback's ``setup``), and
+turning the factor-LR check into errors and warnings."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_dwf.errors import DWFLearningRateWarning
+from lightning_dwf.training.factor_lr import LearningRateCheck
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _AVERAGING = "it averages the factors, and the product of averaged factors is not the average of the weights"
@@ -61,3 +66,20 @@ def check_amp_optimizers(trainer: pl.Trainer) -> None:
                 f"{type(opt).__name__} unscales gradients inside step() (e.g. fused=True), after DWFCallback adds the "
                 "penalty, which would then be scaled wrongly. Use fused=False with precision='16-mixed'."
             )
+
+
+def check_learning_rate_result(result: LearningRateCheck | None, check: str) -> None:
+    """Raise on the LR check's errors (and on its warnings with ``check="error"``), else warn with them.
+
+    Raises:
+        MisconfigurationException: the factor LR makes training pointless (or predicts few zeros, with "error").
+    """
+    if result is None:
+        return
+    if result.errors:
+        raise MisconfigurationException("DWFCallback: " + " ".join(result.errors))
+    if result.warnings and check == "error":
+        raise MisconfigurationException("DWFCallback: " + " ".join(result.warnings) + " (check='error')")
+    for message in result.warnings:
+        rank_zero_warn(f"DWFCallback: {message} Silence with FactorLRConfig(check='off').",
+                       category=DWFLearningRateWarning)

@@ -53,6 +53,27 @@ def picture_cadence(log_pictures: bool | int) -> int:
     return log_pictures
 
 
+class PictureCadence:
+    """When weight histograms are due: ``log_pictures`` (:func:`picture_cadence`) against the metric cadence, once
+    per optimizer step."""
+
+    def __init__(self, log_pictures: bool | int) -> None:
+        self.every = picture_cadence(log_pictures)  # 0: a multiple of the metric cadence, -1: off
+        self._last = -1
+
+    @property
+    def enabled(self) -> bool:
+        return self.every >= 0
+
+    def histograms_due(self, step: int, metric_every: int) -> bool:
+        """Whether to log histograms after ``step`` optimizer steps (``metric_every``: the metric cadence)."""
+        cadence = self.every or DEFAULT_PICTURE_FACTOR * metric_every
+        if not self.enabled or step == self._last or step % cadence:
+            return False
+        self._last = step
+        return True
+
+
 def _picture_loggers(loggers: Sequence[Logger]) -> list[Logger]:
     return [lg for lg in loggers if isinstance(lg, (TensorBoardLogger, WandbLogger))]
 

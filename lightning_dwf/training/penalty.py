@@ -170,6 +170,11 @@ class FactorPenalty:
                 "Build the optimizer from self.parameters() (or include lightning_dwf.factor_parameters(self))."
             )
 
+    @property
+    def bound(self) -> bool:
+        """Whether the penalty is bound to optimizers (between :meth:`bind` and :meth:`unbind`)."""
+        return bool(self._plans)
+
     def kind_of(self, factor: nn.Parameter) -> str:
         """How the penalty reaches ``factor`` (:func:`penalty_kind` of its optimizer); after :meth:`bind`."""
         plan = self._plan_of.get(id(factor))
