@@ -11,7 +11,8 @@ rollback), ``callbacks`` (the Lightning glue), ``export`` (the compressed file f
 quantized decomposition). ``__all__`` lists the public surface; everything else stays importable from its module.
 """
 
-from lightning_dwf.callbacks.dwf import DWFCallback
+from typing import TYPE_CHECKING, Any
+
 from lightning_dwf.config import (
     DEFAULT_LAYER_TYPES,
     CollapseConfig,
@@ -67,7 +68,19 @@ from lightning_dwf.training.rollback import TrainingSnapshot  # noqa: F401
 from lightning_dwf.training.run import TrainingRun
 from lightning_dwf.training.support import cut_to_sparsity_, fix_support_, keep_masks, support_threshold  # noqa: F401
 
+if TYPE_CHECKING:
+    from lightning_dwf.callbacks.dwf import DWFCallback
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``DWFCallback`` is imported on first use, so that the plain-PyTorch modules work without importing Lightning."""
+    if name == "DWFCallback":
+        from lightning_dwf.callbacks.dwf import DWFCallback
+
+        return DWFCallback
+    raise AttributeError(f"module 'lightning_dwf' has no attribute {name!r}")
 
 __all__ = [
     # the callback and its settings

@@ -1,0 +1,58 @@
+"""TrainingRun drives a regime in a plain PyTorch loop, without Lightning: the same mechanics the callback uses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dwf import FactorLRConfig, FixedLamConfig, TargetSparsityConfig, TrainingRun, collapse_, factorize_
+from lightning_dwf.errors import DWFDivergenceError
+from lightning_dwf.training.regimes import build_regime
+
+
+def _loop(regime_config, opt_cls, lr: float, steps: int = 200, factor_lr: FactorLRConfig | None = None):
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    y = x[:, :3].sum(dim=1, keepdim=True)
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 1))
+    factorize_(net, depth=3)
+    opt = opt_cls(net.parameters(), lr=lr)
+    run = TrainingRun(build_regime(regime_config), depth=3, factor_lr=factor_lr or FactorLRConfig(check="off"))
+    run.bind(net, [opt], step=0, total_steps=steps)
+    run.start(net, [opt], step=0, total_steps=steps)
+    for step in range(steps):
+        run.before_batch(net, [opt], step, steps)
+        loss = nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        run.before_step(net, opt)
+        opt.step()
+        opt.zero_grad()
+        run.after_batch(net, [opt], step + 1, bool(loss.isfinite()))
+    run.close()
+    report, threshold = run.finish(net, [opt], steps, steps)
+    collapse_(net, threshold)
+    return net, report, run
+
+
+def test_fixed_lam_under_adamw_makes_exact_zeros_in_a_plain_loop():
+    net, report, run = _loop(FixedLamConfig(lam=0.5), torch.optim.AdamW, lr=1e-2)
+    w = net[0].weight
+    zeros = sum(int((m.weight == 0).sum()) for m in (net[0], net[2]))
+    assert report.sparsity > 0.5 and zeros == report.numel - report.nonzero  # exact zeros, as the report counts
+    assert bool((w[:, 3:] == 0).float().mean() > (w[:, :3] == 0).float().mean())  # the ignored inputs go first
+    assert run.metrics(200)["dwf/lam"] == 0.5 and run.rollback.count == 0
+
+
+def test_target_sparsity_is_met_exactly_in_a_plain_loop():
+    net, report, _ = _loop(TargetSparsityConfig(0.9), torch.optim.SGD, lr=0.05, steps=120)
+    assert report.sparsity == pytest.approx(0.9, abs=1 / report.numel)
+    assert sum(int((m.weight == 0).sum()) for m in (net[0], net[2])) >= math.floor(0.9 * report.numel)
+
+
+def test_divergence_is_a_named_exception_after_the_rollbacks():
+    with pytest.raises(DWFDivergenceError, match="NaN/Inf"):
+        _loop(FixedLamConfig(lam=1e-3), torch.optim.SGD, lr=1e4, steps=30,
+              factor_lr=FactorLRConfig(check="off", rollbacks=2))
