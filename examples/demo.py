@@ -168,6 +168,7 @@ def main() -> None:
     dwf = DWFCallback(
         depth=args.depth,
         collapse=CollapseConfig(threshold=args.threshold),
+        verbose=True,  # the per-layer table at fit end
         **knob,
         **({"factor_lr": FactorLRConfig(multiplier=args.factor_lr_multiplier)} if args.factor_lr_multiplier else {}),
     )
