@@ -92,3 +92,8 @@ def check_patterns(name: str, value: Any) -> tuple[str, ...]:
     if not all(isinstance(v, str) for v in value):
         raise TypeError(f"`{name}` must be a string or a list of strings (e.g. ['encoder.*']), got {value!r}.")
     return tuple(value)
+
+
+def set_field(config: object, name: str, value: object) -> None:
+    """Store a normalized value on a frozen dataclass (only from its ``__post_init__``)."""
+    object.__setattr__(config, name, value)

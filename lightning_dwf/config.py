@@ -31,9 +31,15 @@ from lightning_dwf._validation import (
     check_patterns,
     check_positive,
     check_target,
+    set_field,
 )
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD
 from lightning_dwf.core.init import DEFAULT_EPS_RATIO, InitStd
+
+#: Every tensor keeps at least this fraction of its uniform share ``(1 − target)·n`` of weights (and at least one) at a
+#: support cut, so that a global magnitude cut never empties a layer whose weights are small in scale
+#: (``ScheduleConfig.min_layer_share``, :func:`~lightning_dwf.cut_to_sparsity_`).
+DEFAULT_MIN_LAYER_SHARE = 0.1
 
 #: Targets from which the default recovery phase is shorter (a longer ramp for the penalty).
 HIGH_TARGET = 0.995
@@ -72,11 +78,6 @@ def resolve_layer_types(layer_types: Sequence[LayerType] | LayerType | None) -> 
     return tuple(resolved)
 
 
-def _set(config: object, name: str, value: object) -> None:
-    """Store a normalized value on a frozen dataclass (only from ``__post_init__``)."""
-    object.__setattr__(config, name, value)
-
-
 @dataclass(frozen=True)
 class SelectionConfig:
     """Which tensors of which layers a transform applies to; the selection fields of :class:`FactorizeConfig` (DWF)
@@ -100,10 +101,10 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         if self.layer_types is not None:
-            _set(self, "layer_types", resolve_layer_types(self.layer_types))
-        _set(self, "include", check_patterns("include", self.include))
-        _set(self, "exclude", check_patterns("exclude", self.exclude))
-        _set(self, "param_names", check_patterns("param_names", self.param_names))
+            set_field(self, "layer_types", resolve_layer_types(self.layer_types))
+        set_field(self, "include", check_patterns("include", self.include))
+        set_field(self, "exclude", check_patterns("exclude", self.exclude))
+        set_field(self, "param_names", check_patterns("param_names", self.param_names))
         if not self.param_names:
             raise ValueError("`param_names` is empty: name the tensors to factorize, e.g. ('weight',).")
         if self.filter_fn is not None and not callable(self.filter_fn):
@@ -141,7 +142,7 @@ class FactorizeConfig(SelectionConfig):
         eps = check_positive("eps_ratio", self.eps_ratio)
         if not eps < 2:
             raise ValueError(f"`eps_ratio` must lie in (0, 2) (|w| is drawn from (eps_ratio·σ_w, 2·σ_w)), got {eps}.")
-        _set(self, "eps_ratio", eps)
+        set_field(self, "eps_ratio", eps)
 
 
 @dataclass(frozen=True)
@@ -177,27 +178,27 @@ class ScheduleConfig:
     max_step: float = 0.05
     gradual: bool = True
     lead: float = 0.0
-    min_layer_share: float = 0.1
+    min_layer_share: float = DEFAULT_MIN_LAYER_SHARE
 
     def __post_init__(self) -> None:
         if self.recovery is not None:
-            _set(self, "recovery", check_fraction(
+            set_field(self, "recovery", check_fraction(
                 "recovery", self.recovery, 0.8, True, "the fraction of the run, at its end, trained with the sparsity "
                 "pattern fixed and λ = 0 (default: 0.5, or 0.4 for targets >= 0.995; 0 fixes the pattern only at fit "
                 "end)",
             ))
         if self.control_threshold is not None:
-            _set(self, "control_threshold", check_positive("control_threshold", self.control_threshold))
-        _set(self, "warmup", check_fraction("warmup", self.warmup, 0.5, False,
+            set_field(self, "control_threshold", check_positive("control_threshold", self.control_threshold))
+        set_field(self, "warmup", check_fraction("warmup", self.warmup, 0.5, False,
                                             "the fraction of the run before λ starts to follow the ramp (e.g. 0.1)"))
-        _set(self, "gain", check_nonnegative("gain", self.gain, " E.g. 0.2, the default."))
-        _set(self, "max_step", check_positive("max_step", self.max_step, " E.g. 0.05, the default."))
+        set_field(self, "gain", check_nonnegative("gain", self.gain, " E.g. 0.2, the default."))
+        set_field(self, "max_step", check_positive("max_step", self.max_step, " E.g. 0.05, the default."))
         if not isinstance(self.gradual, bool):
             raise ValueError(f"`gradual` must be True (cut the support along the ramp) or False (one cut at the "
                              f"recovery point), got {self.gradual!r}.")
-        _set(self, "lead", check_fraction("lead", self.lead, 0.5, False,
+        set_field(self, "lead", check_fraction("lead", self.lead, 0.5, False,
                                           "the fraction of the run the λ controller aims ahead of the cut (e.g. 0.1)"))
-        _set(self, "min_layer_share", check_fraction(
+        set_field(self, "min_layer_share", check_fraction(
             "min_layer_share", self.min_layer_share, 1.0, True,
             "the fraction of a tensor's uniform share of surviving weights it always keeps (e.g. 0.1; 0 allows "
             "emptying a layer)",
@@ -234,10 +235,10 @@ class FactorLRConfig:
 
     def __post_init__(self) -> None:
         if self.multiplier != "auto":
-            _set(self, "multiplier", check_positive(
+            set_field(self, "multiplier", check_positive(
                 "multiplier", self.multiplier, " E.g. FactorLRConfig(multiplier=10), or 'auto' (the default)."
             ))
-        _set(self, "warmup", check_fraction(
+        set_field(self, "warmup", check_fraction(
             "warmup", self.warmup, 1.0, False,
             "the fraction of the run over which the factor LR multiplier ramps up from 1 (e.g. 0.1)",
         ))
@@ -272,14 +273,14 @@ class CollapseConfig:
     quantize_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        _set(self, "threshold", check_nonnegative("threshold", self.threshold,
+        set_field(self, "threshold", check_nonnegative("threshold", self.threshold,
                                                   " Use e.g. 1.19e-7 (float32 epsilon), the default."))
         if self.path is not None:
-            _set(self, "path", str(self.path))
+            set_field(self, "path", str(self.path))
         if self.quantize_fraction is not None:
             warnings.warn("CollapseConfig(quantize_fraction=...) moved to QuantizeConfig(fraction=...): pass "
                           "DWFCallback(quantize=QuantizeConfig(bits=..., fraction=...)).", FutureWarning, stacklevel=3)
-            _set(self, "quantize_fraction", check_quantize_fraction(self.quantize_fraction))
+            set_field(self, "quantize_fraction", check_quantize_fraction(self.quantize_fraction))
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ class QuantizeConfig:
         if self.bits is None:
             raise ValueError("`bits` must be 8 or 4; for float weights leave the callback's `quantize` unset.")
         check_bits(self.bits, "bits")
-        _set(self, "fraction", check_quantize_fraction(self.fraction))
+        set_field(self, "fraction", check_quantize_fraction(self.fraction))
 
 
 def check_quantize_fraction(value: object) -> float:

@@ -1,14 +1,6 @@
-r"""DWFCallback: Deep Weight Factorization (Kolb et al., ICLR 2025, arXiv 2502.02496) inside ``Trainer.fit``.
-
-Hook glue only: each hook hands the Trainer's model, optimizers and step to
-:class:`~lightning_dwf.training.run.TrainingRun`, whose regime decides what λ and the support do.
-
-.. code-block:: python
-
-    trainer = Trainer(callbacks=[DWFCallback(depth=3, target_sparsity=0.95)])
-    trainer.fit(model)                      # model is plain and sparse again afterwards
-    MyModule.load_from_checkpoint(trainer.callbacks[0].collapsed_checkpoint_path)
-"""
+"""DWFCallback: Deep Weight Factorization (Kolb et al., ICLR 2025) inside ``Trainer.fit``. Hook glue only: each hook
+hands the model, optimizers and step to :class:`~lightning_dwf.training.run.TrainingRun`, whose regime decides what λ
+and the support do."""
 
 from __future__ import annotations
 
@@ -43,15 +35,13 @@ __all__ = ["FACTORIZED_STATE_KEY", "DWFCallback"]
 class DWFCallback(Callback):
     r"""Train a sparse model by Deep Weight Factorization and hand back a plain, collapsed one.
 
-    At ``setup`` (fit only, before the model is moved, wrapped or given an optimizer) every selected weight becomes
-    ``w = ω1 ⊙ … ⊙ ωD``. Each optimizer step the factors get the penalty ``(λ/D)·Σ_d ||ω_d||²`` (whatever optimizers
-    and schedulers ``configure_optimizers`` returns; the user's weight decay on factors is neutralized, see
-    :mod:`lightning_dwf.training.penalty`), which makes training minimize ``loss + λ·Σ|w|^(2/D)``. Metrics
-    ``dwf/sparsity``, ``dwf/compression_ratio``, ``dwf/misalignment``, ``dwf/penalty``, ``dwf/lam`` and
-    ``dwf/sparsity/<layer>`` go through ``LightningModule.log`` (every logger, ``ModelCheckpoint``/``EarlyStopping``
-    can monitor them). At the end of ``fit`` the model is collapsed in place (exact zeros below
-    ``collapse.threshold``) and written as a checkpoint that ``MyModule.load_from_checkpoint`` loads without this
-    package.
+    At ``setup`` (fit only) every selected weight becomes ``w = ω1 ⊙ … ⊙ ωD``; each optimizer step the factors get
+    the penalty ``(λ/D)·Σ_d ||ω_d||²`` inside whatever optimizers ``configure_optimizers`` returns
+    (:mod:`lightning_dwf.training.penalty`), so training minimizes ``loss + λ·Σ|w|^(2/D)``. ``dwf/sparsity``,
+    ``dwf/compression_ratio``, ``dwf/lam``, … go through ``LightningModule.log`` (loggers, ``ModelCheckpoint`` and
+    ``EarlyStopping`` see them). At fit end the model is collapsed in place (exact zeros below ``collapse.threshold``)
+    and written as a checkpoint that ``MyModule.load_from_checkpoint`` loads without this package. Invalid arguments
+    raise ``TypeError``/``ValueError`` here.
 
     Args:
         depth: number of factors D (>= 2; 3 recommended, 2 is the lasso).
@@ -81,9 +71,6 @@ class DWFCallback(Callback):
         collapsed_checkpoint_path: where the collapsed checkpoint was written (set at fit end).
         compression_report: the :class:`~lightning_dwf.CompressionReport` of the exported file (``collapse.export``).
         sparsity_curve: ``(step, dwf/sparsity)`` as logged during the last fit.
-
-    Raises:
-        TypeError, ValueError: on invalid arguments, at construction.
 
     Example:
         >>> from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig

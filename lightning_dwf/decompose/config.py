@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lightning_dwf._validation import check_bits, check_int, check_positive
-from lightning_dwf.config import SelectionConfig, _set
+from lightning_dwf._validation import check_bits, check_int, check_positive, set_field
+from lightning_dwf.config import SelectionConfig
 
 __all__ = ["DEFAULT_RANK_RATIO", "DecomposeConfig"]
 
@@ -77,16 +77,16 @@ class DecomposeConfig(SelectionConfig):
             if ratio > 1:
                 raise ValueError(f"`rank_ratio` is a fraction of min(out, in) in (0, 1], got {ratio}. For an "
                                  "absolute rank use `rank=`.")
-            _set(self, "rank_ratio", ratio)
+            set_field(self, "rank_ratio", ratio)
         density = self.density
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ValueError(f"`density` is the fraction of non-zeros kept in each factor; it must be in (0, 1], "
                              f"got {density!r}.")
-        _set(self, "density", float(density))
+        set_field(self, "density", float(density))
         check_bits(self.bits, "bits")
         check_int("steps", self.steps, 0, " E.g. 300; 0 keeps the projected truncated SVD.")
         if self.lr is not None:
-            _set(self, "lr", check_positive("lr", self.lr, " Leave it None for the Lipschitz step 1/||V||²."))
+            set_field(self, "lr", check_positive("lr", self.lr, " Leave it None for the Lipschitz step 1/||V||²."))
         check_int("min_size", self.min_size, 0, " It is a number of weight elements, e.g. 1024; 0 disables it.")
 
     def rank_for(self, rows: int, cols: int) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.core.factorize import factorized_tensors
 
 
@@ -36,14 +37,11 @@ def support_threshold(weights: Sequence[Tensor], target: float, floor: float = 0
     return max(floor, float(values[min(k, values.numel() - 1)]))
 
 
-#: Every tensor keeps at least this fraction of its uniform share ``(1 − target)·n`` of weights (and at least one), so
-#: that a global magnitude cut never empties a layer whose weights are small in scale (Adam-trained nets, late layers).
-MIN_KEEP_SHARE = 0.1
 
 
 @torch.no_grad()
 def keep_masks(
-    weights: Mapping[str, Tensor], target: float, floor: float = 0.0, min_share: float = MIN_KEEP_SHARE
+    weights: Mapping[str, Tensor], target: float, floor: float = 0.0, min_share: float = DEFAULT_MIN_LAYER_SHARE
 ) -> dict[str, Tensor]:
     """Which weights survive a global magnitude cut to sparsity ``target``, without emptying any tensor.
 
@@ -87,7 +85,7 @@ def cut_to_sparsity_(
     target: float,
     floor: float = 0.0,
     optimizers: Iterable[torch.optim.Optimizer] = (),
-    min_share: float = MIN_KEEP_SHARE,
+    min_share: float = DEFAULT_MIN_LAYER_SHARE,
 ) -> float:
     """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
 

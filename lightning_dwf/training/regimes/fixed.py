@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_dwf._validation import check_nonnegative
+from lightning_dwf._validation import check_nonnegative, set_field
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.regimes.base import Regime, RunContext, register_regime
 from lightning_dwf.training.support import fix_support_
@@ -35,7 +35,7 @@ class FixedLamConfig:
     lam: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lam", check_nonnegative(
+        set_field(self, "lam", check_nonnegative(
             "lam", self.lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3."
         ))
 

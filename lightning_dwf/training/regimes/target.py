@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_dwf._validation import check_target
+from lightning_dwf._validation import check_target, set_field
 from lightning_dwf.config import ScheduleConfig
 from lightning_dwf.observe.report import SparsityReport, sparsity_report
 from lightning_dwf.training.controller import SparsityController, plan_controller
@@ -33,7 +33,7 @@ class TargetSparsityConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sparsity", check_target("target_sparsity", self.sparsity))
+        set_field(self, "sparsity", check_target("target_sparsity", self.sparsity))
         if not isinstance(self.schedule, ScheduleConfig):
             raise TypeError(f"`schedule` must be a ScheduleConfig, got {self.schedule!r}.")
 
