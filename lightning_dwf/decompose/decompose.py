@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 from lightning_dwf.core.factorize import select_tensors
 from lightning_dwf.decompose.config import DecomposeConfig
 from lightning_dwf.decompose.io import U_SUFFIX, V_SUFFIX
-from lightning_dwf.decompose.parametrization import LowRankProduct, _register
+from lightning_dwf.decompose.parametrization import LowRankProduct, register_decomposition
 from lightning_dwf.decompose.projection import decompose_matrix
 from lightning_dwf.decompose.report import DecompositionReport, LayerDecomposition
 from lightning_dwf.export import encode_weight
@@ -84,7 +84,7 @@ def decompose_(module: nn.Module, config: DecomposeConfig | None = None) -> Deco
         if not bool(torch.isfinite(matrix).all()):
             raise ValueError(f"{name!r} has NaN or inf entries: it cannot be decomposed. Add it to `exclude`.")
         result = decompose_matrix(matrix, rank, keep_u, keep_v, config.bits, config.steps, config.lr)
-        _register(mod, pname, result.u, result.v, config.bits)
+        register_decomposition(mod, pname, result.u, result.v, config.bits)
         rows_out.append(LayerDecomposition(
             name=name, shape=tuple(weight.shape), matrix=(rows, cols), rank=rank, bits=config.bits,
             nonzero_u=int(result.u.count_nonzero()), nonzero_v=int(result.v.count_nonzero()),

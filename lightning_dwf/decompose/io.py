@@ -16,9 +16,9 @@ from torch.nn.utils import parametrize
 from lightning_dwf.decompose.parametrization import (
     DecomposedTensor,
     LowRankProduct,
-    _register,
     collapse_decomposed_,
     decomposed_tensors,
+    register_decomposition,
 )
 from lightning_dwf.decompose.report import DecomposedFileReport
 from lightning_dwf.errors import DWFFileError
@@ -203,7 +203,7 @@ def load_decomposed(module: nn.Module, path: str | os.PathLike[str], *, collapse
         raise ValueError(f"{path!r}: unexpected state dict mismatch {result}.")
     for name, (u, v, bits) in factors.items():
         mod_name, _, pname = name.rpartition(".")
-        _register(owners[mod_name], pname, u, v, bits)
+        register_decomposition(owners[mod_name], pname, u, v, bits)
     if collapse:
         collapse_decomposed_(module)
     return module

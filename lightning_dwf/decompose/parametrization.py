@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_dwf.decompose.projection import _fake_quantize
+from lightning_dwf.decompose.projection import fake_quantize_rows
 
 __all__ = ["DecomposedTensor", "LowRankProduct", "collapse_decomposed_", "decomposed_tensors"]
 
@@ -48,7 +48,7 @@ class LowRankProduct(nn.Module):
 
     def factors(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """The effective factors: masked, then fake-quantized (straight-through)."""
-        return _fake_quantize(u * self.mask_u, self.bits), _fake_quantize(v * self.mask_v, self.bits)
+        return fake_quantize_rows(u * self.mask_u, self.bits), fake_quantize_rows(v * self.mask_v, self.bits)
 
     def forward(self, u: Tensor, v: Tensor) -> Tensor:
         """The weight ``(Q(U ⊙ M_U) @ Q(V ⊙ M_V)).reshape(shape)`` in the weight's dtype."""
@@ -116,7 +116,7 @@ def decomposed_tensors(module: nn.Module) -> list[DecomposedTensor]:
     return found
 
 
-def _register(mod: nn.Module, pname: str, u: Tensor, v: Tensor, bits: int | None) -> None:
+def register_decomposition(mod: nn.Module, pname: str, u: Tensor, v: Tensor, bits: int | None) -> None:
     """Parametrize ``mod.<pname>`` as ``U @ V`` with the given factors (on the weight's device, its requires_grad)."""
     weight = getattr(mod, pname)
     requires_grad = weight.requires_grad

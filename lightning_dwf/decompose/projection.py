@@ -16,7 +16,7 @@ from lightning_dwf.core.functional import fake_quantize, quantize_to_grid
 __all__ = ["MatrixDecomposition", "decompose_matrix"]
 
 
-def _fake_quantize(x: Tensor, bits: int | None) -> Tensor:
+def fake_quantize_rows(x: Tensor, bits: int | None) -> Tensor:
     """Straight-through fake quantization on the per-row grid (identity for ``bits=None``)."""
     return x if bits is None else fake_quantize(x, bits)
 
