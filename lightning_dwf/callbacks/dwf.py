@@ -20,19 +20,19 @@ from lightning_dwf.callbacks.arguments import as_config, check_log_every, check_
 from lightning_dwf.callbacks.checkpoint import FACTORIZED_STATE_KEY, collapse_checkpoint, restore_factors
 from lightning_dwf.callbacks.finish import finish_fit
 from lightning_dwf.callbacks.guards import check_amp_optimizers, check_learning_rate_result, check_trainer
+from lightning_dwf.callbacks.results import FitResults
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, QuantizeConfig, ScheduleConfig
 from lightning_dwf.core.factorize import factorize_
 from lightning_dwf.export import CompressionReport
 from lightning_dwf.observe.pictures import PictureCadence, log_weight_histograms
 from lightning_dwf.observe.report import SparsityReport
-from lightning_dwf.training.penalty import FactorPenalty
-from lightning_dwf.training.regimes import Regime, build_regime
+from lightning_dwf.training.regimes import build_regime
 from lightning_dwf.training.run import TrainingRun
 
 __all__ = ["FACTORIZED_STATE_KEY", "DWFCallback"]
 
 
-class DWFCallback(Callback):
+class DWFCallback(FitResults, Callback):
     r"""Train a sparse model by Deep Weight Factorization and hand back a plain, collapsed one.
 
     At ``setup`` (fit only) every selected weight becomes ``w = ω1 ⊙ … ⊙ ωD``; each optimizer step the factors get
@@ -107,47 +107,6 @@ class DWFCallback(Callback):
         self._run: TrainingRun | None = None
         self._fits_collapsed = 0
         self._last_logged_step = -1
-
-    # --------------------------------------------------------------- results
-    @property
-    def regime(self) -> Regime | None:
-        """The regime of the current (or last) fit (from ``setup``)."""
-        return None if self._run is None else self._run.regime
-
-    @property
-    def penalty(self) -> FactorPenalty | None:
-        """The penalty bound to the optimizers (from fit start)."""
-        return None if self._run is None else self._run.penalty
-
-    @property
-    def current_lam(self) -> float:
-        """λ in force now (the fixed ``lam``, or the controller's value; 0 once the support is fixed)."""
-        return self._run.regime.lam if self._run is not None else (self.lam or 0.0)
-
-    @property
-    def recovery(self) -> float | None:
-        """Target mode: the fraction of the run in the recovery phase; else None."""
-        return getattr(self.regime_config, "recovery", None)
-
-    @property
-    def control_threshold(self) -> float | None:
-        """Target mode: the absolute control threshold the run used (from train start); else None."""
-        return getattr(self.regime, "control_threshold", None)
-
-    @property
-    def rollbacks(self) -> int:
-        """How many times the run stepped back to its last finite state."""
-        return 0 if self._run is None else self._run.rollback.count
-
-    @property
-    def factor_lr_scale(self) -> float:
-        """The factors' step multiplier the rollbacks left (``0.5 ** rollbacks``)."""
-        return 1.0 if self._run is None else self._run.rollback.scale
-
-    @property
-    def factor_lr_multipliers(self) -> dict[str, float]:
-        """Each factorized tensor's factor LR multiplier after the warm-up (a copy)."""
-        return {} if self._run is None else dict(self._run.multipliers)
 
     # ----------------------------------------------------------------- hooks
     @override
