@@ -20,9 +20,12 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from benchmarks import matrix, sweep
+from benchmarks import matrix
+from benchmarks.harness.runs import run_plan
+from benchmarks.harness.store import RESULTS, load_rows
+from benchmarks.harness.tables import fmt_acc
 
-PATH = sweep.RESULTS / "factor_lr.jsonl"
+PATH = RESULTS / "factor_lr.jsonl"
 
 
 def plan(
@@ -68,9 +71,9 @@ def table(rows: list[dict], matrix_rows: list[dict]) -> str:
         cell = reference.get((data, model, opt, bs, "scratch", target), {})
         same = {m: [r for r in cell.get(m, []) if r["config"]["seed"] in seeds] for m in matrix.METHODS[1:]}
         out.append(
-            f"| {data} | {model} | {opt} | {bs} | {100 * target:g} % | {depth} | ×{mult:g} | {matrix.fmt_acc(runs)} | "
-            f"{_layers(runs)} | {matrix.fmt_acc(same['dwf'])} | {matrix.fmt_acc(same['model-pruning'])} | "
-            f"{matrix.fmt_acc(same['pat'])} |"
+            f"| {data} | {model} | {opt} | {bs} | {100 * target:g} % | {depth} | ×{mult:g} | {fmt_acc(runs)} | "
+            f"{_layers(runs)} | {fmt_acc(same['dwf'])} | {fmt_acc(same['model-pruning'])} | "
+            f"{fmt_acc(same['pat'])} |"
         )
     return "\n".join(out)
 
@@ -86,14 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.report:
-        done = matrix.load_rows(args.results)
+        done = load_rows(args.results)
     else:
         configs = [
             cfg for depth in args.depth
             for cfg in plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed, depth)
         ]
-        done = matrix.run_all(configs, args.results, args.data_dir)
-    print(table(list(done.values()), list(matrix.load_rows(matrix.PATH).values())))
+        done = run_plan(configs, args.results, args.data_dir)
+    print(table(list(done.values()), list(load_rows(matrix.PATH).values())))
 
 
 if __name__ == "__main__":

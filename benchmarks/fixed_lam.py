@@ -15,9 +15,11 @@ import argparse
 import os
 from typing import Any
 
-from benchmarks import matrix, sweep
+from benchmarks import matrix
+from benchmarks.harness.runs import run_plan
+from benchmarks.harness.store import RESULTS
 
-PATH = sweep.RESULTS / "fixed_lam.jsonl"
+PATH = RESULTS / "fixed_lam.jsonl"
 DEFAULT_LAMS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    done = matrix.run_all(plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed), args.results,
+    done = run_plan(plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed), args.results,
                           args.data_dir)
     print(table(list(done.values())))
 

@@ -13,7 +13,8 @@ optimizers SGD (lr 0.1, momentum 0.9, no weight decay) and AdamW (lr 1e-3, weigh
 every parameter; DWF neutralizes it on its factors, which get its own penalty instead), both with a linear LR warm-up
 over the first 5 % of the steps, then cosine to 0, per step; batch sizes 64 and 256; targets 90 / 98 / 99.5 %.
 Methods per cell, at the same epochs, optimizer, schedule and data order: dense; Lightning's ModelPruning (global L1,
-the sweep's cubic per-epoch schedule to the target at 70 % of training, :class:`benchmarks.sweep.LayerPruning`);
+the sweep's cubic per-epoch schedule to the target at 70 % of training,
+:class:`benchmarks.harness.methods.LayerPruning`);
 torchao's prototype PAT (``PruneOptimizer`` around the same optimizer, a global per-element magnitude constraint on
 a cubic ramp, warm-up 10 % of the run, mask frozen from 60 %; ``pip install -e '.[bench]'``, skipped with a logged
 reason when torchao is missing); DWF with ``DWFCallback(depth=3, target_sparsity=T)`` and nothing else that changes
@@ -51,27 +52,21 @@ the 2 cores loaded (load average 3.5-5.8): their own seconds per epoch (e.g. LeN
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import seed_everything
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 
-from benchmarks import sweep
-from benchmarks.models import Classifier
+from benchmarks.harness import plots
+from benchmarks.harness.runs import run_plan
+from benchmarks.harness.store import RESULTS, key, load_rows
+from benchmarks.harness.tables import fmt_acc, mean_acc
 from examples.data import ImageData, load_dataset
-from lightning_dwf import DEFAULT_LAYER_TYPES, DWFDivergenceError
 
-PATH = sweep.RESULTS / "matrix.jsonl"
+PATH = RESULTS / "matrix.jsonl"
 #: (dataset, model) settings; the MNIST subset only with LeNet-300-100.
 SETTINGS = (
     ("fashion-mnist", "lenet300"),
@@ -92,8 +87,6 @@ METHODS = ("dense", "model-pruning", "pat", "dwf")
 PRETRAINED_METHODS = ("dwf-balanced", "model-pruning")
 #: Batch size of the from-pretrained runs (and of the dense nets they start from).
 PRETRAINED_BATCH = 256
-#: PAT: no pruning for the first 10 % of the steps, mask frozen (healing) from 60 %.
-PAT_WARMUP, PAT_HEAL = 0.1, 0.6
 #: Epochs per setting, the same for every method of a cell (from pretrained: a third of them).
 EPOCHS = {
     ("fashion-mnist", "lenet300"): 12,
@@ -170,7 +163,7 @@ def dense_source(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def cell_key(cfg: dict[str, Any]) -> str:
     """A from-scratch cell: the config without method and seed (dense rows belong to every target of their setting)."""
-    return sweep.key({k: v for k, v in cfg.items() if k not in ("method", "seed")})
+    return key({k: v for k, v in cfg.items() if k not in ("method", "seed")})
 
 
 def seeded_cells(rows: Iterable[dict]) -> list[dict[str, Any]]:
@@ -210,7 +203,7 @@ def plan_second_pass(rows: Iterable[dict]) -> list[dict[str, Any]]:
                 dense = {k: v for k, v in dwf.items() if k != "target"}
                 cfgs = [dict(dense, method="dense", seed=seed)] + [dict(dwf, method=m, seed=seed) for m in METHODS[1:]]
             for cfg in cfgs:
-                out.setdefault(sweep.key(cfg), cfg)
+                out.setdefault(key(cfg), cfg)
     return list(out.values())
 
 
@@ -248,149 +241,11 @@ def estimate_seconds(cfg: dict[str, Any]) -> float:
     return cfg["epochs"] * per_epoch * METHOD_COST[cfg["method"]] + RUN_OVERHEAD
 
 
-# ------------------------------------------------------------------------------------------------------------ training
-class PATClassifier(Classifier):
-    """:class:`Classifier` whose optimizer is torchao's PAT ``PruneOptimizer`` around the same base optimizer: one
-    global per-element (``KElementGrouper(k=1)``) minimum-sparsity constraint over the Linear/Conv weights, ramped
-    cubically from :data:`PAT_WARMUP` to :data:`PAT_HEAL` of the run, the mask frozen after it."""
-
-    def __init__(self, *args: Any, target: float = 0.9, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.target = target
-
-    def configure_optimizers(self):
-        from torchao.prototype.pat.optim import PruneOptimizer
-
-        total = max(int(self.trainer.estimated_stepping_batches), 2)
-        pruned = {id(m.weight) for m in self.net.modules() if isinstance(m, DEFAULT_LAYER_TYPES)}
-        groups = [
-            dict(
-                params=[p for p in self.parameters() if id(p) in pruned],
-                prox_type="GlobalMinSparsityConstraint",
-                group_type="KElementGrouper",
-                k=1,
-                min_sparsity=self.target,
-                min_sparsity_schedule=True,
-            ),
-            dict(params=[p for p in self.parameters() if id(p) not in pruned]),
-        ]
-        opt = PruneOptimizer(
-            self.make_optimizer(groups), warmup_steps=int(PAT_WARMUP * total), healing_start_step=int(PAT_HEAL * total)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt), "interval": "step"}}
-
-
-def pat_missing() -> str | None:
-    """Why PAT cannot run here (torchao missing or broken), or None."""
-    try:
-        import torchao.prototype.pat.optim  # noqa: F401
-    except Exception as err:  # noqa: BLE001 - any import failure skips the method
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def make_module(cfg: dict[str, Any], num_classes: int) -> Classifier:
-    kwargs = {k: cfg[k] for k in ("lr", "optimizer", "weight_decay", "warmup")}
-    kwargs["momentum"] = cfg.get("momentum", 0.0)
-    if cfg["method"] == "pat":
-        return PATClassifier(cfg["model"], num_classes=num_classes, target=cfg["target"], **kwargs)
-    return Classifier(cfg["model"], num_classes=num_classes, **kwargs)
-
-
-def callbacks(cfg: dict[str, Any]) -> list:
-    """The callback that makes the method (none for dense and PAT; ``dwf-lam``: a fixed ``cfg["lam"]``; for
-    :mod:`benchmarks.factor_lr`, a ``factor_lr_multiplier`` key replaces DWF's ``"auto"`` and a ``depth`` key its 3)."""
-    method, depth = cfg["method"], cfg.get("depth", 3)
-    if method == "model-pruning":
-        return sweep.method_callbacks(dict(method="model-pruning", target=cfg["target"], epochs=cfg["epochs"]))
-    if method in ("dwf", "dwf-balanced"):
-        init = "balanced" if method == "dwf-balanced" else "dwf"
-        return [sweep.defaults_callback(depth, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
-    if method == "dwf-lam":  # benchmarks.fixed_lam
-        return [sweep.defaults_callback(depth, lam=cfg["lam"])]
-    return []
-
-
-def fit(cfg: dict[str, Any], module: Classifier, data: ImageData, cbs: list) -> float:
-    """Train ``module`` as ``cfg`` says; returns the seconds it took."""
-    trainer = sweep.trainer(cfg["epochs"], cbs, limit_train_batches=cfg.get("max_batches") or 1.0)
-    start = time.perf_counter()
-    trainer.fit(module, sweep.loader(data, cfg["batch_size"], cfg["seed"]))
-    return time.perf_counter() - start
-
-
-def emptied_layers(net: nn.Module) -> list[str]:
-    """Linear/Conv layers whose weight is entirely zero."""
-    return [name for name, m in net.named_modules() if isinstance(m, DEFAULT_LAYER_TYPES) and not bool(m.weight.any())]
-
-
-def layer_nonzeros(net: nn.Module) -> dict[str, int]:
-    """Non-zero weights of each Linear/Conv layer: where a method put the weights it kept."""
-    layers = (item for item in net.named_modules() if isinstance(item[1], DEFAULT_LAYER_TYPES))
-    return {name: int(m.weight.count_nonzero()) for name, m in layers}
-
-
-def measure(net: nn.Module, data: ImageData) -> dict[str, Any]:
-    """Accuracy, sparsity (Linear/Conv weights), non-zeros per layer, emptied layers of the trained (collapsed) net;
-    non-finite weights."""
-    finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
-    out = dict(sweep.measure(net, data), emptied=emptied_layers(net), layer_nonzeros=layer_nonzeros(net))
-    if not finite:
-        out["diverged"] = "non-finite weights at the end of training"
-    return out
-
-
-def dense_path(cfg: dict[str, Any], results: Path) -> Path:
-    """Where the trained dense net of ``cfg`` (a dense config) is kept for the from-pretrained runs."""
-    digest = hashlib.sha1(sweep.key(cfg).encode()).hexdigest()[:10]
-    return results.parent / f"{results.stem}_dense" / f"{cfg['dataset']}_{cfg['model']}_{cfg['optimizer']}_{digest}.pt"
-
-
-def run_one(
-    cfg: dict[str, Any], data: ImageData, dense_state: dict | None = None, save_to: Path | None = None
-) -> dict[str, Any]:
-    """Train and measure one config (starting from ``dense_state`` if given, saving the trained net to ``save_to``);
-    DWF's NaN/Inf stop is a ``diverged`` result, a configuration DWF refuses an ``error``."""
-    seed_everything(cfg["seed"], verbose=False)
-    module = make_module(cfg, data.num_classes)
-    if dense_state is not None:
-        module.net.load_state_dict(dense_state)
-    try:
-        seconds = fit(cfg, module, data, callbacks(cfg))
-    except MisconfigurationException as err:
-        return dict(acc=None, error=str(err))
-    except DWFDivergenceError as err:
-        return dict(acc=None, diverged=str(err).split(". ")[0])
-    if save_to is not None:
-        save_to.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(module.net.state_dict(), save_to)
-    return dict(measure(module.net, data), train_seconds=seconds)
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for name in ("torch", "lightning", "torchao", "lightning-dwf"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def load_rows(path: Path) -> dict[str, dict]:
-    """The rows already in ``path``, by config key."""
-    if not path.exists():
-        return {}
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {sweep.key(row["config"]): row for row in rows}
-
-
-def outcome(res: dict[str, Any]) -> str:
-    if res.get("acc") is None:
-        return "diverged: " + res["diverged"] if "diverged" in res else "error: " + res.get("error", "?")[:100]
-    return f"acc {res['acc']:.4f}  sparsity {res['sparsity']:.4f}" + (
-        f"  emptied {res['emptied']}" if res["emptied"] else ""
-    )
+# -------------------------------------------------------------------------------------------------------------- runs
+def keeps_dense(cfg: dict[str, Any]) -> bool:
+    """Whether the trained net of ``cfg`` is kept: the seed-0 dense runs at :data:`PRETRAINED_BATCH`, which the
+    from-pretrained runs start from."""
+    return cfg["method"] == "dense" and cfg["batch_size"] == PRETRAINED_BATCH and cfg["seed"] == 0
 
 
 def run_all(
@@ -400,50 +255,7 @@ def run_all(
     loader: Callable[..., ImageData] = load_dataset,
 ) -> dict[str, dict]:
     """Run every config of ``plan`` not yet in ``results`` (appending one row each); returns all rows by key."""
-    done = load_rows(results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    datasets: dict[str, ImageData] = {}
-    skip_pat = pat_missing()
-    for cfg in plan:
-        if sweep.key(cfg) in done:
-            continue
-        if cfg["method"] == "pat" and skip_pat:
-            print(
-                f"skipped PAT ({skip_pat}): {cfg['dataset']} {cfg['model']} {cfg['optimizer']} b{cfg['batch_size']}",
-                flush=True,
-            )
-            continue
-        data = datasets.get(cfg["dataset"]) or datasets.setdefault(cfg["dataset"], loader(cfg["dataset"], data_dir))
-        state = None
-        if cfg["start"] == "pretrained":
-            state = dense_weights(dense_source(cfg), data, results, done)
-        source = cfg["method"] == "dense" and cfg["batch_size"] == PRETRAINED_BATCH and cfg["seed"] == 0
-        res = run_one(cfg, data, state, dense_path(cfg, results) if source else None)
-        record(cfg, res, results, done)
-    return done
-
-
-def dense_weights(src: dict[str, Any], data: ImageData, results: Path, done: dict[str, dict]) -> dict:
-    """The trained dense net ``src`` names: from its file, else trained now (and its row recorded if missing)."""
-    path = dense_path(src, results)
-    if not path.exists():
-        res = run_one(src, data, save_to=path)
-        if sweep.key(src) not in done:
-            record(src, res, results, done)
-    return torch.load(path, weights_only=True)
-
-
-def record(cfg: dict[str, Any], res: dict[str, Any], results: Path, done: dict[str, dict]) -> None:
-    row = dict(config=cfg, results=res, versions=versions(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with results.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    done[sweep.key(cfg)] = row
-    knob = f"{cfg['target']:<6}" if "target" in cfg else " " * 6
-    print(
-        f"{cfg['dataset']:13s} {cfg['model']:8s} {cfg['optimizer']:5s} b{cfg['batch_size']:<4d} {cfg['start']:10s} "
-        f"{cfg['method']:13s} {knob} s{cfg['seed']} {outcome(res)}  ({res.get('train_seconds', 0):.0f} s)",
-        flush=True,
-    )
+    return run_plan(plan, results, data_dir, loader, dense_source=dense_source, keep_dense=keeps_dense)
 
 
 # -------------------------------------------------------------------------------------------------------------- report
@@ -474,30 +286,6 @@ def table_cells(rows: Iterable[dict]) -> dict[tuple, dict[str, list[dict]]]:
             for t in targets[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], start)]:
                 cells[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], start, t)]["dense"].append(r)
     return dict(sorted(cells.items(), key=lambda kv: kv[0]))
-
-
-def mean_acc(runs: list[dict]) -> float | None:
-    accs = [r["results"].get("acc") for r in runs]
-    return sum(accs) / len(accs) if accs and all(a is not None for a in accs) else None
-
-
-def fmt_acc(runs: list[dict]) -> str:
-    """``88.12`` for one seed, ``88.10 (88.0 / 88.2 / 88.1)`` for several, ``diverged`` / ``error`` / ``—``."""
-    if not runs:
-        return "—"
-    runs = sorted(runs, key=lambda r: r["config"]["seed"])
-    per_seed = [
-        "diverged"
-        if "diverged" in r["results"] and r["results"].get("acc") is None
-        else "error"
-        if r["results"].get("acc") is None
-        else f"{100 * r['results']['acc']:.2f}"
-        for r in runs
-    ]
-    mean = mean_acc(runs)
-    if len(runs) == 1:
-        return per_seed[0]
-    return (f"{100 * mean:.2f}" if mean is not None else "—") + " (" + " / ".join(per_seed) + ")"
 
 
 def gap(by_method: dict[str, list[dict]]) -> float | None:
@@ -597,33 +385,16 @@ def summary(rows: Iterable[dict]) -> str:
 
 def gap_plot(rows: Iterable[dict], path: Path) -> Path:
     """One dot per cell: DWF − best peer (points), from-scratch and from-pretrained cells in two colours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = [
         (f"{d} {m} {o} b{b} {100 * t:g}%" + (" pre" if s == "pretrained" else ""), gap(bm), s)
         for (d, m, o, b, s, t), bm in table_cells(rows).items()
         if gap(bm) is not None
     ]
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.2 * len(points) + 1)))
-    for start, color in (("scratch", "tab:blue"), ("pretrained", "tab:orange")):
-        pts = [(i, g) for i, (_, g, s) in enumerate(points) if s == start]
-        if pts:
-            ax.scatter([g for _, g in pts], [i for i, _ in pts], color=color, s=14, label=f"from {start}")
-    ax.axvline(0, color="k", lw=1)
-    ax.set_yticks(range(len(points)), [p[0] for p in points], fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel("DWF − best peer (accuracy points)")
-    ax.set_title("Generalization matrix, defaults only")
-    ax.grid(True, axis="x", alpha=0.3)
-    if points:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    colors = (("scratch", "tab:blue"), ("pretrained", "tab:orange"))
+    groups = {start: (color, f"from {start}") for start, color in colors}
+    return plots.dot_plot(
+        points, groups, path, xlabel="DWF − best peer (accuracy points)", title="Generalization matrix, defaults only"
+    )
 
 
 def report(results: Path) -> tuple[Path, Path]:
@@ -677,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     first = [c for c in plan_first_pass(args.epochs, args.max_batches) if selected(c, only)]
     if args.list:
         for c in first:
-            print(sweep.key(c))
+            print(key(c))
         hours = sum(estimate_seconds(c) for c in first) / 3600
         print(f"{len(first)} first-pass runs, about {hours:.1f} h of training (seed pass: decided by the results)")
         return

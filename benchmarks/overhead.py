@@ -20,15 +20,14 @@ import copy
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.harness.store import RESULTS
 from benchmarks.models import ALL_MODELS, INPUT_SHAPES, MODELS
 from lightning_dwf import FactorPenalty, collapse_, factor_parameters, factorize_
 
-RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("dense", "dwf-d2", "dwf-d3", "dwf-d4")
 
 

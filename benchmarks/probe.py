@@ -17,21 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from typing import Any
 
-import lightning
 import torch
 
 from benchmarks import sweep
-from benchmarks.report import by_config
+from benchmarks.harness.fit import DEVICE_DEFAULTS, LR, MOMENTUM
+from benchmarks.harness.methods import method_callbacks
+from benchmarks.harness.runs import train_and_measure
+from benchmarks.harness.store import RESULTS, append_rows, make_row, read_rows
+from benchmarks.harness.tables import by_config
 from examples.data import load_dataset
 from lightning_dwf import ScheduleConfig
 
-PATH = sweep.RESULTS / "probes.jsonl"
+PATH = RESULTS / "probes.jsonl"
 #: Config keys the table shows under "other" when a row has them.
 OTHER_KEYS = (
-    *sweep.DEVICE_DEFAULTS,
+    *DEVICE_DEFAULTS,
     "init",
     "controller_gain",
     "controller_max_step",
@@ -48,11 +50,11 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model,
         epochs=epochs,
         batch_size=sweep.BATCH_SIZE[args.dataset],
-        lr=sweep.LR,
-        momentum=sweep.MOMENTUM,
+        lr=LR,
+        momentum=MOMENTUM,
         seed=args.seed,
     )
-    cfg.update({k: getattr(args, k) for k, default in sweep.DEVICE_DEFAULTS.items() if getattr(args, k) != default})
+    cfg.update({k: getattr(args, k) for k, default in DEVICE_DEFAULTS.items() if getattr(args, k) != default})
     if args.dense:
         return dict(cfg, method="dense")
     if args.model_pruning:
@@ -76,12 +78,12 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(cfg: dict[str, Any], data_dir: str | None = None) -> dict[str, Any]:
     tuned = {name: cfg[f"controller_{name}"] for name in ("gain", "max_step") if f"controller_{name}" in cfg}
-    callbacks = sweep.method_callbacks(cfg, ScheduleConfig(**tuned))
-    return sweep.train_and_measure(cfg, load_dataset(cfg["dataset"], data_dir), callbacks)
+    callbacks = method_callbacks(cfg, ScheduleConfig(**tuned))
+    return train_and_measure(cfg, load_dataset(cfg["dataset"], data_dir), callbacks)
 
 
 def table() -> str:
-    rows_all = [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
+    rows_all = read_rows(PATH)
     out = [
         "| method | target / λ | factor lr × (warm-up) | recovery | other | accuracy % per seed | mean | CR |",
         "|---|---|---|---|---|---|---|---|",
@@ -148,10 +150,10 @@ def main() -> None:
         help="ScheduleConfig(control_threshold=...) (default: the callback's)",
     )
     parser.add_argument(
-        "--accelerator", default=sweep.DEVICE_DEFAULTS["accelerator"], help="Trainer(accelerator=...), e.g. gpu"
+        "--accelerator", default=DEVICE_DEFAULTS["accelerator"], help="Trainer(accelerator=...), e.g. gpu"
     )
     parser.add_argument(
-        "--precision", default=sweep.DEVICE_DEFAULTS["precision"], help="Trainer(precision=...), e.g. 16-mixed on a GPU"
+        "--precision", default=DEVICE_DEFAULTS["precision"], help="Trainer(precision=...), e.g. 16-mixed on a GPU"
     )
     parser.add_argument(
         "--data-dir", default=None, help="where the dataset files are (default: the loader's search path)"
@@ -169,15 +171,9 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = config(args)
     results = run(cfg, args.data_dir)
-    row = dict(
-        config=cfg,
-        results=results,
-        versions=dict(torch=torch.__version__, lightning=lightning.__version__),
-        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )
+    row = make_row(cfg, results, sweep.VERSIONED)
     PATH.parent.mkdir(parents=True, exist_ok=True)
-    with PATH.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_rows(PATH, [row])
     print(json.dumps(row))
 
 

@@ -7,12 +7,14 @@ python -m benchmarks.report --quick    # quick results
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.harness.plots import pyplot, save
+from benchmarks.harness.store import RESULTS, read_rows
+from benchmarks.harness.tables import aggregate, fmt_cr
+
 CRS = (10, 20, 50, 100, 200, 500)
 METHODS = (
     "dense",
@@ -39,46 +41,12 @@ LABELS = {
 
 
 def load(mode: str) -> list[dict]:
-    path = RESULTS / f"{mode}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every row of the sweep's ``<mode>.jsonl``."""
+    return read_rows(RESULTS / f"{mode}.jsonl")
 
 
 #: Pruning to 99 % of an odd number of weights gives CR 99.98, not 100: compare with this relative slack.
 CR_SLACK = 0.995
-
-
-def by_config(rows: list[dict]) -> list[list[dict]]:
-    """The runs of each config that differ only in ``seed``, in first-seen order."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[json.dumps({k: v for k, v in r["config"].items() if k != "seed"}, sort_keys=True)].append(r)
-    return list(groups.values())
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per config over its seeds: mean accuracy and compression ratio, with ``n`` and ``acc_sd`` (diverged
-    runs count as such)."""
-    out = []
-    for runs in by_config(rows):
-        ok = [r["results"] for r in runs if r["results"]["acc"] is not None]
-        if len(ok) < len(runs):
-            diverged = f"{len(runs) - len(ok)} of {len(runs)} seeds" if len(runs) > 1 else "1 run"
-            out.append(
-                dict(
-                    config=runs[0]["config"],
-                    results=dict(acc=None, compression_ratio=None, n=len(runs), diverged=diverged),
-                )
-            )
-            continue
-        mean = {
-            k: sum(r[k] for r in ok) / len(ok)
-            for k in ("acc", "compression_ratio", "sparsity")
-            if all(k in r for r in ok)
-        }
-        sd = math.sqrt(sum((r["acc"] - mean["acc"]) ** 2 for r in ok) / (len(ok) - 1)) if len(ok) > 1 else 0.0
-        seconds = sum(r.get("train_seconds", 0) for r in ok) / len(ok)
-        out.append(dict(config=runs[0]["config"], results=dict(mean, n=len(ok), acc_sd=sd, train_seconds=seconds)))
-    return out
 
 
 def best_at(rows: list[dict], cr: float) -> float | None:
@@ -89,10 +57,6 @@ def best_at(rows: list[dict], cr: float) -> float | None:
         if r["results"]["acc"] is not None and r["results"]["compression_ratio"] >= CR_SLACK * cr
     ]
     return max(accs) if accs else None
-
-
-def fmt_cr(cr: float) -> str:
-    return "∞" if math.isinf(cr) else f"{cr:.1f}"
 
 
 #: Recipe settings shown in each table's heading: config key, label.
@@ -165,11 +129,7 @@ def tables(rows: list[dict]) -> str:
 
 
 def plots(rows: list[dict], mode: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in aggregate(rows):
         groups[(r["config"]["dataset"], r["config"]["model"])].append(r)
@@ -209,11 +169,7 @@ def plots(rows: list[dict], mode: str) -> list[Path]:
             )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = RESULTS / f"{mode}_{dataset}_{model}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, RESULTS / f"{mode}_{dataset}_{model}.png"))
     return paths
 
 

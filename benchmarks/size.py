@@ -16,17 +16,20 @@ log scale).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from typing import Any
 
-import lightning
 import torch
 from torch import nn
 
 from benchmarks import sweep
+from benchmarks.harness import plots
+from benchmarks.harness.fit import LR, MOMENTUM, SEED, run_training, train_loader
+from benchmarks.harness.measure import measure
+from benchmarks.harness.methods import method_callbacks
+from benchmarks.harness.store import RESULTS, append_rows, key, make_row, read_rows
 from benchmarks.models import Classifier
 from examples.data import ImageData, load_dataset
 from lightning_dwf import (
@@ -38,8 +41,9 @@ from lightning_dwf import (
     save_compressed,
     save_decomposed,
 )
+from lightning_dwf.training.controller import default_recovery
 
-PATH = sweep.RESULTS / "size.jsonl"
+PATH = RESULTS / "size.jsonl"
 DATASET = "fashion-mnist"
 MODELS = ("lenet300", "cnn-bn")
 TARGETS = {"lenet300": (0.95, 0.98, 0.99), "cnn-bn": (0.9, 0.95)}
@@ -64,9 +68,9 @@ def base_config(model: str) -> dict[str, Any]:
         model=model,
         epochs=epochs,
         batch_size=sweep.BATCH_SIZE[DATASET],
-        lr=sweep.LR,
-        momentum=sweep.MOMENTUM,
-        seed=sweep.SEED,
+        lr=LR,
+        momentum=MOMENTUM,
+        seed=SEED,
     )
 
 
@@ -84,7 +88,7 @@ def training_configs(model: str) -> list[dict[str, Any]]:
     for target in TARGETS[model]:
         out.append(dict(base, method="model-pruning", target=target))
         dwf = dict(base, method=f"dwf-target-d{DEPTH[model]}", target=target, **recipe)
-        dwf["recovery"] = sweep.default_recovery(target)
+        dwf["recovery"] = default_recovery(target)
         out.append(dwf)
         out += [dict(dwf, quantize_bits=bits) for bits in QAT_BITS[model]]
         if model == "lenet300" and target == 0.98:
@@ -110,19 +114,14 @@ def file_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, bits: int | N
         fresh = Classifier(cfg["model"], num_classes=data.num_classes).net
         load_compressed(fresh, path)
     results = dict(
-        sweep.measure(fresh, data),
+        measure(fresh, data),
         file_bytes=report.file_bytes,
         dense_bytes=report.dense_bytes,
         csr_bytes=report.csr_bytes,
         size_ratio=report.ratio,
         train_seconds=seconds,
     )
-    return dict(
-        config=dict(cfg, export_bits=bits),
-        results=results,
-        versions=dict(torch=torch.__version__, lightning=lightning.__version__),
-        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )
+    return make_row(dict(cfg, export_bits=bits), results, sweep.VERSIONED)
 
 
 def qsd_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, seconds: float) -> dict:
@@ -134,33 +133,24 @@ def qsd_row(cfg: dict[str, Any], net: nn.Module, data: ImageData, seconds: float
         report = decompose_(net, DecomposeConfig(**cfg["qsd"]))
     finally:
         torch.set_num_threads(threads)
-    loader = sweep.loader(data, cfg["batch_size"], cfg["seed"])
+    loader = train_loader(data, cfg["batch_size"], cfg["seed"])
     finetune_(net, loader, nn.functional.cross_entropy, **QSD_FINETUNE)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.safetensors")
         saved = save_decomposed(net, path)
         fresh = Classifier(cfg["model"], num_classes=data.num_classes).net
         load_decomposed(fresh, path, collapse=True)
-    results = dict(sweep.measure(fresh, data), file_bytes=saved.file_bytes, dense_bytes=saved.dense_bytes,
+    results = dict(measure(fresh, data), file_bytes=saved.file_bytes, dense_bytes=saved.dense_bytes,
                    size_ratio=saved.ratio, train_seconds=seconds, qsd_seconds=time.perf_counter() - start,
                    reconstruction_error=[layer.error for layer in report.layers])
-    return dict(config=dict(cfg, export_bits=cfg["qsd"]["bits"]), results=results,
-                versions=dict(torch=torch.__version__, lightning=lightning.__version__),
-                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-
-
-def key(cfg: dict[str, Any]) -> str:
-    return json.dumps(cfg, sort_keys=True)
+    return make_row(dict(cfg, export_bits=cfg["qsd"]["bits"]), results, sweep.VERSIONED)
 
 
 def done() -> set[str]:
+    """The keys of the trained configs already in :data:`PATH` (without the export's bit width)."""
     if not PATH.exists():
         return set()
-    return {
-        key({k: v for k, v in json.loads(line)["config"].items() if k != "export_bits"})
-        for line in PATH.read_text().splitlines()
-        if line.strip()
-    }
+    return {key({k: v for k, v in row["config"].items() if k != "export_bits"}) for row in read_rows(PATH)}
 
 
 def run(models: tuple[str, ...], data_dir: str | None) -> None:
@@ -175,14 +165,12 @@ def run(models: tuple[str, ...], data_dir: str | None) -> None:
                 flush=True,
             )
             train = {k: v for k, v in cfg.items() if k != "qsd"}
-            module, seconds = sweep.run_training(train, data, sweep.method_callbacks(train))
+            module, seconds = run_training(train, data, method_callbacks(train))
             if cfg.get("qsd"):
                 rows = [qsd_row(cfg, module.net, data, seconds)]
             else:
                 rows = [file_row(cfg, module.net, data, bits, seconds) for bits in exports(cfg)]
-            with PATH.open("a") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            append_rows(PATH, rows)
 
 
 def label(cfg: dict[str, Any]) -> str:
@@ -201,7 +189,7 @@ def label(cfg: dict[str, Any]) -> str:
 
 
 def report() -> str:
-    rows = [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
+    rows = read_rows(PATH)
     out = [
         "| model | method | target | accuracy % | file bytes | × smaller than dense fp32 | sparsity % |",
         "|---|---|---|---|---|---|---|",
@@ -215,17 +203,13 @@ def report() -> str:
                 f"{res['file_bytes']:,} | {res['size_ratio']:.1f} | {100 * res['sparsity']:.2f} |"
             )
     table = "\n".join(out)
-    (sweep.RESULTS / "size_table.md").write_text(table + "\n")
+    (RESULTS / "size_table.md").write_text(table + "\n")
     plot(rows)
     return table
 
 
 def plot(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     for model in MODELS:
         mine = [r for r in rows if r["config"]["model"] == model]
         if not mine:
@@ -247,9 +231,7 @@ def plot(rows: list[dict]) -> None:
         ax.set_ylabel("test accuracy %")
         ax.set_title(f"Fashion-MNIST {model}: accuracy against file size")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(sweep.RESULTS / f"size_{model}.png", dpi=110)
-        plt.close(fig)
+        plots.save(fig, RESULTS / f"size_{model}.png")
 
 
 def main() -> None:

@@ -13,41 +13,22 @@ runs already there are skipped, so an interrupted sweep continues where it stopp
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
 import os
-import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import lightning
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelPruning
-from torch import nn
-from torch.nn.utils import prune
-from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.models import Classifier, accuracy
+from benchmarks.harness.fit import LR, MOMENTUM, SEED, run_training
+from benchmarks.harness.measure import measure
+from benchmarks.harness.methods import FINETUNE_LR, method_callbacks, oneshot
+from benchmarks.harness.runs import train_and_measure
+from benchmarks.harness.store import RESULTS, append_rows, key, load_rows, make_row, retire_stale
 from examples.data import ImageData, load_dataset
-from lightning_dwf import (
-    DEFAULT_LAYER_TYPES,
-    DEFAULT_THRESHOLD,
-    CollapseConfig,
-    DWFCallback,
-    DWFDivergenceError,
-    FactorizeConfig,
-    FactorLRConfig,
-    QuantizeConfig,
-    ScheduleConfig,
-    sparsity_report,
-)
+from lightning_dwf import DEFAULT_THRESHOLD
 from lightning_dwf.core.functional import lam_floor
 from lightning_dwf.training.controller import default_recovery
 
-RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.9, 0.95, 0.98, 0.99, 0.995)
 #: λ grid as multiples of the LR-floor λ (the smallest λ that lets unsupported weights reach the threshold in time).
 LAM_MULTIPLES = (0.5, 1, 2, 4, 8, 16)
@@ -81,9 +62,6 @@ MODES: dict[str, dict[str, Any]] = {
     ),
 }
 BATCH_SIZE = {"fashion-mnist": 256, "mnist": 256, "mnist-subset": 64}
-LR, MOMENTUM, FINETUNE_LR, SEED = 0.1, 0.9, 0.01, 0
-#: Where and in what precision the sweep trains; a probe row that differs carries the key (sweep rows never do).
-DEVICE_DEFAULTS = dict(accelerator="cpu", precision="32-true")
 #: factor_lr_multiplier per (dataset, model): 10 (effective factor LR 10 at lr 0.1, momentum 0.9), ramped up over the
 # first
 #: 10 % of the run, where it was tuned (README: 1, 2, 5, 7 lose accuracy; 14 and 20 diverge without the ramp); the
@@ -94,188 +72,13 @@ FACTOR_LR_WARMUP = {("fashion-mnist", "lenet300"): 0.1, ("fashion-mnist", "cnn-b
 # rows
 #: lack it, so the sweep retires them.
 TARGET_RECIPE = dict(recovery_lr_warmup=True)
+#: The packages whose versions a sweep row records.
+VERSIONED = ("torch", "lightning")
 
 
 def floor_lam(steps: int, multiplier: float, init_std: float = 0.05) -> float:
     """λ at which the effective factor LR (lr × multiplier / (1 − momentum)) is exactly the LR floor."""
     return lam_floor(LR * multiplier / (1 - MOMENTUM), steps, init_std, DEFAULT_THRESHOLD)
-
-
-def loader(data: ImageData, batch_size: int, seed: int = SEED) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)  # the same data order for every method (per seed)
-    return DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=batch_size, shuffle=True, generator=g)
-
-
-def trainer(epochs: int, callbacks: list, cfg: dict | None = None, **overrides: Any) -> Trainer:
-    """The Trainer every method runs in: ``cfg``'s accelerator/precision if it names them, else
-    :data:`DEVICE_DEFAULTS`; ``overrides`` are further Trainer arguments (e.g. ``limit_train_batches``)."""
-    device = {k: (cfg or {}).get(k, v) for k, v in DEVICE_DEFAULTS.items()}
-    return Trainer(
-        devices=1,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **device,
-        **overrides,
-    )
-
-
-def prunable(net: nn.Module) -> list[tuple[nn.Module, str]]:
-    """The weights every method sparsifies and counts: Linear and Conv weights (DWF's default selection)."""
-    return [(m, "weight") for m in net.modules() if isinstance(m, DEFAULT_LAYER_TYPES)]
-
-
-def gradual_amounts(target: float, epochs: int) -> list[float]:
-    """Per-epoch fractions of the *remaining* weights to prune so that sparsity follows the cubic schedule of
-    Zhu & Gupta (2017) to ``target`` at 70 % of training, then stays (fine-tuning for the rest)."""
-    prune_epochs = max(1, math.ceil(0.7 * epochs))
-    amounts, previous = [], 0.0
-    for k in range(1, prune_epochs + 1):
-        current = target * (1 - (1 - k / prune_epochs) ** 3)
-        amounts.append(1 - (1 - current) / (1 - previous))
-        previous = current
-    return amounts + [0.0] * (epochs - prune_epochs)
-
-
-class _Amount:
-    """Picklable ``amount(epoch)`` for ModelPruning."""
-
-    def __init__(self, amounts: list[float]) -> None:
-        self.amounts = amounts
-
-    def __call__(self, epoch: int) -> float:
-        return self.amounts[epoch] if epoch < len(self.amounts) else 0.0
-
-
-class LayerPruning(ModelPruning):
-    """Lightning's ModelPruning restricted to the Linear/Conv weights (not BatchNorm scales), like the other methods."""
-
-    def filter_parameters_to_prune(self, parameters_to_prune):
-        return [(m, n) for m, n in parameters_to_prune if isinstance(m, DEFAULT_LAYER_TYPES)]
-
-
-def measure(net: nn.Module, data: ImageData) -> dict[str, float]:
-    report = sparsity_report(net, threshold=0.0)
-    return dict(
-        acc=accuracy(net, data.test_x, data.test_y),
-        compression_ratio=report.compression_ratio,
-        sparsity=report.sparsity,
-        nonzero=report.nonzero,
-        numel=report.numel,
-    )
-
-
-def run_training(cfg: dict, data: ImageData, callbacks: list) -> tuple[Classifier, float]:
-    seed = cfg.get("seed", SEED)
-    seed_everything(seed, verbose=False)
-    module = Classifier(cfg["model"], lr=LR, momentum=MOMENTUM, num_classes=data.num_classes)
-    start = time.perf_counter()
-    trainer(cfg["epochs"], callbacks, cfg).fit(module, loader(data, cfg["batch_size"], seed))
-    return module, time.perf_counter() - start
-
-
-def defaults_callback(
-    depth: int,
-    target: float | None = None,
-    init: str = "dwf",
-    lam: float | None = None,
-    multiplier: float | None = None,
-) -> DWFCallback:
-    """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else
-    (``init="balanced"`` to start from a trained net; ``multiplier``: one factor LR multiplier for every tensor instead
-    of ``"auto"``, for :mod:`benchmarks.factor_lr`); ``save=False`` and ``verbose=False`` only silence the collapsed
-    file and the messages."""
-    extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
-    if multiplier is not None:
-        extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
-    knob: dict[str, Any] = dict(lam=lam) if lam is not None else dict(target_sparsity=target)
-    return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **extra)
-
-
-def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list:
-    """The callback that makes ``cfg["method"]`` (DWF fixed λ or target, or ModelPruning) out of a plain training run
-    (none: dense). A row with ``recipe="defaults"`` gets :func:`defaults_callback`; otherwise ``schedule`` overrides
-    target mode's schedule settings (gain, step bound) and the row's ``recovery``, ``control_threshold`` and factor
-    LR settings are set on the callback."""
-    if cfg["method"] == "dense":
-        return []
-    if cfg["method"] == "model-pruning":
-        return [
-            LayerPruning(
-                "l1_unstructured",
-                parameter_names=["weight"],
-                use_global_unstructured=True,
-                amount=_Amount(gradual_amounts(cfg["target"], cfg["epochs"])),
-                make_pruning_permanent=True,
-                use_lottery_ticket_hypothesis=False,
-                verbose=0,
-            )
-        ]
-    if cfg.get("recipe") == "defaults":
-        return [defaults_callback(cfg["depth"], cfg["target"], cfg.get("init", "dwf"))]
-    control = cfg.get("control_threshold")
-    if "target" in cfg:
-        schedule = replace(
-            schedule or ScheduleConfig(),
-            recovery=cfg["recovery"],
-            control_threshold=None if control == "auto" else control,
-        )
-        knob: dict[str, Any] = dict(target_sparsity=cfg["target"], schedule=schedule)
-        collapse = CollapseConfig(save=False)
-    else:
-        knob = dict(lam=cfg["lam"])
-        collapse = CollapseConfig(threshold=cfg.get("threshold", DEFAULT_THRESHOLD), save=False)
-    factor_lr = FactorLRConfig(
-        multiplier=cfg["factor_lr_multiplier"], warmup=cfg.get("factor_lr_warmup", 0.0), check="off"
-    )
-    return [
-        DWFCallback(
-            depth=cfg["depth"],
-            factorize=FactorizeConfig(init=cfg.get("init", "dwf")),
-            factor_lr=factor_lr,
-            collapse=collapse,
-            quantize=QuantizeConfig(cfg["quantize_bits"], cfg.get("quantize_fraction", 0.2))
-            if cfg.get("quantize_bits") else None,
-            verbose=False,
-            **knob,
-        )
-    ]
-
-
-def train_and_measure(cfg: dict, data: ImageData, callbacks: list) -> dict[str, Any]:
-    """Train, then test the (collapsed) net; a run DWFCallback stopped on NaN/Inf factors is recorded as diverged."""
-    try:
-        module, seconds = run_training(cfg, data, callbacks)
-    except DWFDivergenceError as err:
-        return dict(acc=None, compression_ratio=None, diverged=str(err).split(". ")[0])
-    results = dict(measure(module.net, data), train_seconds=seconds)
-    for cb in callbacks:  # record the control threshold target mode used (its default depends on the run)
-        if isinstance(cb, DWFCallback) and cb.control_threshold:
-            results["control_threshold"] = cb.control_threshold
-    return results
-
-
-def oneshot(dense_net: nn.Module, cfg: dict, data: ImageData) -> tuple[dict, dict]:
-    """Global L1 magnitude pruning of the trained dense net to ``target``, then a short fine-tune with masks kept."""
-    pruned = copy.deepcopy(dense_net)
-    prune.global_unstructured(prunable(pruned), pruning_method=prune.L1Unstructured, amount=cfg["target"])
-    for m, name in prunable(pruned):
-        prune.remove(m, name)
-    no_ft = measure(pruned, data)
-    net = copy.deepcopy(dense_net)  # the same (deterministic) pruning, with masks kept through fine-tuning
-    prune.global_unstructured(prunable(net), pruning_method=prune.L1Unstructured, amount=cfg["target"])
-    module = Classifier(cfg["model"], lr=FINETUNE_LR, momentum=MOMENTUM, num_classes=data.num_classes)
-    module.net = net
-    seed_everything(SEED, verbose=False)
-    start = time.perf_counter()
-    trainer(cfg["finetune_epochs"], [], cfg).fit(module, loader(data, cfg["batch_size"]))
-    for m, name in prunable(net):
-        prune.remove(m, name)
-    return no_ft, dict(measure(net, data), train_seconds=time.perf_counter() - start)
 
 
 def configs(mode: str, dataset: str, model: str, data: ImageData) -> list[dict]:
@@ -351,30 +154,6 @@ def configs(mode: str, dataset: str, model: str, data: ImageData) -> list[dict]:
     return out
 
 
-def key(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True)
-
-
-def retire_stale(path: Path, done: dict[str, dict], dataset: str, model: str, current: set[str]) -> None:
-    """Move rows of ``dataset``/``model`` that the sweep no longer defines (an older recipe) to
-    ``<mode>_superseded.jsonl``.
-
-    Keeps the results file equal to what the current code would produce; the old rows stay on record.
-    """
-    stale = [
-        k
-        for k, row in done.items()
-        if (row["config"]["dataset"], row["config"]["model"]) == (dataset, model) and k not in current
-    ]
-    if not stale:
-        return
-    with path.with_name(f"{path.stem}_superseded.jsonl").open("a") as f:
-        for k in stale:
-            f.write(json.dumps(done.pop(k)) + "\n")
-    path.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
-    print(f"{dataset} {model}: {len(stale)} rows of an older recipe moved to {path.stem}_superseded.jsonl", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one dataset/model, small grid (about 5 minutes)")
@@ -387,12 +166,7 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{mode}.jsonl"
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            done[key(row["config"])] = row
-    versions = dict(torch=torch.__version__, lightning=lightning.__version__)
+    done = load_rows(path)
     for dataset in args.datasets or MODES[mode]["datasets"]:
         data = load_dataset(dataset, args.data_dir)
         for model in args.models or MODES[mode]["models"]:
@@ -416,9 +190,8 @@ def main() -> None:
                 else:
                     no_ft, ft = oneshot(dense_net, cfg, data)
                     results = no_ft if method == "oneshot" else ft
-                row = dict(config=cfg, results=results, versions=versions, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                with path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                row = make_row(cfg, results, VERSIONED)
+                append_rows(path, [row])
                 done[key(cfg)] = row  # retire_stale rewrites the file from `done` for the next setting
                 outcome = (
                     "diverged"

@@ -133,3 +133,7 @@ class FactorSnapshot(Callback):
         from lightning_dwf import factor_parameters
 
         self.factors = [f.detach().clone() for f in factor_parameters(pl_module)]
+
+
+#: The factorization depths the unit tests of the math, the init, factorize, collapse and the penalty run over.
+DEPTHS = [2, 3, 4]

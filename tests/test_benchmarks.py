@@ -9,13 +9,14 @@ import math
 import pytest
 
 from benchmarks import report, sweep
+from benchmarks.harness import fit, measure, methods, runs, store
 from lightning_dwf import DWFDivergenceError, ScheduleConfig
 
 
 @pytest.mark.parametrize("target", sweep.TARGETS)
 @pytest.mark.parametrize("epochs", [1, 5, 20])
 def test_gradual_schedule_reaches_target(target, epochs):
-    amounts = sweep.gradual_amounts(target, epochs)
+    amounts = methods.gradual_amounts(target, epochs)
     assert len(amounts) == epochs and all(0 <= a < 1 for a in amounts)
     remaining = math.prod(1 - a for a in amounts)
     assert 1 - remaining == pytest.approx(target)
@@ -24,10 +25,10 @@ def test_gradual_schedule_reaches_target(target, epochs):
 def test_method_callbacks_passes_the_control_threshold():
     cfg = dict(method="dwf-target-d3", depth=3, target=0.98, recovery=0.5, factor_lr_multiplier=10.0)
     assert (
-        sweep.method_callbacks(dict(cfg, control_threshold="auto"))[0].schedule.control_threshold is None
+        methods.method_callbacks(dict(cfg, control_threshold="auto"))[0].schedule.control_threshold is None
     )  # the default
-    assert sweep.method_callbacks(dict(cfg, control_threshold=1e-3))[0].schedule.control_threshold == 1e-3
-    assert sweep.method_callbacks(cfg)[0].control_threshold is None
+    assert methods.method_callbacks(dict(cfg, control_threshold=1e-3))[0].schedule.control_threshold == 1e-3
+    assert methods.method_callbacks(cfg)[0].control_threshold is None
 
 
 def test_retire_stale_moves_old_recipe_rows(tmp_path):
@@ -38,8 +39,8 @@ def test_retire_stale_moves_old_recipe_rows(tmp_path):
         dict(config=dict(dataset="d", model="other", method="old")),
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = {sweep.key(r["config"]): r for r in rows}
-    sweep.retire_stale(path, done, "d", "m", {sweep.key(rows[0]["config"])})
+    done = {store.key(r["config"]): r for r in rows}
+    store.retire_stale(path, done, "d", "m", {store.key(rows[0]["config"])})
     kept = [json.loads(line)["config"] for line in path.read_text().splitlines()]
     assert kept == [rows[0]["config"], rows[2]["config"]] and len(done) == 2  # other settings are left alone
     assert [json.loads(line)["config"] for line in (tmp_path / "full_superseded.jsonl").read_text().splitlines()] == [
@@ -97,18 +98,18 @@ def test_oneshot_and_model_pruning_hit_their_sparsity(tmp_path):
         torch.randint(0, 10, (64,), generator=g),
     )
     cfg = dict(model="lenet300", target=0.9, finetune_epochs=1, batch_size=32, epochs=3)
-    no_ft, ft = sweep.oneshot(lenet_300_100(), cfg, data)
+    no_ft, ft = methods.oneshot(lenet_300_100(), cfg, data)
     assert no_ft["sparsity"] == pytest.approx(0.9, abs=1e-3) and ft["sparsity"] == pytest.approx(0.9, abs=1e-3)
-    mp = sweep.LayerPruning(
+    mp = methods.LayerPruning(
         "l1_unstructured",
         parameter_names=["weight"],
-        amount=sweep._Amount(sweep.gradual_amounts(0.9, 3)),
+        amount=methods.GradualAmount(methods.gradual_amounts(0.9, 3)),
         use_global_unstructured=True,
         use_lottery_ticket_hypothesis=False,
         verbose=0,
     )
-    module, _ = sweep.run_training(cfg, data, [mp])
-    assert sweep.measure(module.net, data)["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    module, _ = fit.run_training(cfg, data, [mp])
+    assert measure.measure(module.net, data)["sparsity"] == pytest.approx(0.9, abs=1e-3)
 
 
 def test_probe_config_and_table(tmp_path, monkeypatch):
@@ -148,10 +149,10 @@ def test_probe_config_and_table(tmp_path, monkeypatch):
     assert probe.config(argparse.Namespace(**{**vars(args), "model_pruning": True}))["method"] == "model-pruning"
     dense = probe.config(argparse.Namespace(**{**vars(args), "dense": True}))
     assert dense["method"] == "dense" and "target" not in dense and "depth" not in dense
-    assert sweep.method_callbacks(dense) == []  # a plain run
+    assert methods.method_callbacks(dense) == []  # a plain run
     plain = probe.config(argparse.Namespace(**{**vars(args), "defaults": True}))  # the callback's defaults, no recipe
     assert plain["recipe"] == "defaults" and "factor_lr_multiplier" not in plain and "recovery" not in plain
-    (callback,) = sweep.method_callbacks(plain)
+    (callback,) = methods.method_callbacks(plain)
     assert (callback.target_sparsity, callback.factor_lr.multiplier) == (0.98, "auto")
     assert callback.schedule == ScheduleConfig()
     assert "accelerator" not in cfg and "precision" not in cfg  # CPU float32 rows keep the sweep's keys
@@ -196,7 +197,7 @@ def test_cifar_shaped_nets_factorize_and_collapse_exactly(name):
     x = torch.randn(2, *INPUT_SHAPES[name])
     with torch.no_grad():
         before = net(x)
-        layers = sweep.prunable(net)
+        layers = measure.prunable(net)
         assert len(factorize_(net, 3, config=FactorizeConfig(init="balanced"))) == len(layers)
         collapse_(net)
         torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)
@@ -216,7 +217,7 @@ def test_vit_forward_and_factorization():
     for block in (0, 1):
         for layer in ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.0", "mlp.2"):
             assert f"blocks.{block}.{layer}.weight" in names
-    assert {"embed.weight", "head.weight"} <= set(names) and len(names) == len(sweep.prunable(MODELS["vit"]()))
+    assert {"embed.weight", "head.weight"} <= set(names) and len(names) == len(measure.prunable(MODELS["vit"]()))
 
 
 def test_classifier_default_is_the_sweep_recipe():
@@ -245,13 +246,13 @@ def test_matrix_plan_sizes():
     from benchmarks import matrix
 
     plan = matrix.plan_first_pass()
-    assert len(plan) == 5 * 2 * (2 * (1 + 3 * 3) + 3 * 2) == 260 and len({sweep.key(c) for c in plan}) == 260
+    assert len(plan) == 5 * 2 * (2 * (1 + 3 * 3) + 3 * 2) == 260 and len({store.key(c) for c in plan}) == 260
     pretrained = [c for c in plan if c["start"] == "pretrained"]
     assert all(
         c["batch_size"] == 256 and c["epochs"] == matrix.pretrained_epochs(c["dense_epochs"]) for c in pretrained
     )
-    keys = {sweep.key(c) for c in plan}
-    assert all(sweep.key(matrix.dense_source(c)) in keys for c in pretrained)  # each starts from a planned dense run
+    keys = {store.key(c) for c in plan}
+    assert all(store.key(matrix.dense_source(c)) in keys for c in pretrained)  # each starts from a planned dense run
     only = matrix.parse_only("model=vit,opt=adamw,bs=64,target=0.98")
     assert len([c for c in plan if matrix.selected(c, only)]) == 1 + 3  # dense (every target) and the cell's 3 methods
 
@@ -341,11 +342,11 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(matrix, "PRETRAINED_BATCH", 4)
     path = tmp_path / "matrix.jsonl"
     rows = matrix.run_all(plan, path, loader=lambda name, root: data)
-    expected = 5 if matrix.pat_missing() else 6  # without torchao (CI) PAT is skipped with a reason and no row
+    expected = 5 if methods.pat_missing() else 6  # without torchao (CI) PAT is skipped with a reason and no row
     assert len(rows) == expected and len(path.read_text().splitlines()) == expected
     for row in rows.values():
         res = row["results"]
-        if row["config"]["method"] != "pat" or not matrix.pat_missing():
+        if row["config"]["method"] != "pat" or not methods.pat_missing():
             assert res["acc"] is not None and res["train_seconds"] > 0 and row["versions"]["torch"]
         if row["config"]["method"] != "dense":
             assert res["sparsity"] == pytest.approx(0.9, abs=1e-3)
@@ -357,9 +358,9 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
             "DWFCallback: the factors of ['net.1'] became NaN/Inf at step 3 (learning rates [0.1]). More text"
         )
 
-    monkeypatch.setattr(matrix, "fit", nan_fit)
+    monkeypatch.setattr(runs, "fit", nan_fit)
     diverged = dict(plan[3], target=0.98)
-    res = matrix.run_all([diverged], path, loader=lambda name, root: data)[sweep.key(diverged)]["results"]
+    res = matrix.run_all([diverged], path, loader=lambda name, root: data)[store.key(diverged)]["results"]
     assert res["acc"] is None and res["diverged"].endswith("at step 3 (learning rates [0.1])")
     md, png = matrix.report(path)
     text = md.read_text()
@@ -392,7 +393,7 @@ def test_size_benchmark_plans_and_measures_the_loaded_file(tmp_path, monkeypatch
                 p.mul_(torch.rand_like(p) > 0.9)
     cfg = dict(model="lenet300", method="model-pruning", target=0.9)
     lossless, int8 = (size.file_row(cfg, net, data, bits, 1.0) for bits in (None, 8))
-    assert lossless["results"]["acc"] == pytest.approx(sweep.measure(net, data)["acc"])
+    assert lossless["results"]["acc"] == pytest.approx(measure.measure(net, data)["acc"])
     assert int8["results"]["file_bytes"] < lossless["results"]["file_bytes"] < lossless["results"]["dense_bytes"]
     assert int8["results"]["sparsity"] == pytest.approx(lossless["results"]["sparsity"], abs=1e-3)
     assert int8["config"]["export_bits"] == 8 and size.label(int8["config"]) == "ModelPruning int8"
@@ -407,7 +408,7 @@ def test_fixed_lam_plan_callback_and_table():
     assert {k: v for k, v in configs[0].items() if k not in ("method", "lam")} == matrix.base_config(
         "fashion-mnist", "lenet300", "adamw", 64
     )
-    (callback,) = matrix.callbacks(configs[1])
+    (callback,) = methods.cell_callbacks(configs[1])
     assert (callback.lam, callback.target_sparsity, callback.depth) == (1.0, None, 3)
     assert callback.factor_lr.multiplier == "auto"
     rows = [
@@ -428,9 +429,9 @@ def test_factor_lr_plan_callback_and_table():
     assert {k: v for k, v in configs[0].items() if k not in ("method", "target", "factor_lr_multiplier")} == (
         matrix.base_config("fashion-mnist", "lenet5", "sgd", 64)
     )
-    (callback,) = matrix.callbacks(configs[0])
+    (callback,) = methods.cell_callbacks(configs[0])
     assert (callback.target_sparsity, callback.depth, callback.factor_lr.multiplier) == (0.995, 3, 1.0)
-    (auto,) = matrix.callbacks({k: v for k, v in configs[0].items() if k != "factor_lr_multiplier"})
+    (auto,) = methods.cell_callbacks({k: v for k, v in configs[0].items() if k != "factor_lr_multiplier"})
     assert auto.factor_lr.multiplier == "auto"
 
     def row(cfg, acc, **extra):
@@ -445,6 +446,6 @@ def test_factor_lr_plan_callback_and_table():
         line
     )
     (deep,) = factor_lr.plan("fashion-mnist", "lenet5", "sgd", 64, [0.995], [2.5], [0], depth=4)
-    assert deep["depth"] == 4 and matrix.callbacks(deep)[0].depth == 4  # D = 3 configs carry no depth key
+    assert deep["depth"] == 4 and methods.cell_callbacks(deep)[0].depth == 4  # D = 3 configs carry no depth key
     (line,) = factor_lr.table([row(deep, 0.5)], reference).splitlines()[2:]
     assert "| 99.5 % | 4 | ×2.5 | 50.00 | — | 40.00 | 70.00 | — |" in line  # seed 0's matrix rows beside it
