@@ -1,0 +1,292 @@
+"""The callbacks (or module) that make each method out of a plain training run: DWF (a tuned recipe or the callback's
+defaults), Lightning's ModelPruning, torchao's PAT, one-shot magnitude pruning; dense is a run without any."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+from torch.nn.utils import prune
+
+from benchmarks.harness.fit import MOMENTUM, SEED, make_trainer, train_loader
+from benchmarks.harness.measure import measure, prunable
+from benchmarks.models import Classifier
+from examples.data import ImageData
+from lightning_dwf import (
+    DEFAULT_LAYER_TYPES,
+    DEFAULT_THRESHOLD,
+    CollapseConfig,
+    DWFCallback,
+    FactorizeConfig,
+    FactorLRConfig,
+    QuantizeConfig,
+    ScheduleConfig,
+)
+
+#: Learning rate of the fine-tune after one-shot pruning.
+FINETUNE_LR = 0.01
+#: PAT: no pruning for the first 10 % of the steps, mask frozen (healing) from 60 %.
+PAT_WARMUP, PAT_HEAL = 0.1, 0.6
+
+
+# ------------------------------------------------------------------------------------------------------- ModelPruning
+def gradual_amounts(target: float, epochs: int) -> list[float]:
+    """Per-epoch pruning amounts of the cubic schedule of Zhu & Gupta (2017).
+
+    Args:
+        target: The final sparsity, reached at 70 % of training (then fine-tuning for the rest).
+        epochs: The epochs of the run.
+
+    Returns:
+        For each epoch, the fraction of the *remaining* weights to prune.
+    """
+    prune_epochs = max(1, math.ceil(0.7 * epochs))
+    amounts, previous = [], 0.0
+    for k in range(1, prune_epochs + 1):
+        current = target * (1 - (1 - k / prune_epochs) ** 3)
+        amounts.append(1 - (1 - current) / (1 - previous))
+        previous = current
+    return amounts + [0.0] * (epochs - prune_epochs)
+
+
+class GradualAmount:
+    """Picklable ``amount(epoch)`` for ModelPruning: ``amounts[epoch]``, 0 past the end."""
+
+    def __init__(self, amounts: list[float]) -> None:
+        self.amounts = amounts
+
+    def __call__(self, epoch: int) -> float:
+        return self.amounts[epoch] if epoch < len(self.amounts) else 0.0
+
+
+class LayerPruning(ModelPruning):
+    """Lightning's ModelPruning restricted to the Linear/Conv weights (not BatchNorm scales), like the other methods."""
+
+    def filter_parameters_to_prune(
+        self, parameters_to_prune: Sequence[tuple[nn.Module, str]]
+    ) -> list[tuple[nn.Module, str]]:
+        """Keep only the Linear/Conv weights."""
+        return [(m, n) for m, n in parameters_to_prune if isinstance(m, DEFAULT_LAYER_TYPES)]
+
+
+def model_pruning(target: float, epochs: int) -> LayerPruning:
+    """Gradual global L1 pruning to ``target`` on :func:`gradual_amounts`' schedule, made permanent at the end.
+
+    Args:
+        target: The final sparsity.
+        epochs: The epochs of the run.
+
+    Returns:
+        The callback.
+    """
+    return LayerPruning(
+        "l1_unstructured",
+        parameter_names=["weight"],
+        use_global_unstructured=True,
+        amount=GradualAmount(gradual_amounts(target, epochs)),
+        make_pruning_permanent=True,
+        use_lottery_ticket_hypothesis=False,
+        verbose=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------- DWF
+def defaults_callback(
+    depth: int,
+    target: float | None = None,
+    init: str = "dwf",
+    lam: float | None = None,
+    multiplier: float | None = None,
+) -> DWFCallback:
+    """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else.
+
+    ``save=False`` and ``verbose=False`` only silence the collapsed file and the messages.
+
+    Args:
+        depth: The factorization depth D.
+        target: The target sparsity (ignored when ``lam`` is given).
+        init: ``"balanced"`` to start from a trained net.
+        lam: A fixed λ instead of the target.
+        multiplier: One factor LR multiplier for every tensor instead of ``"auto"`` (:mod:`benchmarks.factor_lr`).
+
+    Returns:
+        The callback.
+    """
+    extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
+    if multiplier is not None:
+        extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
+    knob: dict[str, Any] = dict(lam=lam) if lam is not None else dict(target_sparsity=target)
+    return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **extra)
+
+
+def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list[Callback]:
+    """The callbacks of a sweep / probe config: DWF (fixed λ or target, a tuned recipe), or ModelPruning.
+
+    A row with ``recipe="defaults"`` gets :func:`defaults_callback`; otherwise the row's ``recovery``,
+    ``control_threshold``, factor LR and quantization settings are set on the callback.
+
+    Args:
+        cfg: The config; ``cfg["method"]`` is ``dense``, ``model-pruning`` or a ``dwf-*`` method.
+        schedule: Target mode's other schedule settings (controller gain, step bound).
+
+    Returns:
+        The callbacks (none for dense).
+    """
+    if cfg["method"] == "dense":
+        return []
+    if cfg["method"] == "model-pruning":
+        return [model_pruning(cfg["target"], cfg["epochs"])]
+    if cfg.get("recipe") == "defaults":
+        return [defaults_callback(cfg["depth"], cfg["target"], cfg.get("init", "dwf"))]
+    control = cfg.get("control_threshold")
+    if "target" in cfg:
+        schedule = replace(
+            schedule or ScheduleConfig(),
+            recovery=cfg["recovery"],
+            control_threshold=None if control == "auto" else control,
+        )
+        knob: dict[str, Any] = dict(target_sparsity=cfg["target"], schedule=schedule)
+        collapse = CollapseConfig(save=False)
+    else:
+        knob = dict(lam=cfg["lam"])
+        collapse = CollapseConfig(threshold=cfg.get("threshold", DEFAULT_THRESHOLD), save=False)
+    factor_lr = FactorLRConfig(
+        multiplier=cfg["factor_lr_multiplier"], warmup=cfg.get("factor_lr_warmup", 0.0), check="off"
+    )
+    return [
+        DWFCallback(
+            depth=cfg["depth"],
+            factorize=FactorizeConfig(init=cfg.get("init", "dwf")),
+            factor_lr=factor_lr,
+            collapse=collapse,
+            quantize=QuantizeConfig(cfg["quantize_bits"], cfg.get("quantize_fraction", 0.2))
+            if cfg.get("quantize_bits") else None,
+            verbose=False,
+            **knob,
+        )
+    ]
+
+
+def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
+    """The callbacks of a matrix-cell config: defaults only.
+
+    Args:
+        cfg: The config. ``dwf`` / ``dwf-balanced``: :func:`defaults_callback` to ``cfg["target"]`` (a
+            ``factor_lr_multiplier`` key replaces ``"auto"``, a ``depth`` key the depth 3); ``dwf-lam``: a fixed
+            ``cfg["lam"]``; ``model-pruning``: :func:`model_pruning`.
+
+    Returns:
+        The callbacks (none for dense and PAT, which is an optimizer: :func:`make_module`).
+    """
+    method, depth = cfg["method"], cfg.get("depth", 3)
+    if method == "model-pruning":
+        return [model_pruning(cfg["target"], cfg["epochs"])]
+    if method in ("dwf", "dwf-balanced"):
+        init = "balanced" if method == "dwf-balanced" else "dwf"
+        return [defaults_callback(depth, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
+    if method == "dwf-lam":  # benchmarks.fixed_lam
+        return [defaults_callback(depth, lam=cfg["lam"])]
+    return []
+
+
+# -------------------------------------------------------------------------------------------------------------- PAT
+class PATClassifier(Classifier):
+    """:class:`Classifier` whose optimizer is torchao's PAT ``PruneOptimizer`` around the same base optimizer.
+
+    One global per-element (``KElementGrouper(k=1)``) minimum-sparsity constraint over the Linear/Conv weights, ramped
+    cubically from :data:`PAT_WARMUP` to :data:`PAT_HEAL` of the run, the mask frozen after it.
+    """
+
+    def __init__(self, *args: Any, target: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.target = target
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """PAT's ``PruneOptimizer`` around :meth:`make_optimizer`, with the cell's per-step LR schedule."""
+        from torchao.prototype.pat.optim import PruneOptimizer
+
+        total = max(int(self.trainer.estimated_stepping_batches), 2)
+        pruned = {id(m.weight) for m in self.net.modules() if isinstance(m, DEFAULT_LAYER_TYPES)}
+        groups = [
+            dict(
+                params=[p for p in self.parameters() if id(p) in pruned],
+                prox_type="GlobalMinSparsityConstraint",
+                group_type="KElementGrouper",
+                k=1,
+                min_sparsity=self.target,
+                min_sparsity_schedule=True,
+            ),
+            dict(params=[p for p in self.parameters() if id(p) not in pruned]),
+        ]
+        opt = PruneOptimizer(
+            self.make_optimizer(groups), warmup_steps=int(PAT_WARMUP * total), healing_start_step=int(PAT_HEAL * total)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt), "interval": "step"}}
+
+
+def pat_missing() -> str | None:
+    """Why PAT cannot run here (torchao missing or broken).
+
+    Returns:
+        The import error as text, or None when PAT can run.
+    """
+    try:
+        import torchao.prototype.pat.optim  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure skips the method
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def make_module(cfg: dict[str, Any], num_classes: int) -> Classifier:
+    """The module a matrix-cell config trains: a :class:`PATClassifier` for PAT, else a :class:`Classifier`.
+
+    Args:
+        cfg: The config: ``model``, ``method``, the optimizer keys (``lr``, ``optimizer``, ``weight_decay``,
+            ``warmup``, optionally ``momentum``) and, for PAT, ``target``.
+        num_classes: Outputs of the network.
+
+    Returns:
+        The untrained module.
+    """
+    kwargs = {k: cfg[k] for k in ("lr", "optimizer", "weight_decay", "warmup")}
+    kwargs["momentum"] = cfg.get("momentum", 0.0)
+    if cfg["method"] == "pat":
+        return PATClassifier(cfg["model"], num_classes=num_classes, target=cfg["target"], **kwargs)
+    return Classifier(cfg["model"], num_classes=num_classes, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------- one-shot
+def oneshot(dense_net: nn.Module, cfg: dict, data: ImageData) -> tuple[dict, dict]:
+    """Global L1 magnitude pruning of a trained dense net, without and with a short fine-tune (masks kept).
+
+    Args:
+        dense_net: The trained dense net (left unchanged).
+        cfg: The config: ``target``, ``model``, ``finetune_epochs``, ``batch_size`` and the device keys.
+        data: The dataset.
+
+    Returns:
+        The :func:`~benchmarks.harness.measure.measure` results without fine-tuning, and with it (plus
+        ``train_seconds``).
+    """
+    pruned = copy.deepcopy(dense_net)
+    prune.global_unstructured(prunable(pruned), pruning_method=prune.L1Unstructured, amount=cfg["target"])
+    for m, name in prunable(pruned):
+        prune.remove(m, name)
+    no_ft = measure(pruned, data)
+    net = copy.deepcopy(dense_net)  # the same (deterministic) pruning, with masks kept through fine-tuning
+    prune.global_unstructured(prunable(net), pruning_method=prune.L1Unstructured, amount=cfg["target"])
+    module = Classifier(cfg["model"], lr=FINETUNE_LR, momentum=MOMENTUM, num_classes=data.num_classes)
+    module.net = net
+    seed_everything(SEED, verbose=False)
+    start = time.perf_counter()
+    make_trainer(cfg["finetune_epochs"], [], cfg).fit(module, train_loader(data, cfg["batch_size"]))
+    for m, name in prunable(net):
+        prune.remove(m, name)
+    return no_ft, dict(measure(net, data), train_seconds=time.perf_counter() - start)
