@@ -1,0 +1,146 @@
+"""The factors' learning rate in a fit: the multiplier's warm-up (and its restart when target mode fixes the support),
+the ``"auto"`` multipliers per optimizer family, and the check of the factor LR against the floor for exact zeros and
+the stability limit."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import ToyModel, trainer_kwargs
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_dwf import (
+    CollapseConfig,
+    DWFCallback,
+    DWFLearningRateWarning,
+    FactorLRConfig,
+    ScheduleConfig,
+    factor_parameters,
+    factorized_tensors,
+)
+from lightning_dwf.core.functional import auto_lr_multiplier
+
+from .helpers import OptToy, _fit
+
+
+def test_factor_lr_warmup_ramps_the_multiplier(tmp_path):
+    """The multiplier goes linearly from 1 to FactorLRConfig.multiplier over its first `warmup` of the planned steps."""
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(  # the multiplier used by the step just taken
+                (trainer.global_step - 1, dwf.penalty.multiplier_of(factor_parameters(pl_module)[0]))
+            )
+
+    dwf = DWFCallback(
+        depth=3, lam=1e-3, verbose=False, factor_lr=FactorLRConfig(multiplier=5.0, warmup=0.5, check="off")
+    )
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, Record()], enable_checkpointing=False))
+    trainer.fit(ToyModel(n=256, batch_size=32))  # 16 steps, warm-up over 8
+    assert [m for _, m in seen] == pytest.approx([1.0 + 4.0 * min(1.0, step / 8) for step, _ in seen])
+    assert seen[0][1] == 1.0 and seen[-1][1] == 5.0
+
+
+def test_factor_lr_warmup_restarts_when_the_support_is_fixed(tmp_path):
+    """The cut at the recovery point makes the loss jump: the factor LR multiplier ramps up from 1 again."""
+
+    class Multipliers(Callback):
+        def __init__(self, dwf):
+            self.dwf, self.seen, self.cut = dwf, {}, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen[trainer.global_step] = self.dwf.penalty.multiplier_of(factor_parameters(pl_module)[0])
+            self.cut = self.dwf.regime.controller.recovery_step
+
+    dwf = DWFCallback(
+        depth=3,
+        target_sparsity=0.9,
+        verbose=False,
+        schedule=ScheduleConfig(recovery=0.5),
+        factor_lr=FactorLRConfig(multiplier=4.0, warmup=0.1),
+    )
+    record = Multipliers(dwf)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=10, callbacks=[dwf, record], enable_checkpointing=False))
+    trainer.fit(ToyModel(lr=0.075, momentum=0.9, scheduler=True, n=512))  # factors: 0.3 after the warm-up
+    total, cut, ramp = (
+        int(trainer.estimated_stepping_batches),
+        record.cut,
+        int(0.1 * trainer.estimated_stepping_batches),
+    )
+    assert cut == int(0.5 * total)
+    assert record.seen[0] == 1.0 and record.seen[ramp] == 4.0 and record.seen[cut - 1] == 4.0
+    assert record.seen[cut] == 1.0  # first step after the cut
+    assert 1.0 < record.seen[cut + ramp // 2] < 4.0 and record.seen[cut + ramp] == 4.0 and record.seen[total - 1] == 4.0
+
+
+def test_auto_multiplier_by_optimizer_family(tmp_path):
+    """``"auto"``: per layer, from its weights' RMS at the start and how the penalty reaches it; a number is used as
+    is."""
+
+    class RMS(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.rms = {t.name: float(t.product().pow(2).mean().sqrt()) for t in factorized_tensors(pl_module)}
+
+    for opt, kind in (("sgd", "gradient"), ("adamw", "decoupled")):
+        model = OptToy(opt, lr=0.1 if opt == "sgd" else 1e-3, n=64)
+        dwf = DWFCallback(depth=3, target_sparsity=0.5, verbose=False, collapse=CollapseConfig(on_fit_end=False))
+        rms = RMS()
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf, rms], enable_checkpointing=False)).fit(model)
+        assert dwf.factor_lr_multipliers.keys() == rms.rms.keys() == {"net.0.weight", "net.2.weight"}
+        for name, value in rms.rms.items():
+            assert dwf.factor_lr_multipliers[name] == pytest.approx(auto_lr_multiplier(value, 3, kind), rel=1e-5)
+    model = OptToy("sgd", lr=0.1, n=64)
+    dwf = DWFCallback(depth=3, target_sparsity=0.5, verbose=False, factor_lr=FactorLRConfig(multiplier=3.0),
+                      collapse=CollapseConfig(on_fit_end=False))
+    _fit(tmp_path, model, dwf, max_epochs=25)
+    assert set(dwf.factor_lr_multipliers.values()) == {3.0}
+
+
+def test_lr_check_warns_and_errors(tmp_path):
+    with pytest.warns(DWFLearningRateWarning, match="below the floor"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(
+            ToyModel(lr=0.01)
+        )
+    with pytest.raises(MisconfigurationException, match="below the floor"):
+        Trainer(
+            **trainer_kwargs(
+                tmp_path,
+                max_epochs=1,
+                callbacks=[DWFCallback(depth=3, lam=1e-4, factor_lr=FactorLRConfig(check="error"))],
+            )
+        ).fit(ToyModel(lr=0.01))
+    with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(
+            ToyModel(lr=0.5)
+        )
+
+
+    class AdamToy(ToyModel):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    # no floor under Adam-type optimizers (the proximal step makes the zeros there), but the stability limit holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DWFLearningRateWarning)
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(AdamToy())
+    with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=2e3)])).fit(AdamToy())
+
+
+def test_lr_check_without_a_step_budget(tmp_path):
+    """An open-ended run (no max_epochs/max_steps) skips the floor but still refuses an unstable LR."""
+    open_ended = dict(max_epochs=-1, max_steps=-1, max_time={"seconds": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=1e-4)], **open_ended)).fit(
+            ToyModel(lr=0.01)
+        )
+    assert not [w for w in caught if "below the floor" in str(w.message)]
+    with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[DWFCallback(depth=3, lam=10.0)], **open_ended)).fit(
+            ToyModel(lr=0.5)
+        )

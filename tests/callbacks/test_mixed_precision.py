@@ -1,0 +1,81 @@
+"""Mixed precision on CPU: bf16-mixed trains and collapses, fused SGD under 16-mixed (bf16-mixed on CPU, no grad scaler)
+gets the exact penalty, and one penalty step under bf16-mixed is exactly the optimizer's float32 step. The fused-SGD and
+the one-step tests pin the behaviour: they compare exact values (or float32-exact ones) so that a change of behaviour,
+not only a crash, fails."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, trainer_kwargs
+from lightning.pytorch import Trainer
+
+from lightning_dwf import CollapseConfig, DWFCallback, factor_parameters, factorized_tensors
+
+from .helpers import DEPTH, LAM, LR, SHRINK, InitialWeights
+
+
+def test_bf16_mixed_on_cpu(tmp_path):
+    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=2, precision="bf16-mixed", callbacks=[dwf])).fit(ToyModel(lr=0.3))
+    assert dwf.final_report.finite
+    ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path)
+
+
+def test_fused_sgd_on_cpu_16_mixed_trains(tmp_path):
+    """On CPU, Lightning turns 16-mixed into bf16-mixed (no grad scaler): fused SGD then trains with the exact
+    penalty."""
+
+    class Fused(ToyModel):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, fused=True)
+
+    snap = InitialWeights()
+    model = Fused(lr=LR, zero_loss=True, n=16, batch_size=16)
+    dwf = DWFCallback(
+        depth=DEPTH,
+        lam=LAM,
+        verbose=False,
+        factor_lr=PLAIN_FACTOR_LR,
+        collapse=CollapseConfig(on_fit_end=False),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(
+            **trainer_kwargs(
+                tmp_path, max_epochs=1, precision="16-mixed", callbacks=[dwf, snap], enable_checkpointing=False
+            )
+        )
+    assert trainer.precision == "bf16-mixed" and getattr(trainer.precision_plugin, "scaler", None) is None
+    trainer.fit(model)
+    for t in factorized_tensors(model):
+        torch.testing.assert_close(t.product(), snap.weights[t.name] * SHRINK**DEPTH)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_one_penalty_step_is_exact_under_bf16_mixed(tmp_path, precision):
+    """Zero loss, plain SGD, one step: every float32 factor becomes ω − lr·(2λ/D)·ω, as the optimizer computes it."""
+    snap = FactorSnapshot()
+    model = ToyModel(lr=LR, zero_loss=True, n=16, batch_size=16)
+    dwf = DWFCallback(
+        depth=DEPTH,
+        lam=LAM,
+        verbose=False,
+        factor_lr=PLAIN_FACTOR_LR,
+        collapse=CollapseConfig(on_fit_end=False),
+    )
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, precision=precision, callbacks=[dwf, snap], enable_checkpointing=False)
+    )
+    trainer.fit(model)
+    assert trainer.global_step == 1
+    factors = factor_parameters(model)
+    assert len(factors) == len(snap.factors) == 6
+    coef = 2 * LAM / DEPTH
+    for end, start in zip(factors, snap.factors):
+        assert end.dtype == torch.float32
+        grad = torch.zeros_like(start).add_(start, alpha=coef)  # FactorPenalty: grad += 2λ/D·ω on a zero data gradient
+        assert torch.equal(end.detach(), start.add(grad, alpha=-LR))  # SGD: ω ← ω − lr·grad
+        torch.testing.assert_close(end.detach(), start * SHRINK, rtol=1.3e-6, atol=0)

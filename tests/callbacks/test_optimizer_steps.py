@@ -1,0 +1,124 @@
+"""The penalty reaches every optimizer step of a fit exactly once: under gradient accumulation, whatever
+``configure_optimizers`` returns (its scheduler driving the factors' LR), with manual optimization and two optimizers,
+and inside gradient clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, trainer_kwargs
+from lightning.pytorch import Trainer
+
+from lightning_dwf import CollapseConfig, DWFCallback, factor_parameters
+
+
+def test_penalty_applied_once_per_optimizer_step(tmp_path):
+    """With a zero data loss, every factor shrinks by exactly (1 - lr·2λ/D) per optimizer step (accumulation
+    included)."""
+    lam, lr, depth = 0.5, 0.2, 3
+    model = ToyModel(lr=lr, zero_loss=True, n=64, batch_size=16)
+    dwf = DWFCallback(
+        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+    )
+    snap = FactorSnapshot()
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=1, callbacks=[dwf, snap], accumulate_grad_batches=2, enable_checkpointing=False
+        )
+    )
+    trainer.fit(model)
+    assert trainer.global_step == 2
+    shrink = (1 - lr * 2 * lam / depth) ** trainer.global_step
+    assert len(factor_parameters(model)) == len(snap.factors) == 2 * depth
+    for end, start in zip(factor_parameters(model), snap.factors):
+        torch.testing.assert_close(end, start * shrink)
+
+
+@pytest.mark.parametrize("form", ["optimizer", "list", "tuple_of_lists", "dict", "dict_list"])
+def test_every_configure_optimizers_form_gets_the_penalty(tmp_path, form):
+    """Whatever configure_optimizers returns, factors get the penalty once per step and the scheduler drives their
+    LR."""
+
+    class Model(ToyModel):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.2)
+            sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+            return {
+                "optimizer": opt,
+                "list": [opt],
+                "tuple_of_lists": ([opt], [sched]),
+                "dict": {"optimizer": opt, "lr_scheduler": sched},
+                "dict_list": [{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}],
+            }[form]
+
+    model = Model(zero_loss=True, n=32, batch_size=16)
+    snap = FactorSnapshot()
+    dwf = DWFCallback(
+        depth=3, lam=0.5, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+    )
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, snap], enable_checkpointing=False))
+    trainer.fit(model)
+    scheduled = form not in ("optimizer", "list")
+    shrink = 1.0
+    for lr in [0.2, 0.2] + ([0.1, 0.1] if scheduled else [0.2, 0.2]):
+        shrink *= 1 - lr * 2 * 0.5 / 3
+    assert len(factor_parameters(model)) == len(snap.factors) == 6
+    for end, start in zip(factor_parameters(model), snap.factors):
+        torch.testing.assert_close(end, start * shrink)
+
+
+class ManualModel(ToyModel):
+    """Manual optimization with two optimizers: one for the first layer, one for the rest."""
+
+    def __init__(self, **kwargs):
+        super().__init__(zero_loss=True, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y) * 0.0
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        first = list(self.net[0].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.2)
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    lam, depth = 0.5, 3
+    model = ManualModel(n=32, batch_size=16)
+    snap = FactorSnapshot()
+    dwf = DWFCallback(
+        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+    )
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
+    first = {id(p) for p in model.net[0].parameters()}
+    assert len(factor_parameters(model)) == len(snap.factors) == 2 * depth
+    for end, start in zip(factor_parameters(model), snap.factors):
+        lr = 0.1 if id(end) in first else 0.2
+        torch.testing.assert_close(end, start * (1 - lr * 2 * lam / depth) ** 2)
+
+
+def test_gradient_clipping_includes_the_penalty(tmp_path):
+    lam, depth, lr, clip = 0.5, 3, 0.2, 1e-3
+    model = ToyModel(lr=lr, zero_loss=True, n=16, batch_size=16)
+    snap = FactorSnapshot()
+    dwf = DWFCallback(
+        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+    )
+    Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=1, gradient_clip_val=clip, callbacks=[dwf, snap], enable_checkpointing=False
+        )
+    ).fit(model)
+    coef = 2 * lam / depth
+    norm = coef * torch.sqrt(sum(f.pow(2).sum() for f in snap.factors))
+    scale = clip / (float(norm) + 1e-6)
+    assert len(factor_parameters(model)) == len(snap.factors) == 2 * depth
+    for end, start in zip(factor_parameters(model), snap.factors):
+        torch.testing.assert_close(end, start - lr * coef * start * scale)

@@ -1,0 +1,69 @@
+"""Fixing the support (``lightning_dwf.training.support``): the threshold that meets a target, ``fix_support_`` keeping
+the pattern exactly under SGD and Adam, and ``keep_masks``' exact count with a minimum per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dwf import keep_masks
+from lightning_dwf.core.factorize import factorize_, factorized_tensors
+from lightning_dwf.training.support import fix_support_, support_threshold
+
+
+def test_support_threshold_closes_the_gap_both_ways():
+    w = [torch.tensor([0.0, 1e-5, 2e-3, 0.1, 0.5]), torch.tensor([0.2, 3e-3, 1.0, 0.7, 4e-4])]
+    for target in (0.3, 0.5, 0.7):  # below, at and above the 4 weights under 1e-2
+        t = support_threshold(w, target, floor=1e-7)
+        assert sum(int((x.abs() < t).sum()) for x in w) == round(target * 10)
+    assert support_threshold(w, 0.05, floor=1e-7) == 1e-7  # never keeps a numerically zero weight
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fixed_support_stays_exactly_zero(optimizer):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    factorize_(net, 3)
+    opt = (
+        torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.Adam(net.parameters(), lr=0.05, weight_decay=1e-3)
+    )
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+
+    steps(5)  # optimizer state (momentum, Adam moments) is non-zero everywhere
+    weights = [t.product() for t in factorized_tensors(net)]
+    threshold = support_threshold(weights, 0.75)
+    zeroed = fix_support_(net, threshold, [opt])
+    assert zeroed == sum(int((w.abs() < threshold).sum()) for w in weights)
+    masks = [t.product() == 0 for t in factorized_tensors(net)]
+    assert sum(int(m.sum()) for m in masks) == zeroed
+    steps(20)
+    for t, m in zip(factorized_tensors(net), masks):
+        assert bool((t.product()[m] == 0).all())  # the pattern is kept exactly
+        assert bool((t.product()[~m] != 0).all())  # the survivors still train
+
+
+def test_keep_masks_exact_count_and_layer_minimum():
+    torch.manual_seed(0)
+    weights = {"big": torch.randn(100, 50), "small": 1e-4 * torch.randn(10, 10), "one": torch.randn(3)}
+    n = sum(w.numel() for w in weights.values())
+    for target in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0):
+        masks = keep_masks(weights, target)
+        kept = sum(int(m.sum()) for m in masks.values())
+        assert kept == n - round(target * n), target
+        if target < 1.0:
+            assert all(bool(m.any()) for m in masks.values()), target
+    pure = keep_masks(weights, 0.9, min_share=0.0)
+    assert not bool(pure["small"].any())  # a pure global cut empties the small-scale tensor
+    masks = keep_masks(weights, 0.9)
+    assert int(masks["small"].sum()) == 1  # a tenth of its share of 10 survivors
+    # survivors of the global part are the largest of the rest
+    big = weights["big"].abs()
+    assert float(big[masks["big"]].min()) >= float(big[~masks["big"]].max())
