@@ -2,6 +2,7 @@
 
     python -m benchmarks.sparse_kernels            # benchmarks/results/sparse_kernels.{jsonl,md}
     python -m benchmarks.sparse_kernels --threads 1 --min-run-time 0.1
+    python -m benchmarks.sparse_kernels --end-to-end --epochs 10   # also a trained model, whole-model latency
 
 For each ``nn.Linear`` weight shape of the benchmark models (LeNet-300-100, LeNet-5, the BN CNN, the ViT) and of a
 width-2048 MLP (a model large enough that latency is not framework overhead), at 90 / 98 / 99 % random unstructured
@@ -10,6 +11,11 @@ zeros and batch 1 / 64: the median time of dense ``F.linear`` and of ``csr @ x.T
 at a fixed thread count, and their ratio. Convolutions are listed as dense: torch has no CPU sparse convolution kernel.
 Whether :func:`lightning_dwf.inference.use_sparse_kernels_` would take the sparse kernel follows from the ratio
 (at least ``DEFAULT_MIN_SPEEDUP`` at the batch sizes served).
+
+``--end-to-end``: LeNet-300-100 trained with ``DWFCallback(target_sparsity=0.98)`` (SGD, the benchmarks' recipe, on the
+data ``examples.data.load_dataset`` finds), collapsed, then converted with ``use_sparse_kernels_`` at batch 1 and 64
+(and at each alone); whole-model latency of the dense-kernel and the converted model, timed interleaved in this process,
+and test accuracy of both (must be equal).
 """
 
 from __future__ import annotations
@@ -91,13 +97,56 @@ def table(rows: list[dict], threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def end_to_end(epochs: int, min_run_time: float) -> str:
+    """Train, collapse, convert and time LeNet-300-100 at 98 %; returns a markdown section."""
+    import copy
+
+    from torch.utils import benchmark
+
+    from benchmarks.harness.fit import run_training
+    from benchmarks.harness.measure import measure as measure_net
+    from examples.data import load_dataset
+    from lightning_dwf import CollapseConfig, DWFCallback
+    from lightning_dwf.inference import use_sparse_kernels_
+
+    data = load_dataset("auto")
+    dwf = DWFCallback(depth=3, target_sparsity=0.98, collapse=CollapseConfig(save=False))
+    module, seconds = run_training(dict(model="lenet300", epochs=epochs, batch_size=64), data, [dwf])
+    dense = module.net.eval()
+    lines = [f"End to end: LeNet-300-100, `DWFCallback(depth=3, target_sparsity=0.98)`, {epochs} epochs on "
+             f"{data.name} (trained in {seconds:.0f} s), collapsed; whole-model latency, median µs per forward.", "",
+             "| converted for batch | layers on CSR | test acc dense-kernel / CSR | batch 1: dense µs | CSR µs | "
+             "speed-up | batch 64: dense µs | CSR µs | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    base = measure_net(dense, data)["acc"]
+    for batches in ((1,), (64,), (1, 64)):
+        converted = copy.deepcopy(dense)
+        report = use_sparse_kernels_(converted, batch_sizes=batches, min_run_time=min_run_time)
+        acc = measure_net(converted, data)["acc"]
+        cells = []
+        for batch in BATCHES:
+            x = data.test_x[:batch]
+            times = [benchmark.Timer("net(x)", globals={"net": net, "x": x}).blocked_autorange(
+                min_run_time=min_run_time).median for net in (dense, converted)]
+            cells += [f"{times[0] * 1e6:.1f}", f"{times[1] * 1e6:.1f}", f"{times[0] / times[1]:.2f}×"]
+        lines.append(f"| {' and '.join(map(str, batches))} | {', '.join(report.swapped) or 'none'} | "
+                     f"{base:.2%} / {acc:.2%} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, CI's core count)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per kernel and case")
     parser.add_argument("--out", type=Path, default=RESULTS / "sparse_kernels")
+    parser.add_argument("--end-to-end", action="store_true", help="also train, convert and time LeNet-300-100")
+    parser.add_argument("--epochs", type=int, default=10, help="--end-to-end: training epochs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.end_to_end:
+        section = end_to_end(args.epochs, args.min_run_time)
+        torch.set_num_threads(args.threads)  # Lightning may have changed it
+        args.out.with_name(args.out.name + "_end_to_end.md").write_text(section)
     rows = measure(args.min_run_time)
     args.out.with_suffix(".jsonl").write_text("".join(json.dumps(dict(r, threads=args.threads)) + "\n" for r in rows))
     args.out.with_suffix(".md").write_text(table(rows, args.threads))
