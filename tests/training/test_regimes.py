@@ -1,0 +1,76 @@
+"""The built-in regimes as plain objects: registry, state, the fixed-λ proximal bookkeeping, the quantized wrapper."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dwf import FixedLamConfig, QuantizeConfig, TargetSparsityConfig, factorize_
+from lightning_dwf.training.regimes import (
+    FixedLam,
+    QuantizedFinish,
+    RunContext,
+    TargetSparsity,
+    build_regime,
+    regime_for,
+)
+
+
+def _ctx(module: nn.Module, step: int = 0, total: float = 100) -> RunContext:
+    return RunContext(module, [], step, total, depth=3, floor=1e-7, info=lambda message: None)
+
+
+def test_configs_pick_their_regime_and_validate():
+    assert regime_for(FixedLamConfig(0.1)) is FixedLam and regime_for(TargetSparsityConfig(0.5)) is TargetSparsity
+    assert isinstance(build_regime(TargetSparsityConfig(0.5), QuantizeConfig()), QuantizedFinish)
+    with pytest.raises(ValueError, match="`lam` must be a finite float >= 0"):
+        FixedLamConfig(-1.0)
+    with pytest.raises(ValueError, match="target_sparsity"):
+        TargetSparsityConfig(1.0)
+    with pytest.raises(TypeError, match="ScheduleConfig"):
+        TargetSparsityConfig(0.5, schedule={"recovery": 0.3})
+    assert TargetSparsityConfig(0.995).recovery == 0.4
+
+
+def test_fixed_lam_applies_the_noted_thresholds_once_and_forgets_them_on_rollback():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8))
+    factorize_(net, depth=3)
+    regime, ctx = FixedLam(FixedLamConfig(0.1)), _ctx(net)
+    regime.before_step(ctx, None, lambda: {"0.weight": 10.0})  # every |w| < 10: all would go
+    regime.on_rollback()
+    regime.after_step(ctx)
+    assert bool((net[0].weight != 0).all())  # the rolled-back step's thresholds were dropped
+    regime.before_step(ctx, None, lambda: {"0.weight": 10.0})
+    regime.after_step(ctx)
+    assert bool((net[0].weight == 0).all())
+    assert regime.zero_threshold(1e-7) == 1e-7 and "lower `lam`" in regime.dead_layer_fix()
+    regime.lam = 0.0
+    assert "zero from the start" in regime.dead_layer_fix()
+
+
+def test_target_state_round_trips_and_reads_0_1_states():
+    regime = TargetSparsity(TargetSparsityConfig(0.9))
+    assert regime.state_dict() == {} and regime.warmup_start == 0 and not regime.warns_dead_layers
+    old = {"controller": {"target": 0.9, "total_steps": 100, "lam": 0.02, "threshold": 1e-3, "recovering": True}}
+    regime.load_state_dict(old)  # a 0.1 checkpoint: `recovering` instead of `recovery_step`
+    assert regime.lam == 0.02 and regime.state_dict() == old
+    assert regime.lr_check_steps(500) == 0
+
+
+def test_quantized_finish_delegates_and_starts_on_time():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8))
+    factorize_(net, depth=3)
+    regime = QuantizedFinish(QuantizeConfig(bits=4, fraction=0.25), FixedLam(FixedLamConfig(0.1)))
+    regime.start(_ctx(net, step=0, total=100))
+    assert regime.quantize_step == 75 and not regime.quantizing and regime.lam == 0.1
+    regime.before_batch(_ctx(net, step=74))
+    assert not regime.quantizing
+    regime.before_batch(_ctx(net, step=75))
+    assert regime.quantizing and regime.lam == 0.0 and regime.inner.lam == 0.0  # the inner regime released λ
+    with pytest.raises(ValueError, match="no step budget"):
+        QuantizedFinish(QuantizeConfig(), FixedLam(FixedLamConfig(0.1))).start(_ctx(net, total=math.inf))
