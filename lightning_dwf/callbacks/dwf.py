@@ -105,6 +105,7 @@ class DWFCallback(FitResults, Callback):
         self.compression_report: CompressionReport | None = None
         self.sparsity_curve: list[tuple[int, float]] = []
         self._run: TrainingRun | None = None
+        self._restored: dict[str, Any] | None = None
         self._fits_collapsed = 0
         self._last_logged_step = -1
 
@@ -133,8 +134,8 @@ class DWFCallback(FitResults, Callback):
         """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
         self.sparsity_curve = []
         check_amp_optimizers(trainer)
-        neutralized = self._ensure_run().bind(pl_module, trainer.optimizers, trainer.global_step,
-                                     trainer.estimated_stepping_batches)
+        run = self._ensure_run()
+        neutralized = run.bind(pl_module, trainer.optimizers, trainer.global_step, trainer.estimated_stepping_batches)
         if neutralized:
             rank_zero_info(
                 f"DWFCallback: the weight_decay of param groups {neutralized} is neutralized on the DWF factors; they "
@@ -212,6 +213,9 @@ class DWFCallback(FitResults, Callback):
             self._run = TrainingRun(build_regime(self.regime_config, self.quantize), self.depth, self.factor_lr,
                                     self.collapse.threshold, rank_zero_info,
                                     lambda message, category: rank_zero_warn(message, category=category))
+            if self._restored is not None:  # state loaded before a fit built the run
+                self._run.load_state_dict(self._restored)
+                self._restored = None
         return self._run
 
     @override
@@ -237,6 +241,7 @@ class DWFCallback(FitResults, Callback):
         if state_dict.get("depth", self.depth) != self.depth:
             raise ValueError(f"The checkpoint was trained with DWFCallback(depth={state_dict['depth']}), this callback "
                              f"has depth={self.depth}. Resume with the same depth.")
-        if self._run is None:
-            raise RuntimeError("DWFCallback.load_state_dict() is called by Trainer.fit(ckpt_path=...) after setup.")
-        self._run.load_state_dict(state_dict)
+        if self._run is None:  # applied when the next fit builds its run
+            self._restored = dict(state_dict)
+        else:
+            self._run.load_state_dict(state_dict)
