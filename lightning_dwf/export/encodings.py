@@ -18,6 +18,7 @@ be exact on the values (the dispatcher compares sizes only) and must not name a 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -37,7 +38,7 @@ from lightning_dwf.export.codecs import (
 from lightning_dwf.export.values import StoredWeight, WeightValues, weight_values
 
 
-class Encoding:
+class Encoding(ABC):
     """One way to store a weight's values as named streams; subclass it and decorate with :func:`register_encoding`.
 
     Attributes:
@@ -46,13 +47,13 @@ class Encoding:
 
     name: ClassVar[str] = ""
 
+    @abstractmethod
     def encode(self, weight: WeightValues) -> tuple[dict[str, Tensor], int]:
         """``({stream: tensor}, entries)``: the uncoded streams and the number of stored values."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, stored: StoredWeight) -> Tensor:
         """Inverse of :meth:`encode`: the ``stored.numel`` values, flat; raises ValueError on any inconsistency."""
-        raise NotImplementedError
 
 
 #: The registered encodings by name; their order is the candidate order (a tie goes to the earlier one).
