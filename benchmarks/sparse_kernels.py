@@ -21,16 +21,22 @@ and test accuracy of both (must be equal).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
+from benchmarks.harness.fit import run_training
+from benchmarks.harness.measure import measure as measure_net
 from benchmarks.harness.store import RESULTS
 from benchmarks.models import MODELS
-from lightning_dwf.inference import time_linear
+from examples.data import load_dataset
+from lightning_dwf import CollapseConfig, DWFCallback
+from lightning_dwf.inference import time_linear, use_sparse_kernels_
 from lightning_dwf.inference.sparse_kernels import DEFAULT_MIN_SPEEDUP
 
 SPARSITIES = (0.9, 0.98, 0.99)
@@ -99,16 +105,6 @@ def table(rows: list[dict], threads: int) -> str:
 
 def end_to_end(epochs: int, min_run_time: float) -> str:
     """Train, collapse, convert and time LeNet-300-100 at 98 %; returns a markdown section."""
-    import copy
-
-    from torch.utils import benchmark
-
-    from benchmarks.harness.fit import run_training
-    from benchmarks.harness.measure import measure as measure_net
-    from examples.data import load_dataset
-    from lightning_dwf import CollapseConfig, DWFCallback
-    from lightning_dwf.inference import use_sparse_kernels_
-
     data = load_dataset("auto")
     dwf = DWFCallback(depth=3, target_sparsity=0.98, collapse=CollapseConfig(save=False))
     module, seconds = run_training(dict(model="lenet300", epochs=epochs, batch_size=64), data, [dwf])

@@ -93,8 +93,9 @@ class DWFCallback(FitResults, Callback):
         self.factor_lr = as_config("factor_lr", factor_lr, FactorLRConfig)
         self.collapse = as_config("collapse", collapse, CollapseConfig)
         self.regime_config = resolve_regime(lam, target_sparsity, target_compression, regime, self.schedule)
-        self.lam: float | None = getattr(self.regime_config, "lam", None) if lam is not None else None
-        self.target_sparsity: float | None = getattr(self.regime_config, "sparsity", None) if regime is None else None
+        self.lam: float | None = None if lam is None else self.regime_config.lam
+        self.target_sparsity: float | None = (
+            None if target_sparsity is None and target_compression is None else self.regime_config.sparsity)
         self.quantize = resolve_quantize(quantize, quantize_bits, self.collapse)
         self.log_every_n_steps = check_log_every(log_every_n_steps)
         self.log_per_layer, self.verbose, self.log_pictures = log_per_layer, verbose, log_pictures

@@ -141,7 +141,7 @@ class TrainingRun:
 
     def after_batch(self, module: nn.Module, optimizers: Sequence[Any], step: int, loss_finite: bool = True) -> bool:
         """After each batch: roll back a non-finite loss's step (returns False), else the regime's turn (True)."""
-        ctx = self._at(module, optimizers, step, self.ctx.total_steps if self.ctx else math.inf)
+        ctx = self._at(module, optimizers, step)
         self._measured = None
         if not loss_finite and self._recover(module, optimizers, step):
             self.regime.on_rollback()
@@ -207,13 +207,17 @@ class TrainingRun:
         self.multipliers = dict(state.get("factor_lr_multipliers", {}))
         self.regime.load_state_dict(state)
 
-    def _at(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> RunContext:
+    def _at(self, module: nn.Module, optimizers: Sequence[Any], step: int,
+            total_steps: float | None = None) -> RunContext:
+        """The context at ``step`` (``total_steps``: the planned length, kept from the last call when None)."""
+        if total_steps is None:
+            total_steps = self.ctx.total_steps if self.ctx is not None else math.inf
         if self.ctx is None:
             self.ctx = RunContext(module, optimizers, step, total_steps, self.depth, self.floor,
                                   lr_warmup=self.factor_lr.warmup, info=self.info)
         ctx = self.ctx
         ctx.module, ctx.optimizers, ctx.step, ctx.total_steps = module, optimizers, step, total_steps
-        return self.ctx
+        return ctx
 
     def _apply_multipliers(self, module: nn.Module, ctx: RunContext) -> None:
         assert self.penalty is not None
