@@ -16,8 +16,9 @@ ValueError: `init` must be one of ('dwf', 'balanced'), got 'pretrained'.
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ from lightning_dwf._validation import (
     check_bits,
     check_choice,
     check_fraction,
+    check_int,
     check_nonnegative,
     check_patterns,
     check_positive,
@@ -34,6 +36,7 @@ from lightning_dwf._validation import (
     set_field,
 )
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD
+from lightning_dwf.core.groups import STRUCTURES
 from lightning_dwf.core.init import DEFAULT_EPS_RATIO, InitStd
 
 #: Every tensor keeps at least this fraction of its uniform share ``(1 − target)·n`` of weights (and at least one) at a
@@ -126,11 +129,34 @@ class FactorizeConfig(SelectionConfig):
             factorization ``|ω_d| = |w|^(1/D)`` of the current weights, to sparsify a pretrained model).
         init_std: σ_w of the DWF init: ``"kaiming"`` (sqrt(2/fan_in)), ``"current"`` or a float > 0.
         eps_ratio: lower bound of the initial ``|w|`` relative to σ_w, in (0, 2).
+        structure: ``"elements"`` (DWF: every weight its own factors), or structured DWF (D-Gating: one gate per group
+            and depth) by ``"outputs"`` (neurons, filters; a Conv followed by a BatchNorm gates the BatchNorm's
+            channels), ``"inputs"`` (input features) or ``"heads"`` (attention heads); or a mapping from module-name
+            glob to structure, first match wins and unmatched layers are ``"elements"`` (one model can mix both).
+            Gated tensors keep their current values (balanced gating); ``init`` applies to ``"elements"`` layers.
+        num_heads: the head count of Linear layers gated by ``"heads"`` (``nn.MultiheadAttention`` has its own).
     """
 
     init: Literal["dwf", "balanced"] = "dwf"
     init_std: InitStd = "kaiming"
     eps_ratio: float = DEFAULT_EPS_RATIO
+    structure: str | Mapping[str, str] = "elements"
+    num_heads: int | None = None
+
+    def structure_of(self, module_name: str) -> str:
+        """The structure chosen for the layer ``module_name``."""
+        if isinstance(self.structure, str):
+            return self.structure
+        for pattern, kind in self.structure.items():
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return kind
+        return "elements"
+
+    @property
+    def structured(self) -> bool:
+        """Whether any layer is gated (structured DWF)."""
+        kinds = [self.structure] if isinstance(self.structure, str) else list(self.structure.values())
+        return any(k != "elements" for k in kinds)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,6 +169,17 @@ class FactorizeConfig(SelectionConfig):
         if not eps < 2:
             raise ValueError(f"`eps_ratio` must lie in (0, 2) (|w| is drawn from (eps_ratio·σ_w, 2·σ_w)), got {eps}.")
         set_field(self, "eps_ratio", eps)
+        kinds = [self.structure] if isinstance(self.structure, str) else None
+        if kinds is None:
+            if not isinstance(self.structure, Mapping):
+                raise TypeError(f"`structure` must be a string or a mapping from module-name glob to structure, got "
+                                f"{self.structure!r}.")
+            set_field(self, "structure", dict(self.structure))
+            kinds = list(self.structure.values())
+        for kind in kinds:
+            check_choice("structure", kind, STRUCTURES)
+        if self.num_heads is not None:
+            set_field(self, "num_heads", check_int("num_heads", self.num_heads, 1))
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,17 @@ from torch.nn.utils import parametrize
 from lightning_dwf._validation import check_nonnegative
 from lightning_dwf.core.factorize import factorized_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, hadamard_product, threshold_
+from lightning_dwf.core.gating import collapse_gated_, collapse_gated_state, gated_tensors
 
 _FACTOR_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.original(?P<index>\d+)$")
+#: A tensor scaled by gates (:class:`~lightning_dwf.core.gating.GateScale`) has one ``original``.
+_COUPLED_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.original(?P<index>)$")
+#: The group layout a gated tensor keeps in the state dict.
+_LAYOUT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.0\.group_layout$")
+
+
+def _is_gated(state_dict: Mapping[str, Any], match: re.Match) -> bool:
+    return f"{match['prefix']}parametrizations.{match['name']}.0.group_layout" in state_dict
 
 
 def collapse_(module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> nn.Module:
@@ -45,10 +54,12 @@ def collapse_(module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> nn.Mod
         (True, 0.0)
     """
     threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
+    for t in gated_tensors(module):
+        _own_class(t.module)
+        collapse_gated_(t, threshold)
     for t in factorized_tensors(module):
-        mod, cls = t.module, type(t.module)
-        private = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-        mod.__class__ = type(cls.__name__, cls.__bases__, private)
+        mod = t.module
+        _own_class(mod)
         requires_grad = t.factors[0].requires_grad
         with torch.enable_grad():  # leave_parametrized registers a Parameter only for a tensor that requires grad
             parametrize.remove_parametrizations(mod, t.param_name, leave_parametrized=True)
@@ -57,6 +68,14 @@ def collapse_(module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> nn.Mod
             threshold_(weight, threshold)
         weight.requires_grad_(requires_grad)
     return module
+
+
+def _own_class(mod: nn.Module) -> None:
+    """Give ``mod`` a parametrized class of its own (``parametrize`` shares one between deep copies)."""
+    cls = type(mod)
+    if parametrize.is_parametrized(mod):
+        private = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        mod.__class__ = type(cls.__name__, cls.__bases__, private)
 
 
 def has_factors(state_dict: Mapping[str, Any]) -> bool:
@@ -79,16 +98,29 @@ def collapse_state_dict(state_dict: Mapping[str, Any], threshold: float = DEFAUL
     """
     threshold = check_nonnegative("threshold", threshold, " Use e.g. 1.19e-7 (float32 epsilon), the default.")
     groups: dict[str, dict[int, Any]] = {}
+    gated: dict[str, dict[str, dict[str, Any]]] = {}  # module prefix -> tensor name -> layout and originals
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        match = _FACTOR_KEY.match(key)
+        match = _LAYOUT_KEY.match(key)
+        if match is not None:
+            gated.setdefault(match["prefix"], {}).setdefault(match["prefix"] + match["name"], {})["layout"] = value
+            continue
+        match = _FACTOR_KEY.match(key) or _COUPLED_KEY.match(key)
         if match is None:
             out[key] = value
             continue
         target = match["prefix"] + match["name"]
+        if _is_gated(state_dict, match):
+            entry = gated.setdefault(match["prefix"], {}).setdefault(target, {})
+            entry[f"original{match['index'] or ''}"] = value
+            out.setdefault(target, None)
+            continue
+        target = match["prefix"] + match["name"]
         groups.setdefault(target, {})[int(match["index"])] = value
         out.setdefault(target, None)  # keep the tensor where its first factor was
-    if not groups:
+    for entries in gated.values():
+        out.update(collapse_gated_state(entries, threshold))
+    if not groups and not gated:
         raise ValueError(
             "The state dict holds no DWF factors (no '...parametrizations.<name>.original<d>' keys): it is already "
             "plain."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch.nn.utils import parametrize
 from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_depth
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig, SelectionConfig
 from lightning_dwf.core.functional import balanced_factors, hadamard_product
+from lightning_dwf.core.gating import GatedProduct, GatedTensor, gate_tensor_, gated_targets, gated_tensors
 from lightning_dwf.core.init import dwf_init_, resolve_init_std
 from lightning_dwf.core.parametrization import HadamardProduct
 
@@ -46,6 +48,22 @@ class FactorizedTensor:
         """The collapsed tensor ω1 ⊙ … ⊙ ωD (computed once, without the parametrize machinery)."""
         return hadamard_product(self.factors)
 
+    def unit_magnitudes(self) -> Tensor:
+        """``|w|``: each weight is its own unit (its magnitude is compared with thresholds and cuts)."""
+        return self.product().abs()
+
+    @torch.no_grad()
+    def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
+        """Zero all D factors of the weights where ``drop`` (bool, the tensor's shape), with their optimizer state
+        tensors of the factors' shape; returns the number of weights dropped."""
+        index = drop.nonzero(as_tuple=True)
+        if index[0].numel():
+            for factor in self.factors:
+                for target in [factor] + [v for s in states for v in s.get(factor, {}).values()
+                                          if torch.is_tensor(v) and v.shape == factor.shape]:
+                    target.index_put_(index, torch.zeros((), dtype=target.dtype, device=target.device))
+        return int(index[0].numel())
+
 
 def factorized_tensors(module: nn.Module) -> list[FactorizedTensor]:
     """All tensors of ``module`` factorized by :func:`factorize_`, in ``named_modules`` order."""
@@ -60,8 +78,15 @@ def factorized_tensors(module: nn.Module) -> list[FactorizedTensor]:
 
 
 def factor_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Every factor parameter of ``module`` (what the DWF penalty applies to)."""
-    return [f for t in factorized_tensors(module) for f in t.factors]
+    """Every factor parameter of ``module`` (what the DWF penalty applies to): the factors of each factorized tensor,
+    then ω, the gates and the coupled tensors of each gated one."""
+    return [f for t in sparse_tensors(module) for f in t.factors]
+
+
+def sparse_tensors(module: nn.Module) -> list[FactorizedTensor | GatedTensor]:
+    """Every tensor of ``module`` under DWF: the factorized ones (units: single weights), then the gated ones (units:
+    groups). Both give ``unit_magnitudes()`` and ``zero_units_(drop, states)``."""
+    return [*factorized_tensors(module), *gated_tensors(module)]
 
 
 def select_tensors(module: nn.Module, config: SelectionConfig | None = None) -> list[tuple[str, nn.Module, str]]:
@@ -76,8 +101,8 @@ def select_tensors(module: nn.Module, config: SelectionConfig | None = None) -> 
         ValueError: if an ``include`` pattern matches no module of the selected types.
     """
     config = config or FactorizeConfig()
+    candidates = _candidates(module, config)
     types = config.layer_types or DEFAULT_LAYER_TYPES
-    candidates = [(n, m) for n, m in module.named_modules() if isinstance(m, types)]
     for pattern in config.include:
         if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in candidates):
             raise ValueError(
@@ -92,11 +117,28 @@ def select_tensors(module: nn.Module, config: SelectionConfig | None = None) -> 
             continue
         if config.filter_fn is not None and not config.filter_fn(mod, mod_name):
             continue
+        if isinstance(mod, nn.MultiheadAttention):  # gated by heads on its packed q/k/v projection
+            targets.append((f"{mod_name}.in_proj_weight" if mod_name else "in_proj_weight", mod, "in_proj_weight"))
+            continue
         for pname in config.param_names:
             already = parametrize.is_parametrized(mod, pname)
             if already or isinstance(mod._parameters.get(pname), nn.Parameter):
                 targets.append((f"{mod_name}.{pname}" if mod_name else pname, mod, pname))
     return targets
+
+
+def _candidates(module: nn.Module, config: SelectionConfig) -> list[tuple[str, nn.Module]]:
+    """Modules of the selected layer types; with a structured config and default types also every
+    ``nn.MultiheadAttention`` whose structure is ``"heads"``."""
+    types = config.layer_types or DEFAULT_LAYER_TYPES
+    found = []
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            if config.layer_types is None and getattr(config, "structure_of", lambda _: "elements")(name) == "heads":
+                found.append((name, mod))
+        elif isinstance(mod, types):
+            found.append((name, mod))
+    return found
 
 
 def factorize_(
@@ -154,6 +196,12 @@ def factorize_(
         )
     names = []
     for name, mod, pname in targets:
+        mod_name = name[: -len(pname) - 1] if name != pname else ""
+        kind = config.structure_of(mod_name)
+        if kind != "elements" or isinstance(mod, nn.MultiheadAttention):
+            if pname in ("weight", "in_proj_weight"):
+                names.append(_gate_layer(module, mod_name, mod, kind, depth, config))
+            continue
         if parametrize.is_parametrized(mod, pname):
             plist = mod.parametrizations[pname]
             if not (len(plist) == 1 and isinstance(plist[0], HadamardProduct)):
@@ -173,6 +221,21 @@ def factorize_(
         _register_load_hook(mod)
         names.append(name)
     return names
+
+
+def _gate_layer(root: nn.Module, mod_name: str, layer: nn.Module, kind: str, depth: int, config: FactorizeConfig) -> str:
+    """Gate one selected layer by ``kind`` (idempotent); returns the gated tensor's qualified name."""
+    name, owner, pname, layout, coupled = gated_targets(root, mod_name, layer, kind, config.num_heads)
+    if parametrize.is_parametrized(owner, pname):
+        plist = owner.parametrizations[pname]
+        if not (len(plist) == 1 and isinstance(plist[0], GatedProduct) and plist[0].depth == depth
+                and plist[0].layout == layout):
+            raise ValueError(f"{name!r} already carries another parametrization ({plist}); collapse it first "
+                             "(lightning_dwf.collapse_) or choose the same depth and structure.")
+        return name
+    gate_tensor_(owner, name, pname, depth, layout, coupled)
+    _register_load_hook(owner)
+    return name
 
 
 _HOOK_FLAG = "_dwf_load_hook_registered"
@@ -214,6 +277,6 @@ def _load_state_dict_pre_hook(mod: nn.Module, state_dict: dict[str, Any], prefix
 
 
 def is_factorized(module: nn.Module) -> bool:
-    """Whether any tensor of ``module`` is DWF-factorized."""
-    return bool(factorized_tensors(module))
+    """Whether any tensor of ``module`` is DWF-factorized or gated."""
+    return bool(sparse_tensors(module))
 

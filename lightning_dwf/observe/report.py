@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_dwf.core.factorize import factorized_tensors, select_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
+from lightning_dwf.core.gating import gated_tensors, group_lasso_value
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class LayerSparsity:
         depth: D (None for a plain tensor).
         l2d: Σ|w|^(2/D) of the collapsed weight (None when D is unknown).
         factor_sq_norm_mean: (1/D)·Σ_d ||ω_d||² (equals ``l2d`` for a plain tensor).
+        groups: for a gated tensor (structured DWF) its number of groups, else 0; its ``numel`` and ``nonzero`` then
+            count the weights of the gated tensor and of the tensors coupled to it, and ``l2d`` is Σ_g ‖w_g‖^(2/D).
+        live_groups: groups whose RMS is at or above the threshold (they survive collapse).
     """
 
     name: str
@@ -31,6 +35,13 @@ class LayerSparsity:
     depth: int | None
     l2d: float | None
     factor_sq_norm_mean: float | None
+    groups: int = 0
+    live_groups: int = 0
+
+    @property
+    def group_sparsity(self) -> float | None:
+        """Fraction of the groups that are zero after collapse (None for an unstructured tensor)."""
+        return 1.0 - self.live_groups / self.groups if self.groups else None
 
     @property
     def sparsity(self) -> float:
@@ -93,6 +104,22 @@ class SparsityReport:
         return self.total_params / self.total_nonzero if self.total_nonzero else math.inf
 
     @property
+    def group_sparsity(self) -> float | None:
+        """Fraction of the groups of all gated tensors that are zero after collapse (None without gated tensors)."""
+        groups = sum(layer.groups for layer in self.layers)
+        return 1.0 - sum(layer.live_groups for layer in self.layers) / groups if groups else None
+
+    @property
+    def unit_sparsity(self) -> float:
+        """Fraction of the units that are zero after collapse: weights of factorized tensors and groups of gated ones
+        (equals :attr:`sparsity` without gated tensors). Target mode steers and cuts by it."""
+        if not any(layer.groups for layer in self.layers):
+            return self.sparsity
+        units = sum(layer.groups or layer.numel for layer in self.layers)
+        live = sum(layer.live_groups if layer.groups else layer.nonzero for layer in self.layers)
+        return 1.0 - live / units if units else 0.0
+
+    @property
     def dead_layers(self) -> list[str]:
         """Names of the tensors with no weight at or above the threshold: collapsed, their layer's output ignores its
         input."""
@@ -134,8 +161,12 @@ class SparsityReport:
             out[f"{prefix}penalty"] = self.l2d_penalty
         if self.factor_penalty is not None:
             out[f"{prefix}factor_penalty"] = self.factor_penalty
+        if self.group_sparsity is not None:
+            out[f"{prefix}group_sparsity"] = self.group_sparsity
         if per_layer:
             out.update({f"{prefix}sparsity/{layer.name}": layer.sparsity for layer in self.layers})
+            out.update({f"{prefix}group_sparsity/{layer.name}": layer.group_sparsity for layer in self.layers
+                        if layer.groups})
         return out
 
     def final_metrics(self) -> dict[str, float]:
@@ -205,7 +236,17 @@ def sparsity_report(
             t.name, tuple(w.shape), w.numel(), count_nonzero(w, threshold),
             t.depth, float(l2d_quasinorm(w, t.depth)), float(factor_sq_norm(factors)) / t.depth,
         ))
-    if not tensors:
+    for g in gated_tensors(module):
+        counted.update(id(f) for f in g.factors)
+        values = g.values()
+        finite = finite and all(bool(torch.isfinite(v).all()) for v in values)
+        live = int((g.unit_magnitudes() >= threshold).sum()) if threshold > 0 else int((g.scale() != 0).sum())
+        layers.append(LayerSparsity(
+            g.name, tuple(values[0].shape), g.entries * g.groups, live * g.entries, g.depth,
+            group_lasso_value(values, [g.layout] * len(values), g.depth),
+            float(factor_sq_norm(g.factors)) / g.depth, g.groups, live,
+        ))
+    if not layers:
         for name, mod, pname in select_tensors(module):
             w = getattr(mod, pname)
             counted.add(id(w))
@@ -227,7 +268,7 @@ def weight_scales(module: nn.Module) -> tuple[float, float]:
     The first is the magnitude an unsupported weight shrinks from (the LR floor's ``init_std``); the second sets
     target mode's default control threshold.
     """
-    weights = [t.product() for t in factorized_tensors(module)]
+    weights = [t.product() for t in factorized_tensors(module)] + [v for g in gated_tensors(module) for v in g.values()]
     scale = max(float(w.pow(2).mean().sqrt()) for w in weights)
     rms = math.sqrt(sum(float(w.pow(2).sum()) for w in weights) / sum(w.numel() for w in weights))
     return scale, rms

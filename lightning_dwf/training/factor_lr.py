@@ -13,7 +13,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_dwf.config import FactorLRConfig
-from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.core.factorize import sparse_tensors
+from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.functional import auto_lr_multiplier, lam_to_weight_decay, lr_floor
 from lightning_dwf.training.penalty import FactorPenalty, effective_lr, penalty_kind, unwrap_optimizer
 
@@ -24,12 +25,19 @@ def plan_multipliers(module: nn.Module, config: FactorLRConfig, depth: int, pena
     :func:`~lightning_dwf.core.functional.auto_lr_multiplier` of its weights' RMS and its optimizer family
     (``penalty`` must be bound to the optimizers)."""
     out = {}
-    for tensor in factorized_tensors(module):
+    for tensor in sparse_tensors(module):
         if config.multiplier != "auto":
             out[tensor.name] = float(config.multiplier)
             continue
+        kind = penalty.kind_of(tensor.factors[0])
+        if isinstance(tensor, GatedTensor):
+            # A group moves like one weight of its norm n (by about D·n^(2−2/D) × the dense step under SGD); under
+            # Adam-type optimizers ω's entries are as small as dense weights, so the optimizer's own LR fits them.
+            norm = float((tensor.unit_magnitudes().pow(2).mean() * tensor.entries).sqrt())
+            out[tensor.name] = auto_lr_multiplier(norm / 2.0, depth, kind) if kind == "gradient" else 1.0
+            continue
         rms = float(tensor.product().float().pow(2).mean().sqrt())
-        out[tensor.name] = auto_lr_multiplier(rms, depth, penalty.kind_of(tensor.factors[0]))
+        out[tensor.name] = auto_lr_multiplier(rms, depth, kind)
     return out
 
 
@@ -37,7 +45,7 @@ def apply_multipliers(penalty: FactorPenalty, module: nn.Module, multipliers: di
                       start: int, total: float, warmup: float) -> None:
     """Put each tensor's multiplier, ramped by the warm-up that began at step ``start``
     (:func:`warmup_multiplier`), into ``penalty`` for every factor of the tensor."""
-    for tensor in factorized_tensors(module):
+    for tensor in sparse_tensors(module):
         m = warmup_multiplier(step, start, total, warmup, multipliers.get(tensor.name, 1.0))
         for factor in tensor.factors:
             penalty.multipliers[id(factor)] = m

@@ -31,6 +31,7 @@ coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) by subtracting ``wd·
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.core.factorize import sparse_tensors
+from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
@@ -202,10 +204,13 @@ class FactorPenalty:
         out = {}
         if self.lam <= 0:
             return out
-        for tensor in factorized_tensors(module):
+        for tensor in sparse_tensors(module):
             eta = self.decoupled_step(tensor.factors[0])
             if eta > 0:
-                out[tensor.name] = max(floor, prox_threshold(eta, self.lam, self.depth))
+                tau = prox_threshold(eta, self.lam, self.depth)
+                if isinstance(tensor, GatedTensor):  # the group's norm is thresholded; units compare RMS
+                    tau /= math.sqrt(tensor.entries)
+                out[tensor.name] = max(floor, tau)
         return out
 
     def multiplier_of(self, factor: nn.Parameter) -> float:

@@ -30,7 +30,7 @@ from typing import Any
 from torch import nn
 
 from lightning_dwf.config import FactorLRConfig
-from lightning_dwf.core.factorize import factor_parameters, factorized_tensors
+from lightning_dwf.core.factorize import factor_parameters, sparse_tensors
 from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, DEFAULT_THRESHOLD
 from lightning_dwf.errors import DWFDeadLayerWarning, DWFRollbackWarning, dead_layer_message
 from lightning_dwf.observe.report import SparsityReport, sparsity_report, weight_scales
@@ -177,7 +177,7 @@ class TrainingRun:
                total_steps: float) -> tuple[SparsityReport, float] | None:
         """Before the collapse (after :meth:`close`): settle the support and measure; returns the report and the
         collapse threshold, or None when nothing is factorized."""
-        if not factorized_tensors(module):
+        if not sparse_tensors(module):
             return None
         threshold = self.regime.finish(self._at(module, optimizers, step, total_steps))
         report = sparsity_report(module, threshold, self.regime.lam)

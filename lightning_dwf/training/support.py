@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
-from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def cut_to_sparsity_(
     Returns:
         The smallest surviving magnitude (absolute; ``inf`` if none survives): the effective cut threshold.
     """
-    weights = {t.name: t.product() for t in factorized_tensors(module)}
+    weights = {t.name: t.unit_magnitudes() for t in sparse_tensors(module)}
     masks = keep_masks(weights, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
     kept = [weights[n].abs()[m] for n, m in masks.items() if bool(m.any())]
@@ -122,13 +122,14 @@ def fix_support_(
     """
     states = [opt.state for opt in optimizers]
     below = 0
-    for tensor in factorized_tensors(module):
+    for tensor in sparse_tensors(module):
         tau = threshold.get(tensor.name) if isinstance(threshold, Mapping) else threshold
         if tau is None:
             continue
-        dead = tensor.product().abs() < tau
+        dead = tensor.unit_magnitudes() < tau
         below += int(dead.count_nonzero())
-        _zero_entries_(tensor.factors, (dead & (tensor.factors[0] != 0)).nonzero(as_tuple=True), states)
+        tensor.zero_units_(dead & (tensor.factors[0] != 0 if isinstance(tensor, FactorizedTensor)
+                                   else tensor.gates[0] != 0), states)
     return below
 
 
@@ -148,24 +149,8 @@ def zero_weights_(
     """
     states = [opt.state for opt in optimizers]
     zeroed = 0
-    for tensor in factorized_tensors(module):
+    for tensor in sparse_tensors(module):
         mask = keep.get(tensor.name)
-        if mask is None:
-            continue
-        drop = (~mask).nonzero(as_tuple=True)
-        zeroed += int(drop[0].numel())
-        _zero_entries_(tensor.factors, drop, states)
+        if mask is not None:
+            zeroed += tensor.zero_units_(~mask, states)
     return zeroed
-
-
-def _zero_entries_(factors: Sequence[Tensor], index: tuple[Tensor, ...], states: Sequence[Mapping]) -> None:
-    """Zero ``factors`` and their optimizer state tensors of the factors' shape at ``index`` (``nonzero`` tuple)."""
-    if not index or index[0].numel() == 0:
-        return
-    for factor in factors:
-        targets = [factor] + [
-            value for state in states for value in state.get(factor, {}).values()
-            if torch.is_tensor(value) and value.shape == factor.shape
-        ]
-        for target in targets:
-            target.index_put_(index, torch.zeros((), dtype=target.dtype, device=target.device))

@@ -100,7 +100,7 @@ class TargetSparsity(Regime):
         if self.config.schedule.gradual and not self.recovering:
             self._cut(ctx, controller.support_sparsity(step))
         report = sparsity_report(ctx.module, self.zero_threshold(ctx.floor), self.lam)
-        self.lam = controller.update(step, report.sparsity)
+        self.lam = controller.update(step, report.unit_sparsity)
         return report
 
     def release(self, ctx: RunContext) -> None:
@@ -165,7 +165,7 @@ class TargetSparsity(Regime):
         """
         assert self.controller is not None
         control, target = self.controller.threshold, self.config.sparsity
-        reached = sparsity_report(ctx.module, control).sparsity
+        reached = sparsity_report(ctx.module, control).unit_sparsity
         threshold = self._cut(ctx, target)
         self.controller.start_recovery(ctx.step)
         self.lam = self.controller.lam

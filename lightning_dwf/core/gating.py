@@ -1,0 +1,360 @@
+"""Structured DWF (D-Gating): each group of weights is ``w_g = ω_g · γ_{g,1} ⋯ γ_{g,D−1}`` with scalar gates.
+
+Kolb, Frost, Bischl, Rügamer (NeurIPS 2025, arXiv 2509.23898): trained under the plain L2 penalty
+``(λ/D)(‖ω_g‖² + Σ_d γ_{g,d}²)``, which at balance (``|γ_{g,d}| = ‖ω_g‖ = ‖w_g‖^{1/D}``) equals ``λ·‖w_g‖₂^{2/D}``, a
+non-convex group penalty (the group lasso for D = 2) whose gates reach zero, so whole neurons, filters or heads go.
+
+A gated tensor is registered with ``torch.nn.utils.parametrize`` like a factorized one: ``layer.weight`` keeps working,
+the group weights ω live at ``parametrizations.weight.original0`` and the gates, one 1-D tensor of length G per depth
+(FSDP2 refuses 0-d parameters), at ``original1 … original{D-1}``. Tensors that belong to the same groups (the layer's
+bias, the shift of a gated BatchNorm) are scaled by the same gates (:class:`GateScale`), so a zero gate makes the
+group's output exactly zero and the group can be removed without changing the model. Each parametrization keeps its
+:class:`~lightning_dwf.core.groups.GroupLayout` as a buffer, so a state dict collapses without the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_dwf.core.functional import hadamard_product
+from lightning_dwf.core.groups import GroupLayout
+
+#: ``role`` codes of :meth:`GroupLayout.encode`: the gated tensor itself, or a tensor scaled by its gates.
+PRIMARY, COUPLED = 0, 1
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def gate_scale(gates: Sequence[Tensor]) -> Tensor:
+    """The per-group scale ``γ_1 ⋯ γ_{D−1}`` (shape ``(G,)``)."""
+    return hadamard_product(gates)
+
+
+def balanced_gating(values: Sequence[Tensor], layouts: Sequence[GroupLayout], depth: int) -> tuple[list[Tensor], Tensor]:
+    """The balanced gating of a group's tensors: ``ω = w / ‖w_g‖^{(D−1)/D}`` for each tensor and gates
+    ``‖w_g‖^{1/D}`` (the AM–GM minimizer of the L2 penalty for the same weights); the norm runs over all the
+    tensors of a group. A zero group gets zero ω and zero gates."""
+    sq = sum(layout.grouped(v.detach()).double().pow(2).sum(dim=1) for v, layout in zip(values, layouts, strict=True))
+    norm = sq.sqrt()
+    gate = norm.pow(1.0 / depth)
+    divisor = torch.where(norm > 0, norm.pow((depth - 1.0) / depth), torch.ones_like(norm))
+    omegas = [(v.detach().double() / layout.expand(divisor, v.shape)).to(v.dtype) for v, layout in zip(values, layouts)]
+    return omegas, gate.to(values[0].dtype)
+
+
+class GatedProduct(nn.Module):
+    """Parametrization ``w = ω ⊙ expand(γ_1 ⋯ γ_{D−1})`` of a gated tensor (``D − 1`` gate vectors of length G).
+
+    Args:
+        depth: D >= 2 (the number of factors of each group: ω and D − 1 gates).
+        layout: where the groups lie in the tensor.
+    """
+
+    def __init__(self, depth: int, layout: GroupLayout) -> None:
+        super().__init__()
+        self.depth = depth
+        self.layout = layout
+        self.register_buffer("group_layout", layout.encode(PRIMARY))
+
+    def forward(self, omega: Tensor, *gates: Tensor) -> Tensor:
+        return omega * self.layout.expand(gate_scale(gates), omega.shape)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
+        (omega,), gate = balanced_gating([weight], [self.layout], self.depth)
+        return (omega,) + tuple(gate.clone() for _ in range(self.depth - 1))
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, layout={self.layout}"
+
+
+class GateScale(nn.Module):
+    """Parametrization ``b = β ⊙ expand(γ_1 ⋯ γ_{D−1})`` of a tensor coupled to the groups of ``source`` on the same
+    module (a bias, a BatchNorm shift): the same gates scale it, so a zero gate silences the whole group."""
+
+    def __init__(self, owner: nn.Module, source: str, layout: GroupLayout) -> None:
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the owner holds this parametrization
+        self.source = source
+        self.layout = layout
+        self.register_buffer("group_layout", layout.encode(COUPLED))
+
+    def forward(self, value: Tensor) -> Tensor:
+        plist = self._owner.parametrizations[self.source]
+        gates = [getattr(plist, f"original{d}") for d in range(1, plist[0].depth)]
+        return value * self.layout.expand(gate_scale(gates), value.shape)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}"
+
+
+@dataclass(frozen=True)
+class GatedTensor:
+    """One gated tensor ``module.<param_name>`` and the tensors coupled to its groups.
+
+    Attributes:
+        name: qualified name of the gated tensor (e.g. ``"features.1.weight"`` for a gated BatchNorm).
+        module: the submodule that owns it.
+        param_name: its attribute name on ``module``.
+    """
+
+    name: str
+    module: nn.Module
+    param_name: str
+
+    @property
+    def parametrization(self) -> GatedProduct:
+        return self.module.parametrizations[self.param_name][0]
+
+    @property
+    def layout(self) -> GroupLayout:
+        return self.parametrization.layout
+
+    @property
+    def depth(self) -> int:
+        return self.parametrization.depth
+
+    @property
+    def omega(self) -> nn.Parameter:
+        """The group weights ω (the tensor's shape)."""
+        return self.module.parametrizations[self.param_name].original0
+
+    @property
+    def gates(self) -> tuple[nn.Parameter, ...]:
+        """The D − 1 gate vectors (length G each)."""
+        plist = self.module.parametrizations[self.param_name]
+        return tuple(getattr(plist, f"original{d}") for d in range(1, self.depth))
+
+    @property
+    def coupled(self) -> tuple[tuple[str, nn.Parameter], ...]:
+        """``(param_name, β)`` of each tensor scaled by the gates."""
+        return tuple(
+            (pname, plist.original) for pname, plist in self.module.parametrizations.items()
+            if isinstance(plist[0], GateScale) and plist[0].source == self.param_name
+        )
+
+    @property
+    def factors(self) -> tuple[nn.Parameter, ...]:
+        """Every Parameter the penalty applies to: ω, the gates, the coupled tensors."""
+        return (self.omega, *self.gates, *(p for _, p in self.coupled))
+
+    @property
+    def groups(self) -> int:
+        return self.layout.groups
+
+    @property
+    def entries(self) -> int:
+        """Weights per group, in the gated tensor and its coupled tensors together."""
+        return self.layout.entries(self.omega.shape) + sum(p.numel() // self.groups for _, p in self.coupled)
+
+    def scale(self) -> Tensor:
+        """``γ_1 ⋯ γ_{D−1}`` per group."""
+        return gate_scale(self.gates)
+
+    def product(self) -> Tensor:
+        """The collapsed gated tensor (without the coupled ones)."""
+        return self.omega * self.layout.expand(self.scale(), self.omega.shape)
+
+    def values(self) -> list[Tensor]:
+        """The collapsed gated tensor, then each collapsed coupled tensor."""
+        scale = self.scale()
+        return [t * self.layout.expand(scale, t.shape) for t in (self.omega, *(p for _, p in self.coupled))]
+
+    def unit_magnitudes(self) -> Tensor:
+        """Each group's RMS over all its weights (gated and coupled), shape ``(G,)``: the magnitude thresholds and cuts
+        compare (for a plain weight it is ``|w|``, so one threshold means the same for both kinds)."""
+        with torch.no_grad():
+            sq = sum(self.layout.grouped(v.detach()).float().pow(2).sum(dim=1) for v in self.values())
+            return (sq / self.entries).sqrt()
+
+    @torch.no_grad()
+    def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
+        """Set ω, the gates and the coupled tensors of the groups where ``drop`` (bool, ``(G,)``) to exact zero, with
+        the optimizer state tensors of the same shapes; returns the number of groups dropped."""
+        count = int(drop.count_nonzero())
+        if not count:
+            return 0
+        keep = (~drop).to(self.omega.dtype)
+        for param in (self.omega, *(p for _, p in self.coupled)):
+            mask = self.layout.expand(keep, param.shape)
+            for target in _with_state(param, states):
+                target.mul_(mask.to(target.dtype))
+        for gate in self.gates:
+            for target in _with_state(gate, states):
+                target.masked_fill_(drop, 0.0)
+        return count
+
+    @torch.no_grad()
+    def balance_(self, values: Sequence[Tensor] | None = None) -> None:
+        """Rebalance ω, gates and coupled tensors (``|γ| = ‖ω_g‖ = ‖w_g‖^{1/D}``) to the same collapsed ``values``
+        (gated tensor first, then the coupled ones; default: the current ones)."""
+        params = (self.omega, *(p for _, p in self.coupled))
+        values = self.values() if values is None else values
+        omegas, gate = balanced_gating(values, [self.layout] * len(params), self.depth)
+        for param, value in zip(params, omegas, strict=True):
+            param.copy_(value)
+        for g in self.gates:
+            g.copy_(gate)
+
+    def misalignment(self) -> float:
+        """``(1/D)(Σ_g ‖ω_g‖² + Σ_d ‖γ_d‖²) − Σ_g ‖w_g‖^{2/D}`` (≥ 0, zero iff balanced)."""
+        with torch.no_grad():
+            factor_sq = sum(float(p.double().pow(2).sum()) for p in self.factors)
+            norms = (self.unit_magnitudes().double().pow(2) * self.entries).sqrt()
+            return factor_sq / self.depth - float(norms.pow(2.0 / self.depth).sum())
+
+
+def _with_state(param: Tensor, states: Sequence[Mapping]) -> list[Tensor]:
+    return [param] + [v for s in states for v in s.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+
+
+def gated_tensors(module: nn.Module) -> list[GatedTensor]:
+    """All gated tensors of ``module``, in ``named_modules`` order."""
+    found = []
+    for mod_name, mod in module.named_modules():
+        if not parametrize.is_parametrized(mod):
+            continue
+        for pname, plist in mod.parametrizations.items():
+            if len(plist) == 1 and isinstance(plist[0], GatedProduct):
+                found.append(GatedTensor(f"{mod_name}.{pname}" if mod_name else pname, mod, pname))
+    return found
+
+
+def following_batch_norm(module: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """The BatchNorm registered right after the Conv/Linear ``name`` with one channel per output (the usual
+    ``conv → bn`` order), or ``None``. Its scale and shift, not the layer's weight, carry the gates then: BatchNorm
+    normalizes a filter's scale away, so a gate on the filter could not silence the channel."""
+    names = [(n, m) for n, m in module.named_modules()]
+    index = next(i for i, (n, _) in enumerate(names) if n == name)
+    layer = names[index][1]
+    width = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+    for next_name, nxt in names[index + 1:]:
+        if any(True for _ in nxt.children()):
+            continue
+        if isinstance(nxt, _BATCH_NORMS) and nxt.num_features == width and nxt.affine:
+            return next_name, nxt
+        return None
+    return None
+
+
+def layout_for(layer: nn.Module, pname: str, kind: str, num_heads: int | None) -> GroupLayout:
+    """The groups of ``layer.<pname>`` for a structure ``kind`` (``"outputs"``, ``"inputs"`` or ``"heads"``).
+
+    Raises:
+        ValueError: a layer or tensor this structure cannot group, with the fix.
+    """
+    weight = getattr(layer, pname)
+    if kind == "outputs":
+        return GroupLayout(0, weight.shape[0])
+    if kind == "inputs":
+        if weight.dim() < 2 or getattr(layer, "groups", 1) != 1:
+            raise ValueError(f"structure 'inputs' needs a Linear or ungrouped Conv weight, got {type(layer).__name__}.")
+        return GroupLayout(1, weight.shape[1])
+    if isinstance(layer, nn.MultiheadAttention):
+        heads = layer.num_heads
+        return GroupLayout(0, heads, layer.embed_dim // heads, 3)
+    if not num_heads or weight.shape[0] % num_heads:
+        raise ValueError(
+            f"structure 'heads' on {type(layer).__name__} needs FactorizeConfig(num_heads=H) with H dividing its "
+            f"{weight.shape[0]} outputs (for nn.MultiheadAttention the head count is read from the module)."
+        )
+    return GroupLayout(0, num_heads, weight.shape[0] // num_heads)
+
+
+def gate_tensor_(owner: nn.Module, name: str, pname: str, depth: int, layout: GroupLayout,
+                 coupled: Sequence[str] = ()) -> GatedTensor:
+    """Register the gating of ``owner.<pname>`` (and the coupling of each tensor named in ``coupled``), balanced."""
+    layout.check(getattr(owner, pname).shape, name)
+    coupled = [c for c in coupled if isinstance(getattr(owner, c, None), nn.Parameter)]
+    values = [getattr(owner, pname).detach().clone()]
+    parametrize.register_parametrization(owner, pname, GatedProduct(depth, layout), unsafe=True)
+    for cname in coupled:
+        layout.check(getattr(owner, cname).shape, f"{name} ({cname})")
+        values.append(getattr(owner, cname).detach().clone())
+        parametrize.register_parametrization(owner, cname, GateScale(owner, pname, layout), unsafe=True)
+    tensor = GatedTensor(name, owner, pname)
+    tensor.balance_(values)
+    return tensor
+
+
+def gated_targets(root: nn.Module, mod_name: str, layer: nn.Module, kind: str,
+                  num_heads: int | None) -> tuple[str, nn.Module, str, GroupLayout, tuple[str, ...]]:
+    """Where the gates for a selected layer go: ``(qualified name, owner, tensor, layout, coupled tensors)``."""
+    if isinstance(layer, nn.MultiheadAttention):
+        if kind != "heads" or not layer._qkv_same_embed_dim:
+            raise ValueError(f"nn.MultiheadAttention {mod_name!r} can be gated by 'heads' only (with q, k and v of the "
+                             "same size); choose structure='heads' for it or exclude it.")
+        return _qualified(mod_name, "in_proj_weight"), layer, "in_proj_weight", layout_for(layer, "in_proj_weight",
+                                                                                        kind, None), ("in_proj_bias",)
+    if kind == "outputs" and (bn := following_batch_norm(root, mod_name)) is not None:
+        bn_name, bn_layer = bn
+        return _qualified(bn_name, "weight"), bn_layer, "weight", GroupLayout(0, bn_layer.num_features), ("bias",)
+    layout = layout_for(layer, "weight", kind, num_heads)
+    coupled = ("bias",) if kind != "inputs" else ()
+    return _qualified(mod_name, "weight"), layer, "weight", layout, coupled
+
+
+def _qualified(mod_name: str, pname: str) -> str:
+    return f"{mod_name}.{pname}" if mod_name else pname
+
+
+def collapse_gated_(tensor: GatedTensor, threshold: float) -> None:
+    """Replace the gating of ``tensor`` (and its coupled tensors) by plain Parameters, with every group whose RMS is
+    below ``threshold`` (absolute) set to exact zero."""
+    dead = tensor.unit_magnitudes() < threshold
+    mod, layout = tensor.module, tensor.layout
+    requires_grad = tensor.omega.requires_grad
+    names = [c for c, _ in tensor.coupled] + [tensor.param_name]  # coupled first: they read the gates
+    with torch.enable_grad():
+        for pname in names:
+            parametrize.remove_parametrizations(mod, pname, leave_parametrized=True)
+    with torch.no_grad():
+        for pname in names:
+            value = getattr(mod, pname)
+            value.mul_(layout.expand((~dead).to(value.dtype), value.shape))
+            value.requires_grad_(requires_grad)
+
+
+def collapse_gated_state(entries: Mapping[str, Mapping[str, Any]], threshold: float = 0.0) -> dict[str, Tensor]:
+    """Collapse the gated tensors of one module prefix in a state dict.
+
+    Args:
+        entries: ``{tensor name: {"layout": code, "original<d>" or "original": value}}`` for the module's parametrized
+            tensors that carry a group layout.
+        threshold: groups with RMS below it (absolute) become exact zeros.
+
+    Returns:
+        ``{tensor name: collapsed tensor}``.
+    """
+    primary = [n for n, e in entries.items() if GroupLayout.decode(e["layout"])[1] == PRIMARY]
+    if len(primary) != 1:
+        raise ValueError(f"Expected one gated tensor per module in the state dict, found {primary or 'none'}.")
+    source = primary[0]
+    layout, _ = GroupLayout.decode(entries[source]["layout"])
+    depth = 1 + sum(1 for k in entries[source] if k.startswith("original") and k != "original0")
+    gates = [entries[source][f"original{d}"] for d in range(1, depth)]
+    scale = gate_scale(gates)
+    out = {source: entries[source]["original0"] * layout.expand(scale, entries[source]["original0"].shape)}
+    for name, e in entries.items():
+        if name != source:
+            value = e["original"]
+            out[name] = value * GroupLayout.decode(e["layout"])[0].expand(scale, value.shape)
+    sq = sum(layout.grouped(v.detach()).float().pow(2).sum(dim=1) for v in out.values())
+    entries_per_group = sum(v.numel() for v in out.values()) / layout.groups
+    dead = (sq / entries_per_group).sqrt() < threshold
+    return {n: (v * layout.expand((~dead).to(v.dtype), v.shape)).detach().clone() for n, v in out.items()}
+
+
+def group_lasso_value(weights: Sequence[Tensor], layouts: Sequence[GroupLayout], depth: int) -> float:
+    """``Σ_g ‖w_g‖₂^{2/D}`` over a group's tensors (the collapsed D-Gating penalty per unit λ)."""
+    sq = sum(layout.grouped(w.detach()).double().pow(2).sum(dim=1) for w, layout in zip(weights, layouts, strict=True))
+    return float(sq.sqrt().pow(2.0 / depth).sum())
+
