@@ -6,9 +6,9 @@ The callback :class:`DWFCallback` orchestrates plain-PyTorch mechanics that also
 :func:`sparsity_report`, :func:`collapse_`, and the exports :func:`save_compressed` and :func:`save_decomposed`.
 
 The package in the order data flows (``docs/architecture.md``): ``core`` (math, parametrizations, factorize,
-collapse), ``observe`` (reports, pictures), ``training`` (penalty, factor LR, regimes, controller, support cut,
+collapse; structured DWF's gates in ``core.gating``), ``observe`` (reports, pictures), ``training`` (penalty, factor LR, regimes, controller, support cut,
 rollback), ``callbacks`` (the Lightning glue), ``export`` (the compressed file format) and ``decompose`` (the sparse
-quantized decomposition). ``__all__`` lists the public surface; everything else stays importable from its module.
+quantized decomposition) and ``inference`` (physical shrink, sparse kernels). ``__all__`` lists the public surface; everything else stays importable from its module.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,9 @@ from lightning_dwf.errors import (
     DWFWarning,
 )
 from lightning_dwf.export import CompressionReport, TensorSize, load_compressed, save_compressed
+from lightning_dwf.core.gating import GatedTensor, gated_tensors
+from lightning_dwf.inference.shrink import ShrinkReport, shrink_
+from lightning_dwf.inference.shrunk_io import load_shrunk, save_shrunk
 from lightning_dwf.observe.report import LayerSparsity, SparsityReport, sparsity_report
 from lightning_dwf.training.controller import SparsityController  # noqa: F401
 from lightning_dwf.training.factor_lr import LearningRateCheck, check_learning_rates
@@ -110,12 +113,16 @@ __all__ = [
     "factorize_",
     "fix_support_",
     "functional",
+    "gated_tensors",
+    "shrink_",
     "penalty_kind",
     # save and load
     "load_compressed",
     "load_decomposed",
+    "load_shrunk",
     "save_compressed",
     "save_decomposed",
+    "save_shrunk",
     # the sparse quantized decomposition
     "DecomposeConfig",
     "collapse_decomposed_",
@@ -124,8 +131,10 @@ __all__ = [
     # reports
     "CompressionReport",
     "DecompositionReport",
+    "GatedTensor",
     "LayerSparsity",
     "LearningRateCheck",
+    "ShrinkReport",
     "SparsityReport",
     "TensorSize",
     "sparsity_report",

@@ -1,5 +1,8 @@
-"""Inference of a collapsed model: sparse kernels where they measure faster (:mod:`.sparse_kernels`)."""
+"""Inference of a collapsed model: the physical shrink of structured zeros (:mod:`.shrink`, :mod:`.shrunk_io`) and
+sparse kernels where they measure faster (:mod:`.sparse_kernels`)."""
 
+from lightning_dwf.inference.shrink import ShrinkReport, count_macs_and_params, shrink_
+from lightning_dwf.inference.shrunk_io import load_shrunk, save_shrunk
 from lightning_dwf.inference.sparse_kernels import (
     KernelChoice,
     SparseKernelReport,
@@ -8,4 +11,15 @@ from lightning_dwf.inference.sparse_kernels import (
     use_sparse_kernels_,
 )
 
-__all__ = ["KernelChoice", "SparseKernelReport", "SparseLinear", "time_linear", "use_sparse_kernels_"]
+__all__ = [
+    "KernelChoice",
+    "ShrinkReport",
+    "SparseKernelReport",
+    "SparseLinear",
+    "count_macs_and_params",
+    "load_shrunk",
+    "save_shrunk",
+    "shrink_",
+    "time_linear",
+    "use_sparse_kernels_",
+]
