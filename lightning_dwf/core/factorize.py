@@ -131,11 +131,15 @@ def _candidates(module: nn.Module, config: SelectionConfig) -> list[tuple[str, n
     """Modules of the selected layer types; with a structured config and default types also every
     ``nn.MultiheadAttention`` whose structure is ``"heads"``."""
     types = config.layer_types or DEFAULT_LAYER_TYPES
-    found = []
+    found: list[tuple[str, nn.Module]] = []
+    heads: list[str] = []  # attention modules gated by heads: their out_proj belongs to the heads' groups
     for name, mod in module.named_modules():
+        if any(name.startswith(f"{h}.") or (not h and name) for h in heads):
+            continue
         if isinstance(mod, nn.MultiheadAttention):
             if config.layer_types is None and getattr(config, "structure_of", lambda _: "elements")(name) == "heads":
                 found.append((name, mod))
+                heads.append(name)
         elif isinstance(mod, types):
             found.append((name, mod))
     return found

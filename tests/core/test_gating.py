@@ -1,0 +1,136 @@
+"""Structured DWF (D-Gating): group layouts, the gated parametrization, balance and the group-penalty identity, the
+coupled bias and BatchNorm, collapse in place and on a state dict."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dwf import FactorizeConfig, collapse_, collapse_state_dict, factor_parameters, factorize_, gated_tensors
+from lightning_dwf.core.gating import group_lasso_value
+from lightning_dwf.core.groups import GroupLayout
+from lightning_dwf.training.support import cut_to_sparsity_, fix_support_
+
+
+def conv_bn_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16),
+                        nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+        net[1].bias.uniform_(-1, 1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("layout, shape", [
+    (GroupLayout(0, 6), (6, 5)),
+    (GroupLayout(1, 5), (6, 5, 3, 3)),
+    (GroupLayout(0, 2, width=3, blocks=3), (18, 4)),
+])
+def test_layout_groups_and_expand_agree(layout, shape):
+    """``expand`` of a one-hot group scale marks exactly the entries ``grouped`` puts in that group's row."""
+    t = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape)
+    rows = layout.grouped(t)
+    assert rows.shape == (layout.groups, layout.entries(shape))
+    for g in range(layout.groups):
+        onehot = torch.zeros(layout.groups)
+        onehot[g] = 1
+        mask = layout.expand(onehot, shape).expand(shape).bool()
+        assert sorted(t[mask].tolist()) == sorted(rows[g].tolist())
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_gating_keeps_the_function_and_the_penalty_identity_holds_at_balance(depth):
+    """Gating a trained model keeps its outputs; at the balanced start the L2 penalty on ω and the gates equals the
+    group penalty Σ_g ‖w_g‖^(2/D) in closed form (the group lasso for D = 2)."""
+    net = conv_bn_mlp()
+    x = torch.randn(4, 3, 8, 8)
+    before = net(x)
+    names = factorize_(net, depth, FactorizeConfig(structure="outputs", exclude=["6"]))
+    assert names == ["1.weight", "4.weight"]  # the Conv's filters are gated through its BatchNorm
+    torch.testing.assert_close(net(x), before, atol=1e-6, rtol=1e-5)
+    for t in gated_tensors(net):
+        assert all(g.dim() == 1 and g.numel() == t.groups for g in t.gates)  # 1-D gates (FSDP2 refuses 0-d ones)
+        values = t.values()
+        group = group_lasso_value(values, [t.layout] * len(values), depth)
+        factor_sq = sum(float(p.detach().double().pow(2).sum()) for p in t.factors)
+        assert factor_sq / depth == pytest.approx(group, rel=1e-5)
+        assert abs(t.misalignment()) < 1e-5 * group
+    if depth == 2:  # the group lasso: Σ_g ‖w_g‖₂
+        t = gated_tensors(net)[1]
+        rows = torch.cat([t.product(), net[4].bias[:, None]], dim=1).detach()
+        assert group_lasso_value(t.values(), [t.layout] * 2, 2) == pytest.approx(float(rows.norm(dim=1).sum()), rel=1e-5)
+
+
+def test_zero_gates_silence_the_group_and_collapse_matches_the_state_dict():
+    """A zero gate zeroes the group's weights, bias and BatchNorm shift; collapse_ and collapse_state_dict agree with
+    the factorized model and load into the plain class."""
+    net = conv_bn_mlp()
+    plain = copy.deepcopy(net)
+    factorize_(net, 3, FactorizeConfig(structure="outputs", include=["0", "4"]))
+    for t in gated_tensors(net):
+        with torch.no_grad():
+            t.gates[0][: t.groups // 2] = 0
+    x = torch.randn(4, 3, 8, 8)
+    expected = net(x)
+    plain.load_state_dict(collapse_state_dict(net.state_dict()))
+    torch.testing.assert_close(plain(x), expected)
+    assert int((plain[4].weight.abs().sum(1) == 0).sum()) == 8 and int((plain[4].bias == 0).sum()) >= 8
+    assert int(((plain[1].weight == 0) & (plain[1].bias == 0)).sum()) == 4
+    collapsed = collapse_(copy.deepcopy(net))
+    assert type(collapsed[4]) is nn.Linear and type(collapsed[1]) is nn.BatchNorm2d
+    torch.testing.assert_close(collapsed(x), expected)
+    assert collapsed.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_support_operations_act_on_whole_groups():
+    """fix_support_ zeroes groups whose RMS is below the threshold, cut_to_sparsity_ keeps the largest groups (a
+    fraction of groups), and the optimizer state of dropped groups is zeroed too."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    factorize_(net, 3, FactorizeConfig(structure="outputs", exclude=["2"]))
+    (t,) = gated_tensors(net)
+    opt = torch.optim.Adam(factor_parameters(net), lr=1e-3)
+    net(torch.randn(5, 6)).sum().backward()
+    opt.step()
+    rms = t.unit_magnitudes()
+    threshold = float(rms.sort().values[3])  # three groups below
+    assert fix_support_(net, threshold, [opt]) == 3
+    assert int((t.scale() == 0).sum()) == 3
+    dead = t.scale() == 0
+    assert bool((opt.state[t.omega]["exp_avg"][dead] == 0).all()) and bool((opt.state[t.gates[0]]["exp_avg"][dead] == 0).all())
+    cut_to_sparsity_(net, 0.6, optimizers=[opt])
+    assert int((t.scale() == 0).sum()) == 6 and int((t.product().abs().sum(1) == 0).sum()) == 6
+
+
+def test_heads_of_multihead_attention_are_gated_with_their_bias():
+    """``structure="heads"`` gates nn.MultiheadAttention's packed q/k/v rows per head; a zero gate zeroes the head's
+    rows in q, k and v and its bias."""
+    torch.manual_seed(3)
+    attn = nn.MultiheadAttention(8, 4, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    before = attn(x, x, x)[0]
+    assert factorize_(attn, 3, FactorizeConfig(structure="heads")) == ["in_proj_weight"]
+    torch.testing.assert_close(attn(x, x, x)[0], before, atol=1e-6, rtol=1e-5)
+    (t,) = gated_tensors(attn)
+    with torch.no_grad():
+        t.gates[1][2] = 0
+    w, b = attn.in_proj_weight.view(3, 4, 2, 8), attn.in_proj_bias.view(3, 4, 2)
+    assert bool((w[:, 2] == 0).all()) and bool((b[:, 2] == 0).all()) and bool((w[:, 1] != 0).any())
+
+
+def test_structure_is_validated_and_mixes_with_elements():
+    with pytest.raises(ValueError, match="structure"):
+        FactorizeConfig(structure="rows")
+    with pytest.raises(ValueError, match="num_heads"):
+        factorize_(nn.Linear(4, 6), 3, FactorizeConfig(structure="heads"))
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    names = factorize_(net, 3, FactorizeConfig(structure={"0": "outputs"}))
+    assert names == ["0.weight", "2.weight"] and [t.name for t in gated_tensors(net)] == ["0.weight"]
+    assert factorize_(net, 3, FactorizeConfig(structure={"0": "outputs"})) == names  # idempotent
+    with pytest.raises(ValueError, match="another parametrization"):
+        factorize_(net, 2, FactorizeConfig(structure="outputs", include=["0"]))

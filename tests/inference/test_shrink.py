@@ -1,0 +1,184 @@
+"""Physical shrink: silent channels removed with everything coupled to them, outputs unchanged; shrunk files saved
+without pickle, loaded into a fresh instance, and bad files refused with the module unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dwf import (
+    DWFError,
+    DWFFileError,
+    FactorizeConfig,
+    collapse_,
+    factorize_,
+    gated_tensors,
+    load_shrunk,
+    save_compressed,
+    save_shrunk,
+    shrink_,
+)
+
+pytest.importorskip("torch_pruning")
+
+
+class Residual(nn.Module):
+    """conv → BN → ReLU, a residual block (two convs with BatchNorm, added to its input), then an MLP head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        y = self.b3(self.c3(torch.relu(self.b2(self.c2(x)))))
+        x = torch.relu(x + y)
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+def conv_bn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
+                         nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 4))
+
+
+CASES = {
+    "linear_chain": (mlp, (5, 12), ["4"]),
+    "conv_bn": (conv_bn, (2, 3, 8, 8), ["7"]),
+    "residual": (Residual, (2, 3, 8, 8), ["fc2"]),
+}
+
+
+def trained_like(make, seed: int = 0) -> nn.Module:
+    """A model with non-trivial BatchNorm statistics and shifts (a zero filter before BN would not be silent)."""
+    torch.manual_seed(seed)
+    model = make()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+            if isinstance(m, nn.Linear | nn.Conv2d) and m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def gated_with_zeros(make, exclude, seed: int = 0) -> nn.Module:
+    model = trained_like(make, seed)
+    factorize_(model, 3, FactorizeConfig(structure="outputs", exclude=exclude))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in gated_tensors(model):
+            dead = torch.randperm(t.groups, generator=generator)[: t.groups // 2]
+            t.gates[0][dead] = 0
+    return collapse_(model)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shrink_removes_silent_channels_and_keeps_the_outputs(case):
+    make, shape, exclude = CASES[case]
+    model = gated_with_zeros(make, exclude)
+    x = torch.randn(*shape)
+    expected = model(x)
+    report = shrink_(model, x)
+    assert report.removed, "nothing was removed"
+    assert report.params_after < report.params_before and report.macs_after < report.macs_before
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert report.max_abs_diff <= 1e-5
+
+
+def test_residual_channels_go_only_when_every_writer_is_silent():
+    """A residual channel stays while one of the layers that write it (b1 or b3) is alive there."""
+    model = trained_like(Residual)
+    factorize_(model, 3, FactorizeConfig(structure="outputs", exclude=["fc2"]))
+    with torch.no_grad():
+        gates = {t.name: t.gates[0] for t in gated_tensors(model)}
+        gates["b1.weight"][[0, 1, 2]] = 0
+        gates["b3.weight"][[1, 2, 3]] = 0
+    collapse_(model)
+    report = shrink_(model, torch.randn(2, 3, 8, 8))
+    assert model.c1.out_channels == 6 and model.c3.out_channels == 6  # channels 1 and 2 only
+    assert report.max_abs_diff <= 1e-5
+
+
+def test_a_zero_filter_before_an_ungated_batch_norm_is_not_removed():
+    model = trained_like(conv_bn)
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0  # BN still outputs its shift there: not silent
+    shrink_(model, torch.randn(2, 3, 8, 8))
+    assert model[0].out_channels == 8
+
+
+def test_model_outputs_stay_and_a_factorized_model_is_refused():
+    model = gated_with_zeros(mlp, [])  # the last layer is gated too, but its outputs are the model's
+    report = shrink_(model, torch.randn(5, 12))
+    assert model[4].out_features == 3 and "4" in report.skipped
+    factorized = nn.Linear(3, 2)
+    factorize_(factorized, 2)
+    with pytest.raises(ValueError, match="collapse"):
+        shrink_(factorized, torch.randn(1, 3))
+
+
+def test_a_shrink_that_would_change_the_outputs_is_refused_and_undone(monkeypatch):
+    import lightning_dwf.inference.shrink as shrink_module
+
+    model = gated_with_zeros(mlp, ["4"])
+    x = torch.randn(5, 12)
+    expected = model(x)
+    monkeypatch.setattr(shrink_module, "_zero_channels", lambda module, count: torch.arange(count) < count // 2)
+    with pytest.raises(DWFError, match="restored unchanged"):
+        shrink_(model, x)
+    assert model[0].out_features == 32
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("case", ["linear_chain", "residual"])
+def test_shrunk_files_round_trip_into_a_fresh_instance(tmp_path, case):
+    make, shape, exclude = CASES[case]
+    model = gated_with_zeros(make, exclude)
+    x = torch.randn(*shape)
+    report = shrink_(model, x)
+    path = tmp_path / "model.dwf"
+    save_shrunk(model, path, report, x)
+    fresh = make().eval()
+    assert load_shrunk(fresh, path) is fresh
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    torch.testing.assert_close(fresh(x), model(x))
+    with open(path, "rb") as f:
+        assert f.read(9)[8:] == b"{"  # safetensors: an 8-byte length, then a JSON header; no pickle stream
+
+
+def test_bad_shrunk_files_are_refused_and_change_nothing(tmp_path):
+    model = gated_with_zeros(mlp, ["4"])
+    x = torch.randn(5, 12)
+    report = shrink_(model, x)
+    path = tmp_path / "model.dwf"
+    save_shrunk(model, path, report, x)
+    other = conv_bn()
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(DWFFileError, match="not a"):
+        load_shrunk(other, path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    plain_file = tmp_path / "plain.dwf"
+    save_compressed(mlp(), plain_file)
+    fresh = mlp()
+    with pytest.raises(DWFFileError, match="not a shrunk-model file"):
+        load_shrunk(fresh, plain_file)
+    assert fresh[0].out_features == 32
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "corrupt.dwf").write_bytes(bytes(data))
+    with pytest.raises(DWFFileError):
+        load_shrunk(fresh, tmp_path / "corrupt.dwf")
+    assert fresh[0].out_features == 32
