@@ -15,7 +15,14 @@ from torch.nn.utils import parametrize
 from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_depth
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig, SelectionConfig
 from lightning_dwf.core.functional import balanced_factors, hadamard_product
-from lightning_dwf.core.gating import GatedProduct, GatedTensor, gate_tensor_, gated_targets, gated_tensors
+from lightning_dwf.core.gating import (
+    GatedProduct,
+    GatedTensor,
+    balanced_gating,
+    gate_tensor_,
+    gated_targets,
+    gated_tensors,
+)
 from lightning_dwf.core.init import dwf_init_, resolve_init_std
 from lightning_dwf.core.parametrization import HadamardProduct
 
@@ -263,6 +270,8 @@ def _load_state_dict_pre_hook(mod: nn.Module, state_dict: dict[str, Any], prefix
     if not parametrize.is_parametrized(mod):
         return
     for pname, plist in mod.parametrizations.items():
+        if len(plist) == 1 and isinstance(plist[0], GatedProduct):
+            _load_plain_into_gated(mod, pname, state_dict, prefix)
         if not (len(plist) == 1 and isinstance(plist[0], HadamardProduct)):
             continue
         depth = plist[0].depth
@@ -278,6 +287,26 @@ def _load_state_dict_pre_hook(mod: nn.Module, state_dict: dict[str, Any], prefix
         if not present and plain_key in state_dict:
             for d, f in enumerate(balanced_factors(state_dict.pop(plain_key), depth)):
                 state_dict[f"{base}{d}"] = f
+
+
+def _load_plain_into_gated(mod: nn.Module, pname: str, state_dict: dict[str, Any], prefix: str) -> None:
+    """A plain (dense or collapsed) entry for a gated tensor and its coupled ones becomes their balanced gating."""
+    base = f"{prefix}parametrizations.{pname}."
+    if f"{base}original0" in state_dict or prefix + pname not in state_dict:
+        return
+    tensor = GatedTensor(prefix + pname, mod, pname)
+    names = [pname] + [c for c, _ in tensor.coupled]
+    if any(prefix + n not in state_dict for n in names):
+        return  # let load_state_dict report the missing keys
+    values = [state_dict.pop(prefix + n) for n in names]
+    omegas, gate = balanced_gating(values, [tensor.layout] * len(values), tensor.depth)
+    for n, omega in zip(names, omegas, strict=True):
+        plist = mod.parametrizations[n]
+        key = f"{prefix}parametrizations.{n}."
+        state_dict[key + ("original0" if n == pname else "original")] = omega
+        state_dict[f"{key}0.group_layout"] = plist[0].group_layout.clone()
+    for d in range(1, tensor.depth):
+        state_dict[f"{base}original{d}"] = gate.clone()
 
 
 def is_factorized(module: nn.Module) -> bool:

@@ -1,0 +1,119 @@
+"""Structured DWF (D-Gating) through the Trainer: exact zero groups under SGD and AdamW with a fixed λ, an exact
+fraction of groups in target mode, group metrics, an exact mid-fit resume, identical gates on two DDP ranks, and the
+collapsed checkpoint that loads into the plain class and shrinks."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from conftest import ToyModel, trainer_kwargs
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_dwf import DWFCallback, FactorizeConfig, ScheduleConfig, gated_tensors, shrink_
+
+from .helpers import OptToy, _fit
+from .test_ddp import RankAgreement
+
+STRUCTURED = FactorizeConfig(structure="outputs", exclude=["net.2", "net.4"])
+
+
+def silent_rows(layer) -> int:
+    return int(((layer.weight.reshape(layer.weight.shape[0], -1).abs().sum(1) == 0) & (layer.bias == 0)).sum())
+
+
+@pytest.mark.parametrize("opt, lam, lr, epochs", [("sgd", 0.1, 0.1, 12), ("adamw", 1.0, 0.05, 8)])
+def test_fixed_lam_gates_reach_exact_zero(tmp_path, opt, lam, lr, epochs):
+    """A fixed λ silences whole neurons (weights and bias exactly 0) and keeps enough to classify."""
+    torch.manual_seed(0)
+    model = OptToy(opt=opt, lr=lr, n=512)
+    dwf = DWFCallback(depth=3, lam=lam, factorize=STRUCTURED)
+    trainer = _fit(tmp_path, model, dwf, max_epochs=epochs)
+    assert not gated_tensors(model)
+    zero = silent_rows(model.net[0])
+    assert 0 < zero < 32
+    assert float(trainer.callback_metrics["val_acc"]) > 0.8
+    assert dwf.final_report.group_sparsity == pytest.approx(zero / 32)
+
+
+@pytest.mark.parametrize("kind, layer, groups", [("linear", 0, 32), ("conv", 1, 4)])
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_target_mode_meets_a_fraction_of_groups_exactly(tmp_path, kind, layer, groups, opt):
+    """target_sparsity is a fraction of groups: exactly half the neurons (or BatchNorm channels) are silent."""
+    torch.manual_seed(0)
+    model = OptToy(opt=opt, kind=kind, lr=0.05 if opt == "sgd" else 0.01, n=512)
+    dwf = DWFCallback(depth=3, target_sparsity=0.5, factorize=FactorizeConfig(structure="outputs", exclude=["net.4"]))
+    trainer = _fit(tmp_path, model, dwf, max_epochs=4)
+    module = model.net[layer]
+    zero = int(((module.weight == 0) & (module.bias == 0)).sum()) if kind == "conv" else silent_rows(module)
+    assert zero == groups // 2
+    assert dwf.final_report.group_sparsity == 0.5
+    assert float(trainer.callback_metrics["dwf/group_sparsity"]) == 0.5
+
+
+def test_group_metrics_are_logged(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    model = OptToy(opt="adamw", lr=0.01, n=512)
+    dwf = DWFCallback(depth=3, target_sparsity=0.5, factorize=STRUCTURED)
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[dwf], enable_checkpointing=False, max_epochs=4,
+                                       logger=CSVLogger(tmp_path)))
+    trainer.fit(model)
+    (path,) = glob.glob(os.path.join(tmp_path, "**", "metrics.csv"), recursive=True)
+    header = open(path).readline()
+    assert "dwf/group_sparsity" in header and "dwf/group_sparsity/net.0.weight" in header
+
+
+def test_resume_is_exact(tmp_path):
+    """A structured target-mode run interrupted mid-fit and resumed ends with the same collapsed model."""
+
+    class StopAfter(Callback):  # the run is planned for 4 epochs (the schedule depends on it) and killed after 2
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.should_stop = True
+
+    def run(ckpt_path=None, root="a", seed=0, stop=False):
+        torch.manual_seed(seed)
+        model = ToyModel(lr=0.1, momentum=0.9, scheduler=True, t_max=64, n=512)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1, save_top_k=-1)
+        dwf = DWFCallback(depth=3, target_sparsity=0.5, factorize=STRUCTURED)
+        callbacks = [dwf, ckpt] + ([StopAfter()] if stop else [])
+        trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=4, callbacks=callbacks))
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model
+
+    full = run(root="full")
+    run(root="part", stop=True)
+    resumed = run(ckpt_path=str(tmp_path / "part" / "last.ckpt"), root="part", seed=123)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    assert silent_rows(full.net[0]) == 16
+
+
+def test_ddp_ranks_hold_identical_gates(tmp_path):
+    """Two ddp_spawn ranks end every step with the same ω, gates and logged group sparsity."""
+    model = ToyModel(lr=0.1, momentum=0.9, n=1024)
+    dwf = DWFCallback(depth=3, target_sparsity=0.5, factorize=STRUCTURED,
+                      schedule=ScheduleConfig(recovery=0.4))
+    trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=4,
+                                       callbacks=[dwf, RankAgreement()]))
+    trainer.fit(model)
+    assert silent_rows(model.net[0]) == 16
+
+
+def test_collapsed_checkpoint_loads_into_the_plain_class_and_shrinks(tmp_path):
+    torch.manual_seed(0)
+    model = ToyModel(lr=0.1, momentum=0.9, n=512)
+    dwf = DWFCallback(depth=3, target_sparsity=0.5, factorize=STRUCTURED)
+    _fit(tmp_path, model, dwf, max_epochs=4)
+    loaded = ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path).eval()
+    x = torch.randn(8, 32)
+    expected = loaded(x)
+    report = shrink_(loaded, x)
+    assert loaded.net[0].out_features == 16 and loaded.net[2].in_features == 16
+    torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
+    assert report.params_after < report.params_before
