@@ -61,6 +61,7 @@ from lightning_dwf.training.controller import SparsityController  # noqa: F401
 from lightning_dwf.training.factor_lr import LearningRateCheck, check_learning_rates
 from lightning_dwf.training.penalty import FactorPenalty, penalty_kind
 from lightning_dwf.training.regimes import (
+    BudgetConfig,
     FixedLamConfig,
     Regime,
     RunContext,
@@ -88,6 +89,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     # the callback and its settings
     "DWFCallback",
+    "BudgetConfig",
     "CollapseConfig",
     "FactorLRConfig",
     "FactorizeConfig",

@@ -18,25 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf.errors import DWFError
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
-#: Output-changing layers whose input is a channel's only consumer are judged by that consumer (a Conv before a
-#: BatchNorm: the BatchNorm's zero scale and shift silence the channel, whatever the filter holds).
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _torch_pruning() -> Any:
-    try:
-        import torch_pruning
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("Physical shrink needs Torch-Pruning: pip install 'lightning-dwf[structured]' "
-                          "(or pip install torch-pruning).") from err
-    return torch_pruning
-
+from lightning_dwf.inference.coupling import build_graph, channel_spaces, torch_pruning, zero_channels
 
 @dataclass(frozen=True)
 class ShrinkReport:
@@ -69,69 +55,9 @@ class ShrinkReport:
         return json.dumps([[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in self.history])
 
 
-def _zero_channels(module: nn.Module, count: int) -> Tensor:
-    """Which of ``module``'s ``count`` output channels are exactly zero in all its parameters (bool, ``(count,)``)."""
-    zero = torch.ones(count, dtype=torch.bool)
-    params = [p for p in module.parameters(recurse=False)]
-    if not params or isinstance(module, _NORMS) and not all(p.shape[0] == count for p in params):
-        return torch.zeros(count, dtype=torch.bool)
-    for p in params:
-        if p.dim() == 0 or p.shape[0] != count:
-            return torch.zeros(count, dtype=torch.bool)
-        zero &= (p.detach().reshape(count, -1) == 0).all(dim=1)
-    return zero
-
-
-def _judged_by(dg: Any, module: nn.Module) -> nn.Module:
-    """The module whose output decides whether ``module``'s output channels are silent: a following norm layer when it
-    is ``module``'s only consumer, else ``module`` itself."""
-    node = dg.module2node.get(module)
-    if node is None or not isinstance(module, _PRODUCERS):
-        return module
-    consumers = {id(n.module): n.module for n in node.outputs}
-    if len(consumers) == 1:
-        (only,) = consumers.values()
-        if isinstance(only, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and only.affine:
-            return only
-    return module
-
-
-def _removable(dg: Any, group: Any) -> tuple[list[int], bool]:
-    """Root indices of ``group`` whose channel is silent in every layer that writes it; and whether the channels
-    are consumed inside the model (else they are model outputs and stay)."""
-    root_idxs = list(group[0].idxs)
-    keep_going = torch.ones(len(root_idxs), dtype=torch.bool)
-    consumed = False
-    for dep, idxs in group:
-        module = dep.target.module
-        if not dg.is_out_channel_pruning_fn(dep.handler):
-            consumed = consumed or isinstance(module, nn.Module) and any(
-                True for _ in module.parameters(recurse=False))
-            continue
-        if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
-            continue  # an operation without parameters (add, activation) passes zeros on
-        judge = _judged_by(dg, module)
-        count = _out_channels(judge)
-        zero = _zero_channels(judge, count) if count else torch.zeros(0, dtype=torch.bool)
-        positions = [int(getattr(i, "idx", i)) for i in idxs]
-        if len(positions) != len(root_idxs) or (positions and max(positions) >= zero.numel()):
-            return [], consumed
-        keep_going &= zero[positions]
-    return [int(getattr(r, "idx", r)) for r, ok in zip(root_idxs, keep_going.tolist()) if ok], consumed
-
-
-def _out_channels(module: nn.Module) -> int:
-    for attr in ("out_features", "out_channels", "num_features", "num_channels"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    if isinstance(module, nn.LayerNorm):
-        return int(module.normalized_shape[0])
-    return 0
-
-
 def count_macs_and_params(model: nn.Module, example_inputs: Any) -> tuple[float, int]:
     """``(MACs of one forward pass on example_inputs, parameters)`` from Torch-Pruning's counter."""
-    tp = _torch_pruning()
+    tp = torch_pruning()
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -190,7 +116,6 @@ def shrink_(
         DWFError: the shrunk model's outputs differ from the collapsed model's beyond the tolerance (the model is
             restored, unchanged).
     """
-    tp = _torch_pruning()
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ValueError("shrink_ needs a collapsed model: call lightning_dwf.collapse_(model) first (or load the "
                          "collapsed checkpoint into your plain class).")
@@ -199,30 +124,25 @@ def shrink_(
     before_state = copy.deepcopy(model)
     reference = _forward(model, example_inputs)
     macs_before, params_before = count_macs_and_params(model, example_inputs)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    dg = build_graph(model, example_inputs)
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
     names = {m: n for n, m in model.named_modules()}
-    root_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    for group in list(dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=root_types)):
-        root = group[0].dep.target.module
-        idxs, consumed = _removable(dg, group)
+    for space in channel_spaces(dg, ignored_layers):
+        idxs = space.removable(zero_channels) if space.aligned else []
+        name = names.get(space.root, str(space.root))
+        if not space.consumed:
+            if space.aligned and any(bool(zero_channels(m, p).any()) for m, p in space.writers):
+                skipped[name] = "its channels are model outputs"
+            continue
         if not idxs:
             continue
-        if not consumed:
-            skipped[names.get(root, str(root))] = "its channels are model outputs"
-            continue
-        total = _out_channels(root)
-        if len(idxs) >= total:
-            idxs = idxs[1:]  # keep one (zero) channel so that the shapes stay valid
-        if not idxs:
-            continue
-        pruning = dg.get_pruning_group(root, group[0].dep.handler, idxs)
+        pruning = dg.get_pruning_group(space.root, space.handler, idxs)
         if not dg.check_pruning_group(pruning):
-            skipped[names.get(root, str(root))] = "Torch-Pruning refused the group"
+            skipped[name] = "Torch-Pruning refused the group"
             continue
         pruning.prune()
-        removed[names.get(root, str(root))] = len(idxs)
+        removed[name] = len(idxs)
     after = _forward(model, example_inputs)
     diff = _max_diff(reference, after)
     scale = max(_max_abs(reference), 1.0)
@@ -262,9 +182,5 @@ def _restore(model: nn.Module, saved: nn.Module) -> None:
 
 def replay_shrink_(model: nn.Module, history: Sequence[tuple[str, bool, Sequence[int]]], example_inputs: Any) -> None:
     """Shrink a fresh instance the way a :class:`ShrinkReport`'s ``history`` records (same class, same graph)."""
-    tp = _torch_pruning()
-    was = model.training
-    model.eval()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    dg = build_graph(model, example_inputs)
     dg.load_pruning_history([[n, bool(o), list(i)] for n, o, i in history])
-    model.train(was)

@@ -117,3 +117,40 @@ def test_collapsed_checkpoint_loads_into_the_plain_class_and_shrinks(tmp_path):
     assert loaded.net[0].out_features == 16 and loaded.net[2].in_features == 16
     torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
     assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("measure, budget", [("macs", 0.25), ("params", 0.4)])
+def test_budget_is_met_by_the_shrunk_model(tmp_path, measure, budget):
+    """BudgetConfig: the shrunk model's MACs (or parameters) are at most the budget, and within one step of the cut
+    above it; the shrunk model computes what the collapsed one does."""
+    from lightning_dwf import BudgetConfig
+    from lightning_dwf.training.budget import layer_macs
+
+    torch.manual_seed(0)
+    model = OptToy(opt="sgd", kind="conv", lr=0.05, n=512)
+    x = torch.randn(4, 1, 8, 8)
+    dense_macs = sum(layer_macs(model.net, x).values())
+    dense_params = sum(p.numel() for p in model.parameters())
+    dwf = DWFCallback(depth=3, regime=BudgetConfig(budget, measure=measure, example_inputs=x),
+                      factorize=FactorizeConfig(structure="outputs", exclude=["net.4"]))
+    trainer = _fit(tmp_path, model, dwf, max_epochs=4)
+    assert float(trainer.callback_metrics["dwf/shrunk_cost"]) <= budget
+    model.eval()
+    expected = model(x)
+    report = shrink_(model, x)
+    cost = sum(layer_macs(model.net, x).values()) / dense_macs if measure == "macs" else \
+        sum(p.numel() for p in model.parameters()) / dense_params
+    assert cost <= budget and report.removed
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unreachable_budget_is_refused_at_train_start(tmp_path):
+    from lightning_dwf import BudgetConfig
+
+    model = ToyModel(n=512)
+    dwf = DWFCallback(depth=3, regime=BudgetConfig(0.02, measure="params", example_inputs=torch.randn(2, 32)),
+                      factorize=STRUCTURED)
+    with pytest.raises(Exception, match="cannot be met"):
+        _fit(tmp_path, model, dwf, max_epochs=4)
+    with pytest.raises(ValueError, match="budget"):
+        BudgetConfig(1.5)

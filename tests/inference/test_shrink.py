@@ -136,7 +136,8 @@ def test_a_shrink_that_would_change_the_outputs_is_refused_and_undone(monkeypatc
     model = gated_with_zeros(mlp, ["4"])
     x = torch.randn(5, 12)
     expected = model(x)
-    monkeypatch.setattr(shrink_module, "_zero_channels", lambda module, count: torch.arange(count) < count // 2)
+    monkeypatch.setattr(shrink_module, "zero_channels",
+                        lambda module, positions: torch.arange(len(positions)) < len(positions) // 2)
     with pytest.raises(DWFError, match="restored unchanged"):
         shrink_(model, x)
     assert model[0].out_features == 32

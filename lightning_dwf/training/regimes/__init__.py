@@ -3,6 +3,7 @@
 * :class:`FixedLam` (:class:`FixedLamConfig`): a fixed λ; the gradient penalty under SGD-type optimizers, the
   proximal step under Adam-type ones.
 * :class:`TargetSparsity` (:class:`TargetSparsityConfig`): the controller, the gradual cut and the recovery phase.
+* :class:`Budget` (:class:`BudgetConfig`): structured DWF to a budget of the shrunk model's MACs or parameters.
 * :class:`QuantizedFinish` (:class:`~lightning_dwf.QuantizeConfig`): any of them, then the quantization-aware finish.
 
 A new regime is a config class and a :class:`Regime` subclass registered with :func:`register_regime`; pass the config
@@ -15,6 +16,7 @@ from typing import Any
 
 from lightning_dwf.config import QuantizeConfig
 from lightning_dwf.training.regimes.base import Regime, RunContext, regime_for, register_regime, unregister_regime
+from lightning_dwf.training.regimes.budget import Budget, BudgetConfig
 from lightning_dwf.training.regimes.fixed import FixedLam, FixedLamConfig
 from lightning_dwf.training.regimes.quantized import QuantizedFinish
 from lightning_dwf.training.regimes.target import TargetSparsity, TargetSparsityConfig
@@ -31,6 +33,8 @@ def build_regime(config: Any, quantize: QuantizeConfig | None = None) -> Regime:
 
 
 __all__ = [
+    "Budget",
+    "BudgetConfig",
     "FixedLam",
     "FixedLamConfig",
     "QuantizedFinish",

@@ -100,7 +100,7 @@ class TargetSparsity(Regime):
         if self.config.schedule.gradual and not self.recovering:
             self._cut(ctx, controller.support_sparsity(step))
         report = sparsity_report(ctx.module, self.zero_threshold(ctx.floor), self.lam)
-        self.lam = controller.update(step, report.unit_sparsity)
+        self.lam = controller.update(step, self._progress(ctx, report))
         return report
 
     def release(self, ctx: RunContext) -> None:
@@ -152,6 +152,16 @@ class TargetSparsity(Regime):
         if self._restored:
             self.lam = float(self._restored["lam"])
 
+    def _progress(self, ctx: RunContext, report: SparsityReport) -> float:
+        """What the controller steers towards the target: the fraction of units (weights, or groups of gated tensors)
+        that count as zero in ``report``."""
+        return report.unit_sparsity
+
+    def _cut_summary(self, target: float, threshold: float) -> str:
+        """How :meth:`_start_recovery` describes the cut it made."""
+        return (f"the {target:.1%} smallest (|w| < {threshold:.3g}, each layer keeping at least "
+                f"{self.config.schedule.min_layer_share:g} of its share) are now exactly 0")
+
     def _cut(self, ctx: RunContext, sparsity: float) -> float:
         """Zero all but the largest weights so that exactly ``sparsity`` of them are zero, no layer emptied; returns
         the smallest surviving magnitude (absolute)."""
@@ -165,14 +175,13 @@ class TargetSparsity(Regime):
         """
         assert self.controller is not None
         control, target = self.controller.threshold, self.config.sparsity
-        reached = sparsity_report(ctx.module, control).unit_sparsity
+        reached = self._progress(ctx, sparsity_report(ctx.module, control))
         threshold = self._cut(ctx, target)
         self.controller.start_recovery(ctx.step)
         self.lam = self.controller.lam
         ctx.info(
             f"DWFCallback: step {ctx.step}: sparsity pattern fixed. The penalty had brought {reached:.1%} "
-            f"of the weights below the control threshold {control:.3g}; the {target:.1%} smallest (|w| < "
-            f"{threshold:.3g}, each layer keeping at least {self.config.schedule.min_layer_share:g} of its share) are "
-            f"now exactly 0. λ = 0 for the remaining {self.config.recovery:.0%} of the run"
+            f"of the weights below the control threshold {control:.3g}; {self._cut_summary(target, threshold)}. "
+            f"λ = 0 for the remaining {self.config.recovery:.0%} of the run"
             + (f"; the factor LR multiplier ramps up again over {ctx.lr_warmup:.0%} of it." if ctx.lr_warmup else ".")
         )

@@ -1,0 +1,156 @@
+"""Which channels of a model are coupled: the channel spaces of Torch-Pruning's dependency graph.
+
+A channel space is the set of output channels that must go together (a layer's outputs, its BatchNorm, every layer
+added to them through a residual connection) and the input channels of the layers that read them. A channel can be
+removed only when every layer that writes it is silent there, and only when something inside the model reads it (the
+model's own outputs stay). :func:`~lightning_dwf.shrink_` removes channels space by space, and the budget regime
+(:mod:`lightning_dwf.training.budget`) predicts the shrunk model's cost from the same spaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (*_BATCH_NORMS, nn.LayerNorm, nn.GroupNorm)
+#: Layers whose output channels can be judged by a following BatchNorm (its zero scale and shift silence the channel,
+#: whatever the layer holds).
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layers whose outputs can be the roots of channel spaces.
+ROOT_TYPES = (*_PRODUCERS, *_BATCH_NORMS)
+
+
+def torch_pruning() -> Any:
+    """The ``torch_pruning`` module, or an ImportError that names the extra to install."""
+    try:
+        import torch_pruning as tp
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("Structured shrink and budgets need Torch-Pruning: pip install 'lightning-dwf[structured]' "
+                          "(or pip install torch-pruning).") from err
+    return tp
+
+
+def out_channels(module: nn.Module) -> int:
+    """The number of output channels of a Linear, Conv or norm layer (0 for anything else)."""
+    for attr in ("out_features", "out_channels", "num_features", "num_channels"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[0])
+    return 0
+
+
+def _has_params(module: Any) -> bool:
+    return isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False))
+
+
+@dataclass
+class ChannelSpace:
+    """One set of coupled channels.
+
+    Attributes:
+        root: the layer whose output channels define the space; ``handler`` prunes them.
+        size: its number of channels.
+        writers: ``(module, positions)`` of every layer whose outputs decide whether a channel is silent (a BatchNorm
+            stands for the layer before it); ``positions[i]`` is that layer's channel for the space's channel ``i``.
+        outputs: ``(module, positions)`` of every layer with parameters whose output channels are in the space.
+        inputs: ``(module, positions)`` of every layer with parameters whose input channels read the space.
+        consumed: whether a layer inside the model reads the channels (else they are model outputs and stay).
+        aligned: whether every layer that writes the channels maps them one to one (else the space is left whole;
+            readers may expand them, as a flatten does).
+    """
+
+    root: nn.Module
+    handler: Any
+    size: int
+    writers: list[tuple[nn.Module, list[int]]]
+    outputs: list[tuple[nn.Module, list[int]]]
+    inputs: list[tuple[nn.Module, list[int]]]
+    consumed: bool
+    aligned: bool
+
+    @property
+    def shrinkable(self) -> bool:
+        return self.consumed and self.aligned
+
+    def removable(self, silent: Callable[[nn.Module, list[int]], Tensor]) -> list[int]:
+        """The space's channels that every writer leaves silent (``silent(module, positions)`` → bool per channel);
+        at least one channel is always kept, so the shapes stay valid."""
+        if not self.shrinkable:
+            return []
+        everywhere = torch.ones(self.size, dtype=torch.bool)
+        for module, positions in self.writers:
+            everywhere &= silent(module, positions)
+        idxs = everywhere.nonzero().flatten().tolist()
+        return idxs[1:] if len(idxs) >= self.size else idxs
+
+
+def judged_by(dg: Any, module: nn.Module) -> nn.Module:
+    """The module whose output decides whether ``module``'s output channels are silent: an affine BatchNorm that is
+    ``module``'s only consumer, else ``module`` itself."""
+    node = dg.module2node.get(module)
+    if node is None or not isinstance(module, _PRODUCERS):
+        return module
+    consumers = {id(n.module): n.module for n in node.outputs}
+    if len(consumers) == 1:
+        (only,) = consumers.values()
+        if isinstance(only, _BATCH_NORMS) and only.affine:
+            return only
+    return module
+
+
+def build_graph(model: nn.Module, example_inputs: Any) -> Any:
+    """Torch-Pruning's dependency graph of ``model`` traced on ``example_inputs`` (in eval mode)."""
+    tp = torch_pruning()
+    was = model.training
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    finally:
+        model.train(was)
+
+
+def channel_spaces(dg: Any, ignored_layers: Sequence[nn.Module] = ()) -> list[ChannelSpace]:
+    """Every channel space of the model behind ``dg`` (one per group of :meth:`DependencyGraph.get_all_groups`)."""
+    spaces = []
+    for group in dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=ROOT_TYPES):
+        root_dep, root_idxs = group[0].dep, [int(getattr(i, "idx", i)) for i in group[0].idxs]
+        size = len(root_idxs)
+        writers, outputs, inputs = [], [], []
+        consumed, aligned = False, True
+        for dep, idxs in group:
+            module = dep.target.module
+            positions = [int(getattr(i, "idx", i)) for i in idxs]
+            if not _has_params(module):
+                continue  # an operation without parameters (add, activation) passes zeros on
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                aligned = aligned and len(positions) == size  # inputs may expand (a flatten: channels × positions)
+                outputs.append((module, positions))
+                judge = judged_by(dg, module)
+                if judge is module or all(j is not judge for j, _ in writers):
+                    writers.append((judge, positions))
+            else:
+                inputs.append((module, positions))
+                consumed = True
+        spaces.append(ChannelSpace(root_dep.target.module, root_dep.handler, size, writers, outputs, inputs,
+                                   consumed, aligned))
+    return spaces
+
+
+def zero_channels(module: nn.Module, positions: list[int]) -> Tensor:
+    """Whether ``module``'s output channels at ``positions`` are exactly zero in all its parameters."""
+    count = out_channels(module)
+    params = list(module.parameters(recurse=False))
+    if not count or not params or any(p.dim() == 0 or p.shape[0] != count for p in params):
+        return torch.zeros(len(positions), dtype=torch.bool)
+    if positions and max(positions) >= count:
+        return torch.zeros(len(positions), dtype=torch.bool)
+    zero = torch.ones(count, dtype=torch.bool)
+    for p in params:
+        zero &= (p.detach().reshape(count, -1) == 0).all(dim=1)
+    return zero[positions]

@@ -1,0 +1,173 @@
+"""The cost of the shrunk model, predicted from which groups are zero, and the cut that meets a budget exactly.
+
+Structured DWF removes whole groups, and with them everything coupled to them: a neuron's row and the next layer's
+input column, a filter with its BatchNorm channel and the next convolution's input channel. The cost of the model that
+:func:`~lightning_dwf.shrink_` will produce is therefore not a sum over groups: a layer's multiply–accumulates (MACs)
+scale with the channels kept on both its sides. :class:`CostModel` traces the model once (Torch-Pruning's dependency
+graph on a collapsed copy, and forward hooks for each layer's MACs on the example input) and then predicts the shrunk
+cost of any set of zero groups in microseconds, so the budget regime can cut to an exact budget at every control step.
+
+MACs count the Conv and Linear layers (one multiply–accumulate per weight and output position); parameters count every
+parameter of the model, as ``sum(p.numel())`` of the shrunk model does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dwf.core.collapse import collapse_
+from lightning_dwf.core.gating import GatedTensor, gated_tensors
+from lightning_dwf.inference.coupling import ChannelSpace, build_graph, channel_spaces, out_channels
+
+Measure = Literal["macs", "params"]
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class _Layer:
+    out_space: int | None
+    in_space: int | None
+    weight: int  # parameters of the weight
+    bias: int  # parameters that scale with the output channels only (bias, BatchNorm scale and shift)
+    macs: float
+
+
+def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
+    """MACs per sample of every Conv and Linear layer of ``model`` on ``example_inputs`` (forward hooks)."""
+    found: dict[str, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _LAYERS):
+            def hook(mod: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
+                per_output = mod.weight[0].numel()  # inputs per output element (in / groups × kernel)
+                found[name] = found.get(name, 0.0) + out.numel() / max(out.shape[0], 1) * per_output
+            handles.append(module.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return found
+
+
+class CostModel:
+    """The shrunk model's MACs and parameters as a function of the zero groups of a structured model.
+
+    Args:
+        module: the gated model (not changed: a collapsed copy is traced).
+        example_inputs: one input of ``module(...)`` (the batch size does not matter: MACs are per sample).
+    """
+
+    def __init__(self, module: nn.Module, example_inputs: Any) -> None:
+        plain = collapse_(copy.deepcopy(module))
+        names = {m: n for n, m in plain.named_modules()}
+        gated = {t.name for t in gated_tensors(module)}
+        macs = layer_macs(plain, example_inputs)
+        self.spaces: list[ChannelSpace] = [s for s in channel_spaces(build_graph(plain, example_inputs))
+                                           if s.shrinkable]
+        #: per space: (gated tensor name or None, positions) of each writer
+        self._writers = [
+            [(f"{names[m]}.weight" if f"{names[m]}.weight" in gated else None, p) for m, p in space.writers]
+            for space in self.spaces
+        ]
+        where_out = {id(m): i for i, s in enumerate(self.spaces) for m, _ in s.outputs}
+        where_in = {id(m): i for i, s in enumerate(self.spaces) for m, _ in s.inputs}
+        self._layers: list[_Layer] = []
+        modeled = 0
+        for name, m in plain.named_modules():
+            if isinstance(m, _LAYERS):
+                bias = m.bias.numel() if m.bias is not None else 0
+                self._layers.append(_Layer(where_out.get(id(m)), where_in.get(id(m)), m.weight.numel(), bias,
+                                           macs.get(name, 0.0)))
+                modeled += m.weight.numel() + bias
+            elif isinstance(m, _BATCH_NORMS) and m.affine:
+                self._layers.append(_Layer(where_out.get(id(m)), None, 0, 2 * out_channels(m), 0.0))
+                modeled += 2 * out_channels(m)
+        self._other_params = sum(p.numel() for p in plain.parameters()) - modeled
+        self.dense = {"macs": sum(layer.macs for layer in self._layers), "params": float(self.cost({}, "params"))}
+
+    def kept(self, dropped: Mapping[str, Tensor]) -> list[int]:
+        """Channels kept in each shrinkable space when the groups ``dropped[name]`` (bool per group) are zero."""
+        kept = []
+        for space, writers in zip(self.spaces, self._writers, strict=True):
+            silent = torch.ones(space.size, dtype=torch.bool)
+            for name, positions in writers:
+                mask = dropped.get(name) if name is not None else None
+                if mask is None:
+                    silent[:] = False
+                    break
+                silent &= mask[positions].cpu()
+            removed = int(silent.sum())
+            kept.append(space.size - (removed - 1 if removed >= space.size else removed))
+        return kept
+
+    def cost(self, dropped: Mapping[str, Tensor], measure: Measure = "macs") -> float:
+        """The shrunk model's MACs per sample or parameters when the groups ``dropped`` are zero."""
+        kept = self.kept(dropped)
+        fraction = [k / s.size for k, s in zip(kept, self.spaces, strict=True)]
+        total = 0.0 if measure == "macs" else float(self._other_params)
+        for layer in self._layers:
+            f_out = fraction[layer.out_space] if layer.out_space is not None else 1.0
+            f_in = fraction[layer.in_space] if layer.in_space is not None else 1.0
+            if measure == "macs":
+                total += layer.macs * f_out * f_in
+            else:
+                total += layer.weight * f_out * f_in + layer.bias * f_out
+        return total
+
+
+def budget_masks(
+    tensors: list[GatedTensor], model: CostModel, budget: float, measure: Measure, floor: float = 0.0,
+    min_share: float = 0.0,
+) -> dict[str, Tensor]:
+    """Which groups to keep so that the shrunk model's cost is at most ``budget`` (a fraction of the dense cost) with
+    as few groups dropped as possible: the groups are dropped smallest RMS first (after those below ``floor``, which
+    are zero already), each tensor keeping at least ``ceil(min_share · groups)`` (and one) of its largest.
+
+    Returns:
+        ``{tensor name: keep mask (bool per group)}``.
+    """
+    scores = {t.name: t.unit_magnitudes().detach().float().cpu() for t in tensors}
+    limit = budget * model.dense[measure]
+    order: list[tuple[float, str, int]] = []
+    always: dict[str, Tensor] = {}
+    for name, score in scores.items():
+        protected = torch.zeros_like(score, dtype=torch.bool)
+        forced = min(score.numel(), max(1, math.ceil(min_share * score.numel() - 1e-9))) if min_share else 0
+        if forced:
+            protected[torch.topk(score, forced).indices] = True
+        always[name] = (score < floor) & ~protected
+        order += [(float(score[i]), name, i) for i in range(score.numel()) if not protected[i] and not always[name][i]]
+    order.sort()
+
+    def dropped(k: int) -> dict[str, Tensor]:
+        masks = {n: a.clone() for n, a in always.items()}
+        for _, name, i in order[:k]:
+            masks[name][i] = True
+        return masks
+
+    low, high = 0, len(order)  # smallest k with cost(dropped(k)) <= limit (or all of them)
+    while low < high:
+        mid = (low + high) // 2
+        if model.cost(dropped(mid), measure) <= limit:
+            high = mid
+        else:
+            low = mid + 1
+    return {name: ~mask for name, mask in dropped(low).items()}
