@@ -124,6 +124,17 @@ def vit_tiny(num_classes: int = 10) -> nn.Module:
 MODELS = {"lenet300": lenet_300_100, "lenet5": lenet_5, "cnn-bn": small_cnn_bn, "vit": vit_tiny}
 
 
+def mlp_2048(num_classes: int = 10) -> nn.Module:
+    """784 → 2048 → 2048 → classes: large enough that CPU latency is not framework overhead (5.8 M weights)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, num_classes)
+    )
+
+
+#: Models of the structured speed benchmark only (``benchmarks.structured_speed``).
+SPEED_MODELS = {"mlp2048": mlp_2048}
+
+
 def vgg11_bn_cifar(num_classes: int = 10) -> nn.Module:
     """VGG-11 with BatchNorm for 3×32×32 inputs (9.2 M weights; the CIFAR variant: one linear classifier)."""
     layers: list[nn.Module] = []
@@ -209,7 +220,7 @@ class Classifier(LightningModule):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")
         self.save_hyperparameters()
-        self.net = MODELS[model](num_classes)
+        self.net = {**MODELS, **SPEED_MODELS}[model](num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

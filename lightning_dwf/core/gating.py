@@ -216,6 +216,14 @@ def _with_state(param: Tensor, states: Sequence[Mapping]) -> list[Tensor]:
     return [param] + [v for s in states for v in s.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
 
 
+def relative_scores(magnitudes: Tensor) -> Tensor:
+    """Group magnitudes relative to their tensor's RMS: comparable across layers of different scale (a BatchNorm's
+    channels sit near 1, a Linear layer's rows near its init scale), so a global cut does not empty the layers whose
+    groups are small in scale rather than in importance."""
+    reference = magnitudes.pow(2).mean().sqrt()
+    return magnitudes / reference if reference > 0 else magnitudes
+
+
 def gated_tensors(module: nn.Module) -> list[GatedTensor]:
     """All gated tensors of ``module``, in ``named_modules`` order."""
     found = []

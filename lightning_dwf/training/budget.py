@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dwf.core.collapse import collapse_
-from lightning_dwf.core.gating import GatedTensor, gated_tensors
+from lightning_dwf.core.gating import GatedTensor, gated_tensors, relative_scores
 from lightning_dwf.inference.coupling import ChannelSpace, build_graph, channel_spaces, out_channels
 
 Measure = Literal["macs", "params"]
@@ -138,13 +138,15 @@ def budget_masks(
     min_share: float = 0.0,
 ) -> dict[str, Tensor]:
     """Which groups to keep so that the shrunk model's cost is at most ``budget`` (a fraction of the dense cost) with
-    as few groups dropped as possible: the groups are dropped smallest RMS first (after those below ``floor``, which
-    are zero already), each tensor keeping at least ``ceil(min_share · groups)`` (and one) of its largest.
+    as few groups dropped as possible: the groups are dropped smallest first by :func:`relative_scores` (after those
+    whose RMS is below ``floor``, which are zero already), each tensor keeping at least ``ceil(min_share · groups)``
+    (and one) of its largest.
 
     Returns:
         ``{tensor name: keep mask (bool per group)}``.
     """
-    scores = {t.name: t.unit_magnitudes().detach().float().cpu() for t in tensors}
+    raw = {t.name: t.unit_magnitudes().detach().float().cpu() for t in tensors}
+    scores = {name: relative_scores(r) for name, r in raw.items()}
     limit = budget * model.dense[measure]
     order: list[tuple[float, str, int]] = []
     always: dict[str, Tensor] = {}
@@ -153,7 +155,7 @@ def budget_masks(
         forced = min(score.numel(), max(1, math.ceil(min_share * score.numel() - 1e-9))) if min_share else 0
         if forced:
             protected[torch.topk(score, forced).indices] = True
-        always[name] = (score < floor) & ~protected
+        always[name] = (raw[name] < floor) & ~protected
         order += [(float(score[i]), name, i) for i in range(score.numel()) if not protected[i] and not always[name][i]]
     order.sort()
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
+from lightning_dwf.core.gating import GatedTensor, relative_scores
 
 
 @torch.no_grad()
@@ -89,11 +90,19 @@ def cut_to_sparsity_(
 ) -> float:
     """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
 
+    Units are weights of factorized tensors and groups of gated ones (by their RMS relative to their tensor's,
+    :func:`~lightning_dwf.core.gating.relative_scores`); ``target`` is the fraction of units cut.
+
     Returns:
         The smallest surviving magnitude (absolute; ``inf`` if none survives): the effective cut threshold.
     """
-    weights = {t.name: t.unit_magnitudes() for t in sparse_tensors(module)}
-    masks = keep_masks(weights, target, floor, min_share)
+    tensors = sparse_tensors(module)
+    weights = {t.name: t.unit_magnitudes() for t in tensors}
+    # groups are ranked relative to their tensor's scale (a BatchNorm's channels and a Linear layer's rows differ by
+    # orders of magnitude); those below the floor stay out
+    scores = {t.name: relative_scores(weights[t.name]).masked_fill(weights[t.name] < floor, 0.0)
+              if isinstance(t, GatedTensor) else weights[t.name] for t in tensors}
+    masks = keep_masks(scores, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
     kept = [weights[n].abs()[m] for n, m in masks.items() if bool(m.any())]
     return min((float(k.min()) for k in kept), default=math.inf)

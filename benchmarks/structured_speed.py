@@ -1,0 +1,421 @@
+"""Accuracy against measured CPU latency: dense, DWF (unstructured, dense and sparse kernels), structured DWF shrunk,
+Torch-Pruning's regularized group pruning and ModelPruning's ``ln_structured``, at budgets of dense MACs.
+
+    python -m benchmarks.structured_speed                          # the whole plan, appended to results/
+    python -m benchmarks.structured_speed --models lenet300 cnn-bn --budgets 0.25 --opts adamw --epochs 3
+    python -m benchmarks.structured_speed --report                 # table and plot from the rows so far
+
+Every method trains the same network on the same data order for the same epochs (``Classifier``: SGD with momentum
+0.9 at lr 0.1, or AdamW at lr 1e-3; cosine over every step; batch 256) and is then timed in this process against the
+dense model trained with the same optimizer, back to back: ``torch.utils.benchmark`` medians at batch 1 and 64, test
+images as input, ``torch.set_num_threads`` fixed and reported, ``inference_mode``, ``eval()``. MACs are per sample, of
+the Conv and Linear layers (:func:`lightning_dwf.training.budget.layer_macs`); a MACs ratio is not a speed-up.
+
+* ``dense``: no sparsity.
+* ``dwf``: ``DWFCallback(depth=3, target_sparsity=1 − budget)`` (unstructured, every Linear/Conv weight): its MACs are
+  the dense ones; timed with dense kernels and after ``use_sparse_kernels_`` (CSR where measured faster).
+* ``dwf-structured``: ``DWFCallback(depth=3, regime=BudgetConfig(budget), factorize=FactorizeConfig(structure=
+  "outputs", include=SCOPE))``, collapsed and shrunk with ``shrink_`` (outputs checked equal).
+* ``torch-pruning``: ``tp.pruner.GroupNormPruner`` (GroupMagnitudeImportance p=2, its README's recipe, uniform per-layer
+  ratio) regularizing the same layers during the first half of the epochs, then pruned to the budget (the largest
+  channel ratio whose MACs fit) and fine-tuned for the second half with a fresh cosine schedule.
+* ``ln-structured``: Lightning's ``ModelPruning("ln_structured", pruning_dim=0, pruning_norm=2)`` on the same layers,
+  gradually over the epochs to the per-layer amount whose MACs fit the budget; then the zero rows/filters are removed
+  through the same dependency graph for timing (their bias and BatchNorm are not silent, so the accuracy is measured on
+  the shrunk model).
+
+``SCOPE`` is the layers each structured method may shrink: every hidden Linear/Conv of LeNet-300-100, the BN CNN and
+the width-2048 MLP; the MLP's hidden neurons in the ViT (its attention reshapes with a fixed head count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+from torch.utils import benchmark
+
+from benchmarks.harness.fit import make_trainer, train_loader
+from benchmarks.harness.measure import measure as measure_net
+from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
+from benchmarks.models import Classifier
+from examples.data import ImageData, load_dataset
+from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, FactorizeConfig, shrink_
+from lightning_dwf.inference import use_sparse_kernels_
+from lightning_dwf.inference.coupling import build_graph, channel_spaces, torch_pruning
+from lightning_dwf.training.budget import layer_macs
+
+OUT = RESULTS / "structured_speed.jsonl"
+MODELS = ("lenet300", "cnn-bn", "vit", "mlp2048")
+BUDGETS = (0.5, 0.25, 0.1)
+OPTS = ("sgd", "adamw")
+LR = {"sgd": 0.1, "adamw": 1e-3}
+SCOPE = {
+    "lenet300": ["net.1", "net.3"],
+    "mlp2048": ["net.1", "net.3"],
+    "cnn-bn": ["net.0", "net.4", "net.9"],
+    "vit": ["net.blocks.*.mlp.0"],
+}
+BATCHES = (1, 64)
+BATCH_SIZE = 256
+
+
+def in_scope(name: str, model: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, p) for p in SCOPE[model])
+
+
+def scoped_layers(net: nn.Module, model: str, prefix: str = "net.") -> list[nn.Module]:
+    return [m for n, m in net.named_modules(prefix=prefix.rstrip(".")) if in_scope(n, model)]
+
+
+def latency(net: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+    """Median seconds per forward of ``net`` on ``x`` (``torch.utils.benchmark``, inference mode)."""
+    net.eval()
+    with torch.inference_mode():
+        return benchmark.Timer("net(x)", globals={"net": net, "x": x}).blocked_autorange(
+            min_run_time=min_run_time).median
+
+
+def cost(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    return {"macs": sum(layer_macs(net, x).values()), "params": sum(p.numel() for p in net.parameters())}
+
+
+def fit(cfg: dict, data: ImageData, callbacks: list[Callback], module: Classifier | None = None,
+        epochs: int | None = None) -> tuple[Classifier, float]:
+    seed_everything(cfg["seed"], verbose=False)
+    module = module or Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+    start = time.perf_counter()
+    make_trainer(epochs or cfg["epochs"], callbacks).fit(module, train_loader(data, BATCH_SIZE, cfg["seed"]))
+    return module, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------- peers' budgets
+def uniform_amount(net: nn.Module, model: str, x: torch.Tensor, budget: float) -> float:
+    """The largest per-layer fraction of channels to remove from every scoped layer whose shrunk MACs fit
+    ``budget`` (bisection on a copy whose scoped rows are zeroed, gated through BatchNorm where one follows)."""
+    dense = cost(net, x)["macs"]
+
+    def macs_at(amount: float) -> float:
+        trial = copy.deepcopy(net).eval()
+        silence(trial, model, amount)
+        shrink_(trial, x, atol=float("inf"))
+        return cost(trial, x)["macs"]
+
+    low, high = 0.0, 0.99
+    for _ in range(12):
+        mid = (low + high) / 2
+        if macs_at(mid) <= budget * dense:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+@torch.no_grad()
+def silence(net: nn.Module, model: str, amount: float) -> None:
+    """Zero the first ``round(amount · n)`` output channels of every scoped layer, bias and following BatchNorm too."""
+    mods = list(net.named_modules(prefix="net"))
+    for i, (name, m) in enumerate(mods):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and in_scope(name, model):
+            k = round(amount * m.weight.shape[0])
+            m.weight[:k] = 0
+            if m.bias is not None:
+                m.bias[:k] = 0
+            nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+            if isinstance(nxt, nn.BatchNorm2d):
+                nxt.weight[:k] = 0
+                nxt.bias[:k] = 0
+
+
+def force_shrink(net: nn.Module, x: torch.Tensor) -> None:
+    """Remove every channel whose weight rows are zero in all the layers that write it, ignoring their bias and
+    BatchNorm shift (ModelPruning's masks leave those): the model a user of the peer would deploy."""
+    dg = build_graph(net, x)
+    for space in channel_spaces(dg):
+        if not space.shrinkable:
+            continue
+        silent = torch.ones(space.size, dtype=torch.bool)
+        for module, positions in space.outputs:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                rows = module.weight.detach().reshape(module.weight.shape[0], -1)
+                silent &= (rows[positions] == 0).all(dim=1)
+        idxs = silent.nonzero().flatten().tolist()
+        idxs = idxs[1:] if len(idxs) >= space.size else idxs
+        if idxs:
+            group = dg.get_pruning_group(space.root, space.handler, idxs)
+            if dg.check_pruning_group(group):
+                group.prune()
+
+
+class Regularize(Callback):
+    """Torch-Pruning's sparse training: ``pruner.regularize(model)`` after every backward (before the step)."""
+
+    def __init__(self, pruner: Any) -> None:
+        self.pruner = pruner
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.pruner.regularize(pl_module.net)
+
+
+def torch_pruning_run(cfg: dict, data: ImageData, x: torch.Tensor) -> tuple[nn.Module, float]:
+    tp = torch_pruning()
+    module = Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+    net = module.net
+    ignored = [m for n, m in net.named_modules(prefix="net") if isinstance(m, (nn.Linear, nn.Conv2d))
+               and not in_scope(n, cfg["model"])]
+
+    def pruner_for(target: nn.Module, ratio: float) -> Any:
+        ign = [dict(target.named_modules())[n] for n, m in net.named_modules() if m in ignored]
+        return tp.pruner.GroupNormPruner(target, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                         pruning_ratio=ratio, ignored_layers=ign, reg=cfg.get("tp_reg", 5e-4))
+
+    pruner = pruner_for(net, 0.5)
+    first = max(cfg["epochs"] // 2, 1)
+    _, t1 = fit(cfg, data, [Regularize(pruner)], module=module, epochs=first)
+    dense = cost(net, x)["macs"]
+
+    def pruned(ratio: float) -> nn.Module:
+        trial = copy.deepcopy(net).eval()
+        pruner_for(trial, ratio).step()
+        return trial
+
+    low, high = 0.0, 0.99
+    for _ in range(10):
+        mid = (low + high) / 2
+        if cost(pruned(mid), x)["macs"] <= cfg["budget"] * dense:
+            high = mid
+        else:
+            low = mid
+    module.net = pruned(high).train()
+    _, t2 = fit(cfg, data, [], module=module, epochs=cfg["epochs"] - first)
+    return module.net, t1 + t2
+
+
+def ln_structured_run(cfg: dict, data: ImageData, x: torch.Tensor) -> tuple[nn.Module, float]:
+    probe = Classifier(cfg["model"], num_classes=data.num_classes).net
+    amount = uniform_amount(probe, cfg["model"], x, cfg["budget"])
+    module = Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+    layers = [(m, "weight") for m in scoped_layers(module.net, cfg["model"])]
+    ramp = max(cfg["epochs"] - 1, 1)  # prune at the end of each epoch but the last, which fine-tunes
+    steps = [1 - (1 - amount) ** ((e + 1) / ramp) for e in range(ramp)]  # the same fraction of what is left each time
+
+    def per_epoch(epoch: int) -> float:  # ModelPruning applies amounts of what is left
+        if epoch >= ramp:
+            return 0.0
+        done = steps[epoch - 1] if epoch else 0.0
+        return (steps[epoch] - done) / (1 - done)
+
+    pruning = ModelPruning("ln_structured", parameters_to_prune=layers, amount=per_epoch, pruning_dim=0,
+                           pruning_norm=2, make_pruning_permanent=True, use_global_unstructured=False, verbose=0)
+    module, seconds = fit(cfg, data, [pruning], module=module)
+    net = module.net.eval()
+    force_shrink(net, x)
+    return net, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------- the plan
+def train_cell(cfg: dict, data: ImageData, dense: dict[str, nn.Module]) -> tuple[dict, dict[str, nn.Module]]:
+    """Train one method; returns its row (without timings) and the nets to time (by label)."""
+    x = data.test_x[:2]
+    method = cfg["method"]
+    extra: dict[str, Any] = {}
+    nets: dict[str, nn.Module] = {}
+    if method == "dense":
+        module, seconds = fit(cfg, data, [])
+        net = module.net.eval()
+        dense[cfg["opt"]] = net
+    elif method == "dwf":
+        dwf = DWFCallback(depth=3, target_sparsity=1 - cfg["budget"], collapse=CollapseConfig(save=False))
+        module, seconds = fit(cfg, data, [dwf])
+        net = module.net.eval()
+        kernels = copy.deepcopy(net)
+        report = use_sparse_kernels_(kernels, batch_sizes=BATCHES, min_run_time=0.2)
+        nets["csr"] = kernels
+        extra["csr_layers"] = list(report.swapped)
+        extra["sparsity"] = measure_net(net, data)["sparsity"]
+    elif method == "dwf-structured":
+        dwf = DWFCallback(depth=3, regime=BudgetConfig(cfg["budget"], example_inputs=x),
+                          factorize=FactorizeConfig(structure="outputs", include=SCOPE[cfg["model"]]),
+                          collapse=CollapseConfig(save=False))
+        module, seconds = fit(cfg, data, [dwf])
+        net = module.net.eval()
+        extra["acc_collapsed"] = measure_net(net, data)["acc"]
+        report = shrink_(net, x)
+        extra["shrink_max_abs_diff"] = report.max_abs_diff
+    elif method == "torch-pruning":
+        net, seconds = torch_pruning_run(cfg, data, x)
+    elif method == "ln-structured":
+        net, seconds = ln_structured_run(cfg, data, x)
+    else:
+        raise ValueError(method)
+    net.eval()
+    nets["main"] = net
+    reference = dense[cfg["opt"]]
+    row = dict(cfg, acc=measure_net(net, data)["acc"], train_s=seconds, **cost(net, x),
+               dense_macs=cost(reference, x)["macs"], dense_params=cost(reference, x)["params"], **extra)
+    return row, nets
+
+
+def time_group(rows: list[dict], nets: list[dict[str, nn.Module]], dense: nn.Module, data: ImageData,
+               min_run_time: float, rounds: int = 3) -> None:
+    """Time every net of one (model, optimizer) and the dense one round-robin, ``rounds`` times, and put the medians
+    and speed-ups into the rows: interleaving spreads any background load over all of them alike."""
+    for b in BATCHES:
+        x = data.test_x[:b]
+        samples: dict[tuple[int, str], list[float]] = {}
+        for _ in range(rounds):
+            samples.setdefault((-1, "dense"), []).append(latency(dense, x, min_run_time))
+            for i, group in enumerate(nets):
+                for label, net in group.items():
+                    samples.setdefault((i, label), []).append(latency(net, x, min_run_time))
+        t_dense = sorted(samples[(-1, "dense")])[rounds // 2]
+        for i, row in enumerate(rows):
+            for label in nets[i]:
+                t = sorted(samples[(i, label)])[rounds // 2]
+                prefix = "" if label == "main" else f"{label}_"
+                row |= {f"{prefix}dense_us_b{b}": t_dense * 1e6, f"{prefix}us_b{b}": t * 1e6,
+                        f"{prefix}speedup_b{b}": t_dense / t}
+
+
+def plan(models: list[str], budgets: list[float], opts: list[str], methods: list[str], epochs: int,
+         seed: int) -> list[dict]:
+    cells = []
+    for model in models:
+        for opt in opts:
+            cells.append(dict(model=model, opt=opt, method="dense", budget=1.0, epochs=epochs, seed=seed))
+            for budget in budgets:
+                cells += [dict(model=model, opt=opt, method=m, budget=budget, epochs=epochs, seed=seed)
+                          for m in methods]
+    return cells
+
+
+def key(row: dict) -> tuple:
+    return (row["model"], row["opt"], row["method"], row["budget"], row["epochs"], row["seed"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    parser.add_argument("--opts", nargs="+", default=list(OPTS))
+    parser.add_argument("--methods", nargs="+",
+                        default=["dwf-structured", "torch-pruning", "ln-structured", "dwf"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT, help="rows file (the report goes beside it)")
+    args = parser.parse_args()
+    out = args.out
+    if not args.report:
+        torch.set_num_threads(args.threads)
+        data = load_dataset("auto")
+        done = {key(r) for r in read_rows(out)} if out.exists() else set()
+        cells = plan(args.models, args.budgets, args.opts, args.methods, args.epochs, args.seed)
+        for group_key in dict.fromkeys((c["model"], c["opt"]) for c in cells):
+            todo = [c for c in cells if (c["model"], c["opt"]) == group_key and key(c) not in done]
+            if not todo:
+                continue
+            dense: dict[str, nn.Module] = {}
+            rows, nets = [], []
+            for cfg in [c for c in cells if (c["model"], c["opt"]) == group_key and c["method"] == "dense"] + [
+                    c for c in todo if c["method"] != "dense"]:
+                try:
+                    row, made = train_cell(cfg, data, dense)
+                except ValueError as err:  # e.g. a budget the scope cannot reach
+                    print(f"{key(cfg)}: {err}", flush=True)
+                    append_rows(out, [dict(cfg, error=str(err))])
+                    continue
+                rows.append(row)
+                nets.append(made)
+            time_group(rows, nets, dense[group_key[1]], data, args.min_run_time)
+            meta = dict(threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+                        dataset=data.name, versions=versions(["torch", "lightning", "torch-pruning"]))
+            new_rows = [row | meta for row in rows if key(row) not in done]
+            append_rows(out, new_rows)
+            done |= {key(r) for r in new_rows}
+            for row in new_rows:
+                print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), flush=True)
+    write_report(out)
+
+
+def fmt(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    if "error" in row:
+        return "unreachable"
+    return (f"{row['acc']:.2%} · {row['macs'] / row['dense_macs']:.2f} MACs · {row['speedup_b1']:.2f}× / "
+            f"{row['speedup_b64']:.2f}×")
+
+
+def write_report(out: Path = OUT) -> None:
+    rows = read_rows(out) if out.exists() else []
+    if not rows:
+        return
+    methods = ["dense", "dwf", "dwf-structured", "torch-pruning", "ln-structured"]
+    first = rows[0]
+    lines = [
+        f"Structured sparsity and measured CPU latency on {first.get('dataset')}, {first.get('epochs')} epochs, seed "
+        f"{first.get('seed')}, batch {BATCH_SIZE}, {first.get('threads')} threads, {first.get('machine')}; torch "
+        f"{first['versions'].get('torch')}. Each cell: test accuracy · MACs / dense · measured speed-up over dense at "
+        "batch 1 / batch 64 (median latency, timed back to back in one process). `dwf` keeps dense MACs; its "
+        "sparse-kernel speed-up is in the last column. Produced by `python -m benchmarks.structured_speed`.",
+        "",
+        "| model | opt | budget | " + " | ".join(methods) + " | dwf on CSR (b1 / b64) |",
+        "|---|---|---|" + "---|" * len(methods) + "---|",
+    ]
+    index = {(r["model"], r["opt"], r["method"], r["budget"]): r for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for opt in dict.fromkeys(r["opt"] for r in rows if r["model"] == model):
+            budgets = sorted({r["budget"] for r in rows if r["model"] == model and r["budget"] < 1}, reverse=True)
+            for budget in budgets:
+                cells = [fmt(index.get((model, opt, m, 1.0 if m == "dense" else budget))) for m in methods]
+                unstructured = index.get((model, opt, "dwf", budget))
+                csr = (f"{unstructured['csr_speedup_b1']:.2f}× / {unstructured['csr_speedup_b64']:.2f}×"
+                       if unstructured and "csr_speedup_b1" in unstructured else "—")
+                lines.append(f"| {model} | {opt} | {budget:.0%} | " + " | ".join(cells) + f" | {csr} |")
+    train = [r for r in rows if r["method"] in ("dense", "dwf-structured") and "train_s" in r]
+    def label(r: dict) -> str:
+        return r["method"] if r["method"] == "dense" else f"{r['method']} {r['budget']:.0%}"
+
+    lines += ["", "Train time (s, whole fit, batch 256): " + "; ".join(
+        f"{r['model']} {r['opt']} {label(r)} {r['train_s']:.0f}" for r in train)]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, out.with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from benchmarks.harness.plots import pyplot, save
+
+    plt = pyplot()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    marks = {"dense": "k*", "dwf": "C0o", "dwf-structured": "C3s", "torch-pruning": "C2^", "ln-structured": "C1v"}
+    for ax, model in zip(axes[0], models, strict=True):
+        for method, mark in marks.items():
+            pts = [(r["us_b64"] / 1e3, r["acc"] * 100) for r in rows
+                   if r["model"] == model and r["method"] == method and "acc" in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), mark, label=method, alpha=0.8)
+        ax.set_title(model)
+        ax.set_xlabel("latency at batch 64 (ms)")
+        ax.set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    save(fig, path)
+
+
+if __name__ == "__main__":
+    main()
