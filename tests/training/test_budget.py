@@ -1,0 +1,43 @@
+"""The cost model of the shrunk model: its prediction equals the shrunk model's MACs and parameters exactly, and
+budget_masks meets a budget with as few groups dropped as possible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dwf import FactorizeConfig, collapse_, factorize_, gated_tensors, shrink_
+from lightning_dwf.training.budget import CostModel, budget_masks, layer_macs
+from lightning_dwf.training.support import zero_weights_
+
+pytest.importorskip("torch_pruning")
+
+from tests.inference.test_shrink import CASES, trained_like  # noqa: E402
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("measure, budget", [("macs", 0.5), ("macs", 0.2), ("params", 0.3)])
+def test_budget_masks_meet_the_budget_and_the_prediction_is_exact(case, measure, budget):
+    make, shape, exclude = CASES[case]
+    model = trained_like(make)
+    factorize_(model, 3, FactorizeConfig(structure="outputs", exclude=exclude))
+    x = torch.randn(*shape)
+    cost_model = CostModel(model, x)
+    tensors = gated_tensors(model)
+    masks = budget_masks(tensors, cost_model, budget, measure)
+    dropped = {name: ~keep for name, keep in masks.items()}
+    predicted = cost_model.cost(dropped, measure)
+    assert predicted <= budget * cost_model.dense[measure]
+    # one group fewer dropped would exceed the budget: the cut is tight
+    order = sorted((float(t.unit_magnitudes()[i] / t.unit_magnitudes().pow(2).mean().sqrt()), t.name, i)
+                   for t in tensors for i in range(t.groups) if dropped[t.name][i])
+    _, name, i = order[-1]
+    fewer = {n: d.clone() for n, d in dropped.items()}
+    fewer[name][i] = False
+    assert cost_model.cost(fewer, measure) > budget * cost_model.dense[measure]
+    zero_weights_(model, masks)
+    net = collapse_(model)
+    shrink_(net, x)
+    actual = sum(layer_macs(net, x).values()) if measure == "macs" else sum(p.numel() for p in net.parameters())
+    assert actual == predicted
+    assert cost_model.dense["params"] == sum(p.numel() for p in make().parameters())
