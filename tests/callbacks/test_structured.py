@@ -154,3 +154,12 @@ def test_an_unreachable_budget_is_refused_at_train_start(tmp_path):
         _fit(tmp_path, model, dwf, max_epochs=4)
     with pytest.raises(ValueError, match="budget"):
         BudgetConfig(1.5)
+
+
+def test_quantization_aware_finish_needs_unstructured_layers(tmp_path):
+    from lightning_dwf import QuantizeConfig
+
+    dwf = DWFCallback(depth=3, target_sparsity=0.5, quantize=QuantizeConfig(bits=4),
+                      factorize=FactorizeConfig(structure="outputs"))
+    with pytest.raises(Exception, match="gated"):
+        _fit(tmp_path, ToyModel(n=512), dwf, max_epochs=4)

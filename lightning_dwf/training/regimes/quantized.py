@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_dwf.config import QuantizeConfig
+from lightning_dwf.core.factorize import factorized_tensors
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.quantize import set_fake_quantization_, zero_quantized_zeros_
 from lightning_dwf.training.regimes.base import Regime, RunContext
@@ -39,8 +40,15 @@ class QuantizedFinish(Regime):
         """Start the inner regime and plan the finish's first step (a run resumed inside the finish enters it now).
 
         Raises:
-            ValueError: the run has no step budget.
+            ValueError: the run has no step budget, or no unstructured factorized tensor to quantize.
         """
+        if not factorized_tensors(ctx.module):
+            raise ValueError(
+                f"QuantizeConfig(bits={self.config.bits}) trains unstructured (elementwise) factorized weights on the "
+                "quantization grid, and this model has none: its layers are gated (structured DWF). Drop `quantize=` "
+                "(save_compressed(..., bits=...) still quantizes the shrunk model's weights) or factorize some layers "
+                "with structure 'elements'."
+            )
         self.inner.start(ctx)
         if not math.isfinite(ctx.total_steps):
             raise ValueError(
