@@ -6,9 +6,11 @@ The callback :class:`DWFCallback` orchestrates plain-PyTorch mechanics that also
 :func:`sparsity_report`, :func:`collapse_`, and the exports :func:`save_compressed` and :func:`save_decomposed`.
 
 The package in the order data flows (``docs/architecture.md``): ``core`` (math, parametrizations, factorize,
-collapse; structured DWF's gates in ``core.gating``), ``observe`` (reports, pictures), ``training`` (penalty, factor LR, regimes, controller, support cut,
-rollback), ``callbacks`` (the Lightning glue), ``export`` (the compressed file format) and ``decompose`` (the sparse
-quantized decomposition) and ``inference`` (physical shrink, sparse kernels). ``__all__`` lists the public surface; everything else stays importable from its module.
+collapse; structured DWF's gates in ``core.gating``), ``observe`` (reports, pictures), ``training`` (penalty, factor
+LR, regimes, controller, support cut, rollback, the shrunk model's cost), ``callbacks`` (the Lightning glue),
+``export`` (the compressed file format), ``decompose`` (the sparse quantized decomposition) and ``inference``
+(physical shrink, sparse kernels). ``__all__`` lists the public surface; everything else stays importable from its
+module.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ from lightning_dwf.core.factorize import (  # noqa: F401  (0.1 names)
     is_factorized,
 )
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD
+from lightning_dwf.core.gating import GatedTensor, gated_tensors
 from lightning_dwf.core.init import dwf_init_  # noqa: F401  (0.1 names, importable from their modules)
 from lightning_dwf.core.parametrization import HadamardProduct  # noqa: F401
 from lightning_dwf.decompose import (
@@ -53,7 +56,6 @@ from lightning_dwf.errors import (
     DWFWarning,
 )
 from lightning_dwf.export import CompressionReport, TensorSize, load_compressed, save_compressed
-from lightning_dwf.core.gating import GatedTensor, gated_tensors
 from lightning_dwf.inference.shrink import ShrinkReport, shrink_
 from lightning_dwf.inference.shrunk_io import load_shrunk, save_shrunk
 from lightning_dwf.observe.report import LayerSparsity, SparsityReport, sparsity_report

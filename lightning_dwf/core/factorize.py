@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -234,7 +234,9 @@ def factorize_(
     return names
 
 
-def _gate_layer(root: nn.Module, mod_name: str, layer: nn.Module, kind: str, depth: int, config: FactorizeConfig) -> str:
+def _gate_layer(
+    root: nn.Module, mod_name: str, layer: nn.Module, kind: str, depth: int, config: FactorizeConfig
+) -> str:
     """Gate one selected layer by ``kind`` (idempotent); returns the gated tensor's qualified name."""
     name, owner, pname, layout, coupled = gated_targets(root, mod_name, layer, kind, config.num_heads)
     if parametrize.is_parametrized(owner, pname):

@@ -35,7 +35,9 @@ def gate_scale(gates: Sequence[Tensor]) -> Tensor:
     return hadamard_product(gates)
 
 
-def balanced_gating(values: Sequence[Tensor], layouts: Sequence[GroupLayout], depth: int) -> tuple[list[Tensor], Tensor]:
+def balanced_gating(
+    values: Sequence[Tensor], layouts: Sequence[GroupLayout], depth: int
+) -> tuple[list[Tensor], Tensor]:
     """The balanced gating of a group's tensors: ``ω = w / ‖w_g‖^{(D−1)/D}`` for each tensor and gates
     ``‖w_g‖^{1/D}`` (the AM–GM minimizer of the L2 penalty for the same weights); the norm runs over all the
     tensors of a group. A zero group gets zero ω and zero gates."""
@@ -213,7 +215,8 @@ class GatedTensor:
 
 
 def _with_state(param: Tensor, states: Sequence[Mapping]) -> list[Tensor]:
-    return [param] + [v for s in states for v in s.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+    return [param] + [v for s in states for v in s.get(param, {}).values()
+                      if torch.is_tensor(v) and v.shape == param.shape]
 
 
 def relative_scores(magnitudes: Tensor) -> Tensor:

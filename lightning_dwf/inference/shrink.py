@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from lightning_dwf.errors import DWFError
 from lightning_dwf.inference.coupling import build_graph, channel_spaces, torch_pruning, zero_channels
 
+
 @dataclass(frozen=True)
 class ShrinkReport:
     """What :func:`shrink_` removed and what it measured.

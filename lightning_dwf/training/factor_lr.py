@@ -14,8 +14,8 @@ from torch.optim import Optimizer
 
 from lightning_dwf.config import FactorLRConfig
 from lightning_dwf.core.factorize import sparse_tensors
-from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.functional import auto_lr_multiplier, lam_to_weight_decay, lr_floor
+from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.training.penalty import FactorPenalty, effective_lr, penalty_kind, unwrap_optimizer
 
 

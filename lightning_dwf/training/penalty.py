@@ -41,8 +41,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_dwf.core.factorize import sparse_tensors
-from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
+from lightning_dwf.core.gating import GatedTensor
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (

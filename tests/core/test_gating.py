@@ -63,7 +63,8 @@ def test_gating_keeps_the_function_and_the_penalty_identity_holds_at_balance(dep
     if depth == 2:  # the group lasso: Σ_g ‖w_g‖₂
         t = gated_tensors(net)[1]
         rows = torch.cat([t.product(), net[4].bias[:, None]], dim=1).detach()
-        assert group_lasso_value(t.values(), [t.layout] * 2, 2) == pytest.approx(float(rows.norm(dim=1).sum()), rel=1e-5)
+        lasso = group_lasso_value(t.values(), [t.layout] * 2, 2)
+        assert lasso == pytest.approx(float(rows.norm(dim=1).sum()), rel=1e-5)
 
 
 def test_zero_gates_silence_the_group_and_collapse_matches_the_state_dict():
@@ -102,7 +103,8 @@ def test_support_operations_act_on_whole_groups():
     assert fix_support_(net, threshold, [opt]) == 3
     assert int((t.scale() == 0).sum()) == 3
     dead = t.scale() == 0
-    assert bool((opt.state[t.omega]["exp_avg"][dead] == 0).all()) and bool((opt.state[t.gates[0]]["exp_avg"][dead] == 0).all())
+    assert bool((opt.state[t.omega]["exp_avg"][dead] == 0).all())
+    assert bool((opt.state[t.gates[0]]["exp_avg"][dead] == 0).all())
     cut_to_sparsity_(net, 0.6, optimizers=[opt])
     assert int((t.scale() == 0).sum()) == 6 and int((t.product().abs().sum(1) == 0).sum()) == 6
 

@@ -95,8 +95,8 @@ class Budget(TargetSparsity):
                              "BudgetConfig(example_inputs=...) or set `self.example_input_array` in your module.")
         if self.cost_model is None:
             self.cost_model = CostModel(ctx.module, example)
-        floor = self.cost_model.cost({t.name: torch.ones(t.groups, dtype=torch.bool) for t in gated_tensors(ctx.module)},
-                                     self.config.measure) / self.cost_model.dense[self.config.measure]
+        everything = {t.name: torch.ones(t.groups, dtype=torch.bool) for t in gated_tensors(ctx.module)}
+        floor = self.cost_model.cost(everything, self.config.measure) / self.cost_model.dense[self.config.measure]
         if floor > self.config.budget:
             raise ValueError(
                 f"budget={self.config.budget:g} cannot be met: with every gated group removed (one channel kept per "
