@@ -14,6 +14,7 @@ group's output exactly zero and the group can be removed without changing the mo
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from torch.nn.utils import parametrize
 from lightning_dwf.core.functional import hadamard_product
 from lightning_dwf.core.groups import GroupLayout
 
+#: :meth:`GatedTensor.unit_magnitudes` by ω, with the parameters' versions it was computed at.
+_MAGNITUDES: dict[int, tuple[tuple[int, ...], Tensor]] = {}
 #: ``role`` codes of :meth:`GroupLayout.encode`: the gated tensor itself, or a tensor scaled by its gates.
 PRIMARY, COUPLED = 0, 1
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -172,10 +175,23 @@ class GatedTensor:
 
     def unit_magnitudes(self) -> Tensor:
         """Each group's RMS over all its weights (gated and coupled), shape ``(G,)``: the magnitude thresholds and cuts
-        compare (for a plain weight it is ``|w|``, so one threshold means the same for both kinds)."""
+        compare (for a plain weight it is ``|w|``, so one threshold means the same for both kinds).
+
+        ``‖w_g‖² = (γ_1 ⋯ γ_{D−1})² · ‖ω_g‖²``; the result is remembered until a parameter of the group changes (the
+        controller, the cut and the report read it at the same step)."""
+        params = self.factors
+        versions = tuple(p._version for p in params) + tuple(id(p) for p in params)
+        cached = _MAGNITUDES.get(id(self.omega))
+        if cached is not None and cached[0] == versions:
+            return cached[1]
         with torch.no_grad():
-            sq = sum(self.layout.grouped(v.detach()).float().pow(2).sum(dim=1) for v in self.values())
-            return (sq / self.entries).sqrt()
+            omegas = (self.omega, *(p for _, p in self.coupled))
+            sq = sum(self.layout.grouped(o.detach()).float().pow(2).sum(dim=1) for o in omegas)
+            result = (sq * self.scale().detach().float().pow(2) / self.entries).sqrt()
+        if id(self.omega) not in _MAGNITUDES:
+            weakref.finalize(self.omega, _MAGNITUDES.pop, id(self.omega), None)
+        _MAGNITUDES[id(self.omega)] = (versions, result)
+        return result
 
     @torch.no_grad()
     def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:

@@ -145,27 +145,28 @@ def budget_masks(
     Returns:
         ``{tensor name: keep mask (bool per group)}``.
     """
-    raw = {t.name: t.unit_magnitudes().detach().float().cpu() for t in tensors}
-    scores = {name: relative_scores(r) for name, r in raw.items()}
-    limit = budget * model.dense[measure]
-    order: list[tuple[float, str, int]] = []
-    always: dict[str, Tensor] = {}
-    for name, score in scores.items():
-        protected = torch.zeros_like(score, dtype=torch.bool)
-        forced = min(score.numel(), max(1, math.ceil(min_share * score.numel() - 1e-9))) if min_share else 0
+    names = [t.name for t in tensors]
+    raw = [t.unit_magnitudes().detach().float().cpu() for t in tensors]
+    sizes = [r.numel() for r in raw]
+    scores = torch.cat([relative_scores(r) for r in raw])
+    protected = torch.zeros(scores.numel(), dtype=torch.bool)
+    start = 0
+    for size, r in zip(sizes, raw, strict=True):
+        forced = min(size, max(1, math.ceil(min_share * size - 1e-9))) if min_share else 0
         if forced:
-            protected[torch.topk(score, forced).indices] = True
-        always[name] = (raw[name] < floor) & ~protected
-        order += [(float(score[i]), name, i) for i in range(score.numel()) if not protected[i] and not always[name][i]]
-    order.sort()
+            protected[start + torch.topk(r, forced).indices] = True
+        start += size
+    always = (torch.cat(raw) < floor) & ~protected
+    candidates = (~protected & ~always).nonzero().flatten()
+    order = candidates[torch.argsort(scores[candidates], stable=True)]
+    limit = budget * model.dense[measure]
 
     def dropped(k: int) -> dict[str, Tensor]:
-        masks = {n: a.clone() for n, a in always.items()}
-        for _, name, i in order[:k]:
-            masks[name][i] = True
-        return masks
+        mask = always.clone()
+        mask[order[:k]] = True
+        return dict(zip(names, torch.split(mask, sizes), strict=True))
 
-    low, high = 0, len(order)  # smallest k with cost(dropped(k)) <= limit (or all of them)
+    low, high = 0, order.numel()  # smallest k with cost(dropped(k)) <= limit (or all of them)
     while low < high:
         mid = (low + high) // 2
         if model.cost(dropped(mid), measure) <= limit:
