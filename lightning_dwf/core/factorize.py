@@ -16,6 +16,7 @@ from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig, Selection
 from lightning_dwf.core.functional import balanced_factors, hadamard_product
 from lightning_dwf.core.init import dwf_init_, resolve_init_std
 from lightning_dwf.core.parametrization import HadamardProduct
+from lightning_dwf.core.sharding import check_not_sharded
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,9 @@ def factorize_(
         Qualified names of the tensors that are factorized now (new and pre-existing).
 
     Raises:
-        ValueError: if nothing is selected, a pattern matches nothing, or a tensor is already
-            factorized with another depth.
+        ValueError: if nothing is selected, a pattern matches nothing, a tensor is already
+            factorized with another depth, or a selected weight is already sharded (a DTensor: factorize before
+            ``fully_shard``).
 
     Example:
         >>> from torch import nn
@@ -152,6 +154,7 @@ def factorize_(
             f"{[t.__name__ for t in config.layer_types or DEFAULT_LAYER_TYPES]} layer is selected. "
             "Check `layer_types`, `include`, `exclude` and `filter_fn` of the FactorizeConfig."
         )
+    check_not_sharded(targets)
     names = []
     for name, mod, pname in targets:
         if parametrize.is_parametrized(mod, pname):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.core.factorize import factorized_tensors
+from lightning_dwf.core.sharding import full_tensor, global_count, local_shard, local_tensor
 
 
 @torch.no_grad()
@@ -89,10 +90,13 @@ def cut_to_sparsity_(
 ) -> float:
     """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
 
+    Sharded factors (FSDP2): the cut is chosen on the gathered weights, so every rank keeps the same weights as an
+    unsharded run would, and each rank zeroes its own shards.
+
     Returns:
         The smallest surviving magnitude (absolute; ``inf`` if none survives): the effective cut threshold.
     """
-    weights = {t.name: t.product() for t in factorized_tensors(module)}
+    weights = {t.name: full_tensor(t.product()) for t in factorized_tensors(module)}
     masks = keep_masks(weights, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
     kept = [weights[n].abs()[m] for n, m in masks.items() if bool(m.any())]
@@ -127,8 +131,9 @@ def fix_support_(
         if tau is None:
             continue
         dead = tensor.product().abs() < tau
-        below += int(dead.count_nonzero())
-        _zero_entries_(tensor.factors, (dead & (tensor.factors[0] != 0)).nonzero(as_tuple=True), states)
+        below += global_count(dead)
+        alive = local_tensor(tensor.factors[0]) != 0
+        _zero_entries_(tensor.factors, (local_tensor(dead) & alive).nonzero(as_tuple=True), states)
     return below
 
 
@@ -152,14 +157,14 @@ def zero_weights_(
         mask = keep.get(tensor.name)
         if mask is None:
             continue
-        drop = (~mask).nonzero(as_tuple=True)
-        zeroed += int(drop[0].numel())
-        _zero_entries_(tensor.factors, drop, states)
+        zeroed += global_count(~mask)
+        _zero_entries_(tensor.factors, (~local_shard(mask, tensor.factors[0])).nonzero(as_tuple=True), states)
     return zeroed
 
 
 def _zero_entries_(factors: Sequence[Tensor], index: tuple[Tensor, ...], states: Sequence[Mapping]) -> None:
-    """Zero ``factors`` and their optimizer state tensors of the factors' shape at ``index`` (``nonzero`` tuple)."""
+    """Zero ``factors`` and their optimizer state tensors of the factors' shape at ``index`` (``nonzero`` tuple; of this
+    rank's shards when the factors are sharded)."""
     if not index or index[0].numel() == 0:
         return
     for factor in factors:
@@ -167,5 +172,5 @@ def _zero_entries_(factors: Sequence[Tensor], index: tuple[Tensor, ...], states:
             value for state in states for value in state.get(factor, {}).values()
             if torch.is_tensor(value) and value.shape == factor.shape
         ]
-        for target in targets:
+        for target in map(local_tensor, targets):
             target.index_put_(index, torch.zeros((), dtype=target.dtype, device=target.device))
