@@ -25,6 +25,7 @@ from torch import nn
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig
 from lightning_dwf.core.collapse import collapse_state_dict
 from lightning_dwf.core.factorize import factorize_, factorized_tensors
+from lightning_dwf.core.functional import fake_quantize, threshold_
 from lightning_dwf.core.sharding import SHARD_FIRST_FIX, sharded_parameter_names
 from lightning_dwf.export import CompressionReport
 from lightning_dwf.export.io import save_state
@@ -72,12 +73,21 @@ def full_collapsed_state_dict(module: nn.Module, threshold: float) -> dict[str, 
     """Gather ``module``'s state dict (on CPU) and collapse its factors at ``threshold`` (absolute), on rank zero.
 
     A collective: call it on every rank. Rank zero gets the full, plain state dict with the ordinary keys (loadable
-    into the user's class, strict); the other ranks get ``{}``.
+    into the user's class, strict); the other ranks get ``{}``. Weights that train through the fake quantizer (the
+    quantization-aware finish) are collapsed onto its grid, as :func:`~lightning_dwf.collapse_` collapses them.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    tensors = factorized_tensors(module)
+    bits = {t.name: t.module.parametrizations[t.param_name][0].quant_bits for t in tensors}
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return collapse_state_dict(full, threshold) if full else {}
+    if not full:
+        return {}
+    state = collapse_state_dict(full, 0.0)  # the products; thresholded below, after the quantizer like collapse_
+    for name, quant_bits in bits.items():
+        weight = fake_quantize(state[name], quant_bits) if quant_bits else state[name]
+        state[name] = threshold_(weight, threshold)
+    return state
 
 
 def save_collapsed_sharded(trainer: pl.Trainer, module: pl.LightningModule, state: dict[str, torch.Tensor],

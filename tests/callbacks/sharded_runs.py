@@ -18,7 +18,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HER
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from conftest import PLAIN_FACTOR_LR, ToyModel, build_net, trainer_kwargs  # noqa: E402
+from conftest import PLAIN_FACTOR_LR, ToyModel, build_net, toy_data, trainer_kwargs  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch import nn  # noqa: E402
@@ -28,11 +28,13 @@ from lightning_dwf import (  # noqa: E402
     CollapseConfig,
     DWFCallback,
     FactorLRConfig,
+    QuantizeConfig,
     ScheduleConfig,
+    factor_parameters,
     factorize_,
     factorized_tensors,
 )
-from lightning_dwf.core.sharding import is_sharded  # noqa: E402
+from lightning_dwf.core.sharding import is_sharded, local_tensor  # noqa: E402
 
 EPOCHS = 7  # 512 samples, batch 32, 2 ranks: 8 optimizer steps per epoch (56 in all)
 KILL_AT = 2  # the interrupted run stops at the end of this epoch (after 24 of 56 steps: before the recovery phase)
@@ -99,6 +101,22 @@ class KillAt(Callback):
             raise RuntimeError("killed")
 
 
+class PoisonOnce(Callback):
+    """Throws the first entry of the first factor to Inf before optimizer step ``at`` (a forced divergence); sharded,
+    only the rank holding that entry writes it."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.done = at, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at and not self.done:
+            self.done = True
+            factor = local_tensor(factor_parameters(pl_module)[0])
+            if not is_sharded(factor_parameters(pl_module)[0]) or trainer.global_rank == 0:
+                with torch.no_grad():
+                    factor.view(-1)[0] = math.inf
+
+
 class Curve(Callback):
     """λ after every step (as the regime left it)."""
 
@@ -111,6 +129,10 @@ class Curve(Callback):
 
 
 def dwf_for(mode: str) -> DWFCallback:
+    if mode == "quantize":  # the quantization-aware finish (4 bits) on top of target mode
+        return DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4),
+                           factor_lr=FactorLRConfig(check="off"), quantize=QuantizeConfig(bits=4, fraction=0.2),
+                           collapse=CollapseConfig(export=True))
     if mode == "lam":  # Adam: the decoupled penalty and the proximal step after each optimizer step
         return DWFCallback(depth=3, lam=0.5, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(export=True))
     return DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4),
@@ -135,7 +157,10 @@ def fit(out: str, name: str, kind: str, mode: str, model=None, callbacks=(), ckp
                                        callbacks=[dwf, curve, *callbacks], enable_checkpointing=False))
     trainer.fit(model, ckpt_path=ckpt_path)
     report = dwf.final_report
+    with torch.no_grad():  # the model as the fit leaves it (sharded: still factorized, zeros below the threshold)
+        outputs = model(toy_data(8, seed=2).tensors[0]).tolist()
     return {
+        "outputs": outputs, "rollbacks": dwf.rollbacks,
         "path": dwf.collapsed_checkpoint_path,
         "export": dwf.compression_report.path if dwf.compression_report else None,
         "sparsity": report.sparsity, "nonzero": report.nonzero, "numel": report.numel,
@@ -172,6 +197,10 @@ SCENARIOS = {
     "fsdp-target": lambda out: fit(out, "fsdp-target", "fsdp", "target"),
     "fsdp-resume-sharded": lambda out: killed_and_resumed(out, "fsdp-resume-sharded", "fsdp"),
     "fsdp-resume-full": lambda out: killed_and_resumed(out, "fsdp-resume-full", "fsdp-full"),
+    "ddp-rollback": lambda out: fit(out, "ddp-rollback", "ddp", "target", callbacks=[PoisonOnce(30)]),
+    "fsdp-rollback": lambda out: fit(out, "fsdp-rollback", "fsdp", "target", callbacks=[PoisonOnce(30)]),
+    "ddp-quantize": lambda out: fit(out, "ddp-quantize", "ddp", "quantize"),
+    "fsdp-quantize": lambda out: fit(out, "fsdp-quantize", "fsdp", "quantize"),
     "fsdp-late": lambda out: fit(out, "fsdp-late", "fsdp", "target", model=LateToy(lr=0.1, n=512)),
     "refuse-shard-first": lambda out: refused(out, "refuse-shard-first", "shard-first"),
     "refuse-not-factorized": lambda out: refused(out, "refuse-not-factorized", "no-factorize"),
