@@ -81,6 +81,8 @@ class LateToy(ToyModel):
             return
         torch.manual_seed(1)
         self.net = build_net("linear")
+        if self.device_mesh is None:  # `load_from_checkpoint` of the plain model calls this hook too
+            return
         if self.order == "factorize-first":
             factorize_(self.net, depth=3)
         shard(self)

@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import ToyModel, toy_data
 
-from lightning_dwf import load_compressed
+from lightning_dwf import factorized_tensors, load_compressed
+
+from .sharded_runs import LateToy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = [
@@ -98,13 +100,14 @@ def test_killed_run_resumes_to_the_same_end_state(runs, kind):
     assert resumed["lams"] == whole["lams"][-len(resumed["lams"]):]
 
 
-@pytest.mark.parametrize("name", ["fsdp-target", "fsdp-late"])
-def test_collapsed_checkpoint_loads_strictly_into_the_plain_class(runs, name):
+@pytest.mark.parametrize(("name", "cls"), [("fsdp-target", ToyModel), ("fsdp-late", ToyModel), ("fsdp-late", LateToy)])
+def test_collapsed_checkpoint_loads_strictly_into_the_plain_class(runs, name, cls):
     """The collapsed checkpoint is gathered to one plain state dict: the user's ordinary class loads it (strict),
-    without this package, and computes what the sharded model computed at fit end (layers built in ``__init__`` or in
-    ``configure_model``)."""
+    without this package, and computes what the sharded model computed at fit end (layers built in ``__init__``, or
+    in ``configure_model``, which ``load_from_checkpoint`` calls without a device mesh)."""
     result = runs[0][name]
-    model = ToyModel.load_from_checkpoint(result["path"])  # strict
+    model = cls.load_from_checkpoint(result["path"])  # strict
+    assert type(model) is cls and not factorized_tensors(model)
     state = torch.load(result["path"], weights_only=True)["state_dict"]
     assert set(state) == set(ToyModel().state_dict())
     assert not any("parametrizations" in k for k in state)
