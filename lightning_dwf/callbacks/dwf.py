@@ -42,7 +42,9 @@ class DWFCallback(FitResults, Callback):
     ``dwf/compression_ratio``, ``dwf/lam``, … go through ``LightningModule.log`` (loggers, ``ModelCheckpoint`` and
     ``EarlyStopping`` see them). At fit end the model is collapsed in place (exact zeros below ``collapse.threshold``)
     and written as a checkpoint that ``MyModule.load_from_checkpoint`` loads without this package. Invalid arguments
-    raise ``TypeError``/``ValueError`` here.
+    raise ``TypeError``/``ValueError`` here. Under ``ModelParallelStrategy`` (FSDP2) the factors are created before
+    ``configure_model`` shards them and the model stays sharded after fit; the collapsed checkpoint is gathered
+    (``docs/guides/distributed.md``, "Sharded training").
 
     Args:
         depth: number of factors D (>= 2; 3 recommended, 2 is the lasso).
@@ -129,6 +131,9 @@ class DWFCallback(FitResults, Callback):
             rank_zero_info(f"DWFCallback: factorized {len(names)} tensors with depth {self.depth} before "
                            "`configure_model` shards them." if names else "DWFCallback: no layer to factorize yet; "
                            "the tensors `configure_model` factorizes before sharding are adopted at fit start.")
+            if self._pictures.enabled:
+                rank_zero_info("DWFCallback: the per-step weight histograms are skipped under ModelParallelStrategy "
+                               "(they would need the full weights on rank zero alone); the fit-end figure is kept.")
             return
         if is_overridden("configure_model", pl_module):
             rank_zero_info("DWFCallback: calling `configure_model()` before factorizing, so that its layers exist "

@@ -9,7 +9,7 @@ identity on plain tensors, so the single-device and DDP paths run unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
@@ -19,8 +19,8 @@ except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
 
-__all__ = ["check_not_sharded", "full_tensor", "global_count", "is_sharded", "local_shard", "local_tensor",
-           "sharded_parameter_names", "SHARD_FIRST_FIX"]
+__all__ = ["SHARD_FIRST_FIX", "check_not_sharded", "full_tensor", "global_count", "global_sum", "is_sharded",
+           "local_shard", "local_tensor", "sharded_parameter_names"]
 
 #: How to factorize a model that is sharded (quoted by every error about it).
 SHARD_FIRST_FIX = (
@@ -60,6 +60,20 @@ def local_shard(full: Tensor, like: Tensor) -> Tensor:
 def global_count(mask: Tensor) -> int:
     """The number of True entries of ``mask`` over all ranks (a collective when ``mask`` is sharded)."""
     return int(full_tensor(mask.sum()))
+
+
+def global_sum(counts: Sequence[Tensor]) -> int:
+    """The sum of integer scalar tensors (e.g. ``mask.sum()`` of several masks) over all ranks, with one reduction per
+    device mesh when some are sharded (a collective then: call it on every rank with the same tensors)."""
+    total = 0
+    groups: dict[int, Tensor] = {}
+    for count in counts:
+        if is_sharded(count):
+            key = id(count.device_mesh)
+            groups[key] = groups[key] + count if key in groups else count  # partial sums add up without communication
+        else:
+            total += int(count)
+    return total + sum(int(full_tensor(group)) for group in groups.values())
 
 
 def sharded_parameter_names(module: nn.Module) -> list[str]:

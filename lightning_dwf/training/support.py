@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.core.factorize import factorized_tensors
-from lightning_dwf.core.sharding import full_tensor, global_count, local_shard, local_tensor
+from lightning_dwf.core.sharding import full_tensor, global_count, global_sum, local_shard, local_tensor
 
 
 @torch.no_grad()
@@ -125,16 +125,16 @@ def fix_support_(
         The number of weights below their threshold (zero now).
     """
     states = [opt.state for opt in optimizers]
-    below = 0
+    below: list[Tensor] = []  # counted at the end: one reduction over the ranks when sharded
     for tensor in factorized_tensors(module):
         tau = threshold.get(tensor.name) if isinstance(threshold, Mapping) else threshold
         if tau is None:
             continue
         dead = tensor.product().abs() < tau
-        below += global_count(dead)
+        below.append(dead.sum())
         alive = local_tensor(tensor.factors[0]) != 0
         _zero_entries_(tensor.factors, (local_tensor(dead) & alive).nonzero(as_tuple=True), states)
-    return below
+    return global_sum(below)
 
 
 @torch.no_grad()
