@@ -135,6 +135,9 @@ def dwf_for(mode: str) -> DWFCallback:
         return DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4),
                            factor_lr=FactorLRConfig(check="off"), quantize=QuantizeConfig(bits=4, fraction=0.2),
                            collapse=CollapseConfig(export=True))
+    if mode == "no-warmup":  # target mode without the factor LR warm-up (which would re-apply a restored LR scale)
+        return DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4),
+                           factor_lr=FactorLRConfig(check="off", warmup=0.0), collapse=CollapseConfig(export=True))
     if mode == "lam":  # Adam: the decoupled penalty and the proximal step after each optimizer step
         return DWFCallback(depth=3, lam=0.5, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(export=True))
     return DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4),
@@ -162,7 +165,7 @@ def fit(out: str, name: str, kind: str, mode: str, model=None, callbacks=(), ckp
     with torch.no_grad():  # the model as the fit leaves it (sharded: still factorized, zeros below the threshold)
         outputs = model(toy_data(8, seed=2).tensors[0]).tolist()
     return {
-        "outputs": outputs, "rollbacks": dwf.rollbacks,
+        "outputs": outputs, "rollbacks": dwf.rollbacks, "factor_lr_scale": dwf.factor_lr_scale,
         "path": dwf.collapsed_checkpoint_path,
         "export": dwf.compression_report.path if dwf.compression_report else None,
         "sparsity": report.sparsity, "nonzero": report.nonzero, "numel": report.numel,
@@ -172,14 +175,15 @@ def fit(out: str, name: str, kind: str, mode: str, model=None, callbacks=(), ckp
     }
 
 
-def killed_and_resumed(out: str, name: str, kind: str) -> dict:
+def killed_and_resumed(out: str, name: str, kind: str, mode: str = "target", poison_at: int | None = None) -> dict:
     path = os.path.join(out, name, "killed.ckpt")
+    poison = [PoisonOnce(poison_at)] if poison_at is not None else []
     try:
-        fit(out, name + "-killed", kind, "target", callbacks=[KillAt(KILL_AT, path)])
+        fit(out, name + "-killed", kind, mode, callbacks=[*poison, KillAt(KILL_AT, path)])
     except RuntimeError as err:
         if "killed" not in str(err):
             raise
-    result = fit(out, name, kind, "target", ckpt_path=path)
+    result = fit(out, name, kind, mode, ckpt_path=path)
     result["checkpoint_is_dir"] = os.path.isdir(path)
     return result
 
@@ -201,6 +205,10 @@ SCENARIOS = {
     "fsdp-resume-full": lambda out: killed_and_resumed(out, "fsdp-resume-full", "fsdp-full"),
     "ddp-rollback": lambda out: fit(out, "ddp-rollback", "ddp", "target", callbacks=[PoisonOnce(30)]),
     "fsdp-rollback": lambda out: fit(out, "fsdp-rollback", "fsdp", "target", callbacks=[PoisonOnce(30)]),
+    "fsdp-rollback-no-warmup": lambda out: fit(out, "fsdp-rollback-no-warmup", "fsdp", "no-warmup",
+                                               callbacks=[PoisonOnce(10)]),
+    "fsdp-resume-after-rollback": lambda out: killed_and_resumed(out, "fsdp-resume-after-rollback", "fsdp", "no-warmup",
+                                                                 poison_at=10),
     "ddp-quantize": lambda out: fit(out, "ddp-quantize", "ddp", "quantize"),
     "fsdp-quantize": lambda out: fit(out, "fsdp-quantize", "fsdp", "quantize"),
     "fsdp-late": lambda out: fit(out, "fsdp-late", "fsdp", "target", model=LateToy(lr=0.1, n=512)),

@@ -23,7 +23,8 @@ from .sharded_runs import LateToy
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = [
     "ddp-lam", "fsdp-lam", "ddp-target", "fsdp-target", "fsdp-resume-sharded", "fsdp-resume-full", "ddp-rollback",
-    "fsdp-rollback", "ddp-quantize", "fsdp-quantize", "fsdp-late", "refuse-shard-first", "refuse-not-factorized",
+    "fsdp-rollback", "fsdp-rollback-no-warmup", "fsdp-resume-after-rollback", "ddp-quantize", "fsdp-quantize",
+    "fsdp-late", "refuse-shard-first", "refuse-not-factorized",
 ]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -88,13 +89,18 @@ def test_fsdp2_ranks_agree(runs):
     assert rank0["fsdp-target"]["logged_sparsity"] == pytest.approx(rank0["fsdp-target"]["sparsity"])
 
 
-@pytest.mark.parametrize("kind", ["sharded", "full"])
-def test_killed_run_resumes_to_the_same_end_state(runs, kind):
+@pytest.mark.parametrize(("resumed", "whole"), [("fsdp-resume-sharded", "fsdp-target"),
+                                               ("fsdp-resume-full", "fsdp-target"),
+                                               ("fsdp-resume-after-rollback", "fsdp-rollback-no-warmup")])
+def test_killed_run_resumes_to_the_same_end_state(runs, resumed, whole):
     """Killed after 3 of 7 epochs (before the recovery phase), resumed from Lightning's distributed checkpoint (a
-    folder of shards) or a full one: the same collapsed weights, bit for bit, and the same λ from then on."""
+    folder of shards) or a full one: the same collapsed weights, bit for bit, and the same λ from then on. The strategy
+    restores the callback's state after fit start: the halved factor step of a rollback before the kill still holds
+    (no warm-up re-applies it)."""
     rank0, _ = runs
-    resumed, whole = rank0[f"fsdp-resume-{kind}"], rank0["fsdp-target"]
-    assert resumed["checkpoint_is_dir"] == (kind == "sharded")
+    resumed, whole = rank0[resumed], rank0[whole]
+    assert resumed["checkpoint_is_dir"] == ("full" not in resumed["path"])
+    assert (resumed["rollbacks"], resumed["factor_lr_scale"]) == (whole["rollbacks"], whole["factor_lr_scale"])
     a, b = collapsed(whole), collapsed(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["lams"] == whole["lams"][-len(resumed["lams"]):]
