@@ -23,10 +23,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig
-from lightning_dwf.core.collapse import collapse_state_dict
+from lightning_dwf.core.collapse import _FACTOR_KEY
 from lightning_dwf.core.factorize import factorize_, factorized_tensors
 from lightning_dwf.core.functional import fake_quantize, threshold_
-from lightning_dwf.core.sharding import SHARD_FIRST_FIX, sharded_parameter_names
+from lightning_dwf.core.sharding import SHARD_FIRST_FIX, full_tensor, sharded_parameter_names
 from lightning_dwf.export import CompressionReport
 from lightning_dwf.export.io import save_state
 from lightning_dwf.training.support import fix_support_
@@ -69,24 +69,35 @@ def adopt_factorized(module: nn.Module, depth: int) -> list[str]:
     return [t.name for t in tensors]
 
 
-def full_collapsed_state_dict(module: nn.Module, threshold: float) -> dict[str, torch.Tensor]:
-    """Gather ``module``'s state dict (on CPU) and collapse its factors at ``threshold`` (absolute), on rank zero.
+def full_collapsed_state_dict(module: nn.Module, threshold: float, rank: int) -> dict[str, torch.Tensor]:
+    """Gather ``module``'s state dict with its factors collapsed at ``threshold`` (absolute), to rank zero's CPU.
 
-    A collective: call it on every rank. Rank zero gets the full, plain state dict with the ordinary keys (loadable
-    into the user's class, strict); the other ranks get ``{}``. Weights that train through the fake quantizer (the
-    quantization-aware finish) are collapsed onto its grid, as :func:`~lightning_dwf.collapse_` collapses them.
+    A collective: call it on every rank. One tensor at a time, each factorized weight is multiplied out on the shards
+    and gathered as one weight (never its D factors); rank zero keeps it on the CPU, so it ends with the full, plain
+    state dict under the ordinary keys (loadable into the user's class, strict) and the other ranks with ``{}``.
+    Weights that train through the fake quantizer (the quantization-aware finish) are collapsed onto its grid, as
+    :func:`~lightning_dwf.collapse_` collapses them.
+
+    Args:
+        module: the sharded, factorized model. threshold: see above. rank: this process's global rank.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    tensors = factorized_tensors(module)
-    bits = {t.name: t.module.parametrizations[t.param_name][0].quant_bits for t in tensors}
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:
-        return {}
-    state = collapse_state_dict(full, 0.0)  # the products; thresholded below, after the quantizer like collapse_
-    for name, quant_bits in bits.items():
-        weight = fake_quantize(state[name], quant_bits) if quant_bits else state[name]
-        state[name] = threshold_(weight, threshold)
+    tensors = {t.name: t for t in factorized_tensors(module)}
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, value in module.state_dict().items():
+            match = _FACTOR_KEY.match(key)
+            if match is None:
+                value = full_tensor(value)
+            elif match["index"] == "0":  # the weight goes where its first factor was, as in collapse_state_dict
+                key = match["prefix"] + match["name"]
+                tensor = tensors[key]
+                bits = tensor.module.parametrizations[tensor.param_name][0].quant_bits
+                weight = full_tensor(tensor.product().detach())
+                value = threshold_(fake_quantize(weight, bits) if bits else weight, threshold)
+            else:
+                continue
+            if rank == 0:
+                state[key] = value.detach().cpu().clone()
     return state
 
 
@@ -138,7 +149,7 @@ def finish_sharded(trainer: pl.Trainer, module: pl.LightningModule, threshold: f
         The collapsed checkpoint's path and the export's report (None where not written).
     """
     fix_support_(module, threshold)
-    state = full_collapsed_state_dict(module, threshold)
+    state = full_collapsed_state_dict(module, threshold, trainer.global_rank)
     saved = save_collapsed_sharded(trainer, module, state, path) if save else None
     exported = export_collapsed_sharded(trainer, state, export_path, bits) if export_path else None
     return saved, exported
