@@ -3,21 +3,17 @@
 Elementwise math (the product, the penalty, the proximal step's comparison) works on DTensors as it is, shard by shard.
 Three things do not: ``nonzero``/``index_put_`` (the support's in-place zeroing, which needs plain local tensors),
 global selections (the target cut's top-k, which must see every rank's magnitudes so that every rank keeps the same
-weights) and Python numbers (a count must be summed over the ranks). These helpers do exactly those three, and are the
-identity on plain tensors, so the single-device and DDP paths run unchanged.
+weights) and Python numbers from reductions (``float(w.sum())`` of a DTensor is this rank's partial sum, silently:
+take ``float(full_tensor(w.sum()))``). These helpers do exactly those three, and are the identity on plain tensors, so
+the single-device and DDP paths run unchanged.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
-
-try:  # torch.distributed is optional in some builds (then nothing can be sharded)
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - builds without torch.distributed
-    DTensor = None  # type: ignore[assignment,misc]
-    distribute_tensor = None  # type: ignore[assignment]
 
 __all__ = ["SHARD_FIRST_FIX", "check_not_sharded", "full_tensor", "global_count", "global_sum", "is_sharded",
            "local_shard", "local_tensor", "sharded_parameter_names"]
@@ -30,8 +26,13 @@ SHARD_FIRST_FIX = (
 
 
 def is_sharded(tensor: object) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (a factor of a model sharded by ``fully_shard`` or tensor parallelism)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a ``DTensor`` (a factor of a model sharded by ``fully_shard`` or tensor parallelism).
+
+    Imports nothing: while ``torch.distributed.tensor`` is not imported, no tensor can be a DTensor (so that
+    ``import lightning_dwf`` does not pay for it).
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -54,6 +55,8 @@ def local_shard(full: Tensor, like: Tensor) -> Tensor:
         return full
     if is_sharded(full):
         return full.to_local()
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
