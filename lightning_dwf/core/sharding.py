@@ -10,13 +10,14 @@ the single-device and DDP paths run unchanged.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
 __all__ = ["SHARD_FIRST_FIX", "check_not_sharded", "full_tensor", "global_count", "global_sum", "is_sharded",
-           "local_shard", "local_tensor", "sharded_parameter_names"]
+           "local_shard", "local_tensor", "root_mean_square", "sharded_parameter_names"]
 
 #: How to factorize a model that is sharded (quoted by every error about it).
 SHARD_FIRST_FIX = (
@@ -77,6 +78,14 @@ def global_sum(counts: Sequence[Tensor]) -> int:
         else:
             total += int(count)
     return total + sum(int(full_tensor(group)) for group in groups.values())
+
+
+def root_mean_square(tensor: Tensor) -> float:
+    """``sqrt(mean(tensor²))`` over all ranks when ``tensor`` is sharded (a collective then), else computed exactly as
+    ``float(tensor.pow(2).mean().sqrt())``."""
+    if is_sharded(tensor):  # from the sum: a DTensor's mean of unevenly split shards would average the shards' means
+        return math.sqrt(float(full_tensor(tensor.pow(2).sum())) / tensor.numel())
+    return float(tensor.pow(2).mean().sqrt())
 
 
 def sharded_parameter_names(module: nn.Module) -> list[str]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_dwf.core.factorize import factorized_tensors, select_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
-from lightning_dwf.core.sharding import full_tensor
+from lightning_dwf.core.sharding import full_tensor, root_mean_square
 
 
 @dataclass(frozen=True)
@@ -230,9 +230,8 @@ def weight_scales(module: nn.Module) -> tuple[float, float]:
     target mode's default control threshold. Over all ranks when the factors are sharded.
     """
     weights = [t.product() for t in factorized_tensors(module)]
-    squares = [float(full_tensor(w.pow(2).sum())) for w in weights]
-    scale = max(math.sqrt(sq / w.numel()) for sq, w in zip(squares, weights, strict=True))
-    rms = math.sqrt(sum(squares) / sum(w.numel() for w in weights))
+    scale = max(root_mean_square(w) for w in weights)
+    rms = math.sqrt(sum(float(full_tensor(w.pow(2).sum())) for w in weights) / sum(w.numel() for w in weights))
     return scale, rms
 
 

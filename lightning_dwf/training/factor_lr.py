@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from lightning_dwf.config import FactorLRConfig
 from lightning_dwf.core.factorize import factorized_tensors
 from lightning_dwf.core.functional import auto_lr_multiplier, lam_to_weight_decay, lr_floor
-from lightning_dwf.core.sharding import full_tensor
+from lightning_dwf.core.sharding import root_mean_square
 from lightning_dwf.training.penalty import FactorPenalty, effective_lr, penalty_kind, unwrap_optimizer
 
 
@@ -29,8 +29,7 @@ def plan_multipliers(module: nn.Module, config: FactorLRConfig, depth: int, pena
         if config.multiplier != "auto":
             out[tensor.name] = float(config.multiplier)
             continue
-        weight = tensor.product().float()
-        rms = math.sqrt(float(full_tensor(weight.pow(2).sum())) / weight.numel())  # over all ranks when sharded
+        rms = root_mean_square(tensor.product().float())
         out[tensor.name] = auto_lr_multiplier(rms, depth, penalty.kind_of(tensor.factors[0]))
     return out
 
