@@ -14,7 +14,8 @@ import sys
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
+if __name__ == "__main__":  # run by torchrun: conftest (tests/) and this checkout's lightning_dwf come first
+    sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
