@@ -21,6 +21,7 @@ from lightning_dwf.callbacks.checkpoint import FACTORIZED_STATE_KEY, collapse_ch
 from lightning_dwf.callbacks.finish import finish_fit
 from lightning_dwf.callbacks.guards import check_amp_optimizers, check_learning_rate_result, check_trainer
 from lightning_dwf.callbacks.results import FitResults
+from lightning_dwf.callbacks.sharded import adopt_factorized, factorize_before_sharding, is_model_parallel
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, QuantizeConfig, ScheduleConfig
 from lightning_dwf.core.factorize import factorize_
 from lightning_dwf.export import CompressionReport
@@ -41,7 +42,9 @@ class DWFCallback(FitResults, Callback):
     ``dwf/compression_ratio``, ``dwf/lam``, … go through ``LightningModule.log`` (loggers, ``ModelCheckpoint`` and
     ``EarlyStopping`` see them). At fit end the model is collapsed in place (exact zeros below ``collapse.threshold``)
     and written as a checkpoint that ``MyModule.load_from_checkpoint`` loads without this package. Invalid arguments
-    raise ``TypeError``/``ValueError`` here.
+    raise ``TypeError``/``ValueError`` here. Under ``ModelParallelStrategy`` (FSDP2) the factors are created before
+    ``configure_model`` shards them and the model stays sharded after fit; the collapsed checkpoint is gathered
+    (``docs/guides/distributed.md``, "Sharded training").
 
     Args:
         depth: number of factors D (>= 2; 3 recommended, 2 is the lasso).
@@ -109,6 +112,8 @@ class DWFCallback(FitResults, Callback):
         self._restored: dict[str, Any] | None = None
         self._fits_collapsed = 0
         self._last_logged_step = -1
+        self._sharded = False  # ModelParallelStrategy (FSDP2): callbacks/sharded.py
+        self._rebind = False  # state restored after the penalty was bound (strategies that restore after setup)
 
     # ----------------------------------------------------------------- hooks
     @override
@@ -120,6 +125,16 @@ class DWFCallback(FitResults, Callback):
         check_trainer(trainer, pl_module)
         self._run = None
         self._ensure_run()
+        self._sharded = is_model_parallel(trainer)
+        if self._sharded:  # `configure_model` shards after this: factorize what exists now, adopt the rest at fit start
+            names = factorize_before_sharding(pl_module, self.depth, self.factorize)
+            rank_zero_info(f"DWFCallback: factorized {len(names)} tensors with depth {self.depth} before "
+                           "`configure_model` shards them." if names else "DWFCallback: no layer to factorize yet; "
+                           "the tensors `configure_model` factorizes before sharding are adopted at fit start.")
+            if self._pictures.enabled:
+                rank_zero_info("DWFCallback: the per-step weight histograms are skipped under ModelParallelStrategy "
+                               "(they would need the full weights on rank zero alone); the fit-end figure is kept.")
+            return
         if is_overridden("configure_model", pl_module):
             rank_zero_info("DWFCallback: calling `configure_model()` before factorizing, so that its layers exist "
                            "(it must be idempotent).")
@@ -135,6 +150,8 @@ class DWFCallback(FitResults, Callback):
         """Bind the penalty to the optimizers ``configure_optimizers`` returned, and check precision."""
         self.sparsity_curve = []
         check_amp_optimizers(trainer)
+        if self._sharded:
+            self.factorized_names = adopt_factorized(pl_module, self.depth)
         run = self._ensure_run()
         neutralized = run.bind(pl_module, trainer.optimizers, trainer.global_step, trainer.estimated_stepping_batches)
         if neutralized:
@@ -147,6 +164,10 @@ class DWFCallback(FitResults, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start the regime and check the factor LR (after a resume restored state)."""
         assert self._run is not None
+        if self._rebind:  # the strategy restored our state after `on_fit_start` bound the penalty: bind it again
+            self._rebind = False
+            self._run.close()
+            self._run.bind(pl_module, trainer.optimizers, trainer.global_step, trainer.estimated_stepping_batches)
         try:
             result = self._run.start(pl_module, trainer.optimizers, trainer.global_step,
                                      trainer.estimated_stepping_batches)
@@ -178,7 +199,7 @@ class DWFCallback(FitResults, Callback):
                                      not (torch.is_tensor(loss) and not bool(torch.isfinite(loss)))):
             return
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if self._pictures.histograms_due(step, every):
+        if self._pictures.histograms_due(step, every) and not self._sharded:  # rank-zero pictures need full tensors
             log_weight_histograms(trainer.loggers, pl_module, step)
         if step == self._last_logged_step or not (step % every == 0 or trainer.is_last_batch):
             return
@@ -223,13 +244,20 @@ class DWFCallback(FitResults, Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         """Collapsed weights in ``state_dict`` (loadable into the plain class), factors under
-        ``checkpoint["dwf_factorized_state_dict"]`` for an exact resume (the pattern of Lightning's WeightAveraging)."""
+        ``checkpoint["dwf_factorized_state_dict"]`` for an exact resume (the pattern of Lightning's WeightAveraging).
+        Sharded (ModelParallelStrategy): the checkpoint keeps the factors as they are (the strategy saves the sharded
+        or gathered state dict itself); the collapsed checkpoint written at fit end is the plain one."""
+        if self._sharded:
+            return
         collapse_checkpoint(checkpoint, self._run.zero_threshold() if self._run else self.collapse.threshold)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        """On resume, reload the exact factors (the collapsed ``state_dict`` was loaded as balanced factors before)."""
+        """On resume, reload the exact factors (the collapsed ``state_dict`` was loaded as balanced factors before).
+        Sharded: the strategy has loaded the factors already."""
+        if self._sharded:
+            return
         restore_factors(pl_module, checkpoint)
 
     @override
@@ -246,3 +274,4 @@ class DWFCallback(FitResults, Callback):
             self._restored = dict(state_dict)
         else:
             self._run.load_state_dict(state_dict)
+            self._rebind = self._run.penalty is not None

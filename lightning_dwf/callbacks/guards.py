@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_dwf.errors import DWFLearningRateWarning
 from lightning_dwf.training.factor_lr import LearningRateCheck
 
-_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_SHARDED_ALTERNATIVE = ("Use strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+                        "`fully_shard` in `configure_model` (FSDP2: docs/guides/distributed.md, 'Sharded training'), "
+                        "or strategy='ddp'.")
+#: Strategies DWF refuses, and why.
+UNSUPPORTED_STRATEGIES: dict[type, str] = {
+    FSDPStrategy: "FSDP1 shards a flattened concatenation of the parameters, so the D factors of one weight are cut at "
+                  "different places on each rank and their elementwise product, the proximal step and the support "
+                  "cut cannot be computed shard by shard",
+    DeepSpeedStrategy: "DeepSpeed builds, partitions and steps the optimizer itself (ZeRO), outside the optimizer "
+                       "hooks in which DWF applies its penalty, and partitions the factors like FSDP1",
+}
 _AVERAGING = "it averages the factors, and the product of averaged factors is not the average of the weights"
 #: Callbacks that cannot compose with DWF, and why.
 INCOMPATIBLE_CALLBACKS: dict[type[Callback], str] = {
@@ -24,16 +34,16 @@ INCOMPATIBLE_CALLBACKS: dict[type[Callback], str] = {
 
 
 def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Refuse sharded strategies, true half precision, a compiled LightningModule and incompatible callbacks.
+    """Refuse FSDP1 and DeepSpeed, true half precision, a compiled LightningModule and incompatible callbacks.
 
     Raises:
         MisconfigurationException: naming the problem and what to use instead.
     """
-    if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
-        raise MisconfigurationException(
-            f"DWFCallback does not support {type(trainer.strategy).__name__} yet: sharded parameters break the "
-            "elementwise factor product and the in-place collapse. Use strategy='ddp' (or a single device)."
-        )
+    for cls, why in UNSUPPORTED_STRATEGIES.items():
+        if isinstance(trainer.strategy, cls):
+            raise MisconfigurationException(
+                f"DWFCallback does not support {type(trainer.strategy).__name__}: {why}. {_SHARDED_ALTERNATIVE}"
+            )
     precision = str(trainer.precision)
     if precision in ("16-true", "bf16-true"):
         raise MisconfigurationException(

@@ -25,6 +25,7 @@ from lightning_dwf.core.gating import (
 )
 from lightning_dwf.core.init import dwf_init_, resolve_init_std
 from lightning_dwf.core.parametrization import HadamardProduct
+from lightning_dwf.core.sharding import check_not_sharded, global_count, is_sharded, local_shard, local_tensor
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,19 @@ class FactorizedTensor:
     @torch.no_grad()
     def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
         """Zero all D factors of the weights where ``drop`` (bool, the tensor's shape), with their optimizer state
-        tensors of the factors' shape; returns the number of weights dropped."""
-        index = drop.nonzero(as_tuple=True)
+        tensors of the factors' shape; returns the number of weights dropped (over all ranks).
+
+        Sharded factors (FSDP2): ``drop`` is either sharded like them or the whole mask (equal on every rank); each
+        rank zeroes its own shards."""
+        local = local_tensor(drop) if is_sharded(drop) else local_shard(drop, self.factors[0])
+        index = local.nonzero(as_tuple=True)
         if index[0].numel():
             for factor in self.factors:
                 for target in [factor] + [v for s in states for v in s.get(factor, {}).values()
                                           if torch.is_tensor(v) and v.shape == factor.shape]:
+                    target = local_tensor(target)
                     target.index_put_(index, torch.zeros((), dtype=target.dtype, device=target.device))
-        return int(index[0].numel())
+        return global_count(drop) if is_sharded(drop) else int(index[0].numel())
 
 
 def factorized_tensors(module: nn.Module) -> list[FactorizedTensor]:
@@ -178,8 +184,9 @@ def factorize_(
         Qualified names of the tensors that are factorized now (new and pre-existing).
 
     Raises:
-        ValueError: if nothing is selected, a pattern matches nothing, or a tensor is already
-            factorized with another depth.
+        ValueError: if nothing is selected, a pattern matches nothing, a tensor is already
+            factorized with another depth, or a selected weight is already sharded (a DTensor: factorize before
+            ``fully_shard``).
 
     Example:
         >>> from torch import nn
@@ -205,6 +212,7 @@ def factorize_(
             f"{[t.__name__ for t in config.layer_types or DEFAULT_LAYER_TYPES]} layer is selected. "
             "Check `layer_types`, `include`, `exclude` and `filter_fn` of the FactorizeConfig."
         )
+    check_not_sharded(targets)
     names = []
     for name, mod, pname in targets:
         mod_name = name[: -len(pname) - 1] if name != pname else ""

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_dwf.core.factorize import factorized_tensors, select_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
 from lightning_dwf.core.gating import gated_tensors, group_lasso_value
+from lightning_dwf.core.sharding import full_tensor, root_mean_square
 
 
 @dataclass(frozen=True)
@@ -231,10 +232,11 @@ def sparsity_report(
         factors = t.factors
         counted.update(id(f) for f in factors)
         w = t.product()
-        finite = finite and bool(torch.isfinite(w).all())
+        finite = finite and _all_finite(w)
         layers.append(LayerSparsity(
             t.name, tuple(w.shape), w.numel(), count_nonzero(w, threshold),
-            t.depth, float(l2d_quasinorm(w, t.depth)), float(factor_sq_norm(factors)) / t.depth,
+            t.depth, float(full_tensor(l2d_quasinorm(w, t.depth))),
+            float(full_tensor(factor_sq_norm(factors))) / t.depth,
         ))
     for g in gated_tensors(module):
         counted.update(id(f) for f in g.factors)
@@ -250,14 +252,14 @@ def sparsity_report(
         for name, mod, pname in select_tensors(module):
             w = getattr(mod, pname)
             counted.add(id(w))
-            l2d = float(l2d_quasinorm(w, depth)) if depth else None
+            l2d = float(full_tensor(l2d_quasinorm(w, depth))) if depth else None
             layers.append(LayerSparsity(
                 name, tuple(w.shape), w.numel(), count_nonzero(w, threshold),
                 depth, l2d, l2d,
             ))
     rest = [p for p in module.parameters() if id(p) not in counted]
     total_params = sum(layer.numel for layer in layers) + sum(p.numel() for p in rest)
-    total_nonzero = sum(layer.nonzero for layer in layers) + sum(int(p.count_nonzero()) for p in rest)
+    total_nonzero = sum(layer.nonzero for layer in layers) + sum(count_nonzero(p, 0.0) for p in rest)
     return SparsityReport(layers, threshold, lam, total_params, total_nonzero, finite)
 
 
@@ -266,9 +268,14 @@ def weight_scales(module: nn.Module) -> tuple[float, float]:
     """``(largest per-tensor RMS, global RMS)`` of the collapsed factorized weights of ``module``.
 
     The first is the magnitude an unsupported weight shrinks from (the LR floor's ``init_std``); the second sets
-    target mode's default control threshold.
+    target mode's default control threshold. Over all ranks when the factors are sharded.
     """
     weights = [t.product() for t in factorized_tensors(module)] + [v for g in gated_tensors(module) for v in g.values()]
-    scale = max(float(w.pow(2).mean().sqrt()) for w in weights)
-    rms = math.sqrt(sum(float(w.pow(2).sum()) for w in weights) / sum(w.numel() for w in weights))
+    scale = max(root_mean_square(w) for w in weights)
+    rms = math.sqrt(sum(float(full_tensor(w.pow(2).sum())) for w in weights) / sum(w.numel() for w in weights))
     return scale, rms
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite, over all ranks when it is sharded."""
+    return not int(full_tensor((~torch.isfinite(tensor)).sum()))

@@ -16,6 +16,7 @@ from lightning_dwf.config import FactorLRConfig
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import auto_lr_multiplier, lam_to_weight_decay, lr_floor
 from lightning_dwf.core.gating import GatedTensor
+from lightning_dwf.core.sharding import root_mean_square
 from lightning_dwf.training.penalty import FactorPenalty, effective_lr, penalty_kind, unwrap_optimizer
 
 
@@ -36,7 +37,7 @@ def plan_multipliers(module: nn.Module, config: FactorLRConfig, depth: int, pena
             norm = float((tensor.unit_magnitudes().pow(2).mean() * tensor.entries).sqrt())
             out[tensor.name] = auto_lr_multiplier(norm / 2.0, depth, kind) if kind == "gradient" else 1.0
             continue
-        rms = float(tensor.product().float().pow(2).mean().sqrt())
+        rms = root_mean_square(tensor.product().float())
         out[tensor.name] = auto_lr_multiplier(rms, depth, kind)
     return out
 

@@ -43,6 +43,7 @@ from torch.optim import Optimizer
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
 from lightning_dwf.core.gating import GatedTensor
+from lightning_dwf.core.sharding import local_tensor
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -285,10 +286,10 @@ class FactorPenalty:
         if saved is None:
             return
         by_multiplier: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for p, m, before in saved:
+        for p, m, before in saved:  # elementwise: on this rank's shards when sharded (no foreach copy for DTensors)
             params, befores = by_multiplier.setdefault(m, ([], []))
-            params.append(p)
-            befores.append(before)
+            params.append(local_tensor(p))
+            befores.append(local_tensor(before))
         for m, (params, befores) in by_multiplier.items():  # p = before + m·(after − before)
             torch._foreach_lerp_(befores, params, m)
             torch._foreach_copy_(params, befores)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_dwf.core.sharding import full_tensor
 from lightning_dwf.errors import DWFDivergenceError, divergence_message, rollback_message
 from lightning_dwf.training.penalty import unwrap_optimizer
 
@@ -75,7 +76,7 @@ class Rollback:
         Raises:
             DWFDivergenceError: no rollback is left, or there is no finite state to go back to.
         """
-        bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = [name for name, p in module.named_parameters() if int(full_tensor((~torch.isfinite(p)).sum()))]
         if not bad:
             return False
         if self.count >= self.allowed or self.snapshot.step < 0:

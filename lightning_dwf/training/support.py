@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
 from lightning_dwf.core.gating import GatedTensor, relative_scores
+from lightning_dwf.core.sharding import full_tensor, global_sum
 
 
 @torch.no_grad()
@@ -91,13 +92,15 @@ def cut_to_sparsity_(
     """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
 
     Units are weights of factorized tensors and groups of gated ones (by their RMS relative to their tensor's,
-    :func:`~lightning_dwf.core.gating.relative_scores`); ``target`` is the fraction of units cut.
+    :func:`~lightning_dwf.core.gating.relative_scores`); ``target`` is the fraction of units cut. Sharded factors
+    (FSDP2): the cut is chosen on the gathered weights, so every rank keeps the same weights as an unsharded run would,
+    and each rank zeroes its own shards.
 
     Returns:
         The smallest surviving magnitude (absolute; ``inf`` if none survives): the effective cut threshold.
     """
     tensors = sparse_tensors(module)
-    weights = {t.name: t.unit_magnitudes() for t in tensors}
+    weights = {t.name: full_tensor(t.unit_magnitudes()) for t in tensors}
     # groups are ranked relative to their tensor's scale (a BatchNorm's channels and a Linear layer's rows differ by
     # orders of magnitude); those below the floor stay out
     scores = {t.name: relative_scores(weights[t.name]).masked_fill(weights[t.name] < floor, 0.0)
@@ -130,16 +133,16 @@ def fix_support_(
         The number of weights below their threshold (zero now).
     """
     states = [opt.state for opt in optimizers]
-    below = 0
+    below: list[Tensor] = []  # counted at the end: one reduction over the ranks when sharded
     for tensor in sparse_tensors(module):
         tau = threshold.get(tensor.name) if isinstance(threshold, Mapping) else threshold
         if tau is None:
             continue
         dead = tensor.unit_magnitudes() < tau
-        below += int(dead.count_nonzero())
-        tensor.zero_units_(dead & (tensor.factors[0] != 0 if isinstance(tensor, FactorizedTensor)
-                                   else tensor.gates[0] != 0), states)
-    return below
+        below.append(dead.sum())
+        alive = tensor.factors[0] != 0 if isinstance(tensor, FactorizedTensor) else tensor.gates[0] != 0
+        tensor.zero_units_(dead & alive, states)
+    return global_sum(below)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from conftest import PLAIN_FACTOR_LR, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelPruning, StochasticWeightAveraging
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_dwf import DWFCallback, FactorizeConfig, factorize_, factorized_tensors
@@ -42,14 +42,17 @@ def test_bad_setups_raise_in_setup(tmp_path):
         dwf.setup(trainer, ToyModel(), "fit")
 
 
-@pytest.mark.parametrize("strategy_cls", [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy])
-def test_sharded_strategies_are_refused_in_setup(strategy_cls):
+@pytest.mark.parametrize(("strategy_cls", "why"), [(FSDPStrategy, "flattened concatenation"),
+                                                   (DeepSpeedStrategy, "steps the optimizer itself")])
+def test_fsdp1_and_deepspeed_are_refused_in_setup(strategy_cls, why):
+    """FSDP1 and DeepSpeed are refused with the reason and the supported alternative (FSDP2 through
+    ModelParallelStrategy, tested in test_sharded.py)."""
     strategy = strategy_cls.__new__(strategy_cls)  # no CUDA, no deepspeed needed: setup only looks at the type
     dwf = DWFCallback(depth=3, lam=0.1)
     model = ToyModel()
     with pytest.raises(
         MisconfigurationException,
-        match=rf"does not support {strategy_cls.__name__} yet: sharded parameters .* Use strategy='ddp'",
+        match=rf"does not support {strategy_cls.__name__}: .*{why}.* Use strategy=ModelParallelStrategy\(.*fully_shard",
     ):
         dwf.setup(SimpleNamespace(strategy=strategy), model, "fit")
     assert not factorized_tensors(model)
