@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_dwf.core.factorize import factorized_tensors, select_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
-from lightning_dwf.core.gating import gated_tensors, group_lasso_value
+from lightning_dwf.core.gating import gated_tensors
 from lightning_dwf.core.sharding import full_tensor, root_mean_square
 
 
@@ -240,13 +240,13 @@ def sparsity_report(
         ))
     for g in gated_tensors(module):
         counted.update(id(f) for f in g.factors)
-        values = g.values()
-        finite = finite and all(bool(torch.isfinite(v).all()) for v in values)
-        live = int((g.unit_magnitudes() >= threshold).sum()) if threshold > 0 else int((g.scale() != 0).sum())
+        rms = g.unit_magnitudes()  # non-finite weights make their group's RMS non-finite
+        finite = finite and bool(torch.isfinite(rms).all())
+        live = int((rms >= threshold).sum()) if threshold > 0 else int((g.scale() != 0).sum())
+        norms = (rms.double().pow(2) * g.entries).sqrt()
         layers.append(LayerSparsity(
-            g.name, tuple(values[0].shape), g.entries * g.groups, live * g.entries, g.depth,
-            group_lasso_value(values, [g.layout] * len(values), g.depth),
-            float(factor_sq_norm(g.factors)) / g.depth, g.groups, live,
+            g.name, tuple(g.omega.shape), g.entries * g.groups, live * g.entries, g.depth,
+            float(norms.pow(2.0 / g.depth).sum()), float(factor_sq_norm(g.factors)) / g.depth, g.groups, live,
         ))
     if not layers:
         for name, mod, pname in select_tensors(module):

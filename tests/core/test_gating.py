@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_dwf import FactorizeConfig, collapse_, collapse_state_dict, factor_parameters, factorize_, gated_tensors
+from lightning_dwf import (
+    FactorizeConfig,
+    collapse_,
+    collapse_state_dict,
+    factor_parameters,
+    factorize_,
+    gated_tensors,
+    sparsity_report,
+)
 from lightning_dwf.core.gating import group_lasso_value
 from lightning_dwf.core.groups import GroupLayout
 from lightning_dwf.training.support import cut_to_sparsity_, fix_support_
@@ -60,6 +68,9 @@ def test_gating_keeps_the_function_and_the_penalty_identity_holds_at_balance(dep
         factor_sq = sum(float(p.detach().double().pow(2).sum()) for p in t.factors)
         assert factor_sq / depth == pytest.approx(group, rel=1e-5)
         assert abs(t.misalignment()) < 1e-5 * group
+        layer = next(entry for entry in sparsity_report(net).layers if entry.name == t.name)
+        assert layer.l2d == pytest.approx(group, rel=1e-5) and layer.misalignment < 1e-5 * group
+        assert layer.groups == t.groups and layer.numel == t.entries * t.groups
     if depth == 2:  # the group lasso: Σ_g ‖w_g‖₂
         t = gated_tensors(net)[1]
         rows = torch.cat([t.product(), net[4].bias[:, None]], dim=1).detach()
