@@ -67,6 +67,11 @@ SCOPE = {
 }
 BATCHES = (1, 64)
 BATCH_SIZE = 256
+#: ``use_sparse_kernels_``'s measuring time per layer and batch size (s).
+KERNEL_RUN_TIME = 0.2
+#: Bisection steps of the peers' search for the channel fraction that fits a budget (the last step's precision:
+#: 2^-steps of the range).
+BISECTION_STEPS = 12
 
 
 def in_scope(name: str, model: str) -> bool:
@@ -113,7 +118,7 @@ def uniform_amount(net: nn.Module, model: str, x: torch.Tensor, budget: float) -
         return cost(trial, x)["macs"]
 
     low, high = 0.0, 0.99
-    for _ in range(12):
+    for _ in range(BISECTION_STEPS):
         mid = (low + high) / 2
         if macs_at(mid) <= budget * dense:
             high = mid
@@ -191,7 +196,7 @@ def torch_pruning_run(cfg: dict, data: ImageData, x: torch.Tensor) -> tuple[nn.M
         return trial
 
     low, high = 0.0, 0.99
-    for _ in range(10):
+    for _ in range(BISECTION_STEPS):
         mid = (low + high) / 2
         if cost(pruned(mid), x)["macs"] <= cfg["budget"] * dense:
             high = mid
@@ -240,7 +245,7 @@ def train_cell(cfg: dict, data: ImageData, dense: dict[str, nn.Module]) -> tuple
         module, seconds = fit(cfg, data, [dwf])
         net = module.net.eval()
         kernels = copy.deepcopy(net)
-        report = use_sparse_kernels_(kernels, batch_sizes=BATCHES, min_run_time=0.2)
+        report = use_sparse_kernels_(kernels, batch_sizes=BATCHES, min_run_time=KERNEL_RUN_TIME)
         nets["csr"] = kernels
         extra["csr_layers"] = list(report.swapped)
         extra["sparsity"] = measure_net(net, data)["sparsity"]

@@ -449,3 +449,36 @@ def test_factor_lr_plan_callback_and_table():
     assert deep["depth"] == 4 and methods.cell_callbacks(deep)[0].depth == 4  # D = 3 configs carry no depth key
     (line,) = factor_lr.table([row(deep, 0.5)], reference).splitlines()[2:]
     assert "| 99.5 % | 4 | ×2.5 | 50.00 | — | 40.00 | 70.00 | — |" in line  # seed 0's matrix rows beside it
+
+
+def test_structured_speed_cells_run_on_a_small_subset(tmp_path, monkeypatch):
+    """Every method of the structured speed benchmark trains, hits the MACs budget (the peers by their own search) and
+    is timed against dense; the report renders a table row. A few hundred images, one epoch, tiny timing runs."""
+    import torch
+
+    from benchmarks import structured_speed as ss
+    from examples.data import ImageData
+
+    torch.manual_seed(0)
+    data = ImageData("tiny", torch.rand(512, 1, 28, 28), torch.arange(512) % 10, torch.rand(64, 1, 28, 28),
+                     torch.randint(0, 10, (64,)))
+    monkeypatch.setattr(ss, "BATCH_SIZE", 16)  # 64 optimizer steps: enough for target mode's schedule
+    monkeypatch.setattr(ss, "KERNEL_RUN_TIME", 0.01)
+    monkeypatch.setattr(ss, "BISECTION_STEPS", 5)
+    dense: dict = {}
+    rows, nets = [], []
+    for method in ("dense", "dwf-structured", "torch-pruning", "ln-structured", "dwf"):
+        cfg = dict(model="lenet300", opt="adamw", method=method, budget=1.0 if method == "dense" else 0.25,
+                   epochs=2, seed=0)
+        row, made = ss.train_cell(cfg, data, dense)
+        rows.append(row)
+        nets.append(made)
+        if method in ("dwf-structured", "torch-pruning", "ln-structured"):
+            assert row["macs"] <= 0.25 * row["dense_macs"]
+    ss.time_group(rows, nets, dense["adamw"], data, min_run_time=0.01, rounds=1)
+    assert all(r["speedup_b64"] > 0 for r in rows) and "csr_speedup_b1" in rows[-1]
+    out = tmp_path / "speed.jsonl"
+    store.append_rows(out, [r | dict(threads=1, machine="x", dataset="tiny", versions={"torch": "x"}) for r in rows])
+    monkeypatch.setattr(ss, "plot", lambda rows, path: None)
+    ss.write_report(out)
+    assert "| lenet300 | adamw | 25% |" in out.with_suffix(".md").read_text()

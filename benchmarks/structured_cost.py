@@ -1,0 +1,59 @@
+"""Train time of structured DWF against dense, side by side in one process.
+
+    python -m benchmarks.structured_cost                      # results/structured_cost.md
+    python -m benchmarks.structured_cost --models lenet300 --rounds 3 --epochs 1
+
+For each model and optimizer, whole ``Trainer.fit`` calls of the dense model and of structured DWF
+(``DWFCallback(depth=3, regime=BudgetConfig(0.25), factorize=FactorizeConfig(structure="outputs"))`` on the structured
+speed benchmark's layers), batch 256, alternated ``rounds`` times on the same data so that drift of the machine hits
+both alike; the ratio of the medians. The fit includes everything the callback does (factorization, penalty, factor LR,
+the controller and the budget cut at every control step, metrics, the collapse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+
+import torch
+
+from benchmarks.harness.store import RESULTS
+from benchmarks.structured_speed import BATCH_SIZE, MODELS, SCOPE, fit
+from examples.data import load_dataset
+from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, FactorizeConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--opts", nargs="+", default=["sgd", "adamw"])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("auto")
+    x = data.test_x[:2]
+    lines = [f"Whole-fit train time, {args.epochs} epoch(s) of {data.name} at batch {BATCH_SIZE}, median of "
+             f"{args.rounds} alternated rounds, {args.threads} threads, {platform.processor() or platform.machine()}, "
+             f"torch {torch.__version__} (`python -m benchmarks.structured_cost`).", "",
+             "| model | optimizer | dense s | structured DWF s | ratio |", "|---|---|---|---|---|"]
+    for model in args.models:
+        for opt in args.opts:
+            cfg = dict(model=model, opt=opt, epochs=args.epochs, seed=0)
+            times: dict[str, list[float]] = {"dense": [], "dwf": []}
+            for _ in range(args.rounds):
+                times["dense"].append(fit(cfg, data, [])[1])
+                dwf = DWFCallback(depth=3, regime=BudgetConfig(0.25, example_inputs=x),
+                                  factorize=FactorizeConfig(structure="outputs", include=SCOPE[model]),
+                                  collapse=CollapseConfig(save=False))
+                times["dwf"].append(fit(cfg, data, [dwf])[1])
+            dense, dwf_s = statistics.median(times["dense"]), statistics.median(times["dwf"])
+            lines.append(f"| {model} | {opt} | {dense:.1f} | {dwf_s:.1f} | {dwf_s / dense:.2f}× |")
+            print(lines[-1], flush=True)
+    (RESULTS / "structured_cost.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
