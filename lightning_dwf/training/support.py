@@ -91,8 +91,9 @@ def cut_to_sparsity_(
 ) -> float:
     """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
 
-    Units are weights of factorized tensors and groups of gated ones (by their RMS relative to their tensor's,
-    :func:`~lightning_dwf.core.gating.relative_scores`); ``target`` is the fraction of units cut. Sharded factors
+    Units are weights of factorized tensors and groups of gated ones; ``target`` is the fraction of units cut. With gated
+    tensors in the model every unit is ranked by its magnitude relative to its tensor's RMS
+    (:func:`~lightning_dwf.core.gating.relative_scores`), else by its magnitude. Sharded factors
     (FSDP2): the cut is chosen on the gathered weights, so every rank keeps the same weights as an unsharded run would,
     and each rank zeroes its own shards.
 
@@ -102,9 +103,9 @@ def cut_to_sparsity_(
     tensors = sparse_tensors(module)
     weights = {t.name: full_tensor(t.unit_magnitudes()) for t in tensors}
     # groups are ranked relative to their tensor's scale (a BatchNorm's channels and a Linear layer's rows differ by
-    # orders of magnitude); those below the floor stay out
-    scores = {t.name: relative_scores(weights[t.name]).masked_fill(weights[t.name] < floor, 0.0)
-              if isinstance(t, GatedTensor) else weights[t.name] for t in tensors}
+    # orders of magnitude), and so is everything in a model that mixes groups and weights; below the floor stays out
+    relative = any(isinstance(t, GatedTensor) for t in tensors)
+    scores = {n: relative_scores(w).masked_fill(w < floor, 0.0) if relative else w for n, w in weights.items()}
     masks = keep_masks(scores, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
     kept = [weights[n].abs()[m] for n, m in masks.items() if bool(m.any())]

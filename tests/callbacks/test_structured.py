@@ -163,3 +163,16 @@ def test_quantization_aware_finish_needs_unstructured_layers(tmp_path):
                       factorize=FactorizeConfig(structure="outputs"))
     with pytest.raises(Exception, match="gated"):
         _fit(tmp_path, ToyModel(n=512), dwf, max_epochs=4)
+
+
+def test_structured_and_unstructured_layers_mix_in_one_fit(tmp_path):
+    """One model, one callback: the first layer gated by neurons, the second factorized weight by weight; target mode
+    counts both kinds of unit (groups and weights) and both end with exact zeros."""
+    torch.manual_seed(0)
+    model = OptToy(opt="adamw", lr=0.01, n=512)
+    dwf = DWFCallback(depth=3, target_sparsity=0.5, factorize=FactorizeConfig(structure={"net.0": "outputs"}))
+    _fit(tmp_path, model, dwf, max_epochs=4)
+    report = dwf.final_report
+    assert {layer.name: layer.groups for layer in report.layers} == {"net.0.weight": 32, "net.2.weight": 0}
+    assert silent_rows(model.net[0]) > 0 and int((model.net[2].weight == 0).sum()) > 0
+    assert report.unit_sparsity == pytest.approx(0.5, abs=1 / (32 + 64))
