@@ -91,8 +91,8 @@ def cut_to_sparsity_(
 ) -> float:
     """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
 
-    Units are weights of factorized tensors and groups of gated ones; ``target`` is the fraction of units cut. With gated
-    tensors in the model every unit is ranked by its magnitude relative to its tensor's RMS
+    Units are weights of factorized tensors and groups of gated ones; ``target`` is the fraction of units cut. With
+    gated tensors in the model every unit is ranked by its magnitude relative to its tensor's RMS
     (:func:`~lightning_dwf.core.gating.relative_scores`), else by its magnitude. Sharded factors
     (FSDP2): the cut is chosen on the gathered weights, so every rank keeps the same weights as an unsharded run would,
     and each rank zeroes its own shards.
