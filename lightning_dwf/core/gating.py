@@ -179,6 +179,15 @@ class GatedTensor:
 
         ``‖w_g‖² = (γ_1 ⋯ γ_{D−1})² · ‖ω_g‖²``; the result is remembered until a parameter of the group changes (the
         controller, the cut and the report read it at the same step)."""
+        return self._group_sums()[1]
+
+    def factor_sq_norm(self) -> float:
+        """``‖ω‖² + Σ_d ‖γ_d‖²`` plus the coupled tensors' (what the L2 penalty sees), from the remembered sums."""
+        omega_sq = self._group_sums()[0]
+        return float(omega_sq.double().sum()) + sum(float(g.detach().double().pow(2).sum()) for g in self.gates)
+
+    def _group_sums(self) -> tuple[Tensor, Tensor]:
+        """``(Σ over each group's ω and coupled entries of their squares, the group RMS of the collapsed weights)``."""
         params = self.factors
         versions = tuple(p._version for p in params) + tuple(id(p) for p in params)
         cached = _MAGNITUDES.get(id(self.omega))
@@ -187,7 +196,7 @@ class GatedTensor:
         with torch.no_grad():
             omegas = (self.omega, *(p for _, p in self.coupled))
             sq = sum(self.layout.grouped(o.detach()).float().pow(2).sum(dim=1) for o in omegas)
-            result = (sq * self.scale().detach().float().pow(2) / self.entries).sqrt()
+            result = (sq, (sq * self.scale().detach().float().pow(2) / self.entries).sqrt())
         if id(self.omega) not in _MAGNITUDES:
             weakref.finalize(self.omega, _MAGNITUDES.pop, id(self.omega), None)
         _MAGNITUDES[id(self.omega)] = (versions, result)
@@ -196,18 +205,25 @@ class GatedTensor:
     @torch.no_grad()
     def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
         """Set ω, the gates and the coupled tensors of the groups where ``drop`` (bool, ``(G,)``) to exact zero, with
-        the optimizer state tensors of the same shapes; returns the number of groups dropped."""
+        the optimizer state tensors of the same shapes; returns the number of groups dropped.
+
+        Groups whose gates are zero already are skipped: they get no gradient and their optimizer state was zeroed with
+        them, so a cut repeated every control step writes only what changes."""
         count = int(drop.count_nonzero())
-        if not count:
-            return 0
-        keep = (~drop).to(self.omega.dtype)
+        new = drop & (self.gates[0].detach() != 0)
+        if not bool(new.any()):
+            return count
+        rows = new.nonzero().flatten() if (self.layout.width, self.layout.blocks) == (1, 1) else None
         for param in (self.omega, *(p for _, p in self.coupled)):
-            mask = self.layout.expand(keep, param.shape)
+            mask = None if rows is not None else self.layout.expand((~new).to(param.dtype), param.shape)
             for target in _with_state(param, states):
-                target.mul_(mask.to(target.dtype))
+                if rows is not None:
+                    target.index_fill_(self.layout.dim, rows.to(target.device), 0.0)
+                else:
+                    target.mul_(mask.to(target.dtype))
         for gate in self.gates:
             for target in _with_state(gate, states):
-                target.masked_fill_(drop, 0.0)
+                target.masked_fill_(new, 0.0)
         return count
 
     @torch.no_grad()

@@ -246,7 +246,7 @@ def sparsity_report(
         norms = (rms.double().pow(2) * g.entries).sqrt()
         layers.append(LayerSparsity(
             g.name, tuple(g.omega.shape), g.entries * g.groups, live * g.entries, g.depth,
-            float(norms.pow(2.0 / g.depth).sum()), float(factor_sq_norm(g.factors)) / g.depth, g.groups, live,
+            float(norms.pow(2.0 / g.depth).sum()), g.factor_sq_norm() / g.depth, g.groups, live,
         ))
     if not layers:
         for name, mod, pname in select_tensors(module):
