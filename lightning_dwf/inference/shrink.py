@@ -33,9 +33,13 @@ class ShrinkReport:
         history: Torch-Pruning's pruning history ``[(module name, is output channels, removed indices), …]``, enough
             to shrink a fresh instance of the same class the same way (:func:`~lightning_dwf.load_shrunk`).
         removed: channels removed per root layer (qualified module name → count).
-        params_before, params_after: parameters of the model before and after.
-        macs_before, macs_after: multiply–accumulates of one forward pass on the example input, before and after.
+        params_before: parameters of the model before.
+        params_after: parameters of the model after.
+        macs_before: multiply–accumulates of one forward pass on the example input, before (Torch-Pruning's counter).
+        macs_after: the same, after.
         max_abs_diff: largest absolute difference between the outputs before and after, on the example input.
+        skipped: root layers with silent channels that stayed, and why (model outputs, or a group Torch-Pruning
+            refused).
     """
 
     history: list[tuple[str, bool, list[int]]]
@@ -107,7 +111,8 @@ def shrink_(
         example_inputs: one input for ``model(...)`` (a tensor, a tuple of positional inputs or a dict of keyword
             inputs): the dependency graph is traced on it, and the outputs are compared on it.
         ignored_layers: layers never shrunk.
-        atol, rtol: tolerance of the output check (absolute, relative to the largest output magnitude).
+        atol: absolute tolerance of the output check.
+        rtol: tolerance of the output check relative to the largest output magnitude.
 
     Returns:
         A :class:`ShrinkReport` (save it with the model through :func:`~lightning_dwf.save_shrunk`).
