@@ -394,10 +394,3 @@ def collapse_gated_state(entries: Mapping[str, Mapping[str, Any]], threshold: fl
     entries_per_group = sum(v.numel() for v in out.values()) / layout.groups
     dead = (sq / entries_per_group).sqrt() < threshold
     return {n: (v * layout.expand((~dead).to(v.dtype), v.shape)).detach().clone() for n, v in out.items()}
-
-
-def group_lasso_value(weights: Sequence[Tensor], layouts: Sequence[GroupLayout], depth: int) -> float:
-    """``Σ_g ‖w_g‖₂^{2/D}`` over a group's tensors (the collapsed D-Gating penalty per unit λ)."""
-    sq = sum(layout.grouped(w.detach()).double().pow(2).sum(dim=1) for w, layout in zip(weights, layouts, strict=True))
-    return float(sq.sqrt().pow(2.0 / depth).sum())
-

@@ -18,9 +18,14 @@ from lightning_dwf import (
     gated_tensors,
     sparsity_report,
 )
-from lightning_dwf.core.gating import group_lasso_value
 from lightning_dwf.core.groups import GroupLayout
 from lightning_dwf.training.support import cut_to_sparsity_, fix_support_
+
+
+def group_lasso_value(weights, layouts, depth: int) -> float:
+    """Σ_g ‖w_g‖₂^(2/D) from the collapsed tensors (an independent reference for the report and the penalty)."""
+    sq = sum(layout.grouped(w.detach()).double().pow(2).sum(dim=1) for w, layout in zip(weights, layouts, strict=True))
+    return float(sq.sqrt().pow(2.0 / depth).sum())
 
 
 def conv_bn_mlp() -> nn.Sequential:
