@@ -9,7 +9,7 @@ Every method trains the same network on the same data order for the same epochs 
 0.9 at lr 0.1, or AdamW at lr 1e-3; cosine over every step; batch 256) and is then timed in this process against the
 dense model trained with the same optimizer, back to back: ``torch.utils.benchmark`` medians at batch 1 and 64, test
 images as input, ``torch.set_num_threads`` fixed and reported, ``inference_mode``, ``eval()``. MACs are per sample, of
-the Conv and Linear layers (:func:`lightning_dwf.training.budget.layer_macs`); a MACs ratio is not a speed-up.
+the Conv and Linear layers (:func:`lightning_dwf.inference.count_macs_and_params`); a MACs ratio is not a speed-up.
 
 * ``dense``: no sparsity.
 * ``dwf``: ``DWFCallback(depth=3, target_sparsity=1 − budget)`` (unstructured, every Linear/Conv weight): its MACs are
@@ -50,9 +50,8 @@ from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
 from benchmarks.models import Classifier
 from examples.data import ImageData, load_dataset
 from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, FactorizeConfig, shrink_
-from lightning_dwf.inference import use_sparse_kernels_
+from lightning_dwf.inference import count_macs_and_params, use_sparse_kernels_
 from lightning_dwf.inference.coupling import build_graph, channel_spaces, torch_pruning
-from lightning_dwf.training.budget import layer_macs
 
 OUT = RESULTS / "structured_speed.jsonl"
 MODELS = ("lenet300", "cnn-bn", "vit", "mlp2048")
@@ -93,7 +92,8 @@ def latency(net: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
 
 
 def cost(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    return {"macs": sum(layer_macs(net, x).values()), "params": sum(p.numel() for p in net.parameters())}
+    macs, params = count_macs_and_params(net, x)
+    return {"macs": macs, "params": params}
 
 
 def fit(cfg: dict, data: ImageData, callbacks: list[Callback], module: Classifier | None = None,

@@ -17,12 +17,11 @@ import torch
 from torch import Tensor, nn
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_NORMS = (*_BATCH_NORMS, nn.LayerNorm, nn.GroupNorm)
-#: Layers whose output channels can be judged by a following BatchNorm (its zero scale and shift silence the channel,
-#: whatever the layer holds).
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Conv and Linear layers: those whose MACs are counted, and whose output channels a following BatchNorm can silence
+#: (its zero scale and shift silence the channel, whatever the layer holds).
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Layers whose outputs can be the roots of channel spaces.
-ROOT_TYPES = (*_PRODUCERS, *_BATCH_NORMS)
+ROOT_TYPES = (*LAYERS, *_BATCH_NORMS)
 
 
 def torch_pruning() -> Any:
@@ -94,7 +93,7 @@ def judged_by(dg: Any, module: nn.Module) -> nn.Module:
     """The module whose output decides whether ``module``'s output channels are silent: an affine BatchNorm that is
     ``module``'s only consumer, else ``module`` itself."""
     node = dg.module2node.get(module)
-    if node is None or not isinstance(module, _PRODUCERS):
+    if node is None or not isinstance(module, LAYERS):
         return module
     consumers = {id(n.module): n.module for n in node.outputs}
     if len(consumers) == 1:
@@ -154,3 +153,30 @@ def zero_channels(module: nn.Module, positions: list[int]) -> Tensor:
     for p in params:
         zero &= (p.detach().reshape(count, -1) == 0).all(dim=1)
     return zero[positions]
+
+
+def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
+    """MACs per sample of every Conv and Linear layer of ``model`` on ``example_inputs`` (forward hooks)."""
+    found: dict[str, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, LAYERS):
+            def hook(mod: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
+                per_output = mod.weight[0].numel()  # inputs per output element (in / groups × kernel)
+                found[name] = found.get(name, 0.0) + out.numel() / max(out.shape[0], 1) * per_output
+            handles.append(module.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return found

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf.errors import DWFError
-from lightning_dwf.inference.coupling import build_graph, channel_spaces, torch_pruning, zero_channels
+from lightning_dwf.inference.coupling import build_graph, channel_spaces, layer_macs, zero_channels
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ShrinkReport:
         removed: channels removed per root layer (qualified module name → count).
         params_before: parameters of the model before.
         params_after: parameters of the model after.
-        macs_before: multiply–accumulates of one forward pass on the example input, before (Torch-Pruning's counter).
+        macs_before: multiply–accumulates per sample of the Conv and Linear layers on the example input, before.
         macs_after: the same, after.
         max_abs_diff: largest absolute difference between the outputs before and after, on the example input.
         skipped: root layers with silent channels that stayed, and why (model outputs, or a group Torch-Pruning
@@ -61,14 +61,9 @@ class ShrinkReport:
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: Any) -> tuple[float, int]:
-    """``(MACs of one forward pass on example_inputs, parameters)`` from Torch-Pruning's counter."""
-    tp = torch_pruning()
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    model.train(was)
-    return float(macs), int(params)
+    """``(MACs per sample of the Conv and Linear layers on example_inputs, parameters)``: the one MACs definition of
+    the package (:func:`~lightning_dwf.inference.coupling.layer_macs`), the one budgets are met in."""
+    return sum(layer_macs(model, example_inputs).values()), sum(p.numel() for p in model.parameters())
 
 
 def _forward(model: nn.Module, example_inputs: Any) -> Any:

@@ -24,10 +24,16 @@ from torch import Tensor, nn
 
 from lightning_dwf.core.collapse import collapse_
 from lightning_dwf.core.gating import GatedTensor, gated_tensors, relative_scores
-from lightning_dwf.inference.coupling import ChannelSpace, build_graph, channel_spaces, out_channels
+from lightning_dwf.inference.coupling import (
+    LAYERS,
+    ChannelSpace,
+    build_graph,
+    channel_spaces,
+    layer_macs,
+    out_channels,
+)
 
 Measure = Literal["macs", "params"]
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -38,33 +44,6 @@ class _Layer:
     weight: int  # parameters of the weight
     bias: int  # parameters that scale with the output channels only (bias, BatchNorm scale and shift)
     macs: float
-
-
-def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
-    """MACs per sample of every Conv and Linear layer of ``model`` on ``example_inputs`` (forward hooks)."""
-    found: dict[str, float] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, _LAYERS):
-            def hook(mod: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
-                per_output = mod.weight[0].numel()  # inputs per output element (in / groups × kernel)
-                found[name] = found.get(name, 0.0) + out.numel() / max(out.shape[0], 1) * per_output
-            handles.append(module.register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return found
 
 
 class CostModel:
@@ -92,7 +71,7 @@ class CostModel:
         self._layers: list[_Layer] = []
         modeled = 0
         for name, m in plain.named_modules():
-            if isinstance(m, _LAYERS):
+            if isinstance(m, LAYERS):
                 bias = m.bias.numel() if m.bias is not None else 0
                 self._layers.append(_Layer(where_out.get(id(m)), where_in.get(id(m)), m.weight.numel(), bias,
                                            macs.get(name, 0.0)))
