@@ -60,10 +60,10 @@ class _Attention(nn.Module):
         self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, c = x.shape
-        q, k, v = (proj(x).view(n, t, self.heads, c // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        n, t, _ = x.shape  # widths come from the projections, so a shrink that removes heads keeps this valid
+        q, k, v = (proj(x).view(n, t, self.heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
         y = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(n, t, c))
+        return self.out(y.transpose(1, 2).reshape(n, t, -1))
 
 
 class _ViTBlock(nn.Module):

@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from benchmarks.harness.store import RESULTS
-from benchmarks.structured_speed import BATCH_SIZE, MODELS, SCOPE, fit
+from benchmarks.structured_speed import BATCH_SIZE, MODELS, fit, structure
 from examples.data import load_dataset
 from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, FactorizeConfig
 
@@ -56,7 +56,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 times["dense"].append(fit(cfg, data, [])[1])
                 dwf = DWFCallback(depth=3, regime=BudgetConfig(BUDGET.get(model, 0.25), example_inputs=x),
-                                  factorize=FactorizeConfig(structure="outputs", include=SCOPE[model]),
+                                  factorize=structure(model),
                                   collapse=CollapseConfig(save=False))
                 times["dwf"].append(fit(cfg, data, [dwf])[1])
             dense, dwf_s = statistics.median(times["dense"]), statistics.median(times["dwf"])

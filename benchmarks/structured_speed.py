@@ -15,23 +15,26 @@ the Conv and Linear layers (:func:`lightning_dwf.inference.count_macs_and_params
 * ``dwf``: ``DWFCallback(depth=3, target_sparsity=1 − budget)`` (unstructured, every Linear/Conv weight): its MACs are
   the dense ones; timed with dense kernels and after ``use_sparse_kernels_`` (CSR where measured faster).
 * ``dwf-structured``: ``DWFCallback(depth=3, regime=BudgetConfig(budget), factorize=FactorizeConfig(structure=
-  "outputs", include=SCOPE))``, collapsed and shrunk with ``shrink_`` (outputs checked equal).
+  "outputs", or "heads" for the layers in ``HEADS``, include=SCOPE))``, collapsed and shrunk with ``shrink_`` (outputs
+  checked equal).
 * ``torch-pruning``: ``tp.pruner.GroupNormPruner`` (GroupMagnitudeImportance p=2, its README's recipe, uniform per-layer
-  ratio) regularizing the same layers during the first half of the epochs, then pruned to the budget (the largest
-  channel ratio whose MACs fit) and fine-tuned for the second half with a fresh cosine schedule.
+  ratio; whole heads of the ``HEADS`` layers at the same ratio, ``prune_num_heads=True``) regularizing the same layers
+  during the first half of the epochs, then pruned to the budget (the largest channel ratio whose MACs fit) and
+  fine-tuned for the second half with a fresh cosine schedule.
 * ``ln-structured``: Lightning's ``ModelPruning("ln_structured", pruning_dim=0, pruning_norm=2)`` on the same layers,
   gradually over the epochs to the per-layer amount whose MACs fit the budget; then the zero rows/filters are removed
   through the same dependency graph for timing (their bias and BatchNorm are not silent, so the accuracy is measured on
-  the shrunk model).
+  the shrunk model). It prunes rows, layer by layer, so it cannot remove heads: in the ViT it gets the MLP only.
 
 ``SCOPE`` is the layers each structured method may shrink: every hidden Linear/Conv of LeNet-300-100, the BN CNN and
-the width-2048 MLP; the MLP's hidden neurons in the ViT (its attention reshapes with a fixed head count).
+the width-2048 MLP; in the ViT the MLP's hidden neurons and the attention heads (q/k/v projections, ``HEADS``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import platform
 import time
@@ -51,7 +54,7 @@ from benchmarks.models import Classifier
 from examples.data import ImageData, load_dataset
 from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, FactorizeConfig, shrink_
 from lightning_dwf.inference import count_macs_and_params, use_sparse_kernels_
-from lightning_dwf.inference.coupling import build_graph, channel_spaces, torch_pruning
+from lightning_dwf.inference.coupling import build_graph, channel_spaces, set_heads_, torch_pruning
 
 OUT = RESULTS / "structured_speed.jsonl"
 MODELS = ("lenet300", "cnn-bn", "vit", "mlp2048")
@@ -62,8 +65,10 @@ SCOPE = {
     "lenet300": ["net.1", "net.3"],
     "mlp2048": ["net.1", "net.3"],
     "cnn-bn": ["net.0", "net.4", "net.9"],
-    "vit": ["net.blocks.*.mlp.0"],
+    "vit": ["net.blocks.*.mlp.0", "net.blocks.*.attn.[qkv]"],
 }
+#: Scoped layers gated and pruned by whole attention heads (their head count): q/k/v projections.
+HEADS = {"vit": {"net.blocks.*.attn.[qkv]": 4}}
 BATCHES = (1, 64)
 BATCH_SIZE = 256
 #: ``use_sparse_kernels_``'s measuring time per layer and batch size (s).
@@ -73,14 +78,21 @@ KERNEL_RUN_TIME = 0.2
 BISECTION_STEPS = 12
 
 
-def in_scope(name: str, model: str) -> bool:
-    import fnmatch
+def in_scope(name: str, model: str, rows_only: bool = False) -> bool:
+    """Whether layer ``name`` may be shrunk (``rows_only``: by rows, not as attention heads)."""
+    heads = HEADS.get(model, {})
+    return any(fnmatch.fnmatchcase(name, p) for p in SCOPE[model] if not (rows_only and p in heads))
 
-    return any(fnmatch.fnmatchcase(name, p) for p in SCOPE[model])
+
+def structure(model: str) -> FactorizeConfig:
+    """The structured DWF selection: outputs of the scoped layers, heads of those in ``HEADS``."""
+    heads = HEADS.get(model, {})
+    return FactorizeConfig(structure={p: "heads" if p in heads else "outputs" for p in SCOPE[model]},
+                           num_heads=max(heads.values(), default=None), include=SCOPE[model])
 
 
-def scoped_layers(net: nn.Module, model: str, prefix: str = "net.") -> list[nn.Module]:
-    return [m for n, m in net.named_modules(prefix=prefix.rstrip(".")) if in_scope(n, model)]
+def scoped_layers(net: nn.Module, model: str, prefix: str = "net.", rows_only: bool = False) -> list[nn.Module]:
+    return [m for n, m in net.named_modules(prefix=prefix.rstrip(".")) if in_scope(n, model, rows_only)]
 
 
 def latency(net: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
@@ -107,8 +119,12 @@ def fit(cfg: dict, data: ImageData, callbacks: list[Callback], module: Classifie
 
 # ---------------------------------------------------------------------------------------------------- peers' budgets
 def uniform_amount(net: nn.Module, model: str, x: torch.Tensor, budget: float) -> float:
-    """The largest per-layer fraction of channels to remove from every scoped layer whose shrunk MACs fit
-    ``budget`` (bisection on a copy whose scoped rows are zeroed, gated through BatchNorm where one follows)."""
+    """The largest per-layer fraction of channels to remove from every row-scoped layer whose shrunk MACs fit
+    ``budget`` (bisection on a copy whose scoped rows are zeroed, gated through BatchNorm where one follows).
+
+    Raises:
+        ValueError: no fraction fits the budget.
+    """
     dense = cost(net, x)["macs"]
 
     def macs_at(amount: float) -> float:
@@ -118,6 +134,8 @@ def uniform_amount(net: nn.Module, model: str, x: torch.Tensor, budget: float) -
         return cost(trial, x)["macs"]
 
     low, high = 0.0, 0.99
+    if macs_at(high) > budget * dense:
+        raise ValueError(f"row pruning of {model} cannot reach {budget:.0%} of dense MACs")
     for _ in range(BISECTION_STEPS):
         mid = (low + high) / 2
         if macs_at(mid) <= budget * dense:
@@ -132,7 +150,7 @@ def silence(net: nn.Module, model: str, amount: float) -> None:
     """Zero the first ``round(amount · n)`` output channels of every scoped layer, bias and following BatchNorm too."""
     mods = list(net.named_modules(prefix="net"))
     for i, (name, m) in enumerate(mods):
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and in_scope(name, model):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and in_scope(name, model, rows_only=True):
             k = round(amount * m.weight.shape[0])
             m.weight[:k] = 0
             if m.bias is not None:
@@ -148,15 +166,15 @@ def force_shrink(net: nn.Module, x: torch.Tensor) -> None:
     BatchNorm shift (ModelPruning's masks leave those): the model a user of the peer would deploy."""
     dg = build_graph(net, x)
     for space in channel_spaces(dg):
-        if not space.shrinkable:
-            continue
         silent = torch.ones(space.size, dtype=torch.bool)
         for module, positions in space.outputs:
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 rows = module.weight.detach().reshape(module.weight.shape[0], -1)
                 silent &= (rows[positions] == 0).all(dim=1)
-        idxs = silent.nonzero().flatten().tolist()
-        idxs = idxs[1:] if len(idxs) >= space.size else idxs
+        idxs = space.removable_where(silent)
+        if idxs and space.heads:
+            owner, attr, count = space.heads
+            set_heads_(net, {owner: (attr, count - len(idxs) // space.unit)})
         if idxs:
             group = dg.get_pruning_group(space.root, space.handler, idxs)
             if dg.check_pruning_group(group):
@@ -177,13 +195,19 @@ def torch_pruning_run(cfg: dict, data: ImageData, x: torch.Tensor) -> tuple[nn.M
     tp = torch_pruning()
     module = Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
     net = module.net
-    ignored = [m for n, m in net.named_modules(prefix="net") if isinstance(m, (nn.Linear, nn.Conv2d))
-               and not in_scope(n, cfg["model"])]
+    ignored = [n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+               and not in_scope(f"net.{n}", cfg["model"])]
+    heads = {n: h for n, _ in net.named_modules() for p, h in HEADS.get(cfg["model"], {}).items()
+             if fnmatch.fnmatchcase(f"net.{n}", p)}
 
     def pruner_for(target: nn.Module, ratio: float) -> Any:
-        ign = [dict(target.named_modules())[n] for n, m in net.named_modules() if m in ignored]
-        return tp.pruner.GroupNormPruner(target, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                         pruning_ratio=ratio, ignored_layers=ign, reg=cfg.get("tp_reg", 5e-4))
+        mods = dict(target.named_modules())
+        return tp.pruner.GroupNormPruner(
+            target, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+            ignored_layers=[mods[n] for n in ignored], reg=cfg.get("tp_reg", 5e-4),
+            num_heads={mods[n]: h for n, h in heads.items()}, prune_num_heads=bool(heads), prune_head_dims=False,
+            # at least one head stays (a ratio that rounds to all of them sets the head count to 0, widths unchanged)
+            head_pruning_ratio=min(ratio, 1 - 1 / max(heads.values(), default=1)))
 
     pruner = pruner_for(net, 0.5)
     first = max(cfg["epochs"] // 2, 1)
@@ -192,7 +216,11 @@ def torch_pruning_run(cfg: dict, data: ImageData, x: torch.Tensor) -> tuple[nn.M
 
     def pruned(ratio: float) -> nn.Module:
         trial = copy.deepcopy(net).eval()
-        pruner_for(trial, ratio).step()
+        pruner = pruner_for(trial, ratio)
+        pruner.step()
+        for n in heads:  # Torch-Pruning's recipe: the attention module takes the new head count
+            owner = trial.get_submodule(n.rpartition(".")[0])
+            owner.heads = pruner.num_heads[trial.get_submodule(n)]
         return trial
 
     low, high = 0.0, 0.99
@@ -211,7 +239,7 @@ def ln_structured_run(cfg: dict, data: ImageData, x: torch.Tensor) -> tuple[nn.M
     probe = Classifier(cfg["model"], num_classes=data.num_classes).net
     amount = uniform_amount(probe, cfg["model"], x, cfg["budget"])
     module = Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
-    layers = [(m, "weight") for m in scoped_layers(module.net, cfg["model"])]
+    layers = [(m, "weight") for m in scoped_layers(module.net, cfg["model"], rows_only=True)]
     ramp = max(cfg["epochs"] - 1, 1)  # prune at the end of each epoch but the last, which fine-tunes
     steps = [1 - (1 - amount) ** ((e + 1) / ramp) for e in range(ramp)]  # the same fraction of what is left each time
 
@@ -251,7 +279,7 @@ def train_cell(cfg: dict, data: ImageData, dense: dict[str, nn.Module]) -> tuple
         extra["sparsity"] = measure_net(net, data)["sparsity"]
     elif method == "dwf-structured":
         dwf = DWFCallback(depth=3, regime=BudgetConfig(cfg["budget"], example_inputs=x),
-                          factorize=FactorizeConfig(structure="outputs", include=SCOPE[cfg["model"]]),
+                          factorize=structure(cfg["model"]),
                           collapse=CollapseConfig(save=False))
         module, seconds = fit(cfg, data, [dwf])
         net = module.net.eval()

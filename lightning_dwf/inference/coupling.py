@@ -3,7 +3,10 @@
 A channel space is the set of output channels that must go together (a layer's outputs, its BatchNorm, every layer
 added to them through a residual connection) and the input channels of the layers that read them. A channel can be
 removed only when every layer that writes it is silent there, and only when something inside the model reads it (the
-model's own outputs stay). :func:`~lightning_dwf.shrink_` removes channels space by space, and the budget regime
+model's own outputs stay). The q/k/v projections of an attention module written as ``nn.Linear`` layers share one
+space; when their parent module holds its head count (``num_heads``, ``heads``, ``num_attention_heads``, ``n_heads``
+or ``n_head``), the space's unit is a whole head: a head goes only when q, k and v are all silent on it, and the
+parent's count is lowered to match. :func:`~lightning_dwf.shrink_` removes channels space by space, and the budget regime
 (:mod:`lightning_dwf.training.budget`) predicts the shrunk model's cost from the same spaces.
 """
 
@@ -17,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Attributes that hold an attention module's head count (PyTorch, timm, Hugging Face and nanoGPT spellings).
+HEAD_ATTRS = ("num_heads", "heads", "num_attention_heads", "n_heads", "n_head")
 #: Conv and Linear layers: those whose MACs are counted, and whose output channels a following BatchNorm can silence
 #: (its zero scale and shift silence the channel, whatever the layer holds).
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -62,6 +67,8 @@ class ChannelSpace:
         consumed: whether a layer inside the model reads the channels (else they are model outputs and stay).
         aligned: whether every layer that writes the channels maps them one to one (else the space is left whole;
             readers may expand them, as a flatten does).
+        heads: ``(attention module name, attribute, head count)`` when the space is the q/k/v output of an attention
+            module with a head count: channels then go only as whole heads.
     """
 
     root: nn.Module
@@ -72,21 +79,33 @@ class ChannelSpace:
     inputs: list[tuple[nn.Module, list[int]]]
     consumed: bool
     aligned: bool
+    heads: tuple[str, str, int] | None = None
 
     @property
     def shrinkable(self) -> bool:
         return self.consumed and self.aligned
 
+    @property
+    def unit(self) -> int:
+        """Channels that go together: the head dim of an attention space, else 1."""
+        return self.size // self.heads[2] if self.heads else 1
+
     def removable(self, silent: Callable[[nn.Module, list[int]], Tensor]) -> list[int]:
-        """The space's channels that every writer leaves silent (``silent(module, positions)`` → bool per channel);
-        at least one channel is always kept, so the shapes stay valid."""
-        if not self.shrinkable:
-            return []
+        """The space's channels that every writer leaves silent (``silent(module, positions)`` → bool per channel)."""
         everywhere = torch.ones(self.size, dtype=torch.bool)
         for module, positions in self.writers:
             everywhere &= silent(module, positions)
-        idxs = everywhere.nonzero().flatten().tolist()
-        return idxs[1:] if len(idxs) >= self.size else idxs
+        return self.removable_where(everywhere)
+
+    def removable_where(self, silent: Tensor) -> list[int]:
+        """The channels that can go when ``silent`` (bool per channel) marks those silent in every writer: whole
+        units (heads) only, and at least one unit always stays, so the shapes stay valid."""
+        if not self.shrinkable:
+            return []
+        units = silent.reshape(-1, self.unit).all(dim=1)
+        if bool(units.all()):
+            units[0] = False
+        return units.repeat_interleave(self.unit).nonzero().flatten().tolist()
 
 
 def judged_by(dg: Any, module: nn.Module) -> nn.Module:
@@ -137,8 +156,32 @@ def channel_spaces(dg: Any, ignored_layers: Sequence[nn.Module] = ()) -> list[Ch
                 inputs.append((module, positions))
                 consumed = True
         spaces.append(ChannelSpace(root_dep.target.module, root_dep.handler, size, writers, outputs, inputs,
-                                   consumed, aligned))
+                                   consumed, aligned, _heads(dg, writers, size)))
     return spaces
+
+
+def _heads(dg: Any, writers: list[tuple[nn.Module, list[int]]], size: int) -> tuple[str, str, int] | None:
+    """``(parent name, attribute, count)`` when the writers are two or more Linear layers of one module that holds a
+    head count dividing ``size`` (the q/k/v projections of an attention module)."""
+    if len(writers) < 2 or not all(isinstance(m, nn.Linear) for m, _ in writers):
+        return None
+    names = [dg._module2name.get(m) for m, _ in writers]
+    parents = {n.rpartition(".")[0] for n in names if n is not None}
+    if len(parents) != 1 or None in names:
+        return None
+    (parent_name,) = parents
+    parent = dg.model.get_submodule(parent_name)
+    for attr in HEAD_ATTRS:
+        count = getattr(parent, attr, None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 1 and size % count == 0:
+            return parent_name, attr, count
+    return None
+
+
+def set_heads_(model: nn.Module, heads: dict[str, tuple[str, int]]) -> None:
+    """Set the head counts ``{attention module name: (attribute, count)}`` after their heads were removed."""
+    for name, (attr, count) in heads.items():
+        setattr(model.get_submodule(name), attr, int(count))
 
 
 def zero_channels(module: nn.Module, positions: list[int]) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf.errors import DWFError
-from lightning_dwf.inference.coupling import build_graph, channel_spaces, layer_macs, zero_channels
+from lightning_dwf.inference.coupling import build_graph, channel_spaces, layer_macs, set_heads_, zero_channels
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class ShrinkReport:
         max_abs_diff: largest absolute difference between the outputs before and after, on the example input.
         skipped: root layers with silent channels that stayed, and why (model outputs, or a group Torch-Pruning
             refused).
+        heads: the new head count of every attention module that lost heads (name → ``(attribute, count)``).
     """
 
     history: list[tuple[str, bool, list[int]]]
@@ -50,6 +51,7 @@ class ShrinkReport:
     macs_after: float
     max_abs_diff: float
     skipped: dict[str, str] = field(default_factory=dict)
+    heads: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def macs_ratio(self) -> float:
@@ -58,6 +60,9 @@ class ShrinkReport:
 
     def history_json(self) -> str:
         return json.dumps([[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in self.history])
+
+    def heads_json(self) -> str:
+        return json.dumps({name: [attr, int(count)] for name, (attr, count) in self.heads.items()})
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: Any) -> tuple[float, int]:
@@ -128,9 +133,14 @@ def shrink_(
     dg = build_graph(model, example_inputs)
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
+    heads: dict[str, tuple[str, int]] = {}
     names = {m: n for n, m in model.named_modules()}
+    for m_name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and _silent_heads(m):
+            skipped[m_name] = ("nn.MultiheadAttention packs q/k/v into one parameter, so its heads cannot be removed; "
+                               "write q/k/v/out as nn.Linear layers under a module with a `num_heads` attribute")
     for space in channel_spaces(dg, ignored_layers):
-        idxs = space.removable(zero_channels) if space.aligned else []
+        idxs = space.removable(zero_channels)
         name = names.get(space.root, str(space.root))
         if not space.consumed:
             if space.aligned and any(bool(zero_channels(m, p).any()) for m, p in space.writers):
@@ -144,7 +154,18 @@ def shrink_(
             continue
         pruning.prune()
         removed[name] = len(idxs)
-    after = _forward(model, example_inputs)
+        if space.heads:
+            owner, attr, count = space.heads
+            heads[owner] = (attr, count - len(idxs) // space.unit)
+    set_heads_(model, heads)
+    try:
+        after = _forward(model, example_inputs)
+    except Exception as err:  # hard-coded shapes in the model's forward
+        _restore(model, before_state)
+        model.train(was)
+        raise DWFError(f"the shrunk model's forward fails ({err}); the model is restored unchanged. Its code fixes "
+                       "a width the shrink changed: derive widths from the layers (e.g. `q.view(n, t, self.num_heads, "
+                       "-1)`), or pass such layers in `ignored_layers`.") from err
     diff = _max_diff(reference, after)
     scale = max(_max_abs(reference), 1.0)
     if not diff <= atol + rtol * scale:
@@ -158,7 +179,16 @@ def shrink_(
     macs_after, params_after = count_macs_and_params(model, example_inputs)
     model.train(was)
     history = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in dg.pruning_history()]
-    return ShrinkReport(history, removed, params_before, params_after, macs_before, macs_after, diff, skipped)
+    return ShrinkReport(history, removed, params_before, params_after, macs_before, macs_after, diff, skipped, heads)
+
+
+def _silent_heads(mha: nn.MultiheadAttention) -> bool:
+    """Whether some head of ``mha`` is exactly zero in its packed q/k/v projection."""
+    weight = mha.in_proj_weight
+    if weight is None:
+        return False
+    rows = weight.detach().reshape(3, mha.num_heads, -1).eq(0).all(dim=(0, 2))
+    return bool(rows.any())
 
 
 def _max_abs(a: Any) -> float:
@@ -181,7 +211,13 @@ def _restore(model: nn.Module, saved: nn.Module) -> None:
         model.register_buffer(name, buf)
 
 
-def replay_shrink_(model: nn.Module, history: Sequence[tuple[str, bool, Sequence[int]]], example_inputs: Any) -> None:
-    """Shrink a fresh instance the way a :class:`ShrinkReport`'s ``history`` records (same class, same graph)."""
+def replay_shrink_(
+    model: nn.Module,
+    history: Sequence[tuple[str, bool, Sequence[int]]],
+    example_inputs: Any,
+    heads: Mapping[str, tuple[str, int]] | None = None,
+) -> None:
+    """Shrink a fresh instance the way a :class:`ShrinkReport`'s ``history`` and ``heads`` record (same class)."""
     dg = build_graph(model, example_inputs)
     dg.load_pruning_history([[n, bool(o), list(i)] for n, o, i in history])
+    set_heads_(model, dict(heads or {}))

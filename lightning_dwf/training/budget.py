@@ -57,15 +57,29 @@ class CostModel:
     def __init__(self, module: nn.Module, example_inputs: Any) -> None:
         plain = collapse_(copy.deepcopy(module))
         names = {m: n for n, m in plain.named_modules()}
-        gated = {t.name for t in gated_tensors(module)}
+        layouts = {t.name: t.layout for t in gated_tensors(module) if t.layout.dim == 0}  # outputs and heads
         macs = layer_macs(plain, example_inputs)
         self.spaces: list[ChannelSpace] = [s for s in channel_spaces(build_graph(plain, example_inputs))
                                            if s.shrinkable]
-        #: per space: (gated tensor name or None, positions) of each writer
-        self._writers = [
-            [(f"{names[m]}.weight" if f"{names[m]}.weight" in gated else None, p) for m, p in space.writers]
-            for space in self.spaces
-        ]
+        #: per space and writer: (its gated tensor's name or None, the group of each of its channels in the space)
+        self._writers: list[list[tuple[str | None, Tensor]]] = []
+        for space in self.spaces:
+            writers: list[tuple[str | None, Tensor]] = []
+            for m, positions in space.writers:
+                name = f"{names[m]}.weight"
+                layout = layouts.get(name)
+                channel = torch.tensor(positions, dtype=torch.long)
+                if layout is None:
+                    writers.append((None, channel))
+                else:  # channel → its group: blocks of `groups × width` channels, `width` per group
+                    writers.append((name, channel % (layout.groups * layout.width) // layout.width))
+            self._writers.append(writers)
+        #: names of the gated q/k/v projections of one attention module: their heads go together or not at all
+        self.tied: list[list[str]] = []
+        for space, writers in zip(self.spaces, self._writers, strict=True):
+            tied = list(dict.fromkeys(name for name, _ in writers if name is not None))
+            if space.heads and len(tied) > 1 and len({layouts[n].groups for n in tied}) == 1:
+                self.tied.append(tied)
         where_out = {id(m): i for i, s in enumerate(self.spaces) for m, _ in s.outputs}
         where_in = {id(m): i for i, s in enumerate(self.spaces) for m, _ in s.inputs}
         self._layers: list[_Layer] = []
@@ -87,14 +101,13 @@ class CostModel:
         kept = []
         for space, writers in zip(self.spaces, self._writers, strict=True):
             silent = torch.ones(space.size, dtype=torch.bool)
-            for name, positions in writers:
+            for name, groups in writers:
                 mask = dropped.get(name) if name is not None else None
                 if mask is None:
                     silent[:] = False
                     break
-                silent &= mask[positions].cpu()
-            removed = int(silent.sum())
-            kept.append(space.size - (removed - 1 if removed >= space.size else removed))
+                silent &= mask.cpu()[groups]
+            kept.append(space.size - len(space.removable_where(silent)))
         return kept
 
     def cost(self, dropped: Mapping[str, Tensor], measure: Measure = "macs") -> float:
@@ -119,7 +132,8 @@ def budget_masks(
     """Which groups to keep so that the shrunk model's cost is at most ``budget`` (a fraction of the dense cost) with
     as few groups dropped as possible: the groups are dropped smallest first by :func:`relative_scores` (after those
     whose RMS is below ``floor``, which are zero already), each tensor keeping at least ``ceil(min_share · groups)``
-    (and one) of its largest.
+    (and one) of its largest. The heads of an attention module's q/k/v projections (``model.tied``) are one unit:
+    dropped together, ranked by their largest score, and kept together.
 
     Returns:
         ``{tensor name: keep mask (bool per group)}``.
@@ -127,7 +141,20 @@ def budget_masks(
     names = [t.name for t in tensors]
     raw = [t.unit_magnitudes().detach().float().cpu() for t in tensors]
     sizes = [r.numel() for r in raw]
+    starts = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist(), strict=False))
     scores = torch.cat([relative_scores(r) for r in raw])
+    unit = torch.arange(scores.numel())  # the unit of each group: itself, or the first member's head
+    for tied in model.tied:
+        if all(n in starts for n in tied):
+            first = starts[tied[0]] + torch.arange(sizes[names.index(tied[0])])
+            for n in tied[1:]:
+                unit[starts[n] + torch.arange(first.numel())] = first
+    tied_heads = bool((unit != torch.arange(unit.numel())).any())
+    if tied_heads:  # a unit scores (and weighs, for the protection below) as its largest member
+        scores = torch.zeros_like(scores).scatter_reduce(0, unit, scores, "amax", include_self=False)[unit]
+        magnitudes = torch.cat(raw)
+        magnitudes = torch.zeros_like(magnitudes).scatter_reduce(0, unit, magnitudes, "amax", include_self=False)
+        raw = list(torch.split(magnitudes[unit], sizes))
     protected = torch.zeros(scores.numel(), dtype=torch.bool)
     start = 0
     for size, r in zip(sizes, raw, strict=True):
@@ -135,14 +162,18 @@ def budget_masks(
         if forced:
             protected[start + torch.topk(r, forced).indices] = True
         start += size
-    always = (torch.cat(raw) < floor) & ~protected
-    candidates = (~protected & ~always).nonzero().flatten()
+    if tied_heads:
+        protected = torch.zeros_like(protected).scatter_reduce(0, unit, protected, "amax", include_self=False)[unit]
+    always = (torch.cat([t.unit_magnitudes().detach().float().cpu() for t in tensors]) < floor) & ~protected
+    candidates = (~protected & ~always & (unit == torch.arange(unit.numel()))).nonzero().flatten()
     order = candidates[torch.argsort(scores[candidates], stable=True)]
     limit = budget * model.dense[measure]
 
     def dropped(k: int) -> dict[str, Tensor]:
         mask = always.clone()
         mask[order[:k]] = True
+        if tied_heads:
+            mask |= mask[unit]
         return dict(zip(names, torch.split(mask, sizes), strict=True))
 
     low, high = 0, order.numel()  # smallest k with cost(dropped(k)) <= limit (or all of them)

@@ -42,6 +42,43 @@ class Residual(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
 
 
+class Attention(nn.Module):
+    """Self-attention written as q/k/v/out ``nn.Linear`` layers with a head count, between an embedding and a head."""
+
+    def __init__(self, width: int = 16, num_heads: int = 4, hard_coded: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.hard_coded = num_heads, hard_coded
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        dim = c // self.num_heads if self.hard_coded else -1
+        q, k, v = (p(x).view(n, t, self.num_heads, dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(n, t, -1))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, hard_coded: bool = False) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(6, 16), Attention(hard_coded=hard_coded), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        return self.head((x + self.attn(x)).mean(1))
+
+
+def heads_gated(dead: dict[str, list[int]], hard_coded: bool = False) -> nn.Module:
+    """A TinyTransformer whose q/k/v heads are gated (4 heads of 4), with the heads ``dead[name]`` set to zero."""
+    model = trained_like(lambda: TinyTransformer(hard_coded))
+    factorize_(model, 3, FactorizeConfig(structure={"attn.[qkv]": "heads"}, num_heads=4, exclude=["embed", "head",
+                                                                                                   "attn.out"]))
+    with torch.no_grad():
+        for t in gated_tensors(model):
+            t.gates[0][dead[t.name.split(".")[1]]] = 0
+    return collapse_(model)
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 3))
 
@@ -118,6 +155,55 @@ def test_a_zero_filter_before_an_ungated_batch_norm_is_not_removed():
         model[0].bias[:3] = 0  # BN still outputs its shift there: not silent
     shrink_(model, torch.randn(2, 3, 8, 8))
     assert model[0].out_channels == 8
+
+
+def test_attention_heads_go_when_q_k_v_are_all_silent_there(tmp_path):
+    """Heads 1 and 3 are zero in q, k and v and go, with the out projection's columns; head 2 is zero in v only (its
+    queries and keys are alive) and stays, as heads are removed only when every projection that writes them is
+    silent."""
+    model = heads_gated({"q": [1, 3], "k": [1, 3], "v": [1, 2, 3]})
+    x = torch.randn(2, 5, 6)
+    expected = model(x)
+    report = shrink_(model, x)
+    assert model.attn.num_heads == 2 and report.heads == {"attn": ("num_heads", 2)}
+    assert model.attn.q.out_features == model.attn.v.out_features == model.attn.out.in_features == 8
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    path = tmp_path / "model.dwf"
+    save_shrunk(model, path, report, x)
+    fresh = TinyTransformer().eval()
+    load_shrunk(fresh, path)
+    assert fresh.attn.num_heads == 2
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_a_forward_with_hard_coded_widths_is_refused_and_undone():
+    model = heads_gated({"q": [1], "k": [1], "v": [1]}, hard_coded=True)
+    x = torch.randn(2, 5, 6)
+    expected = model(x)
+    with pytest.raises(DWFError, match="derive widths from the layers"):
+        shrink_(model, x)
+    assert model.attn.num_heads == 4 and model.attn.q.out_features == 16
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_multihead_attention_heads_are_reported_and_kept():
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.view(3, 4, 4, 16)[:, 1] = 0
+
+    class WithMHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.mha, self.head = model, mha, nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            return self.head(self.mha(h, h, h, need_weights=False)[0].mean(1))
+
+    net = WithMHA().eval()
+    report = shrink_(net, torch.randn(2, 5, 6))
+    assert "packs q/k/v" in report.skipped["mha"] and net.mha.num_heads == 4
 
 
 def test_model_outputs_stay_and_a_factorized_model_is_refused():

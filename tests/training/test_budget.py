@@ -41,3 +41,29 @@ def test_budget_masks_meet_the_budget_and_the_prediction_is_exact(case, measure,
     actual = sum(layer_macs(net, x).values()) if measure == "macs" else sum(p.numel() for p in net.parameters())
     assert actual == predicted
     assert cost_model.dense["params"] == sum(p.numel() for p in make().parameters())
+
+
+@pytest.mark.parametrize("min_share", [0.0, 0.25])
+def test_attention_heads_are_dropped_and_kept_together_and_the_prediction_is_exact(min_share):
+    """The q/k/v heads of one attention module are one unit of the cut: every head dropped is dropped in all three
+    (else it could not be removed), the protected head is the same in all three, and the shrunk cost is predicted."""
+    from tests.inference.test_shrink import TinyTransformer
+
+    model = trained_like(TinyTransformer)
+    factorize_(model, 3, FactorizeConfig(structure={"attn.[qkv]": "heads", "embed": "outputs"}, num_heads=4,
+                                         exclude=["head", "attn.out"]))
+    x = torch.randn(2, 5, 6)
+    cost_model = CostModel(model, x)
+    assert [sorted(t) for t in cost_model.tied] == [["attn.k.weight", "attn.q.weight", "attn.v.weight"]]
+    masks = budget_masks(gated_tensors(model), cost_model, 0.4, "macs", min_share=min_share)
+    assert torch.equal(masks["attn.q.weight"], masks["attn.k.weight"])
+    assert torch.equal(masks["attn.q.weight"], masks["attn.v.weight"])
+    kept = int(masks["attn.q.weight"].sum())
+    assert kept < 4 and (kept >= 1 or not min_share)
+    predicted = cost_model.cost({name: ~keep for name, keep in masks.items()}, "macs")
+    assert predicted <= 0.4 * cost_model.dense["macs"]
+    zero_weights_(model, masks)
+    net = collapse_(model)
+    report = shrink_(net, x)
+    assert net.attn.num_heads == max(kept, 1) and report.heads  # the shrink keeps one (zero) head of none
+    assert sum(layer_macs(net, x).values()) == predicted
