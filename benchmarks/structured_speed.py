@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils import benchmark
 
@@ -224,6 +225,8 @@ def torch_pruning_run(cfg: dict, data: ImageData, x: torch.Tensor) -> tuple[nn.M
         return trial
 
     low, high = 0.0, 0.99
+    if cost(pruned(high), x)["macs"] > cfg["budget"] * dense:
+        raise ValueError(f"Torch-Pruning cannot reach {cfg['budget']:.0%} of dense MACs on {cfg['model']}")
     for _ in range(BISECTION_STEPS):
         mid = (low + high) / 2
         if cost(pruned(mid), x)["macs"] <= cfg["budget"] * dense:
@@ -367,7 +370,7 @@ def main() -> None:
                     c for c in todo if c["method"] != "dense"]:
                 try:
                     row, made = train_cell(cfg, data, dense)
-                except ValueError as err:  # e.g. a budget the scope cannot reach
+                except (ValueError, MisconfigurationException) as err:  # e.g. a budget the scope cannot reach
                     print(f"{key(cfg)}: {err}", flush=True)
                     append_rows(out, [dict(cfg, error=str(err))])
                     continue

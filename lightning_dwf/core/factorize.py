@@ -26,6 +26,7 @@ from lightning_dwf.core.gating import (
 from lightning_dwf.core.init import dwf_init_, resolve_init_std
 from lightning_dwf.core.parametrization import HadamardProduct
 from lightning_dwf.core.sharding import check_not_sharded, global_count, is_sharded, local_shard, local_tensor
+from lightning_dwf.core.unit_state import unit_state
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,20 @@ class FactorizedTensor:
         """Zero all D factors of the weights where ``drop`` (bool, the tensor's shape), with their optimizer state
         tensors of the factors' shape; returns the number of weights dropped (over all ranks).
 
+        Weights zeroed before are skipped (their first factor is 0: every factor and its state were zeroed together,
+        and they get no gradient since), so a cut repeated every control step writes only what changes.
+
         Sharded factors (FSDP2): ``drop`` is either sharded like them or the whole mask (equal on every rank); each
         rank zeroes its own shards."""
         local = local_tensor(drop) if is_sharded(drop) else local_shard(drop, self.factors[0])
-        index = local.nonzero(as_tuple=True)
+        count = global_count(drop) if is_sharded(drop) else int(local.count_nonzero())
+        index = (local & (local_tensor(self.factors[0]) != 0)).nonzero(as_tuple=True)
         if index[0].numel():
             for factor in self.factors:
-                for target in [factor] + [v for s in states for v in s.get(factor, {}).values()
-                                          if torch.is_tensor(v) and v.shape == factor.shape]:
+                for target, value in unit_state(factor, states):
                     target = local_tensor(target)
-                    target.index_put_(index, torch.zeros((), dtype=target.dtype, device=target.device))
-        return global_count(drop) if is_sharded(drop) else int(index[0].numel())
+                    target.index_put_(index, torch.full((), value, dtype=target.dtype, device=target.device))
+        return count
 
 
 def factorized_tensors(module: nn.Module) -> list[FactorizedTensor]:

@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from lightning_dwf.core.functional import hadamard_product
 from lightning_dwf.core.groups import GroupLayout
+from lightning_dwf.core.unit_state import unit_state
 
 #: :meth:`GatedTensor.unit_magnitudes` by ω, with the parameters' versions it was computed at.
 _MAGNITUDES: dict[int, tuple[tuple[int, ...], Tensor]] = {}
@@ -215,15 +216,15 @@ class GatedTensor:
             return count
         rows = new.nonzero().flatten() if (self.layout.width, self.layout.blocks) == (1, 1) else None
         for param in (self.omega, *(p for _, p in self.coupled)):
-            mask = None if rows is not None else self.layout.expand((~new).to(param.dtype), param.shape)
-            for target in _with_state(param, states):
+            where = None if rows is not None else self.layout.expand(new, param.shape)
+            for target, value in unit_state(param, states):
                 if rows is not None:
-                    target.index_fill_(self.layout.dim, rows.to(target.device), 0.0)
+                    target.index_fill_(self.layout.dim, rows.to(target.device), value)
                 else:
-                    target.mul_(mask.to(target.dtype))
+                    target.masked_fill_(where.to(target.device), value)
         for gate in self.gates:
-            for target in _with_state(gate, states):
-                target.masked_fill_(new, 0.0)
+            for target, value in unit_state(gate, states):
+                target.masked_fill_(new, value)
         return count
 
     @torch.no_grad()
@@ -244,11 +245,6 @@ class GatedTensor:
             factor_sq = sum(float(p.double().pow(2).sum()) for p in self.factors)
             norms = (self.unit_magnitudes().double().pow(2) * self.entries).sqrt()
             return factor_sq / self.depth - float(norms.pow(2.0 / self.depth).sum())
-
-
-def _with_state(param: Tensor, states: Sequence[Mapping]) -> list[Tensor]:
-    return [param] + [v for s in states for v in s.get(param, {}).values()
-                      if torch.is_tensor(v) and v.shape == param.shape]
 
 
 def relative_scores(magnitudes: Tensor) -> Tensor:

@@ -6,8 +6,8 @@ removed only when every layer that writes it is silent there, and only when some
 model's own outputs stay). The q/k/v projections of an attention module written as ``nn.Linear`` layers share one
 space; when their parent module holds its head count (``num_heads``, ``heads``, ``num_attention_heads``, ``n_heads``
 or ``n_head``), the space's unit is a whole head: a head goes only when q, k and v are all silent on it, and the
-parent's count is lowered to match. :func:`~lightning_dwf.shrink_` removes channels space by space, and the budget regime
-(:mod:`lightning_dwf.training.budget`) predicts the shrunk model's cost from the same spaces.
+parent's count is lowered to match. :func:`~lightning_dwf.shrink_` removes channels space by space, and the budget
+regime (:mod:`lightning_dwf.training.budget`) predicts the shrunk model's cost from the same spaces.
 """
 
 from __future__ import annotations
@@ -96,6 +96,13 @@ class ChannelSpace:
         for module, positions in self.writers:
             everywhere &= silent(module, positions)
         return self.removable_where(everywhere)
+
+    def removable_count(self, silent: Tensor) -> int:
+        """``len(self.removable_where(silent))``, without listing them (the budget's cost model calls it often)."""
+        if not self.shrinkable:
+            return 0
+        units = int(silent.reshape(-1, self.unit).all(dim=1).sum())
+        return (units - 1 if units * self.unit >= self.size else units) * self.unit
 
     def removable_where(self, silent: Tensor) -> list[int]:
         """The channels that can go when ``silent`` (bool per channel) marks those silent in every writer: whole

@@ -200,7 +200,8 @@ class SparsityReport:
 
 @torch.no_grad()
 def sparsity_report(
-    module: nn.Module, threshold: float = DEFAULT_THRESHOLD, lam: float | None = None, depth: int | None = None
+    module: nn.Module, threshold: float = DEFAULT_THRESHOLD, lam: float | None = None, depth: int | None = None,
+    *, counts_only: bool = False,
 ) -> SparsityReport:
     """Measure how sparse ``module`` would be after :func:`collapse_` at ``threshold``.
 
@@ -213,6 +214,8 @@ def sparsity_report(
         threshold: absolute magnitude below which a weight counts as zero.
         lam: λ (mean-loss units) for the penalty values.
         depth: D for the penalty of a plain model (ignored for factorized tensors).
+        counts_only: only the zero counts (sparsity, unit sparsity), as target mode's controller reads them at every
+            control step: no penalty or factor norms (``None``) and no finiteness check (``finite`` is True).
 
     Example:
         >>> import torch
@@ -232,17 +235,25 @@ def sparsity_report(
         factors = t.factors
         counted.update(id(f) for f in factors)
         w = t.product()
+        nonzero = count_nonzero(w, threshold)
+        if counts_only:
+            layers.append(LayerSparsity(t.name, tuple(w.shape), w.numel(), nonzero, t.depth, None, None))
+            continue
         finite = finite and _all_finite(w)
         layers.append(LayerSparsity(
-            t.name, tuple(w.shape), w.numel(), count_nonzero(w, threshold),
+            t.name, tuple(w.shape), w.numel(), nonzero,
             t.depth, float(full_tensor(l2d_quasinorm(w, t.depth))),
             float(full_tensor(factor_sq_norm(factors))) / t.depth,
         ))
     for g in gated_tensors(module):
         counted.update(id(f) for f in g.factors)
         rms = g.unit_magnitudes()  # non-finite weights make their group's RMS non-finite
-        finite = finite and bool(torch.isfinite(rms).all())
         live = int((rms >= threshold).sum()) if threshold > 0 else int((g.scale() != 0).sum())
+        if counts_only:
+            layers.append(LayerSparsity(g.name, tuple(g.omega.shape), g.entries * g.groups, live * g.entries,
+                                        g.depth, None, None, g.groups, live))
+            continue
+        finite = finite and bool(torch.isfinite(rms).all())
         norms = (rms.double().pow(2) * g.entries).sqrt()
         layers.append(LayerSparsity(
             g.name, tuple(g.omega.shape), g.entries * g.groups, live * g.entries, g.depth,

@@ -107,7 +107,7 @@ class CostModel:
                     silent[:] = False
                     break
                 silent &= mask.cpu()[groups]
-            kept.append(space.size - len(space.removable_where(silent)))
+            kept.append(space.size - space.removable_count(silent))
         return kept
 
     def cost(self, dropped: Mapping[str, Tensor], measure: Measure = "macs") -> float:

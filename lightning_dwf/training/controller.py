@@ -123,9 +123,14 @@ class SparsityController:
         """Enter the recovery phase after ``step`` optimizer steps: λ = 0 from now on (the caller fixes the support)."""
         self.lam, self.recovery_step = 0.0, step
 
+    def steering(self, step: int) -> bool:
+        """Whether :meth:`update` moves λ at ``step`` (not in the warm-up, not while recovering): the measurement it
+        reads is needed only then."""
+        return not (self.recovering or step / max(self.total_steps, 1) <= self.warmup)
+
     def update(self, step: int, sparsity: float) -> float:
         """Move λ toward the schedule given the measured ``sparsity``; returns the new λ."""
-        if self.recovering or step / max(self.total_steps, 1) <= self.warmup:
+        if not self.steering(step):
             return self.lam
         wanted = self.reference(step)
         error = math.log(max(1.0 - sparsity, 1e-9) / max(1.0 - wanted, 1e-9))

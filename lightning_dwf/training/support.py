@@ -66,19 +66,46 @@ def keep_masks(
     total = sum(sizes)
     keep = total - int(round(target * total))
     magnitudes = torch.cat([weights[n].detach().abs().flatten().float() for n in names])
-    ranked = magnitudes.clone()
-    start = 0
-    for size in sizes:
-        forced = min(size, max(1, math.ceil(min_share * (1.0 - target) * size - 1e-9))) if keep and min_share else 0
-        if forced:
-            chunk = ranked[start:start + size]
-            chunk[torch.topk(chunk, forced, sorted=False).indices] = math.inf
-        start += size
-    mask = torch.zeros(total, dtype=torch.bool, device=magnitudes.device)
-    if keep:
-        mask[torch.topk(ranked, min(keep, total), sorted=False).indices] = True
-    mask &= magnitudes >= floor
+    # only weights at or above the floor can be kept, and each ranks above every weight below it: the selections run
+    # among them (after the first cuts most weights are zero, so that is a fraction of the work)
+    eligible = magnitudes >= floor
+    forced = [min(size, max(1, math.ceil(min_share * (1.0 - target) * size - 1e-9))) if keep and min_share else 0
+              for size in sizes]
+    mask = _largest(magnitudes, eligible, keep)
+    kept = [int(m.sum()) for m in torch.split(mask, sizes)] if any(forced) else forced
+    if any(k < f for k, f in zip(kept, forced, strict=True)):
+        # a tensor would keep less than its minimum: its largest are kept first, the rest compete globally. (When
+        # every tensor keeps its minimum anyway, its largest are among the global cut's and the result is the same.)
+        ranked, start = magnitudes.clone(), 0
+        for size, count in zip(sizes, forced, strict=True):
+            if count:
+                chunk = ranked[start:start + size]
+                among = eligible[start:start + size].nonzero().flatten()
+                if among.numel() >= count:
+                    chunk[among[torch.topk(chunk[among], count, sorted=False).indices]] = math.inf
+                else:
+                    chunk[torch.topk(chunk, count, sorted=False).indices] = math.inf
+            start += size
+        mask = _largest(ranked, eligible | (ranked == math.inf), keep) & eligible
     return {n: m.view_as(weights[n]) for n, m in zip(names, torch.split(mask, sizes), strict=True)}
+
+
+def _largest(values: Tensor, eligible: Tensor, keep: int) -> Tensor:
+    """A mask of the ``keep`` largest ``values`` among the ``eligible`` ones (all of them when fewer): a selection of
+    the smaller side, the ``keep`` largest or the rest's smallest."""
+    mask = eligible.clone()
+    candidates = eligible.nonzero().flatten()
+    drop = candidates.numel() - keep
+    if drop <= 0:
+        return mask
+    if keep == 0:
+        return torch.zeros_like(mask)
+    if drop < keep:
+        mask[candidates[torch.topk(values[candidates], drop, largest=False, sorted=False).indices]] = False
+        return mask
+    mask[:] = False
+    mask[candidates[torch.topk(values[candidates], keep, sorted=False).indices]] = True
+    return mask
 
 
 @torch.no_grad()
@@ -108,8 +135,8 @@ def cut_to_sparsity_(
     scores = {n: relative_scores(w).masked_fill(w < floor, 0.0) if relative else w for n, w in weights.items()}
     masks = keep_masks(scores, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
-    kept = [weights[n].abs()[m] for n, m in masks.items() if bool(m.any())]
-    return min((float(k.min()) for k in kept), default=math.inf)
+    smallest = [weights[n].abs().masked_fill(~m, math.inf).min() for n, m in masks.items()]
+    return float(torch.stack(smallest).min()) if smallest else math.inf
 
 
 @torch.no_grad()
@@ -118,8 +145,9 @@ def fix_support_(
 ) -> int:
     """Set every factor of each factorized weight with ``|w| < threshold`` (absolute) to exactly zero.
 
-    The optimizers' per-parameter state tensors of the factors' shape (momentum buffers, Adam moments) are
-    zeroed at the same entries, so momentum cannot move them off zero. Only entries not zeroed yet are written (those
+    The optimizers' per-parameter state tensors of the factors' shape are reset at the same entries (momentum
+    buffers and first moments to 0, so momentum cannot move them off zero; second moments to 1, see
+    :mod:`lightning_dwf.core.unit_state`). Only entries not zeroed yet are written (those
     whose first factor is not 0: a zeroed weight has every factor 0, and the other factors of a weight whose first
     factor is 0 get no gradient), so this is cheap enough to run every step, as the callback's proximal step under
     Adam-type optimizers does.

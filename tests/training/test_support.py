@@ -3,6 +3,8 @@ the pattern exactly under SGD and Adam, and ``keep_masks``' exact count with a m
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -67,3 +69,40 @@ def test_keep_masks_exact_count_and_layer_minimum():
     # survivors of the global part are the largest of the rest
     big = weights["big"].abs()
     assert float(big[masks["big"]].min()) >= float(big[~masks["big"]].max())
+
+
+def _reference_keep_masks(weights, target, floor, min_share):
+    """The rule of ``keep_masks`` written plainly: every tensor's minimum first, then the largest over all, never a
+    weight below the floor."""
+    names = list(weights)
+    flat = torch.cat([weights[n].abs().flatten() for n in names])
+    sizes = [weights[n].numel() for n in names]
+    keep = flat.numel() - round(target * flat.numel())
+    ranked, start = flat.clone(), 0
+    for size in sizes:
+        forced = min(size, max(1, math.ceil(min_share * (1 - target) * size - 1e-9))) if keep and min_share else 0
+        if forced:
+            chunk = ranked[start:start + size]
+            chunk[torch.topk(chunk, forced).indices] = math.inf
+        start += size
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    if keep:
+        mask[torch.topk(ranked, keep).indices] = True
+    mask &= flat >= floor
+    return dict(zip(names, torch.split(mask, sizes), strict=True))
+
+
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.9, 0.999])
+@pytest.mark.parametrize("min_share", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("zeros", [0.0, 0.5, 0.95])
+def test_keep_masks_equal_the_plain_rule(target, min_share, zeros):
+    """The selection among weights above the floor, and the minimum per tensor applied only where it binds, give
+    exactly the plain rule's masks (distinct magnitudes; weights already zero below the floor)."""
+    generator = torch.Generator().manual_seed(int(100 * target + 10 * min_share + zeros * 7))
+    weights = {name: torch.randn(*shape, generator=generator) * scale
+               for name, shape, scale in (("a", (40, 30), 1.0), ("b", (20, 10), 1e-3), ("c", (7,), 10.0))}
+    for w in weights.values():
+        w[torch.rand(w.shape, generator=generator) < zeros] = 0.0
+    fast = keep_masks(weights, target, floor=1e-6, min_share=min_share)
+    plain = _reference_keep_masks(weights, target, 1e-6, min_share)
+    assert all(torch.equal(fast[n].flatten(), plain[n]) for n in weights)

@@ -17,7 +17,6 @@ import torch
 from lightning_dwf._validation import check_choice, set_field
 from lightning_dwf.config import ScheduleConfig
 from lightning_dwf.core.gating import gated_tensors
-from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.budget import CostModel, Measure, budget_masks
 from lightning_dwf.training.regimes.base import RunContext, register_regime
 from lightning_dwf.training.regimes.target import TargetSparsity
@@ -113,16 +112,19 @@ class Budget(TargetSparsity):
         dropped = {t.name: (t.unit_magnitudes() < threshold).cpu() for t in gated_tensors(ctx.module)}
         return self.cost_model.cost(dropped, measure) / self.cost_model.dense[measure]
 
-    def _progress(self, ctx: RunContext, report: SparsityReport) -> float:
-        self._cost = self.cost_fraction(ctx, report.threshold)
+    def _progress(self, ctx: RunContext, threshold: float) -> float:
+        self._cost = self.cost_fraction(ctx, threshold)
         return 1.0 - self._cost
 
     def _cut(self, ctx: RunContext, sparsity: float) -> float:
         assert self.cost_model is not None
         tensors = gated_tensors(ctx.module)
-        masks = budget_masks(tensors, self.cost_model, 1.0 - sparsity, self.config.measure, ctx.floor,
+        measure = self.config.measure
+        masks = budget_masks(tensors, self.cost_model, 1.0 - sparsity, measure, ctx.floor,
                              self.config.schedule.min_layer_share)
         zero_weights_(ctx.module, masks, ctx.optimizers)
+        dropped = {name: ~keep for name, keep in masks.items()}
+        self._cost = self.cost_model.cost(dropped, measure) / self.cost_model.dense[measure]
         kept = [t.unit_magnitudes()[masks[t.name].to(t.omega.device)] for t in tensors]
         return min((float(k.min()) for k in kept if k.numel()), default=float("inf"))
 

@@ -99,9 +99,9 @@ class TargetSparsity(Regime):
         self._last_control_step = step
         if self.config.schedule.gradual and not self.recovering:
             self._cut(ctx, controller.support_sparsity(step))
-        report = sparsity_report(ctx.module, self.zero_threshold(ctx.floor), self.lam)
-        self.lam = controller.update(step, self._progress(ctx, report))
-        return report
+        if controller.steering(step):
+            self.lam = controller.update(step, self._progress(ctx, self.zero_threshold(ctx.floor)))
+        return None  # the loggers measure their own report when due
 
     def release(self, ctx: RunContext) -> None:
         if not self.recovering:
@@ -152,10 +152,10 @@ class TargetSparsity(Regime):
         if self._restored:
             self.lam = float(self._restored["lam"])
 
-    def _progress(self, ctx: RunContext, report: SparsityReport) -> float:
+    def _progress(self, ctx: RunContext, threshold: float) -> float:
         """What the controller steers towards the target: the fraction of units (weights, or groups of gated tensors)
-        that count as zero in ``report``."""
-        return report.unit_sparsity
+        below ``threshold`` (absolute)."""
+        return sparsity_report(ctx.module, threshold, counts_only=True).unit_sparsity
 
     def _cut_summary(self, target: float, threshold: float) -> str:
         """How :meth:`_start_recovery` describes the cut it made."""
@@ -175,7 +175,7 @@ class TargetSparsity(Regime):
         """
         assert self.controller is not None
         control, target = self.controller.threshold, self.config.sparsity
-        reached = self._progress(ctx, sparsity_report(ctx.module, control))
+        reached = self._progress(ctx, control)
         threshold = self._cut(ctx, target)
         self.controller.start_recovery(ctx.step)
         self.lam = self.controller.lam
