@@ -114,7 +114,8 @@ def fit(cfg: dict, data: ImageData, callbacks: list[Callback], module: Classifie
     seed_everything(cfg["seed"], verbose=False)
     module = module or Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
     start = time.perf_counter()
-    make_trainer(epochs or cfg["epochs"], callbacks).fit(module, train_loader(data, BATCH_SIZE, cfg["seed"]))
+    make_trainer(epochs or cfg["epochs"], callbacks).fit(
+        module, train_loader(data, cfg.get("batch", BATCH_SIZE), cfg["seed"]))
     return module, time.perf_counter() - start
 
 

@@ -491,3 +491,25 @@ def test_structured_speed_cells_run_on_a_small_subset(tmp_path, monkeypatch, mod
     monkeypatch.setattr(ss, "plot", lambda rows, path: None)
     ss.write_report(out)
     assert f"| {model} | adamw | 25% |" in out.with_suffix(".md").read_text()
+
+
+def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch):
+    """The train-time benchmark fits dense, the defaults and structured DWF alternately and tabulates the ratios."""
+    import sys
+
+    import torch
+
+    from benchmarks import fit_cost
+    from examples.data import ImageData
+
+    torch.manual_seed(0)
+    data = ImageData("tiny", torch.rand(256, 1, 28, 28), torch.arange(256) % 10, torch.rand(32, 1, 28, 28),
+                     torch.randint(0, 10, (32,)))
+    monkeypatch.setattr(fit_cost, "load_dataset", lambda name: data)
+    monkeypatch.setattr(fit_cost, "OUT", tmp_path / "fit_cost.jsonl")
+    monkeypatch.setattr(sys, "argv", ["fit_cost", "--models", "lenet300", "--opts", "adamw", "--batches", "4",
+                                      "--epochs", "1", "--rounds", "1"])  # 64 steps: enough for target mode
+    fit_cost.main()
+    (row,) = store.read_rows(tmp_path / "fit_cost.jsonl")
+    assert set(row["seconds"]) == {"dense", "dwf", "dwf-structured"} and all(s > 0 for s in row["seconds"].values())
+    assert "| lenet300 | adamw | 4 |" in (tmp_path / "fit_cost.md").read_text()
