@@ -174,13 +174,13 @@ def force_shrink(net: nn.Module, x: torch.Tensor) -> None:
                 rows = module.weight.detach().reshape(module.weight.shape[0], -1)
                 silent &= (rows[positions] == 0).all(dim=1)
         idxs = space.removable_where(silent)
-        if idxs and space.heads:
-            owner, attr, count = space.heads
-            set_heads_(net, {owner: (attr, count - len(idxs) // space.unit)})
         if idxs:
             group = dg.get_pruning_group(space.root, space.handler, idxs)
             if dg.check_pruning_group(group):
                 group.prune()
+                if space.heads:
+                    owner, attr, count = space.heads
+                    set_heads_(net, {owner: (attr, count - len(idxs) // space.unit)})
 
 
 class Regularize(Callback):

@@ -63,11 +63,13 @@ class FactorizedTensor:
 
     @torch.no_grad()
     def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
-        """Zero all D factors of the weights where ``drop`` (bool, the tensor's shape), with their optimizer state
-        tensors of the factors' shape; returns the number of weights dropped (over all ranks).
+        """Zero all D factors of the weights where ``drop`` (bool, the tensor's shape) and reset their optimizer state
+        tensors of the factors' shape (:func:`~lightning_dwf.core.unit_state.unit_state`); returns the number of weights
+        dropped (over all ranks).
 
-        Weights zeroed before are skipped (their first factor is 0: every factor and its state were zeroed together,
-        and they get no gradient since), so a cut repeated every control step writes only what changes.
+        Weights whose first factor is 0 are skipped: a weight is dropped with all its factors and state together and
+        gets no gradient since (a first factor reaching exact 0 on its own in float32 training does not happen in
+        practice), so a cut repeated every control step writes only what changes.
 
         Sharded factors (FSDP2): ``drop`` is either sharded like them or the whole mask (equal on every rank); each
         rank zeroes its own shards."""

@@ -205,10 +205,11 @@ class GatedTensor:
 
     @torch.no_grad()
     def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
-        """Set ω, the gates and the coupled tensors of the groups where ``drop`` (bool, ``(G,)``) to exact zero, with
-        the optimizer state tensors of the same shapes; returns the number of groups dropped.
+        """Set ω, the gates and the coupled tensors of the groups where ``drop`` (bool, ``(G,)``) to exact zero, and
+        reset the optimizer state tensors of the same shapes there (:func:`~lightning_dwf.core.unit_state.unit_state`);
+        returns the number of groups dropped.
 
-        Groups whose gates are zero already are skipped: they get no gradient and their optimizer state was zeroed with
+        Groups whose gates are zero already are skipped: they get no gradient and their optimizer state was reset with
         them, so a cut repeated every control step writes only what changes."""
         count = int(drop.count_nonzero())
         new = drop & (self.gates[0].detach() != 0)

@@ -2,9 +2,11 @@
 
 A dropped unit (a weight whose D factors are zero, or a group whose gates and ω are zero) gets no gradient ever again,
 so it stays zero as long as its momentum (SGD's buffer, Adam's first moment) is zero too. Its *second-moment* entries
-(Adam's ``exp_avg_sq``, RMSprop's ``square_avg``, …) only divide a zero update and could hold anything; they are set
-to 1 rather than 0 because torch's CPU ``sqrt`` of exact zeros is about 10× slower than of other values (measured
-here, torch 2.13 CPU), which made every Adam step of a sparse model pay for its zeros.
+(Adam's ``exp_avg_sq``, RMSprop's ``square_avg``, …) only divide a zero update and may hold any finite positive value;
+they are set to 1 rather than 0 because torch's CPU ``sqrt`` of exact zeros is about 10× slower than of other values
+(measured here, torch 2.13 CPU), which made every Adam step of a sparse model pay for its zeros. With no gradient they
+decay (by β2 per step under Adam: float32 zero after about 87,000 steps at β2 = 0.999), so in very long runs the
+speed-up fades; the results never depend on them.
 """
 
 from __future__ import annotations

@@ -162,9 +162,25 @@ def channel_spaces(dg: Any, ignored_layers: Sequence[nn.Module] = ()) -> list[Ch
             else:
                 inputs.append((module, positions))
                 consumed = True
+        heads = _heads(dg, writers, size) if _through_attention(group) else None
         spaces.append(ChannelSpace(root_dep.target.module, root_dep.handler, size, writers, outputs, inputs,
-                                   consumed, aligned, _heads(dg, writers, size)))
+                                   consumed, aligned, heads))
     return spaces
+
+
+#: Autograd node names of the operations that mix heads' queries, keys and values (SDPA kernels, batched matmuls).
+_ATTENTION_OPS = ("Attention", "Bmm", "MatMul", "Matmul")
+
+
+def _through_attention(group: Any) -> bool:
+    """Whether the channels of a dependency group pass through an attention operation (not just through additions, as
+    a residual stream or a gated MLP does)."""
+    for dep, _ in group:
+        grad_fn = getattr(dep.target.module, "_grad_fn", None)  # Torch-Pruning keeps the autograd node's name
+        name = grad_fn if isinstance(grad_fn, str) else type(grad_fn).__name__
+        if any(op in name for op in _ATTENTION_OPS):
+            return True
+    return False
 
 
 def _heads(dg: Any, writers: list[tuple[nn.Module, list[int]]], size: int) -> tuple[str, str, int] | None:

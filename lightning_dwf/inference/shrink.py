@@ -103,8 +103,9 @@ def shrink_(
     """Remove every exactly-silent output channel of ``model`` (collapsed, plain) and everything coupled to it.
 
     The model is switched to ``eval()`` for the check and left in the mode it had. Layers whose output channels are
-    the model's outputs stay whole; a layer none of whose channels survive keeps one (a zero one), so the model's
-    shapes stay valid.
+    the model's outputs stay whole; a layer none of whose channels survive keeps one (a zero one; an attention module
+    keeps one head), so the model's shapes stay valid. Attention heads go whole and lower the module's head count
+    (:mod:`lightning_dwf.inference.coupling`).
 
     Args:
         model: a collapsed model (:func:`~lightning_dwf.collapse_` or the collapsed checkpoint); changed in place.
@@ -157,11 +158,13 @@ def shrink_(
         if space.heads:
             owner, attr, count = space.heads
             heads[owner] = (attr, count - len(idxs) // space.unit)
+    counts = {owner: (attr, getattr(model.get_submodule(owner), attr)) for owner, (attr, _) in heads.items()}
     set_heads_(model, heads)
     try:
         after = _forward(model, example_inputs)
     except Exception as err:  # hard-coded shapes in the model's forward
         _restore(model, before_state)
+        set_heads_(model, counts)  # the model itself may be the attention module
         model.train(was)
         raise DWFError(f"the shrunk model's forward fails ({err}); the model is restored unchanged. Its code fixes "
                        "a width the shrink changed: derive widths from the layers (e.g. `q.view(n, t, self.num_heads, "
@@ -170,6 +173,7 @@ def shrink_(
     scale = max(_max_abs(reference), 1.0)
     if not diff <= atol + rtol * scale:
         _restore(model, before_state)
+        set_heads_(model, counts)
         model.train(was)
         raise DWFError(
             f"shrink_ changed the model's outputs by {diff:.3g} (> atol {atol:g} + rtol {rtol:g} × {scale:.3g}); the "

@@ -214,8 +214,8 @@ def sparsity_report(
         threshold: absolute magnitude below which a weight counts as zero.
         lam: λ (mean-loss units) for the penalty values.
         depth: D for the penalty of a plain model (ignored for factorized tensors).
-        counts_only: only the zero counts (sparsity, unit sparsity), as target mode's controller reads them at every
-            control step: no penalty or factor norms (``None``) and no finiteness check (``finite`` is True).
+        counts_only: only the zero counts (sparsity, unit sparsity), what target mode's controller reads: no penalty or
+            factor norms (``None``) and no finiteness check (``finite`` is True).
 
     Example:
         >>> import torch

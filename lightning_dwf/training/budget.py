@@ -170,10 +170,9 @@ def budget_masks(
     limit = budget * model.dense[measure]
 
     def dropped(k: int) -> dict[str, Tensor]:
-        mask = always.clone()
-        mask[order[:k]] = True
-        if tied_heads:
-            mask |= mask[unit]
+        ranked = torch.zeros_like(always)
+        ranked[order[:k]] = True
+        mask = always | (ranked[unit] if tied_heads else ranked)  # a ranked head drops in q, k and v together
         return dict(zip(names, torch.split(mask, sizes), strict=True))
 
     low, high = 0, order.numel()  # smallest k with cost(dropped(k)) <= limit (or all of them)

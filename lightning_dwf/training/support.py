@@ -4,7 +4,8 @@ Target mode (``DWFCallback(target_sparsity=...)``) lets the penalty choose *wher
 support and trains the surviving weights without penalty (the "recovery" phase): the same sparsity, without the
 shrinkage bias the penalty puts on the survivors. A weight whose D factors are all exactly zero stays zero under
 any gradient-based optimizer: each factor's gradient is the loss gradient times the product of the other factors
-(zero), the penalty gradient is proportional to the factor (zero), and the entry's optimizer state is zeroed here.
+(zero), the penalty gradient is proportional to the factor (zero), and the entry's optimizer state is reset here
+(momenta to 0; :mod:`lightning_dwf.core.unit_state`).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def cut_to_sparsity_(
     scores = {n: relative_scores(w).masked_fill(w < floor, 0.0) if relative else w for n, w in weights.items()}
     masks = keep_masks(scores, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
-    smallest = [weights[n].abs().masked_fill(~m, math.inf).min() for n, m in masks.items()]
+    smallest = [weights[n].abs().masked_fill(~m, math.inf).min() for n, m in masks.items() if m.numel()]
     return float(torch.stack(smallest).min()) if smallest else math.inf
 
 
@@ -156,7 +157,7 @@ def fix_support_(
         module: a factorized model (changed in place).
         threshold: one magnitude for every factorized tensor, or one per tensor name (tensors not named are left
             alone).
-        optimizers: whose state is zeroed with the factors.
+        optimizers: whose state is reset with the factors.
 
     Returns:
         The number of weights below their threshold (zero now).
@@ -183,7 +184,8 @@ def zero_weights_(
     Args:
         module: a factorized model (changed in place).
         keep: boolean masks of the weights' shapes, by factorized tensor name; tensors not named are left alone.
-        optimizers: whose per-parameter state tensors of the factors' shape are zeroed at the same entries.
+        optimizers: whose per-parameter state tensors of the factors' shape are reset at the same entries (momenta to
+            0, second moments to 1: :mod:`lightning_dwf.core.unit_state`).
 
     Returns:
         The number of weights outside ``keep`` (zero now).

@@ -176,6 +176,28 @@ def test_attention_heads_go_when_q_k_v_are_all_silent_there(tmp_path):
     torch.testing.assert_close(fresh(x), model(x))
 
 
+def test_a_head_count_beside_layers_without_attention_is_left_alone():
+    """Two Linear layers added together under a module that holds ``num_heads`` are not attention: their silent
+    channels go one by one and the count stays."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads = 4
+            self.w1, self.w3, self.w2 = nn.Linear(6, 16), nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w2(torch.relu(self.w1(x) + self.w3(x)))
+
+    model = Block().eval()
+    with torch.no_grad():
+        for layer in (model.w1, model.w3):
+            layer.weight[[0, 5]] = 0
+            layer.bias[[0, 5]] = 0
+    report = shrink_(model, torch.randn(2, 6))
+    assert model.w1.out_features == 14 and model.num_heads == 4 and not report.heads
+
+
 def test_a_forward_with_hard_coded_widths_is_refused_and_undone():
     model = heads_gated({"q": [1], "k": [1], "v": [1]}, hard_coded=True)
     x = torch.randn(2, 5, 6)

@@ -67,3 +67,19 @@ def test_attention_heads_are_dropped_and_kept_together_and_the_prediction_is_exa
     report = shrink_(net, x)
     assert net.attn.num_heads == max(kept, 1) and report.heads  # the shrink keeps one (zero) head of none
     assert sum(layer_macs(net, x).values()) == predicted
+
+
+def test_a_head_already_zero_in_one_projection_does_not_drop_the_others():
+    """A q head below the floor is zero already; with nothing to cut, k's and v's same head stay."""
+    from tests.inference.test_shrink import TinyTransformer
+
+    model = trained_like(TinyTransformer)
+    with torch.no_grad():
+        model.attn.q.weight[:4] *= 1e-6
+        model.attn.q.bias[:4] *= 1e-6
+    factorize_(model, 3, FactorizeConfig(structure={"attn.[qkv]": "heads"}, num_heads=4,
+                                         exclude=["head", "attn.out", "embed"]))
+    x = torch.randn(2, 5, 6)
+    masks = budget_masks(gated_tensors(model), CostModel(model, x), 1.0, "macs", floor=1e-4)
+    assert masks["attn.q.weight"].tolist() == [False, True, True, True]
+    assert bool(masks["attn.k.weight"].all()) and bool(masks["attn.v.weight"].all())
