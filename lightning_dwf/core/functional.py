@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_dwf.core.sharding import full_tensor
+from lightning_dwf.core.sharding import global_count
 
 #: Float32 machine epsilon: collapsed weights with ``|w| <`` this are set to exact zero.
 DEFAULT_THRESHOLD = 1.19e-7
@@ -207,6 +207,4 @@ def threshold_(weight: Tensor, threshold: float) -> Tensor:
 def count_nonzero(weight: Tensor, threshold: float = DEFAULT_THRESHOLD) -> int:
     """Entries that survive :func:`threshold_` (``|w| >= threshold`` and ``w != 0``), over all ranks when
     ``weight`` is sharded."""
-    if threshold > 0:
-        return int(full_tensor((weight.abs() >= threshold).sum()))
-    return int(full_tensor((weight != 0).sum()))
+    return global_count(weight.abs() >= threshold if threshold > 0 else weight != 0)

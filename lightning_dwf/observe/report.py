@@ -11,7 +11,7 @@ from torch import nn
 from lightning_dwf.core.factorize import factorized_tensors, select_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, count_nonzero, factor_sq_norm, l2d_quasinorm
 from lightning_dwf.core.gating import gated_tensors
-from lightning_dwf.core.sharding import full_tensor, root_mean_square
+from lightning_dwf.core.sharding import full_tensor, global_count, root_mean_square
 
 
 @dataclass(frozen=True)
@@ -289,4 +289,4 @@ def weight_scales(module: nn.Module) -> tuple[float, float]:
 
 def _all_finite(tensor: torch.Tensor) -> bool:
     """Whether every entry of ``tensor`` is finite, over all ranks when it is sharded."""
-    return not int(full_tensor((~torch.isfinite(tensor)).sum()))
+    return not global_count(~torch.isfinite(tensor))

@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
 from lightning_dwf.core.gating import GatedTensor
-from lightning_dwf.core.sharding import local_tensor
+from lightning_dwf.core.sharding import is_sharded, local_tensor
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -129,6 +129,7 @@ class FactorPenalty:
         self._plans: dict[int, list[_GroupPlan]] = {}
         self._plan_of: dict[int, _GroupPlan] = {}  # by id of the factor
         self._snapshots: dict[int, list[tuple[nn.Parameter, float, torch.Tensor]]] = {}
+        self._buffers: dict[int, torch.Tensor] = {}  # by id of the factor: its values before the step
         self._hooks: list[Any] = []
 
     def bind(self, optimizers: Sequence[Any]) -> None:
@@ -226,6 +227,7 @@ class FactorPenalty:
         self._plans.clear()
         self._plan_of.clear()
         self._snapshots.clear()
+        self._buffers.clear()
 
     def user_weight_decay(self) -> dict[str, float]:
         """``{"optimizer.group": weight_decay}`` for groups whose own nonzero decay on factors is neutralized."""
@@ -278,7 +280,20 @@ class FactorPenalty:
         params = [p for plan in self._plans[id(optimizer)] for p in plan.params]
         scaled = [(p, m) for p in params if (m := self.multiplier_of(p)) != 1.0]
         if scaled:
-            self._snapshots[id(optimizer)] = [(p, m, p.detach().clone()) for p, m in scaled]
+            self._snapshots[id(optimizer)] = [(p, m, self._copy(p)) for p, m in scaled]
+
+    def _copy(self, param: nn.Parameter) -> torch.Tensor:
+        """``param``'s values before the step, in a buffer kept from step to step: a fresh copy of every factor at
+        every step made the allocator hand back and fault in the whole factor memory each time (sharded parameters
+        are cloned)."""
+        if is_sharded(param):
+            return param.detach().clone()
+        buffer = self._buffers.get(id(param))
+        same = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (param.shape, param.dtype,
+                                                                                     param.device)
+        if not same:
+            buffer = self._buffers[id(param)] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return buffer.copy_(param.detach())
 
     @torch.no_grad()
     def _scale_update(self, optimizer: Optimizer, *_: Any) -> None:

@@ -73,7 +73,7 @@ def keep_masks(
     forced = [min(size, max(1, math.ceil(min_share * (1.0 - target) * size - 1e-9))) if keep and min_share else 0
               for size in sizes]
     mask = _largest(magnitudes, eligible, keep)
-    kept = [int(m.sum()) for m in torch.split(mask, sizes)] if any(forced) else forced
+    kept = [int(m.count_nonzero()) for m in torch.split(mask, sizes)] if any(forced) else forced
     if any(k < f for k, f in zip(kept, forced, strict=True)):
         # a tensor would keep less than its minimum: its largest are kept first, the rest compete globally. (When
         # every tensor keeps its minimum anyway, its largest are among the global cut's and the result is the same.)
@@ -91,22 +91,57 @@ def keep_masks(
     return {n: m.view_as(weights[n]) for n, m in zip(names, torch.split(mask, sizes), strict=True)}
 
 
+#: Eligible weights above which :func:`_largest` brackets the boundary from a sample before selecting exactly.
+SAMPLED_SELECTION = 1 << 20
+_SAMPLE = 1 << 16
+
+
 def _largest(values: Tensor, eligible: Tensor, keep: int) -> Tensor:
     """A mask of the ``keep`` largest ``values`` among the ``eligible`` ones (all of them when fewer): a selection of
-    the smaller side, the ``keep`` largest or the rest's smallest."""
+    the smaller side, the ``keep`` largest or the rest's smallest. Past :data:`SAMPLED_SELECTION` eligible values the
+    boundary is first bracketed from a fixed sample, so the exact selection runs over the values near it only."""
+    count = int(eligible.count_nonzero())
+    if count <= keep:
+        return eligible.clone()
+    if keep == 0:
+        return torch.zeros_like(eligible)
+    if count > SAMPLED_SELECTION:
+        mask = _bracketed_largest(values, eligible, keep, count)
+        if mask is not None:
+            return mask
     mask = eligible.clone()
     candidates = eligible.nonzero().flatten()
-    drop = candidates.numel() - keep
-    if drop <= 0:
-        return mask
-    if keep == 0:
-        return torch.zeros_like(mask)
+    drop = count - keep
     if drop < keep:
         mask[candidates[torch.topk(values[candidates], drop, largest=False, sorted=False).indices]] = False
         return mask
     mask[:] = False
     mask[candidates[torch.topk(values[candidates], keep, sorted=False).indices]] = True
     return mask
+
+
+def _bracketed_largest(values: Tensor, eligible: Tensor, keep: int, count: int) -> Tensor | None:
+    """:func:`_largest` through a band ``[low, high]`` around the boundary estimated from a fixed sample: everything
+    above ``high`` is kept, and the rest of ``keep`` is selected exactly inside the band. ``None`` when the band
+    misses the boundary (then the full selection runs)."""
+    generator = torch.Generator(device=values.device).manual_seed(0)
+    at = torch.randint(values.numel(), (_SAMPLE,), generator=generator, device=values.device)
+    sample = values[at][eligible[at]].sort().values
+    if sample.numel() < _SAMPLE // 16:
+        return None
+    share = 1.0 - keep / count  # the boundary's quantile among the eligible values
+    slack = 6.0 * math.sqrt(share * (1.0 - share) / sample.numel()) + 4.0 / sample.numel()
+    last = sample.numel() - 1
+    low = sample[max(0, math.floor((share - slack) * last))]
+    high = sample[min(last, math.ceil((share + slack) * last))]
+    above = eligible & (values > high)
+    band = (eligible & (values >= low) & ~above).nonzero().flatten()
+    wanted = keep - int(above.count_nonzero())
+    if wanted < 0 or wanted > band.numel():
+        return None
+    if wanted:
+        above[band[torch.topk(values[band], wanted, sorted=False).indices]] = True
+    return above
 
 
 @torch.no_grad()

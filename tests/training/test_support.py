@@ -106,3 +106,17 @@ def test_keep_masks_equal_the_plain_rule(target, min_share, zeros):
     fast = keep_masks(weights, target, floor=1e-6, min_share=min_share)
     plain = _reference_keep_masks(weights, target, 1e-6, min_share)
     assert all(torch.equal(fast[n].flatten(), plain[n]) for n in weights)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.5, 0.9, 0.99])
+def test_keep_masks_through_a_sampled_band_equal_the_plain_rule(monkeypatch, target):
+    """Past the size where the boundary is bracketed from a sample first, the masks are still the plain rule's."""
+    import lightning_dwf.training.support as support
+
+    monkeypatch.setattr(support, "SAMPLED_SELECTION", 1000)
+    generator = torch.Generator().manual_seed(3)
+    weights = {"a": torch.randn(300, 200, generator=generator), "b": 1e-2 * torch.randn(100, 50, generator=generator)}
+    weights["a"][:40] = 0.0
+    fast = keep_masks(weights, target, floor=1e-6, min_share=0.1)
+    plain = _reference_keep_masks(weights, target, 1e-6, 0.1)
+    assert all(torch.equal(fast[n].flatten(), plain[n]) for n in weights)
