@@ -97,22 +97,21 @@ class ChannelSpace:
             everywhere &= silent(module, positions)
         return self.removable_where(everywhere)
 
-    def removable_count(self, silent: Tensor) -> int:
-        """``len(self.removable_where(silent))``, without listing them (the budget's cost model calls it often)."""
-        if not self.shrinkable:
-            return 0
-        units = int(silent.reshape(-1, self.unit).all(dim=1).sum())
-        return (units - 1 if units * self.unit >= self.size else units) * self.unit
-
-    def removable_where(self, silent: Tensor) -> list[int]:
-        """The channels that can go when ``silent`` (bool per channel) marks those silent in every writer: whole
-        units (heads) only, and at least one unit always stays, so the shapes stay valid."""
-        if not self.shrinkable:
-            return []
-        units = silent.reshape(-1, self.unit).all(dim=1)
+    def removable_units(self, silent: Tensor) -> Tensor:
+        """Which units (heads, else channels) can go when ``silent`` (bool per channel) marks the channels silent in
+        every writer: whole units only, and at least one unit always stays, so the shapes stay valid."""
+        units = silent.reshape(-1, self.unit).all(dim=1) & self.shrinkable
         if bool(units.all()):
             units[0] = False
-        return units.repeat_interleave(self.unit).nonzero().flatten().tolist()
+        return units
+
+    def removable_count(self, silent: Tensor) -> int:
+        """``len(self.removable_where(silent))`` (the budget's cost model calls it often)."""
+        return int(self.removable_units(silent).count_nonzero()) * self.unit
+
+    def removable_where(self, silent: Tensor) -> list[int]:
+        """The channels that can go (:meth:`removable_units`, as channel positions)."""
+        return self.removable_units(silent).repeat_interleave(self.unit).nonzero().flatten().tolist()
 
 
 def judged_by(dg: Any, module: nn.Module) -> nn.Module:
