@@ -178,9 +178,7 @@ def force_shrink(net: nn.Module, x: torch.Tensor) -> None:
             group = dg.get_pruning_group(space.root, space.handler, idxs)
             if dg.check_pruning_group(group):
                 group.prune()
-                if space.heads:
-                    owner, attr, count = space.heads
-                    set_heads_(net, {owner: (attr, count - len(idxs) // space.unit)})
+                set_heads_(net, space.heads_left(len(idxs)))
 
 
 class Regularize(Callback):

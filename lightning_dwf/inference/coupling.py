@@ -97,6 +97,14 @@ class ChannelSpace:
             everywhere &= silent(module, positions)
         return self.removable_where(everywhere)
 
+    def heads_left(self, removed: int) -> dict[str, tuple[str, int]]:
+        """``{attention module: (attribute, head count)}`` after ``removed`` of the space's channels went (empty for a
+        space without heads)."""
+        if not self.heads:
+            return {}
+        owner, attr, count = self.heads
+        return {owner: (attr, count - removed // self.unit)}
+
     def removable_units(self, silent: Tensor) -> Tensor:
         """Which units (heads, else channels) can go when ``silent`` (bool per channel) marks the channels silent in
         every writer: whole units only, and at least one unit always stays, so the shapes stay valid."""

@@ -155,26 +155,26 @@ def shrink_(
             continue
         pruning.prune()
         removed[name] = len(idxs)
-        if space.heads:
-            owner, attr, count = space.heads
-            heads[owner] = (attr, count - len(idxs) // space.unit)
+        heads |= space.heads_left(len(idxs))
     counts = {owner: (attr, getattr(model.get_submodule(owner), attr)) for owner, (attr, _) in heads.items()}
     set_heads_(model, heads)
-    try:
-        after = _forward(model, example_inputs)
-    except Exception as err:  # hard-coded shapes in the model's forward
+
+    def undo() -> None:
         _restore(model, before_state)
         set_heads_(model, counts)  # the model itself may be the attention module
         model.train(was)
+
+    try:
+        after = _forward(model, example_inputs)
+    except Exception as err:  # hard-coded shapes in the model's forward
+        undo()
         raise DWFError(f"the shrunk model's forward fails ({err}); the model is restored unchanged. Its code fixes "
                        "a width the shrink changed: derive widths from the layers (e.g. `q.view(n, t, self.num_heads, "
                        "-1)`), or pass such layers in `ignored_layers`.") from err
     diff = _max_diff(reference, after)
     scale = max(_max_abs(reference), 1.0)
     if not diff <= atol + rtol * scale:
-        _restore(model, before_state)
-        set_heads_(model, counts)
-        model.train(was)
+        undo()
         raise DWFError(
             f"shrink_ changed the model's outputs by {diff:.3g} (> atol {atol:g} + rtol {rtol:g} × {scale:.3g}); the "
             "model is restored unchanged. A layer's zero channels are not silent (e.g. a Conv whose zero filters feed "

@@ -142,6 +142,7 @@ def budget_masks(
     raw = [t.unit_magnitudes().detach().float().cpu() for t in tensors]
     sizes = [r.numel() for r in raw]
     starts = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist(), strict=False))
+    flat = torch.cat(raw)
     scores = torch.cat([relative_scores(r) for r in raw])
     unit = torch.arange(scores.numel())  # the unit of each group: itself, or the first member's head
     for tied in model.tied:
@@ -151,10 +152,8 @@ def budget_masks(
                 unit[starts[n] + torch.arange(first.numel())] = first
     tied_heads = bool((unit != torch.arange(unit.numel())).any())
     if tied_heads:  # a unit scores (and weighs, for the protection below) as its largest member
-        scores = torch.zeros_like(scores).scatter_reduce(0, unit, scores, "amax", include_self=False)[unit]
-        magnitudes = torch.cat(raw)
-        magnitudes = torch.zeros_like(magnitudes).scatter_reduce(0, unit, magnitudes, "amax", include_self=False)
-        raw = list(torch.split(magnitudes[unit], sizes))
+        scores = _unit_max(scores, unit)
+        raw = list(torch.split(_unit_max(flat, unit), sizes))
     protected = torch.zeros(scores.numel(), dtype=torch.bool)
     start = 0
     for size, r in zip(sizes, raw, strict=True):
@@ -163,8 +162,8 @@ def budget_masks(
             protected[start + torch.topk(r, forced).indices] = True
         start += size
     if tied_heads:
-        protected = torch.zeros_like(protected).scatter_reduce(0, unit, protected, "amax", include_self=False)[unit]
-    always = (torch.cat([t.unit_magnitudes().detach().float().cpu() for t in tensors]) < floor) & ~protected
+        protected = _unit_max(protected, unit)
+    always = (flat < floor) & ~protected
     candidates = (~protected & ~always & (unit == torch.arange(unit.numel()))).nonzero().flatten()
     order = candidates[torch.argsort(scores[candidates], stable=True)]
     limit = budget * model.dense[measure]
@@ -183,3 +182,8 @@ def budget_masks(
         else:
             low = mid + 1
     return {name: ~mask for name, mask in dropped(low).items()}
+
+
+def _unit_max(values: Tensor, unit: Tensor) -> Tensor:
+    """Each entry replaced by the largest of its unit's (``unit[i]``: the index its unit is kept at)."""
+    return torch.zeros_like(values).scatter_reduce(0, unit, values, "amax", include_self=False)[unit]
