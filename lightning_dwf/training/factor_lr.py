@@ -140,7 +140,12 @@ def warmup_multiplier(step: int, start: int, total: float, warmup: float, multip
     >>> warmup_multiplier(step=50, start=0, total=1000, warmup=0.1, multiplier=10.0)
     5.5
     """
+    return 1.0 + (multiplier - 1.0) * warmup_progress(step, start, total, warmup)
+
+
+def warmup_progress(step: int, start: int, total: float, warmup: float) -> float:
+    """How far the ramp of :func:`warmup_multiplier` is after ``step`` steps (1: done; it sets every multiplier)."""
     if not warmup:
-        return multiplier
+        return 1.0
     progress = (step - start) / (warmup * total) if math.isfinite(total) else 1.0
-    return 1.0 + (multiplier - 1.0) * min(1.0, progress)
+    return min(1.0, progress)

@@ -130,6 +130,7 @@ class FactorPenalty:
         self._plan_of: dict[int, _GroupPlan] = {}  # by id of the factor
         self._snapshots: dict[int, list[tuple[nn.Parameter, float, torch.Tensor]]] = {}
         self._buffers: dict[int, torch.Tensor] = {}  # by id of the factor: its values before the step
+        self._scaled_candidates: dict[int, list[nn.Parameter]] = {}  # by id of the optimizer: its factors
         self._hooks: list[Any] = []
 
     def bind(self, optimizers: Sequence[Any]) -> None:
@@ -165,6 +166,7 @@ class FactorPenalty:
                 self._plan_of.update((id(p), plans[-1]) for p in params)
             if plans:
                 self._plans[id(opt)] = plans
+                self._scaled_candidates[id(opt)] = [p for plan in plans for p in plan.params]
                 self._hooks.append(opt.register_step_pre_hook(self._snapshot))
                 self._hooks.append(opt.register_step_post_hook(self._scale_update))
         missing = [p for p in self.factors if id(p) not in owner and p.requires_grad]
@@ -226,6 +228,7 @@ class FactorPenalty:
         self._hooks.clear()
         self._plans.clear()
         self._plan_of.clear()
+        self._scaled_candidates.clear()
         self._snapshots.clear()
         self._buffers.clear()
 
@@ -277,10 +280,10 @@ class FactorPenalty:
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
-        params = [p for plan in self._plans[id(optimizer)] for p in plan.params]
-        scaled = [(p, m) for p in params if (m := self.multiplier_of(p)) != 1.0]
-        if scaled:
-            self._snapshots[id(optimizer)] = [(p, m, self._copy(p)) for p, m in scaled]
+        saved = [(p, m, self._copy(p)) for p in self._scaled_candidates[id(optimizer)]
+                 if (m := self.multiplier_of(p)) != 1.0]
+        if saved:
+            self._snapshots[id(optimizer)] = saved
 
     def _copy(self, param: nn.Parameter) -> torch.Tensor:
         """``param``'s values before the step, in a buffer kept from step to step: a fresh copy of every factor at
@@ -300,11 +303,6 @@ class FactorPenalty:
         saved = self._snapshots.pop(id(optimizer), None)
         if saved is None:
             return
-        by_multiplier: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for p, m, before in saved:  # elementwise: on this rank's shards when sharded (no foreach copy for DTensors)
-            params, befores = by_multiplier.setdefault(m, ([], []))
-            params.append(local_tensor(p))
-            befores.append(local_tensor(before))
-        for m, (params, befores) in by_multiplier.items():  # p = before + m·(after − before)
-            torch._foreach_lerp_(befores, params, m)
-            torch._foreach_copy_(params, befores)
+        for p, m, before in saved:  # p = before + m·(after − before), written into p (on this rank's shards)
+            after = local_tensor(p)
+            torch.lerp(local_tensor(before), after, m, out=after)

@@ -40,6 +40,7 @@ from lightning_dwf.training.factor_lr import (
     check_learning_rates,
     factor_learning_rates,
     plan_multipliers,
+    warmup_progress,
 )
 from lightning_dwf.training.penalty import FactorPenalty
 from lightning_dwf.training.regimes.base import Regime, RunContext
@@ -83,6 +84,7 @@ class TrainingRun:
         self.ctx: RunContext | None = None
         self._measured: SparsityReport | None = None  # the regime's report of this step, reused for the metrics
         self._warned_dead = False
+        self._progress = math.nan  # the factor LR ramp's progress last put into the penalty
 
     def bind(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> dict[str, float]:
         """Fit start: bind the penalty to ``optimizers`` and set the factor LR multipliers (a resume keeps those it
@@ -96,7 +98,7 @@ class TrainingRun:
                 self.info(f"DWFCallback: factor LR multipliers (auto: by the weights' RMS under SGD, "
                           f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type): "
                           + ", ".join(f"{name} ×{m:.3g}" for name, m in self.multipliers.items()))
-        self._apply_multipliers(module, self._at(module, optimizers, step, total_steps))
+        self._apply_multipliers(module, self._at(module, optimizers, step, total_steps), force=True)
         return self.penalty.user_weight_decay()
 
     def start(self, module: nn.Module, optimizers: Sequence[Any], step: int,
@@ -219,10 +221,15 @@ class TrainingRun:
         ctx.module, ctx.optimizers, ctx.step, ctx.total_steps = module, optimizers, step, total_steps
         return ctx
 
-    def _apply_multipliers(self, module: nn.Module, ctx: RunContext) -> None:
+    def _apply_multipliers(self, module: nn.Module, ctx: RunContext, force: bool = False) -> None:
+        """Put the ramped multipliers into the penalty when the ramp moved (``force``: a new penalty)."""
         assert self.penalty is not None
-        apply_multipliers(self.penalty, module, self.multipliers, ctx.step, self.regime.warmup_start, ctx.total_steps,
-                          self.factor_lr.warmup)
+        start = self.regime.warmup_start
+        progress = warmup_progress(ctx.step, start, ctx.total_steps, self.factor_lr.warmup)
+        if force or progress != self._progress:
+            apply_multipliers(self.penalty, module, self.multipliers, ctx.step, start, ctx.total_steps,
+                              self.factor_lr.warmup)
+            self._progress = progress
         self.penalty.lr_multiplier = self.rollback.scale
 
     def _recover(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> bool:
