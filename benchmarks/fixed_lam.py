@@ -23,33 +23,37 @@ PATH = RESULTS / "fixed_lam.jsonl"
 DEFAULT_LAMS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
-def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0) -> list[dict[str, Any]]:
-    """One ``dwf-lam`` config per λ on the matrix cell ``(dataset, model, opt, batch_size)``."""
-    base = matrix.base_config(dataset, model, opt, batch_size)
-    return [dict(base, method="dwf-lam", lam=lam, seed=seed) for lam in lams]
+def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0,
+         recovery: float = 0.0) -> list[dict[str, Any]]:
+    """One ``dwf-lam`` config per λ on the matrix cell ``(dataset, model, opt, batch_size)`` (``recovery > 0``:
+    ``FixedLamConfig(lam, recovery=...)``)."""
+    base = dict(matrix.base_config(dataset, model, opt, batch_size), method="dwf-lam", seed=seed)
+    if recovery:
+        base["recovery"] = recovery
+    return [dict(base, lam=lam) for lam in lams]
 
 
 def _order(row: dict) -> tuple:
     c = row["config"]
-    return c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["lam"]
+    return c["dataset"], c["model"], c["optimizer"], c["batch_size"], c.get("recovery", 0.0), c["lam"]
 
 
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, one line per run."""
     out = [
-        "| data | model | optimizer | batch | λ | zeros % | compression ratio | accuracy % | emptied layers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data | model | optimizer | batch | recovery | λ | zeros % | compression ratio | accuracy % | emptied layers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=_order):
         c, res = r["config"], r["results"]
         if res.get("acc") is None:
             outcome = "diverged" if "diverged" in res else "error"
-            out.append(f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c['lam']:g} | "
-                       f"{outcome} | | | |")
+            out.append(f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | "
+                       f"{c.get('recovery', 0.0):g} | {c['lam']:g} | {outcome} | | | |")
             continue
         out.append(
-            f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c['lam']:g} | "
-            f"{100 * res['sparsity']:.2f} | {res['compression_ratio']:.1f} | {100 * res['acc']:.2f} | "
+            f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c.get('recovery', 0.0):g} | "
+            f"{c['lam']:g} | {100 * res['sparsity']:.2f} | {res['compression_ratio']:.1f} | {100 * res['acc']:.2f} | "
             f"{', '.join(res.get('emptied') or []) or '—'} |"
         )
     return "\n".join(out)
@@ -60,9 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     matrix.cell_arguments(parser, model="lenet300", opt="adamw", results=PATH)
     parser.add_argument("--lam", type=float, nargs="+", default=list(DEFAULT_LAMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recovery", type=float, default=0.0,
+                        help="FixedLamConfig(recovery=...): λ ramped, then released for this fraction of the run")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    done = run_plan(plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed), args.results,
+    done = run_plan(plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed, args.recovery), args.results,
                           args.data_dir)
     print(table(list(done.values())))
 

@@ -26,6 +26,7 @@ from lightning_dwf import (
     DWFCallback,
     FactorizeConfig,
     FactorLRConfig,
+    FixedLamConfig,
     QuantizeConfig,
     ScheduleConfig,
 )
@@ -104,6 +105,7 @@ def defaults_callback(
     init: str = "dwf",
     lam: float | None = None,
     multiplier: float | None = None,
+    recovery: float = 0.0,
 ) -> DWFCallback:
     """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else.
 
@@ -115,6 +117,7 @@ def defaults_callback(
         init: ``"balanced"`` to start from a trained net.
         lam: A fixed λ instead of the target.
         multiplier: One factor LR multiplier for every tensor instead of ``"auto"`` (:mod:`benchmarks.factor_lr`).
+        recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released).
 
     Returns:
         The callback.
@@ -122,7 +125,9 @@ def defaults_callback(
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
     if multiplier is not None:
         extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
-    knob: dict[str, Any] = dict(lam=lam) if lam is not None else dict(target_sparsity=target)
+    knob: dict[str, Any] = dict(target_sparsity=target)
+    if lam is not None:
+        knob = dict(regime=FixedLamConfig(lam, recovery=recovery)) if recovery else dict(lam=lam)
     return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **extra)
 
 
@@ -192,7 +197,7 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
         init = "balanced" if method == "dwf-balanced" else "dwf"
         return [defaults_callback(depth, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
     if method == "dwf-lam":  # benchmarks.fixed_lam
-        return [defaults_callback(depth, lam=cfg["lam"])]
+        return [defaults_callback(depth, lam=cfg["lam"], recovery=cfg.get("recovery", 0.0))]
     return []
 
 

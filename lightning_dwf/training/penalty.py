@@ -92,10 +92,17 @@ def effective_lr(optimizer: Optimizer, group: dict[str, Any], lr_multiplier: flo
 
 @dataclass
 class _GroupPlan:
-    group: dict[str, Any]
+    optimizer: Optimizer
+    index: int  # of the param group in ``optimizer.param_groups``
     params: list[nn.Parameter]
     kind: str  # how the optimizer applies the user's weight_decay (decay_kind)
     penalty: str  # how the DWF penalty is applied (penalty_kind)
+
+    @property
+    def group(self) -> dict[str, Any]:
+        """The param group now: looked up at every use, since ``optimizer.load_state_dict`` (a resume restoring the
+        scheduled LR) replaces the group dicts after the penalty was bound."""
+        return self.optimizer.param_groups[self.index]
 
 
 class FactorPenalty:
@@ -126,6 +133,8 @@ class FactorPenalty:
         self.lr_multiplier = lr_multiplier
         #: per-factor multipliers on top of ``lr_multiplier`` (by ``id`` of the Parameter; absent: 1).
         self.multipliers: dict[int, float] = {}
+        #: factors (by ``id``) that get no DWF penalty at the next steps (the fixed-λ per-layer guard).
+        self.exempt: set[int] = set()
         self._plans: dict[int, list[_GroupPlan]] = {}
         self._plan_of: dict[int, _GroupPlan] = {}  # by id of the factor
         self._snapshots: dict[int, list[tuple[nn.Parameter, float, torch.Tensor]]] = {}
@@ -162,7 +171,7 @@ class FactorPenalty:
                         "(lightning_dwf.factor_parameters(model)) in a param group with weight_decay=0; DWF applies "
                         "λ itself."
                     )
-                plans.append(_GroupPlan(group, params, kind, penalty_kind(opt)))
+                plans.append(_GroupPlan(opt, j, params, kind, penalty_kind(opt)))
                 self._plan_of.update((id(p), plans[-1]) for p in params)
             if plans:
                 self._plans[id(opt)] = plans
@@ -196,7 +205,8 @@ class FactorPenalty:
             return 0.0
         return float(plan.group["lr"]) * self.multiplier_of(factor)
 
-    def proximal_thresholds(self, module: nn.Module, floor: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+    def proximal_thresholds(self, module: nn.Module, floor: float = DEFAULT_THRESHOLD,
+                            gradient: bool = False) -> dict[str, float]:
         """Per factorized tensor of ``module`` under the decoupled penalty: the magnitude below which the proximal
         step of ``λ·|w|^(2/D)`` at the factors' current ``lr × multiplier`` is exactly zero
         (:func:`~lightning_dwf.core.functional.prox_threshold`), at least ``floor`` (absolute).
@@ -204,12 +214,21 @@ class FactorPenalty:
         Fixed λ under Adam-type optimizers: take them before ``optimizer.step()`` and zero below them after it with
         ``fix_support_(module, thresholds, [optimizer])``, as the callback does. Adam's normalized step would
         otherwise hold every weight with a consistent gradient off zero: few zeros, then a dead network.
+
+        Args:
+            module: the factorized model. floor: the smallest threshold (absolute).
+            gradient: also the tensors whose optimizer takes the penalty through the gradient (SGD-type), at the same
+                ``lr × multiplier`` (``FixedLamConfig(recovery=...)`` makes its zeros this way under every optimizer).
         """
         out = {}
         if self.lam <= 0:
             return out
         for tensor in sparse_tensors(module):
-            eta = self.decoupled_step(tensor.factors[0])
+            factor = tensor.factors[0]
+            eta = self.decoupled_step(factor)
+            plan = self._plan_of.get(id(factor))
+            if gradient and plan is not None and plan.penalty == "gradient":
+                eta = float(plan.group["lr"]) * self.multiplier_of(factor)
             if eta > 0:
                 tau = prox_threshold(eta, self.lam, self.depth)
                 if isinstance(tensor, GatedTensor):  # the group's norm is thresholded; units compare RMS
@@ -256,7 +275,13 @@ class FactorPenalty:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if grad_coef:
+            held = [p for p in params if id(p) in self.exempt] if self.exempt else []
+            if held:  # the guard's factors: the user's decay is still neutralized, no DWF penalty
+                params = [p for p in params if id(p) not in self.exempt]
+                own = -(wd if plan.kind == "coupled" else 0.0)
+                if own:
+                    torch._foreach_add_([p.grad for p in held], held, alpha=own)
+            if grad_coef and params:
                 torch._foreach_add_([p.grad for p in params], params, alpha=grad_coef)
             lr = float(plan.group["lr"])
             keep = 1.0
@@ -274,6 +299,8 @@ class FactorPenalty:
                         raise ValueError(f"lr × multiplier × 2λ/D = {1 - shrink:.3g} >= 1 for DWF factors: the "
                                          "decoupled penalty would flip their sign. Use a smaller lam or lr.")
                 by_scale.setdefault(shrink / keep, []).append(p)
+            if held and keep != 1.0:
+                by_scale.setdefault(1.0 / keep, []).extend(held)
             for scale, group_params in by_scale.items():
                 if scale != 1.0:
                     torch._foreach_mul_(group_params, scale)

@@ -85,6 +85,7 @@ class TrainingRun:
         self._measured: SparsityReport | None = None  # the regime's report of this step, reused for the metrics
         self._warned_dead = False
         self._progress = math.nan  # the factor LR ramp's progress last put into the penalty
+        self._exempt: frozenset[str] = frozenset()  # the regime's guarded tensors last put into the penalty
 
     def bind(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> dict[str, float]:
         """Fit start: bind the penalty to ``optimizers`` and set the factor LR multipliers (a resume keeps those it
@@ -92,6 +93,7 @@ class TrainingRun:
         self._warned_dead = False
         self.penalty = FactorPenalty(factor_parameters(module), self.regime.lam, self.depth, self.rollback.scale)
         self.penalty.bind(optimizers)
+        self._exempt = frozenset()  # the new penalty exempts nothing yet
         if not self.multipliers:
             self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)
             if self.factor_lr.multiplier == "auto" and self.multipliers:
@@ -138,8 +140,13 @@ class TrainingRun:
         if penalty is None or ctx is None:
             return
         penalty.lam = self.regime.lam
+        exempt = self.regime.exempt()
+        if exempt != self._exempt:  # names to factors only when the guard's set changed
+            penalty.exempt = {id(f) for t in sparse_tensors(module) if t.name in exempt for f in t.factors}
+            self._exempt = exempt
         penalty.before_step(optimizer)
-        self.regime.before_step(ctx, optimizer, lambda: penalty.proximal_thresholds(module, self.floor))
+        self.regime.before_step(ctx, optimizer,
+                                lambda gradient=False: penalty.proximal_thresholds(module, self.floor, gradient))
 
     def after_batch(self, module: nn.Module, optimizers: Sequence[Any], step: int, loss_finite: bool = True) -> bool:
         """After each batch: roll back a non-finite loss's step (returns False), else the regime's turn (True)."""

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
-from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
+from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.gating import GatedTensor, relative_scores
-from lightning_dwf.core.sharding import full_tensor, global_sum
+from lightning_dwf.core.sharding import full_tensor, global_count, global_sum
 
 
 @torch.no_grad()
@@ -177,7 +177,11 @@ def cut_to_sparsity_(
 
 @torch.no_grad()
 def fix_support_(
-    module: nn.Module, threshold: float | Mapping[str, float], optimizers: Iterable[torch.optim.Optimizer] = ()
+    module: nn.Module,
+    threshold: float | Mapping[str, float],
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    min_share: float = 0.0,
+    guarded: set[str] | None = None,
 ) -> int:
     """Set every factor of each factorized weight with ``|w| < threshold`` (absolute) to exactly zero.
 
@@ -185,28 +189,48 @@ def fix_support_(
     buffers and first moments to 0, so momentum cannot move them off zero; second moments to 1, see
     :mod:`lightning_dwf.core.unit_state`). Only entries not zeroed yet are written (those
     whose first factor is not 0: a zeroed weight has every factor 0, and the other factors of a weight whose first
-    factor is 0 get no gradient), so this is cheap enough to run every step, as the callback's proximal step under
-    Adam-type optimizers does.
+    factor is 0 get no gradient), so this is cheap enough to run every step, as the callback's proximal step does.
 
     Args:
         module: a factorized model (changed in place).
         threshold: one magnitude for every factorized tensor, or one per tensor name (tensors not named are left
             alone).
         optimizers: whose state is reset with the factors.
+        min_share: the per-layer guard (0: none): a tensor left with fewer than ``ceil(min_share · d · n)`` units at or
+            above its threshold (at least one; ``d`` the fraction of the named tensors' units left, ``n`` the
+            tensor's units) keeps that many of its largest instead, the rule of :func:`keep_masks` with the density
+            reached in place of the target's.
+        guarded: if given, the names of the tensors the guard kept at their minimum are added to it (the callback
+            exempts them from the penalty at the next step, or the shrink would take the weights it kept).
 
     Returns:
-        The number of weights below their threshold (zero now).
+        The number of weights zero now among those below their threshold.
     """
     states = [opt.state for opt in optimizers]
-    below: list[Tensor] = []  # counted at the end: one reduction over the ranks when sharded
+    chosen = []
     for tensor in sparse_tensors(module):
         tau = threshold.get(tensor.name) if isinstance(threshold, Mapping) else threshold
-        if tau is None:
-            continue
-        dead = tensor.unit_magnitudes() < tau
+        if tau is not None:
+            magnitudes = tensor.unit_magnitudes()
+            chosen.append((tensor, magnitudes, magnitudes < tau))
+    if min_share and chosen:
+        sizes = [m.numel() for _, m, _ in chosen]
+        left = [size - global_count(dead) for size, (_, _, dead) in zip(sizes, chosen, strict=True)]
+        density = sum(left) / max(1, sum(sizes))
+        for i, (size, kept) in enumerate(zip(sizes, left, strict=True)):
+            minimum = min(size, max(1, math.ceil(min_share * density * size - 1e-9)))
+            if kept < minimum:  # the tensor's largest stay, below the threshold or not (the whole mask: sharded too)
+                tensor, magnitudes, _ = chosen[i]
+                if guarded is not None:
+                    guarded.add(tensor.name)
+                full = full_tensor(magnitudes)
+                dead = torch.ones_like(full, dtype=torch.bool)
+                dead.view(-1)[torch.topk(full.flatten(), minimum, sorted=False).indices] = False
+                chosen[i] = (tensor, magnitudes, dead)
+    below: list[Tensor] = []  # counted at the end: one reduction over the ranks when sharded
+    for tensor, _, dead in chosen:
         below.append(dead.sum())
-        alive = tensor.factors[0] != 0 if isinstance(tensor, FactorizedTensor) else tensor.gates[0] != 0
-        tensor.zero_units_(dead & alive, states)
+        tensor.zero_units_(dead, states)  # it skips the units zeroed already
     return global_sum(below)
 
 

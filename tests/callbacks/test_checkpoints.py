@@ -15,27 +15,45 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig, collapse_state_dict, factorized_tensors
+from lightning_dwf import (
+    CollapseConfig,
+    DWFCallback,
+    FactorizeConfig,
+    FixedLamConfig,
+    collapse_state_dict,
+    factorized_tensors,
+)
 
-from .helpers import LINEAR_WEIGHTS, zero_fraction
+from .helpers import LINEAR_WEIGHTS, OptToy, zero_fraction
 
 
-def test_resume_is_exact(tmp_path):
-    """A run interrupted after 2 epochs and resumed from its checkpoint ends with the same collapsed model."""
+@pytest.mark.parametrize(("opt", "recovery", "stop"), [("sgd", 0.0, 2), ("sgd", 0.5, 1), ("sgd", 0.5, 3),
+                                                       ("adamw", 0.0, 2)])
+def test_resume_is_exact(tmp_path, opt, recovery, stop):
+    """A run interrupted after ``stop`` epochs and resumed from its checkpoint ends with the same collapsed model: λ
+    fixed, or ramped and released at step 16 of 32 (interrupted before and after the release). AdamW: the decoupled
+    shrink and the proximal step use the scheduled LR the resume restored (the penalty looks its param group up at
+    every step; ``optimizer.load_state_dict`` replaces the group dicts after the penalty was bound)."""
 
-    def run(max_epochs, ckpt_path=None, root="a", seed=0):
+    class StopAfter(Callback):  # an interruption: the run plans 4 epochs but stops after `stop`
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch + 1 == stop
+
+    def run(interrupt=False, ckpt_path=None, root="a", seed=0):
         torch.manual_seed(seed)
-        model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32)
+        model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32) if opt == "sgd" else OptToy(opt, lr=1e-2)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1, save_top_k=-1)
-        dwf = DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR)
-        trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=max_epochs, callbacks=[dwf, ckpt]))
+        lam = 0.02 if opt == "sgd" else 0.3
+        dwf = DWFCallback(depth=3, regime=FixedLamConfig(lam, recovery=recovery), factor_lr=PLAIN_FACTOR_LR)
+        callbacks = [dwf, ckpt] + ([StopAfter()] if interrupt else [])
+        trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=4, callbacks=callbacks))
         trainer.fit(model, ckpt_path=ckpt_path)
         return model, trainer
 
-    full, _ = run(4, root="full")
-    run(2, root="part")
+    full, _ = run(root="full")
+    run(interrupt=True, root="part")
     # resuming must not depend on the fresh init (run() seeds itself, so the other seed goes through it)
-    resumed, trainer = run(4, ckpt_path=str(tmp_path / "part" / "last.ckpt"), root="part", seed=123)
+    resumed, trainer = run(ckpt_path=str(tmp_path / "part" / "last.ckpt"), root="part", seed=123)
     assert trainer.global_step == 4 * 8
     assert full.state_dict().keys() == resumed.state_dict().keys()
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):

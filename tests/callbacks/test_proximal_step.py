@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import trainer_kwargs
+from lightning.pytorch import Callback, Trainer
 
-from lightning_dwf import CollapseConfig, DWFCallback
+from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig
 
 from .helpers import OptToy, _fit
 
@@ -41,7 +43,7 @@ def test_proximal_step_only_under_fixed_lam_and_decoupled_penalty(tmp_path, monk
 
     calls = []
     real = callback_module.fix_support_
-    monkeypatch.setattr(callback_module, "fix_support_", lambda m, t, o=(): calls.append(t) or real(m, t, o))
+    monkeypatch.setattr(callback_module, "fix_support_", lambda m, t, *rest: calls.append(t) or real(m, t, *rest))
     cases = [  # (optimizer, mode, epochs, prox expected); 2 batches per epoch, accumulated in pairs: 1 step per epoch
         ("adamw", dict(lam=1.0), 4, True),
         ("sgd", dict(lam=0.02), 4, False),
@@ -56,3 +58,49 @@ def test_proximal_step_only_under_fixed_lam_and_decoupled_penalty(tmp_path, monk
         if expected:  # per tensor: the prox threshold at the step's factor lr (AdamW: lr × the multiplier)
             assert set(calls[0]) == {"net.0.weight", "net.2.weight"}
             assert all(t > dwf.collapse.threshold for t in calls[0].values())
+
+
+@pytest.mark.parametrize(("share", "dead"), [(0.1, False), (0.0, True)])
+def test_a_too_large_lam_leaves_every_layer_its_share(tmp_path, share, dead):
+    """The proximal step's per-layer guard: λ far too large empties the layers only with ``min_layer_share=0``;
+    with the default every layer keeps at least one weight (its largest)."""
+    torch.manual_seed(0)
+    model = OptToy("adamw", lr=1e-2, n=256)
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(5.0, min_layer_share=share), verbose=False,
+                      collapse=CollapseConfig(save=False))
+    if dead:
+        with pytest.warns(UserWarning, match="lower `lam`"):
+            _fit(tmp_path, model, dwf, max_epochs=10)
+    else:
+        _fit(tmp_path, model, dwf, max_epochs=10)
+    report = dwf.final_report
+    assert report.sparsity > 0.9
+    assert bool(report.dead_layers) == dead, report.dead_layers
+    if not dead:
+        assert all(layer.nonzero >= 1 for layer in report.layers)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_ramped_lam_makes_exact_zeros_and_keeps_the_pattern_after_release(tmp_path, opt):
+    """``FixedLamConfig(recovery=0.5)``: the proximal step makes exact zeros under SGD too, and from the release
+    point (half the run) the pattern is fixed: the weights zero then are zero at the end, the others train on."""
+    torch.manual_seed(0)
+    model = OptToy(opt, lr=0.1 if opt == "sgd" else 1e-2, n=256)
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(0.1 if opt == "sgd" else 0.3, recovery=0.5), verbose=False,
+                      collapse=CollapseConfig(save=False, on_fit_end=False))
+    seen = {}
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            regime = dwf._run.regime
+            if regime.state_dict().get("fixed_released") and "mask" not in seen:
+                seen["mask"], seen["step"] = pl_module.net[0].weight.detach() == 0, trainer.global_step
+                seen["lam"] = regime.lam
+
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[dwf, Watch()], enable_checkpointing=False, max_epochs=10))
+    trainer.fit(model)
+    assert seen["step"] == trainer.global_step // 2 and seen["lam"] == 0.0
+    final = model.net[0].weight.detach()
+    assert 0.3 < float(seen["mask"].float().mean()) < 1.0
+    assert bool((final[seen["mask"]] == 0).all())  # the pattern is kept exactly
+    assert bool((final[~seen["mask"]] != 0).all())

@@ -39,17 +39,65 @@ def test_fixed_lam_applies_the_noted_thresholds_once_and_forgets_them_on_rollbac
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8))
     factorize_(net, depth=3)
-    regime, ctx = FixedLam(FixedLamConfig(0.1)), _ctx(net)
-    regime.before_step(ctx, None, lambda: {"0.weight": 10.0})  # every |w| < 10: all would go
+    regime, ctx = FixedLam(FixedLamConfig(0.1, min_layer_share=0.0)), _ctx(net)
+    regime.before_step(ctx, None, lambda **_: {"0.weight": 10.0})  # every |w| < 10: all would go
     regime.on_rollback()
     regime.after_step(ctx)
     assert bool((net[0].weight != 0).all())  # the rolled-back step's thresholds were dropped
-    regime.before_step(ctx, None, lambda: {"0.weight": 10.0})
+    regime.before_step(ctx, None, lambda **_: {"0.weight": 10.0})
     regime.after_step(ctx)
     assert bool((net[0].weight == 0).all())
     assert regime.zero_threshold(1e-7) == 1e-7 and "lower `lam`" in regime.dead_layer_fix()
     regime.lam = 0.0
     assert "zero from the start" in regime.dead_layer_fix()
+
+
+def test_fixed_lam_guard_keeps_each_layers_largest():
+    """The proximal step keeps ``ceil(min_layer_share · d · n)`` (at least one) of a layer's largest weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    factorize_(net, depth=3)
+    largest = net[1].weight.detach().abs().flatten().topk(1).values
+    regime, ctx = FixedLam(FixedLamConfig(0.1)), _ctx(net)
+    regime.before_step(ctx, None, lambda **_: {"0.weight": 0.0, "1.weight": 10.0})  # layer 1 would be emptied
+    regime.after_step(ctx)
+    kept = net[1].weight.detach()
+    assert int((kept != 0).sum()) == math.ceil(0.1 * (128 / 192) * 64)  # d: 128 of 192 weights are left
+    assert float(kept.abs().max()) == float(largest)  # its largest weights stay
+    assert bool((net[0].weight != 0).all())  # the other layer is untouched
+
+
+def test_fixed_lam_ramp_and_release():
+    """``recovery``: λ ramps linearly from 0 over the first ``1 − recovery`` of the run, the proximal thresholds are
+    asked for every optimizer, and at the release point the pattern is fixed and λ = 0 for good (kept in the state)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8))
+    factorize_(net, depth=3)
+    regime = FixedLam(FixedLamConfig(0.1, recovery=0.5))
+    regime.start(_ctx(net, total=100))
+    assert regime.lam == 0.1 and regime.lr_check_steps(100) == 0  # the LR check at train start sees the largest λ
+    asked = []
+    for step, lam in [(0, 0.0), (25, 0.05), (48, 0.096)]:
+        ctx = _ctx(net, step=step)
+        regime.before_batch(ctx)
+        assert regime.lam == pytest.approx(lam)
+        regime.before_step(ctx, None, lambda **kw: asked.append(kw) or {})
+        regime.after_step(_ctx(net, step=step + 1))
+    assert asked == [{"gradient": True}] * 2 and regime.state_dict() == {"fixed_released": False}  # none at λ = 0
+    net[0].parametrizations.weight.original0.data[0, 0] = 1e-9  # below the collapse threshold
+    regime.after_step(_ctx(net, step=50))
+    assert regime.state_dict() == {"fixed_released": True} and float(net[0].weight[0, 0]) == 0.0
+    resumed = FixedLam(FixedLamConfig(0.1, recovery=0.5))
+    resumed.load_state_dict(regime.state_dict())
+    resumed.start(_ctx(net, step=60, total=100))
+    resumed.before_batch(_ctx(net, step=60))
+    assert resumed.lam == 0.0
+    with pytest.raises(ValueError, match="no step budget"):
+        FixedLam(FixedLamConfig(0.1, recovery=0.5)).start(_ctx(net, total=math.inf))
+    with pytest.raises(ValueError, match="`recovery`"):
+        FixedLamConfig(0.1, recovery=0.9)
+    with pytest.raises(ValueError, match="`min_layer_share`"):
+        FixedLamConfig(0.1, min_layer_share=-0.1)
 
 
 def test_target_state_round_trips_and_reads_0_1_states():

@@ -82,14 +82,19 @@ class Regime(ABC):
     def before_batch(self, ctx: RunContext) -> None:  # noqa: B027
         """Before each training batch."""
 
-    def before_step(self, ctx: RunContext, optimizer: Any, thresholds: Callable[[], dict[str, float]]) -> None:  # noqa: B027
+    def before_step(self, ctx: RunContext, optimizer: Any, thresholds: Callable[..., dict[str, float]]) -> None:  # noqa: B027
         """Right before ``optimizer`` steps; ``thresholds()`` gives the proximal thresholds of the decoupled penalty at
-        this step's learning rate (:meth:`~lightning_dwf.FactorPenalty.proximal_thresholds`)."""
+        this step's learning rate, ``thresholds(gradient=True)`` those of every optimizer's factors
+        (:meth:`~lightning_dwf.FactorPenalty.proximal_thresholds`)."""
 
     def after_step(self, ctx: RunContext) -> SparsityReport | None:
         """After each optimizer step that was kept. Returns the report it measured, if it measured one at the current
         zero threshold and λ (the run logs it instead of measuring again)."""
         return None
+
+    def exempt(self) -> frozenset[str]:
+        """The tensors (by name) that get no penalty at the next optimizer step: a per-layer guard's."""
+        return frozenset()
 
     def on_rollback(self) -> None:  # noqa: B027
         """The step just taken was rolled back: forget what :meth:`before_step` noted for it."""

@@ -1,19 +1,27 @@
-"""Fixed λ: the penalty at one strength for the whole run.
+"""Fixed λ: the penalty at one strength, either for the whole run (the paper's method) or ramped and then released.
 
 Under SGD-type optimizers the penalty goes into the gradient and gradient descent makes the zeros itself. Under
 Adam-type optimizers each optimizer step is followed by the proximal step of ``λ·|w|^(2/D)``: weights below the
 threshold :meth:`~lightning_dwf.FactorPenalty.proximal_thresholds` noted before the step (at that step's learning
 rate) become exact zeros (:func:`~lightning_dwf.fix_support_`); Adam's normalized step would otherwise hold every
-weight with a consistent gradient off zero.
+weight with a consistent gradient off zero. The proximal step keeps every layer's largest weights
+(``min_layer_share``), so a λ that is too large cannot empty a layer.
+
+With ``recovery > 0`` λ ramps linearly from 0 to ``lam`` over the first ``1 − recovery`` of the run, the proximal step
+makes the zeros under every optimizer (SGD-type too, at ``lr × multiplier``), and then the sparsity pattern is fixed
+and the survivors train without penalty for the rest: the shape of target mode, with λ named instead of the
+sparsity. Measured on one cell (docs, "Findings"), not yet the default.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_dwf._validation import check_nonnegative, set_field
+from lightning_dwf._validation import check_fraction, check_nonnegative, set_field
+from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.regimes.base import Regime, RunContext, register_regime
 from lightning_dwf.training.support import fix_support_
@@ -25,6 +33,12 @@ class FixedLamConfig:
 
     Args:
         lam: the strength of the collapsed penalty ``λ·Σ|w|^(2/D)`` in units of a *mean* training loss (>= 0).
+        recovery: the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0; before it λ
+            ramps linearly from 0 to ``lam``, and the proximal step makes the zeros under every optimizer. 0 (default):
+            λ = ``lam`` for the whole run.
+        min_layer_share: the per-layer guard of the proximal step: every factorized tensor keeps at least this
+            fraction of its uniform share ``d·n`` of the surviving weights (``d`` the density reached; at least one
+            weight), as in target mode. 0 lets a large λ empty a layer.
 
     >>> FixedLamConfig(lam=-1.0)
     Traceback (most recent call last):
@@ -33,36 +47,84 @@ class FixedLamConfig:
     """
 
     lam: float
+    recovery: float = 0.0
+    min_layer_share: float = DEFAULT_MIN_LAYER_SHARE
 
     def __post_init__(self) -> None:
         set_field(self, "lam", check_nonnegative(
             "lam", self.lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3."
         ))
+        set_field(self, "recovery", check_fraction(
+            "recovery", self.recovery, 0.8, True, "the fraction of the run, at its end, trained with the sparsity "
+            "pattern fixed and λ = 0 (e.g. 0.5; 0 keeps λ for the whole run)"))
+        set_field(self, "min_layer_share", check_fraction(
+            "min_layer_share", self.min_layer_share, 1.0, True,
+            "the fraction of a tensor's uniform share of surviving weights the proximal step always leaves it (e.g. "
+            "0.1; 0 allows emptying a layer)"))
 
 
 @register_regime(FixedLamConfig)
 class FixedLam(Regime):
-    """Runs :class:`FixedLamConfig`: λ constant, plus the proximal step under Adam-type optimizers."""
+    """Runs :class:`FixedLamConfig`: λ constant (or ramped, then released), plus the proximal step."""
 
     def __init__(self, config: FixedLamConfig) -> None:
         self.config = config
         self.lam = config.lam
         self._pending: dict[str, float] = {}  # proximal thresholds of the step being taken, applied after it
+        self._release_step = math.inf  # the optimizer step at which the pattern is fixed (recovery > 0)
+        self._released = False
+        self._guarded: frozenset[str] = frozenset()  # tensors at their minimum: no penalty at the next step
+
+    @property
+    def ramped(self) -> bool:
+        return self.config.recovery > 0 and self.config.lam > 0
 
     def start(self, ctx: RunContext) -> None:
-        """Nothing to plan: λ is fixed."""
+        """With ``recovery``: plan the ramp and the release point from the run's length (λ stays ``lam`` until the
+        first batch, so the LR check at train start sees the largest λ of the run)."""
+        if not self.ramped:
+            return
+        if not math.isfinite(ctx.total_steps):
+            raise ValueError(
+                f"FixedLamConfig(recovery={self.config.recovery:g}) is a fraction of the planned run, but this run has "
+                "no step budget (max_epochs=-1 or max_time): set max_epochs or max_steps, or use recovery=0."
+            )
+        self._release_step = (1.0 - self.config.recovery) * ctx.total_steps  # λ ramps from the first batch on
+        if not self._released and ctx.step == 0:
+            ctx.info(f"DWFCallback: lam={self.config.lam:g}: λ ramps from 0 over {math.ceil(self._release_step)} "
+                     f"steps, the proximal step makes the zeros; then the sparsity pattern is fixed and λ = 0 for the "
+                     f"last {self.config.recovery:.0%} of the run.")
 
-    def before_step(self, ctx: RunContext, optimizer: Any, thresholds: Callable[[], dict[str, float]]) -> None:
-        """Note the proximal thresholds at this step's learning rate (empty under SGD-type optimizers)."""
+    def before_batch(self, ctx: RunContext) -> None:
+        if self.ramped:
+            self._set_lam(ctx.step)
+
+    def before_step(self, ctx: RunContext, optimizer: Any, thresholds: Callable[..., dict[str, float]]) -> None:
+        """Note the proximal thresholds at this step's learning rate (under SGD-type optimizers only when ramped)."""
         if self.lam > 0:
-            self._pending.update(thresholds())
+            self._pending.update(thresholds(gradient=self.ramped))
 
     def after_step(self, ctx: RunContext) -> SparsityReport | None:
-        """The proximal step: zero the weights below the thresholds noted before the step."""
+        """The proximal step: zero the weights below the thresholds noted before the step (each layer keeping its
+        share); at the release point, fix the pattern."""
         prox, self._pending = self._pending, {}
         if prox:
-            fix_support_(ctx.module, prox, ctx.optimizers)
+            guarded: set[str] = set()
+            fix_support_(ctx.module, prox, ctx.optimizers, self.config.min_layer_share, guarded)
+            self._guarded = frozenset(guarded)
+        if self.ramped and not self._released and ctx.step >= self._release_step:
+            self.release(ctx)
         return None
+
+    def release(self, ctx: RunContext) -> None:
+        """Fix the pattern (below the collapse threshold: exact zeros) and set λ = 0 for the rest of the run."""
+        super().release(ctx)
+        self._released, self._guarded = True, frozenset()
+
+    def exempt(self) -> frozenset[str]:
+        """The layers the proximal step's guard kept at their minimum at the last step: λ = 0 on them at the next (the
+        penalty's shrink would otherwise take the weights the guard kept); the step after decides again."""
+        return self._guarded
 
     def on_rollback(self) -> None:
         self._pending = {}
@@ -70,9 +132,25 @@ class FixedLam(Regime):
     def zero_threshold(self, floor: float) -> float:
         return floor
 
+    def lr_check_steps(self, steps: int) -> int:
+        return 0 if self.ramped else steps  # ramped: the proximal step makes the zeros, no LR floor to reach
+
     def dead_layer_fix(self) -> str:
         if self.lam > 0:
-            return ("λ is too large for this run: lower `lam` (e.g. 3-10×), or name the sparsity you want with "
-                    "`target_sparsity=...`.")
+            return ("λ is too large for this run: lower `lam` (e.g. 3-10×), keep FixedLamConfig(min_layer_share) > 0, "
+                    "or name the sparsity you want with `target_sparsity=...`.")
         return ("With λ = 0 they were zero from the start (zero factors get no gradient): initialize them, or "
                 "FactorizeConfig(exclude=[...]) them.")
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"fixed_released": self._released} if self.ramped else {}
+        if self._guarded:
+            state["fixed_guarded"] = sorted(self._guarded)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._released = bool(state.get("fixed_released", False))
+        self._guarded = frozenset(state.get("fixed_guarded", ()))
+
+    def _set_lam(self, step: int) -> None:
+        self.lam = 0.0 if self._released else self.config.lam * min(1.0, step / self._release_step)

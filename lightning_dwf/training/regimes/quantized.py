@@ -66,7 +66,7 @@ class QuantizedFinish(Regime):
             self._begin(ctx)
         self.inner.before_batch(ctx)
 
-    def before_step(self, ctx: RunContext, optimizer: Any, thresholds: Callable[[], dict[str, float]]) -> None:
+    def before_step(self, ctx: RunContext, optimizer: Any, thresholds: Callable[..., dict[str, float]]) -> None:
         self.inner.before_step(ctx, optimizer, thresholds)
 
     def after_step(self, ctx: RunContext) -> SparsityReport | None:
@@ -74,6 +74,9 @@ class QuantizedFinish(Regime):
 
     def on_rollback(self) -> None:
         self.inner.on_rollback()
+
+    def exempt(self) -> frozenset[str]:
+        return self.inner.exempt()
 
     def release(self, ctx: RunContext) -> None:
         self.inner.release(ctx)
