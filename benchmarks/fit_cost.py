@@ -9,46 +9,68 @@ order and epochs) of
 * ``dense``: the plain model;
 * ``dwf``: the defaults, ``DWFCallback(depth=3, target_sparsity=0.9)`` (target mode, every Linear/Conv weight);
 * ``dwf-structured``: ``DWFCallback(depth=3, regime=BudgetConfig(0.25), factorize=structure(model))`` (the structured
-  speed benchmark's layers by outputs, the ViT's attention by heads),
+  speed benchmark's layers by outputs, the ViT's attention by heads);
+* ``dwf-qat``: the defaults with the quantization-aware finish (``quantize=QuantizeConfig(bits=8)``);
+* ``dense-wandb`` / ``dwf-wandb``: dense and the defaults with an offline ``WandbLogger``, so the callback's metrics and
+  pictures (weight histograms every 10 × the logging cadence, the density figure at fit end) are rendered and written
+  (the pair compares like with like: the logger's own cost is in both),
 
 alternated ``rounds`` times on the same data so that drift of the machine hits all alike; each row is the median. The
 fit includes everything the callback does (factorization, penalty, factor LR, the controller and the cut at every
-control step, metrics, the collapse); no logger, so no pictures.
+control step, metrics, the collapse).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import tempfile
+from typing import Any
 
 import torch
 
 from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
 from benchmarks.structured_speed import MODELS, fit, structure
 from examples.data import load_dataset
-from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback
+from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, QuantizeConfig
 
 OUT = RESULTS / "fit_cost.jsonl"
-METHODS = ("dense", "dwf", "dwf-structured")
+METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb")
 
 
 def callbacks(method: str, model: str, example: torch.Tensor) -> list:
     """The callbacks of one method (fresh for every fit)."""
     collapse = CollapseConfig(save=False)
-    if method == "dense":
+    if method.startswith("dense"):
         return []
-    if method == "dwf":
+    if method in ("dwf", "dwf-wandb"):
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse)]
+    if method == "dwf-qat":
+        return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse, quantize=QuantizeConfig(bits=8))]
     return [DWFCallback(depth=3, regime=BudgetConfig(0.25, example_inputs=example), factorize=structure(model),
                         collapse=collapse)]
+
+
+def trainer_arguments(method: str, directory: str) -> dict[str, Any]:
+    """The Trainer arguments of one method: an offline W&B logger writing under ``directory`` for the ``-wandb``
+    ones."""
+    if not method.endswith("-wandb"):
+        return {}
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return dict(logger=WandbLogger(project="lightning-dwf-fit-cost", save_dir=directory, offline=True),
+                log_every_n_steps=50)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--opts", nargs="+", default=["sgd", "adamw"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
     parser.add_argument("--batches", nargs="+", type=int, default=[256])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
@@ -66,7 +88,9 @@ def main() -> None:
                     times: dict[str, list[float]] = {m: [] for m in methods}
                     for _ in range(args.rounds):
                         for method in methods:
-                            times[method].append(fit(cfg, data, callbacks(method, model, data.test_x[:2]))[1])
+                            with tempfile.TemporaryDirectory() as directory:
+                                times[method].append(fit(cfg, data, callbacks(method, model, data.test_x[:2]),
+                                                         **trainer_arguments(method, directory))[1])
                     row = dict(cfg, rounds=args.rounds, threads=torch.get_num_threads(), dataset=data.name,
                                machine=platform.processor() or platform.machine(),
                                versions=versions(["torch", "lightning"]),
@@ -76,24 +100,38 @@ def main() -> None:
     write_report()
 
 
+#: The table's columns: (method, its baseline in the same run, header).
+COLUMNS = (("dwf", "dense", "DWF"), ("dwf-structured", "dense", "structured DWF"), ("dwf-qat", "dense", "DWF + QAT finish"),
+           ("dwf-wandb", "dense-wandb", "DWF + W&B pictures"))
+
+
 def write_report() -> None:
+    """The table: each cell is the latest run of its method, as a ratio to the baseline timed in that same run."""
     rows = read_rows(OUT) if OUT.exists() else []
     if not rows:
         return
-    latest = {(r["model"], r["opt"], r["batch"]): r for r in rows}  # a re-run replaces its cell
-    first = rows[0]
+    latest: dict[tuple, dict[str, tuple[float, float]]] = {}
+    for r in rows:  # later rows replace earlier ones, method by method
+        cell = latest.setdefault((r["model"], r["opt"], r["batch"]), {})
+        for method, base, _ in COLUMNS:
+            if method in r["seconds"] and base in r["seconds"]:
+                cell[method] = (r["seconds"][method], r["seconds"][base])
+        if "dense" in r["seconds"]:
+            cell["dense"] = (r["seconds"]["dense"], r["seconds"]["dense"])
+    first = rows[-1]
     lines = [f"Whole-fit train time, {first['epochs']} epochs of {first['dataset']}, median of {first['rounds']} "
              f"alternated rounds, {first['threads']} threads, {first['machine']}, torch "
              f"{first['versions'].get('torch')} (`python -m benchmarks.fit_cost`). DWF: the defaults, "
-             "`target_sparsity=0.9`; structured: `BudgetConfig(0.25)`.", "",
-             "| model | optimizer | batch | dense s | DWF s | DWF / dense | structured DWF s | structured / dense |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (model, opt, batch), r in sorted(latest.items(), key=lambda kv: (kv[0][2], MODELS.index(kv[0][0]), kv[0][1])):
-        s = r["seconds"]
-        cells = []
-        for method in ("dwf", "dwf-structured"):
-            cells += [f"{s[method]:.1f}", f"{s[method] / s['dense']:.2f}×"] if method in s else ["—", "—"]
-        lines.append(f"| {model} | {opt} | {batch} | {s['dense']:.1f} | " + " | ".join(cells) + " |")
+             "`target_sparsity=0.9`; structured: `BudgetConfig(0.25)`; QAT finish: `QuantizeConfig(bits=8)`; "
+             "W&B pictures: the defaults with an offline `WandbLogger` (metrics, histograms, figure) against dense with "
+             "the same logger. Each ratio is to the baseline timed in the same run.", "",
+             "| model | optimizer | batch | dense s | " + " | ".join(f"{h} / dense" for *_, h in COLUMNS) + " |",
+             "|---|---|---|---|" + "---|" * len(COLUMNS)]
+    for (model, opt, batch), cell in sorted(latest.items(), key=lambda kv: (kv[0][2], MODELS.index(kv[0][0]),
+                                                                             kv[0][1])):
+        ratios = [f"{cell[m][0] / cell[m][1]:.2f}×" if m in cell else "—" for m, *_ in COLUMNS]
+        dense = f"{cell['dense'][0]:.1f}" if "dense" in cell else "—"
+        lines.append(f"| {model} | {opt} | {batch} | {dense} | " + " | ".join(ratios) + " |")
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

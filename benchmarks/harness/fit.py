@@ -40,24 +40,15 @@ def make_trainer(epochs: int, callbacks: list[Callback], cfg: dict | None = None
         epochs: ``max_epochs``.
         callbacks: The method's callbacks.
         cfg: A config; its ``accelerator`` / ``precision`` keys, if any, replace :data:`DEVICE_DEFAULTS`.
-        **overrides: Further Trainer arguments (e.g. ``limit_train_batches``).
+        **overrides: Further Trainer arguments (e.g. ``limit_train_batches``, or a ``logger`` instead of none).
 
     Returns:
         The Trainer.
     """
     device = {k: (cfg or {}).get(k, v) for k, v in DEVICE_DEFAULTS.items()}
-    return Trainer(
-        devices=1,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **device,
-        **overrides,
-    )
+    quiet: dict[str, Any] = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, num_sanity_val_steps=0)
+    return Trainer(devices=1, max_epochs=epochs, callbacks=callbacks, **{**quiet, **device, **overrides})
 
 
 def run_training(cfg: dict, data: ImageData, callbacks: list[Callback]) -> tuple[Classifier, float]:
