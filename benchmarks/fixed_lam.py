@@ -24,38 +24,41 @@ DEFAULT_LAMS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0,
-         recovery: float = 0.0) -> list[dict[str, Any]]:
-    """One ``dwf-lam`` config per λ on the matrix cell ``(dataset, model, opt, batch_size)`` (``recovery > 0``:
-    ``FixedLamConfig(lam, recovery=...)``)."""
+         recovery: float = 0.0, relative: bool = False) -> list[dict[str, Any]]:
+    """One ``dwf-lam`` config per λ on the matrix cell ``(dataset, model, opt, batch_size)`` (``recovery > 0`` or
+    ``relative``: ``FixedLamConfig(lam, recovery=..., relative=...)``)."""
     base = dict(matrix.base_config(dataset, model, opt, batch_size), method="dwf-lam", seed=seed)
     if recovery:
         base["recovery"] = recovery
+    if relative:
+        base["relative"] = True
     return [dict(base, lam=lam) for lam in lams]
 
 
 def _order(row: dict) -> tuple:
     c = row["config"]
-    return c["dataset"], c["model"], c["optimizer"], c["batch_size"], c.get("recovery", 0.0), c["lam"]
+    return (c["dataset"], c["model"], c["optimizer"], c["batch_size"], c.get("relative", False),
+            c.get("recovery", 0.0), c["lam"])
+
+
+def _lam(config: dict) -> str:
+    return f"rel. {config['lam']:g}" if config.get("relative") else f"{config['lam']:g}"
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as a markdown table, one line per run."""
+    """The rows as a markdown table, one line per run (a relative λ, without units, is written "rel. λ")."""
     out = [
         "| data | model | optimizer | batch | recovery | λ | zeros % | compression ratio | accuracy % | emptied layers |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=_order):
         c, res = r["config"], r["results"]
+        cell = f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c.get('recovery', 0.0):g} | "
         if res.get("acc") is None:
-            outcome = "diverged" if "diverged" in res else "error"
-            out.append(f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | "
-                       f"{c.get('recovery', 0.0):g} | {c['lam']:g} | {outcome} | | | |")
+            out.append(cell + f"{_lam(c)} | {'diverged' if 'diverged' in res else 'error'} | | | |")
             continue
-        out.append(
-            f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c.get('recovery', 0.0):g} | "
-            f"{c['lam']:g} | {100 * res['sparsity']:.2f} | {res['compression_ratio']:.1f} | {100 * res['acc']:.2f} | "
-            f"{', '.join(res.get('emptied') or []) or '—'} |"
-        )
+        out.append(cell + f"{_lam(c)} | {100 * res['sparsity']:.2f} | {res['compression_ratio']:.1f} | "
+                   f"{100 * res['acc']:.2f} | {', '.join(res.get('emptied') or []) or '—'} |")
     return "\n".join(out)
 
 
@@ -66,10 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recovery", type=float, default=0.0,
                         help="FixedLamConfig(recovery=...): λ ramped, then released for this fraction of the run")
+    parser.add_argument("--relative", action="store_true", help="FixedLamConfig(relative=True): λ without units")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    done = run_plan(plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed, args.recovery), args.results,
-                          args.data_dir)
+    configs = plan(args.data, args.model, args.opt, args.bs, args.lam, args.seed, args.recovery, args.relative)
+    done = run_plan(configs, args.results, args.data_dir)
     print(table(list(done.values())))
 
 

@@ -106,6 +106,7 @@ def defaults_callback(
     lam: float | None = None,
     multiplier: float | None = None,
     recovery: float = 0.0,
+    relative: bool = False,
 ) -> DWFCallback:
     """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else.
 
@@ -118,6 +119,7 @@ def defaults_callback(
         lam: A fixed λ instead of the target.
         multiplier: One factor LR multiplier for every tensor instead of ``"auto"`` (:mod:`benchmarks.factor_lr`).
         recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released).
+        relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
 
     Returns:
         The callback.
@@ -127,7 +129,8 @@ def defaults_callback(
         extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
     knob: dict[str, Any] = dict(target_sparsity=target)
     if lam is not None:
-        knob = dict(regime=FixedLamConfig(lam, recovery=recovery)) if recovery else dict(lam=lam)
+        knob = (dict(regime=FixedLamConfig(lam, recovery=recovery, relative=relative)) if recovery or relative
+                else dict(lam=lam))
     return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **extra)
 
 
@@ -197,7 +200,8 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
         init = "balanced" if method == "dwf-balanced" else "dwf"
         return [defaults_callback(depth, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
     if method == "dwf-lam":  # benchmarks.fixed_lam
-        return [defaults_callback(depth, lam=cfg["lam"], recovery=cfg.get("recovery", 0.0))]
+        return [defaults_callback(depth, lam=cfg["lam"], recovery=cfg.get("recovery", 0.0),
+                                  relative=cfg.get("relative", False))]
     return []
 
 

@@ -133,7 +133,11 @@ class FactorPenalty:
         self.lr_multiplier = lr_multiplier
         #: per-factor multipliers on top of ``lr_multiplier`` (by ``id`` of the Parameter; absent: 1).
         self.multipliers: dict[int, float] = {}
-        #: factors (by ``id``) that get no DWF penalty at the next steps (the fixed-λ per-layer guard).
+        #: per-factor factors on λ (by ``id`` of the Parameter; absent: 1): a regime's per-layer λ, for the penalty and
+        #: the proximal thresholds.
+        self.lam_scales: dict[int, float] = {}
+        #: factors (by ``id``) that get no penalty at the next steps (a layer the fixed-λ guard holds at its minimum);
+        #: their proximal thresholds are still given, so the guard can decide again.
         self.exempt: set[int] = set()
         self._plans: dict[int, list[_GroupPlan]] = {}
         self._plan_of: dict[int, _GroupPlan] = {}  # by id of the factor
@@ -229,12 +233,18 @@ class FactorPenalty:
             plan = self._plan_of.get(id(factor))
             if gradient and plan is not None and plan.penalty == "gradient":
                 eta = float(plan.group["lr"]) * self.multiplier_of(factor)
-            if eta > 0:
-                tau = prox_threshold(eta, self.lam, self.depth)
+            lam = self.lam * self.lam_scales.get(id(factor), 1.0)
+            if eta > 0 and lam > 0:
+                tau = prox_threshold(eta, lam, self.depth)
                 if isinstance(tensor, GatedTensor):  # the group's norm is thresholded; units compare RMS
                     tau /= math.sqrt(tensor.entries)
                 out[tensor.name] = max(floor, tau)
         return out
+
+    def peak_lr_of(self, factor: nn.Parameter) -> float:
+        """The peak learning rate of ``factor``'s param group (:func:`peak_lr`); 0 when it is in no bound optimizer."""
+        plan = self._plan_of.get(id(factor))
+        return 0.0 if plan is None else peak_lr(plan.group)
 
     def multiplier_of(self, factor: nn.Parameter) -> float:
         """The factor's LR multiplier now: ``lr_multiplier × multipliers[factor]``."""
@@ -263,7 +273,8 @@ class FactorPenalty:
     @torch.no_grad()
     def before_step(self, optimizer: Any) -> None:
         """Apply the penalty to the factors of ``optimizer`` (``2λ/D·ω`` into the gradient, or the decoupled shrink, by
-        :func:`penalty_kind`) and neutralize the user's own weight decay on them."""
+        :func:`penalty_kind`; λ times the factor's :attr:`lam_scales`) and neutralize the user's own weight decay on
+        them."""
         opt = unwrap_optimizer(optimizer)
         coef = lam_to_weight_decay(self.lam, self.depth)
         for plan in self._plans.get(id(opt), ()):
@@ -271,18 +282,17 @@ class FactorPenalty:
             if not params:
                 continue
             wd = float(plan.group.get("weight_decay", 0.0) or 0.0)
-            grad_coef = (coef if plan.penalty == "gradient" else 0.0) - (wd if plan.kind == "coupled" else 0.0)
+            own = wd if plan.kind == "coupled" else 0.0
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            held = [p for p in params if id(p) in self.exempt] if self.exempt else []
-            if held:  # the guard's factors: the user's decay is still neutralized, no DWF penalty
-                params = [p for p in params if id(p) not in self.exempt]
-                own = -(wd if plan.kind == "coupled" else 0.0)
-                if own:
-                    torch._foreach_add_([p.grad for p in held], held, alpha=own)
-            if grad_coef and params:
-                torch._foreach_add_([p.grad for p in params], params, alpha=grad_coef)
+            by_coef: dict[float, list[nn.Parameter]] = {}
+            for p in params:
+                dwf = self._coef_of(p, coef) if plan.penalty == "gradient" else 0.0
+                by_coef.setdefault(dwf - own, []).append(p)
+            for grad_coef, group_params in by_coef.items():
+                if grad_coef:
+                    torch._foreach_add_([p.grad for p in group_params], group_params, alpha=grad_coef)
             lr = float(plan.group["lr"])
             keep = 1.0
             if plan.kind == "decoupled" and wd:  # undo the step's `p *= 1 - lr·wd` in advance
@@ -294,16 +304,21 @@ class FactorPenalty:
             for p in params:
                 shrink = 1.0
                 if plan.penalty == "decoupled" and coef:
-                    shrink = 1.0 - lr * self.multiplier_of(p) * coef
+                    shrink = 1.0 - lr * self.multiplier_of(p) * self._coef_of(p, coef)
                     if shrink <= 0:
                         raise ValueError(f"lr × multiplier × 2λ/D = {1 - shrink:.3g} >= 1 for DWF factors: the "
                                          "decoupled penalty would flip their sign. Use a smaller lam or lr.")
                 by_scale.setdefault(shrink / keep, []).append(p)
-            if held and keep != 1.0:
-                by_scale.setdefault(1.0 / keep, []).extend(held)
             for scale, group_params in by_scale.items():
                 if scale != 1.0:
                     torch._foreach_mul_(group_params, scale)
+
+    def _coef_of(self, factor: nn.Parameter, coef: float) -> float:
+        """The penalty coefficient ``2λ/D`` of ``factor``, times its λ scale if it has one (0 when exempt)."""
+        if id(factor) in self.exempt:
+            return 0.0
+        scale = self.lam_scales.get(id(factor))
+        return coef if scale is None else coef * scale
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:

@@ -86,6 +86,7 @@ class TrainingRun:
         self._warned_dead = False
         self._progress = math.nan  # the factor LR ramp's progress last put into the penalty
         self._exempt: frozenset[str] = frozenset()  # the regime's guarded tensors last put into the penalty
+        self._scales: dict[str, float] = {}  # the regime's per-tensor λ factors last put into the penalty
 
     def bind(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> dict[str, float]:
         """Fit start: bind the penalty to ``optimizers`` and set the factor LR multipliers (a resume keeps those it
@@ -93,7 +94,7 @@ class TrainingRun:
         self._warned_dead = False
         self.penalty = FactorPenalty(factor_parameters(module), self.regime.lam, self.depth, self.rollback.scale)
         self.penalty.bind(optimizers)
-        self._exempt = frozenset()  # the new penalty exempts nothing yet
+        self._exempt, self._scales = frozenset(), {}  # the new penalty exempts and scales nothing yet
         if not self.multipliers:
             self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)
             if self.factor_lr.multiplier == "auto" and self.multipliers:
@@ -119,6 +120,9 @@ class TrainingRun:
         low, high = self.multiplier_range
         factors = factor_parameters(module)
         ctx.factor_lrs = [eta for m in (low, high) for *_, eta in factor_learning_rates(optimizers, factors, m)]
+        assert self.penalty is not None
+        ctx.factor_steps = {t.name: self.penalty.peak_lr_of(t.factors[0]) * self.multipliers.get(t.name, 1.0)
+                            for t in sparse_tensors(module)}
         self.regime.start(ctx)
         if self.factor_lr.check == "off" or self.regime.lam == 0:
             return None
@@ -140,10 +144,12 @@ class TrainingRun:
         if penalty is None or ctx is None:
             return
         penalty.lam = self.regime.lam
-        exempt = self.regime.exempt()
-        if exempt != self._exempt:  # names to factors only when the guard's set changed
-            penalty.exempt = {id(f) for t in sparse_tensors(module) if t.name in exempt for f in t.factors}
-            self._exempt = exempt
+        exempt, scales = self.regime.exempt(), self.regime.lam_scales()
+        if exempt != self._exempt or scales != self._scales:  # names to factors only when the regime changed them
+            tensors = sparse_tensors(module)
+            penalty.exempt = {id(f) for t in tensors if t.name in exempt for f in t.factors}
+            penalty.lam_scales = {id(f): scales[t.name] for t in tensors if t.name in scales for f in t.factors}
+            self._exempt, self._scales = exempt, scales
         penalty.before_step(optimizer)
         self.regime.before_step(ctx, optimizer,
                                 lambda gradient=False: penalty.proximal_thresholds(module, self.floor, gradient))

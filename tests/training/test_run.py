@@ -56,3 +56,36 @@ def test_divergence_is_a_named_exception_after_the_rollbacks():
     with pytest.raises(DWFDivergenceError, match="NaN/Inf"):
         _loop(FixedLamConfig(lam=1e-3), torch.optim.SGD, lr=1e4, steps=30,
               factor_lr=FactorLRConfig(check="off", rollbacks=2))
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_relative_lam_gives_every_layer_the_same_relative_threshold(opt_cls):
+    """``FixedLamConfig(lam, relative=True)``: each tensor's λ makes its proximal threshold at the peak factor step
+    the same multiple of its RMS, whatever its scale and LR multiplier; the λs are kept across a resume."""
+    from lightning_dwf.training.regimes.fixed import relative_threshold
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        net[2].weight.mul_(10.0)  # a layer ten times larger than the other
+    factorize_(net, depth=3)
+    rms = {name: float(w.pow(2).mean().sqrt()) for name, w in (("0.weight", net[0].weight), ("2.weight", net[2].weight))}
+    opt = opt_cls(net.parameters(), lr=0.05)
+    run = TrainingRun(build_regime(FixedLamConfig(0.03, relative=True)), depth=3,
+                      factor_lr=FactorLRConfig(check="off", warmup=0.0))
+    run.bind(net, [opt], step=0, total_steps=10)
+    run.start(net, [opt], step=0, total_steps=10)
+    run.before_batch(net, [opt], 0, 10)
+    nn.functional.mse_loss(net(torch.randn(8, 20)), torch.zeros(8, 4)).backward()
+    run.before_step(net, opt)  # notes the proximal thresholds of this step (at the peak LR)
+    noted = run.regime._pending
+    assert set(noted) == set(rms)
+    for name, tau in noted.items():
+        assert tau / rms[name] == pytest.approx(relative_threshold(0.03, 3), rel=1e-4)
+    state = run.regime.state_dict()["fixed_relative"]
+    assert max(state["scales"].values()) == 1.0 and len(state["scales"]) == 2
+    resumed = build_regime(FixedLamConfig(0.03, relative=True))
+    resumed.load_state_dict(run.regime.state_dict())
+    assert resumed.lam_scales() == run.regime.lam_scales()
+    with pytest.raises(ValueError, match="`relative`"):
+        FixedLamConfig(0.03, relative="yes")

@@ -47,6 +47,8 @@ class RunContext:
             largest factor LR multiplier in use (set at train start).
         weight_scale: largest per-tensor RMS of the collapsed weights (at train start).
         weight_rms: their global RMS (at train start).
+        factor_steps: each factorized tensor's peak factor step ``peak lr × its LR multiplier`` by name (at train
+            start; the step the proximal thresholds use).
         info: where a regime reports what it did (the callback passes Lightning's ``rank_zero_info``).
     """
 
@@ -60,6 +62,7 @@ class RunContext:
     factor_lrs: list[float] = field(default_factory=list)
     weight_scale: float = math.nan
     weight_rms: float = math.nan
+    factor_steps: dict[str, float] = field(default_factory=dict)
     info: Callable[[str], None] = print
 
 
@@ -95,6 +98,10 @@ class Regime(ABC):
     def exempt(self) -> frozenset[str]:
         """The tensors (by name) that get no penalty at the next optimizer step: a per-layer guard's."""
         return frozenset()
+
+    def lam_scales(self) -> dict[str, float]:
+        """Per-tensor factors on :attr:`lam` by name (absent: 1), for the penalty and the proximal thresholds."""
+        return {}
 
     def on_rollback(self) -> None:  # noqa: B027
         """The step just taken was rolled back: forget what :meth:`before_step` noted for it."""

@@ -10,7 +10,12 @@ weight with a consistent gradient off zero. The proximal step keeps every layer'
 With ``recovery > 0`` λ ramps linearly from 0 to ``lam`` over the first ``1 − recovery`` of the run, the proximal step
 makes the zeros under every optimizer (SGD-type too, at ``lr × multiplier``), and then the sparsity pattern is fixed
 and the survivors train without penalty for the rest: the shape of target mode, with λ named instead of the
-sparsity. Measured on one cell (docs, "Findings"), not yet the default.
+sparsity.
+
+With ``relative=True`` ``lam`` has no units: each factorized tensor ``t`` gets ``λ_t = lam · rms_t^(2−2/D) / η_t``
+(``rms_t`` its weights' RMS at train start, ``η_t`` its peak factor step ``lr × multiplier``), so that its proximal
+threshold at the peak step is the same multiple of its RMS on every layer, model and optimizer
+(:func:`relative_threshold`: ``1.48 · lam^(3/4)`` for D = 3).
 """
 
 from __future__ import annotations
@@ -20,8 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lightning_dwf._validation import check_fraction, check_nonnegative, set_field
 from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
+from lightning_dwf.core.factorize import sparse_tensors
+from lightning_dwf.core.functional import prox_threshold
+from lightning_dwf.core.gating import GatedTensor
+from lightning_dwf.core.sharding import full_tensor
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.regimes.base import Regime, RunContext, register_regime
 from lightning_dwf.training.support import fix_support_
@@ -39,6 +50,10 @@ class FixedLamConfig:
         min_layer_share: the per-layer guard of the proximal step: every factorized tensor keeps at least this
             fraction of its uniform share ``d·n`` of the surviving weights (``d`` the density reached; at least one
             weight), as in target mode. 0 lets a large λ empty a layer.
+        relative: ``lam`` without units, per tensor ``λ_t = lam · rms_t^(2−2/D) / η_t`` (module docstring): the
+            proximal threshold at the peak factor step is :func:`relative_threshold` ``(lam, D)`` times each
+            tensor's RMS at train start, and the proximal step makes the zeros under every optimizer. The λ_t are
+            reported at train start and kept across a resume.
 
     >>> FixedLamConfig(lam=-1.0)
     Traceback (most recent call last):
@@ -49,6 +64,7 @@ class FixedLamConfig:
     lam: float
     recovery: float = 0.0
     min_layer_share: float = DEFAULT_MIN_LAYER_SHARE
+    relative: bool = False
 
     def __post_init__(self) -> None:
         set_field(self, "lam", check_nonnegative(
@@ -61,6 +77,20 @@ class FixedLamConfig:
             "min_layer_share", self.min_layer_share, 1.0, True,
             "the fraction of a tensor's uniform share of surviving weights the proximal step always leaves it (e.g. "
             "0.1; 0 allows emptying a layer)"))
+        if not isinstance(self.relative, bool):
+            raise ValueError(f"`relative` must be True (lam without units, per layer) or False (λ in mean-loss units), "
+                             f"got {self.relative!r}.")
+
+
+def relative_threshold(lam: float, depth: int) -> float:
+    """The proximal threshold at the peak factor step, as a multiple of a tensor's RMS, of
+    ``FixedLamConfig(lam, relative=True)``: ``τ_t / rms_t`` (:func:`~lightning_dwf.core.functional.prox_threshold` at
+    ``η·λ = lam · rms^(2−2/D)``).
+
+    >>> round(relative_threshold(0.05, 3), 4)
+    0.1561
+    """
+    return prox_threshold(1.0, lam, depth)
 
 
 @register_regime(FixedLamConfig)
@@ -74,14 +104,21 @@ class FixedLam(Regime):
         self._release_step = math.inf  # the optimizer step at which the pattern is fixed (recovery > 0)
         self._released = False
         self._guarded: frozenset[str] = frozenset()  # tensors at their minimum: no penalty at the next step
+        self._peak = config.lam  # the largest λ of the run (mean-loss units), the ramp's end
+        self._scales: dict[str, float] = {}  # relative: λ_t / peak by tensor name
 
     @property
     def ramped(self) -> bool:
         return self.config.recovery > 0 and self.config.lam > 0
 
     def start(self, ctx: RunContext) -> None:
-        """With ``recovery``: plan the ramp and the release point from the run's length (λ stays ``lam`` until the
-        first batch, so the LR check at train start sees the largest λ of the run)."""
+        """Relative λ: each tensor's λ from its RMS and peak factor step (a resume keeps those it restored). Ramped:
+        plan the ramp and the release point from the run's length (λ stays at its peak until the first batch, so the
+        LR check at train start sees the largest λ of the run)."""
+        if self.config.relative and self.config.lam > 0 and not self._scales:
+            self._plan_relative(ctx)
+        if self.config.relative:
+            self.lam = 0.0 if self._released else self._peak
         if not self.ramped:
             return
         if not math.isfinite(ctx.total_steps):
@@ -95,14 +132,30 @@ class FixedLam(Regime):
                      f"steps, the proximal step makes the zeros; then the sparsity pattern is fixed and λ = 0 for the "
                      f"last {self.config.recovery:.0%} of the run.")
 
+    def _plan_relative(self, ctx: RunContext) -> None:
+        lams = {}
+        for tensor in sparse_tensors(ctx.module):
+            rms = _entry_rms(tensor)
+            step = ctx.factor_steps.get(tensor.name, 0.0)
+            if rms > 0 and step > 0:
+                lams[tensor.name] = self.config.lam * rms ** (2.0 - 2.0 / ctx.depth) / step
+        if not lams:
+            return
+        self._peak = max(lams.values())
+        self._scales = {name: lam / self._peak for name, lam in lams.items()}
+        ctx.info(f"DWFCallback: relative lam={self.config.lam:g} (proximal threshold "
+                 f"{relative_threshold(self.config.lam, ctx.depth):.3g} × each layer's RMS at the peak step): λ "
+                 + ", ".join(f"{name} {lam:.3g}" for name, lam in lams.items()) + " (mean-loss units).")
+
     def before_batch(self, ctx: RunContext) -> None:
         if self.ramped:
             self._set_lam(ctx.step)
 
     def before_step(self, ctx: RunContext, optimizer: Any, thresholds: Callable[..., dict[str, float]]) -> None:
-        """Note the proximal thresholds at this step's learning rate (under SGD-type optimizers only when ramped)."""
+        """Note the proximal thresholds at this step's learning rate (under SGD-type optimizers only when ramped or
+        relative)."""
         if self.lam > 0:
-            self._pending.update(thresholds(gradient=self.ramped))
+            self._pending.update(thresholds(gradient=self.ramped or self.config.relative))
 
     def after_step(self, ctx: RunContext) -> SparsityReport | None:
         """The proximal step: zero the weights below the thresholds noted before the step (each layer keeping its
@@ -126,6 +179,10 @@ class FixedLam(Regime):
         penalty's shrink would otherwise take the weights the guard kept); the step after decides again."""
         return self._guarded
 
+    def lam_scales(self) -> dict[str, float]:
+        """Relative λ: each tensor's λ over :attr:`lam`'s peak."""
+        return self._scales
+
     def on_rollback(self) -> None:
         self._pending = {}
 
@@ -133,7 +190,8 @@ class FixedLam(Regime):
         return floor
 
     def lr_check_steps(self, steps: int) -> int:
-        return 0 if self.ramped else steps  # ramped: the proximal step makes the zeros, no LR floor to reach
+        # ramped or relative: the proximal step makes the zeros under every optimizer, no LR floor to reach
+        return 0 if self.ramped or self.config.relative else steps
 
     def dead_layer_fix(self) -> str:
         if self.lam > 0:
@@ -146,11 +204,24 @@ class FixedLam(Regime):
         state: dict[str, Any] = {"fixed_released": self._released} if self.ramped else {}
         if self._guarded:
             state["fixed_guarded"] = sorted(self._guarded)
+        if self._scales:
+            state["fixed_relative"] = {"peak": self._peak, "scales": dict(self._scales)}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._released = bool(state.get("fixed_released", False))
         self._guarded = frozenset(state.get("fixed_guarded", ()))
+        relative = state.get("fixed_relative")
+        if relative:
+            self._peak, self._scales = float(relative["peak"]), dict(relative["scales"])
 
     def _set_lam(self, step: int) -> None:
-        self.lam = 0.0 if self._released else self.config.lam * min(1.0, step / self._release_step)
+        self.lam = 0.0 if self._released else self._peak * min(1.0, step / self._release_step)
+
+
+@torch.no_grad()
+def _entry_rms(tensor: Any) -> float:
+    """The RMS of a factorized tensor's collapsed weights (of a gated one: of its groups' entries)."""
+    magnitudes = full_tensor(tensor.unit_magnitudes()).float()
+    rms = float(magnitudes.pow(2).mean().sqrt())
+    return rms / math.sqrt(tensor.entries) if isinstance(tensor, GatedTensor) else rms

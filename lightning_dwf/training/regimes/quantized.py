@@ -78,6 +78,9 @@ class QuantizedFinish(Regime):
     def exempt(self) -> frozenset[str]:
         return self.inner.exempt()
 
+    def lam_scales(self) -> dict[str, float]:
+        return self.inner.lam_scales()
+
     def release(self, ctx: RunContext) -> None:
         self.inner.release(ctx)
 
