@@ -58,7 +58,7 @@ def test_divergence_is_a_named_exception_after_the_rollbacks():
               factor_lr=FactorLRConfig(check="off", rollbacks=2))
 
 
-@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.ASGD])
 def test_relative_lam_gives_every_layer_the_same_relative_threshold(opt_cls):
     """``FixedLamConfig(lam, relative=True)``: each tensor's λ makes its proximal threshold at the peak factor step
     the same multiple of its RMS, whatever its scale and LR multiplier; the λs are kept across a resume."""
@@ -89,3 +89,13 @@ def test_relative_lam_gives_every_layer_the_same_relative_threshold(opt_cls):
     assert resumed.lam_scales() == run.regime.lam_scales()
     with pytest.raises(ValueError, match="`relative`"):
         FixedLamConfig(0.03, relative="yes")
+
+
+def test_relative_lam_is_refused_under_adam_type_optimizers():
+    net = nn.Sequential(nn.Linear(4, 4))
+    factorize_(net, depth=3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    run = TrainingRun(build_regime(FixedLamConfig(0.03, relative=True)), depth=3, factor_lr=FactorLRConfig(check="off"))
+    run.bind(net, [opt], step=0, total_steps=10)
+    with pytest.raises(ValueError, match="SGD-type optimizers.*absolute `lam`"):
+        run.start(net, [opt], step=0, total_steps=10)

@@ -14,8 +14,10 @@ sparsity.
 
 With ``relative=True`` ``lam`` has no units: each factorized tensor ``t`` gets ``λ_t = lam · rms_t^(2−2/D) / η_t``
 (``rms_t`` its weights' RMS at train start, ``η_t`` its peak factor step ``lr × multiplier``), so that its proximal
-threshold at the peak step is the same multiple of its RMS on every layer, model and optimizer
-(:func:`relative_threshold`: ``1.48 · lam^(3/4)`` for D = 3).
+threshold at the peak step is the same multiple of its RMS on every layer and model (:func:`relative_threshold`:
+``1.48 · lam^(3/4)`` for D = 3). SGD-type optimizers only: under Adam-type ones the loss holds a weight at a size set
+by its gradient's signal-to-noise ratio, not by its layer's scale, and the same λ_t emptied the large-scale layers'
+support (measured: docs, "Optimizers").
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lightning_dwf.core.functional import prox_threshold
 from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.sharding import full_tensor
 from lightning_dwf.observe.report import SparsityReport
+from lightning_dwf.training.penalty import penalty_kind
 from lightning_dwf.training.regimes.base import Regime, RunContext, register_regime
 from lightning_dwf.training.support import fix_support_
 
@@ -52,8 +55,8 @@ class FixedLamConfig:
             weight), as in target mode. 0 lets a large λ empty a layer.
         relative: ``lam`` without units, per tensor ``λ_t = lam · rms_t^(2−2/D) / η_t`` (module docstring): the
             proximal threshold at the peak factor step is :func:`relative_threshold` ``(lam, D)`` times each
-            tensor's RMS at train start, and the proximal step makes the zeros under every optimizer. The λ_t are
-            reported at train start and kept across a resume.
+            tensor's RMS at train start, and the proximal step makes the zeros. SGD-type optimizers only (refused at
+            train start under others). The λ_t are reported at train start and kept across a resume.
 
     >>> FixedLamConfig(lam=-1.0)
     Traceback (most recent call last):
@@ -87,8 +90,8 @@ def relative_threshold(lam: float, depth: int) -> float:
     ``FixedLamConfig(lam, relative=True)``: ``τ_t / rms_t`` (:func:`~lightning_dwf.core.functional.prox_threshold` at
     ``η·λ = lam · rms^(2−2/D)``).
 
-    >>> round(relative_threshold(0.05, 3), 4)
-    0.1561
+    >>> round(relative_threshold(0.05, 3), 3)
+    0.156
     """
     return prox_threshold(1.0, lam, depth)
 
@@ -115,6 +118,12 @@ class FixedLam(Regime):
         """Relative λ: each tensor's λ from its RMS and peak factor step (a resume keeps those it restored). Ramped:
         plan the ramp and the release point from the run's length (λ stays at its peak until the first batch, so the
         LR check at train start sees the largest λ of the run)."""
+        if self.config.relative and any(penalty_kind(opt) != "gradient" for opt in ctx.optimizers):
+            raise ValueError(
+                "FixedLamConfig(relative=True) is defined for SGD-type optimizers (the penalty through the gradient). "
+                "Under AdamW the same per-layer λ shrank the large-scale layers far past their loss support (LeNet-5 "
+                "at chance accuracy with λ = 0.1): use an absolute `lam` there, or `target_sparsity=...`."
+            )
         if self.config.relative and self.config.lam > 0 and not self._scales:
             self._plan_relative(ctx)
         if self.config.relative:
