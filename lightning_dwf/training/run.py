@@ -124,10 +124,11 @@ class TrainingRun:
         ctx.factor_steps = {t.name: self.penalty.peak_lr_of(t.factors[0]) * self.multipliers.get(t.name, 1.0)
                             for t in sparse_tensors(module)}
         self.regime.start(ctx)
-        if self.factor_lr.check == "off" or self.regime.lam == 0:
+        lam = self.regime.check_lam
+        if self.factor_lr.check == "off" or lam == 0:
             return None
         steps = max(int(total_steps) - step, 0) if math.isfinite(total_steps) else 0
-        return check_learning_rates(optimizers, factors, self.regime.lam, self.depth,
+        return check_learning_rates(optimizers, factors, lam, self.depth,
                                     self.regime.lr_check_steps(steps), ctx.weight_scale, self.floor, low, high)
 
     def before_batch(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> None:

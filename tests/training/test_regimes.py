@@ -75,7 +75,8 @@ def test_fixed_lam_ramp_and_release():
     factorize_(net, depth=3)
     regime = FixedLam(FixedLamConfig(0.1, recovery=0.5))
     regime.start(_ctx(net, total=100))
-    assert regime.lam == 0.1 and regime.lr_check_steps(100) == 0  # the LR check at train start sees the largest λ
+    assert regime.lam == 0.0 and regime.check_lam == 0.1  # the LR check at train start sees the largest λ
+    assert regime.lr_check_steps(100) == 0
     asked = []
     for step, lam in [(0, 0.0), (25, 0.05), (48, 0.096)]:
         ctx = _ctx(net, step=step)

@@ -82,6 +82,10 @@ def test_relative_lam_gives_every_layer_the_same_relative_threshold(opt_cls):
     assert set(noted) == set(rms)
     for name, tau in noted.items():
         assert tau / rms[name] == pytest.approx(relative_threshold(0.03, 3), rel=1e-4)
+    # the LR check: the largest λ_t·η_t of any tensor, over the largest η_t (here the same tensor's or not)
+    steps = run.ctx.factor_steps
+    assert run.regime.check_lam * max(steps.values()) == pytest.approx(
+        max(run.regime.lam * run.regime.lam_scales()[n] * steps[n] for n in steps))
     state = run.regime.state_dict()["fixed_relative"]
     assert max(state["scales"].values()) == 1.0 and len(state["scales"]) == 2
     resumed = build_regime(FixedLamConfig(0.03, relative=True))

@@ -126,6 +126,12 @@ class Regime(ABC):
         """The optimizer step from which the factor LR warm-up ramps (it may restart, e.g. at a recovery point)."""
         return 0
 
+    @property
+    def check_lam(self) -> float:
+        """The λ the LR check at train start compares with the factors' learning rate: the largest of the run, in the
+        units of the largest factor LR (default: :attr:`lam` now)."""
+        return self.lam
+
     def lr_check_steps(self, steps: int) -> int:
         """Steps over which the LR floor must bring unsupported weights to zero (0: the floor is not checked)."""
         return steps

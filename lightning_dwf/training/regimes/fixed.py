@@ -109,6 +109,7 @@ class FixedLam(Regime):
         self._guarded: frozenset[str] = frozenset()  # tensors at their minimum: no penalty at the next step
         self._peak = config.lam  # the largest λ of the run (mean-loss units), the ramp's end
         self._scales: dict[str, float] = {}  # relative: λ_t / peak by tensor name
+        self._steps: dict[str, float] = {}  # each tensor's peak factor step (from train start)
 
     @property
     def ramped(self) -> bool:
@@ -116,8 +117,7 @@ class FixedLam(Regime):
 
     def start(self, ctx: RunContext) -> None:
         """Relative λ: each tensor's λ from its RMS and peak factor step (a resume keeps those it restored). Ramped:
-        plan the ramp and the release point from the run's length (λ stays at its peak until the first batch, so the
-        LR check at train start sees the largest λ of the run)."""
+        plan the ramp and the release point from the run's length."""
         if self.config.relative and any(penalty_kind(opt) != "gradient" for opt in ctx.optimizers):
             raise ValueError(
                 "FixedLamConfig(relative=True) is defined for SGD-type optimizers (the penalty through the gradient). "
@@ -126,6 +126,7 @@ class FixedLam(Regime):
             )
         if self.config.relative and self.config.lam > 0 and not self._scales:
             self._plan_relative(ctx)
+        self._steps = {name: step for name, step in ctx.factor_steps.items() if step > 0}
         if self.config.relative:
             self.lam = 0.0 if self._released else self._peak
         if not self.ramped:
@@ -135,7 +136,8 @@ class FixedLam(Regime):
                 f"FixedLamConfig(recovery={self.config.recovery:g}) is a fraction of the planned run, but this run has "
                 "no step budget (max_epochs=-1 or max_time): set max_epochs or max_steps, or use recovery=0."
             )
-        self._release_step = (1.0 - self.config.recovery) * ctx.total_steps  # λ ramps from the first batch on
+        self._release_step = (1.0 - self.config.recovery) * ctx.total_steps
+        self._set_lam(ctx.step)
         if not self._released and ctx.step == 0:
             ctx.info(f"DWFCallback: lam={self.config.lam:g}: λ ramps from 0 over {math.ceil(self._release_step)} "
                      f"steps, the proximal step makes the zeros; then the sparsity pattern is fixed and λ = 0 for the "
@@ -197,6 +199,16 @@ class FixedLam(Regime):
 
     def zero_threshold(self, floor: float) -> float:
         return floor
+
+    @property
+    def check_lam(self) -> float:
+        """The largest λ of the run (the ramp's end); relative: the largest ``λ_t·η_t`` over the largest ``η_t``, so
+        that the check's product with the largest factor LR is the largest step of any tensor."""
+        if not self._scales:
+            return self._peak
+        steps = {name: self._steps.get(name, 0.0) for name in self._scales}
+        top = max(steps.values(), default=0.0)
+        return max(self._peak * scale * steps[name] for name, scale in self._scales.items()) / top if top else 0.0
 
     def lr_check_steps(self, steps: int) -> int:
         # ramped or relative: the proximal step makes the zeros under every optimizer, no LR floor to reach

@@ -81,6 +81,10 @@ class QuantizedFinish(Regime):
     def lam_scales(self) -> dict[str, float]:
         return self.inner.lam_scales()
 
+    @property
+    def check_lam(self) -> float:
+        return self.inner.check_lam
+
     def release(self, ctx: RunContext) -> None:
         self.inner.release(ctx)
 
