@@ -101,8 +101,8 @@ def main() -> None:
 
 
 #: The table's columns: (method, its baseline in the same run, header).
-COLUMNS = (("dwf", "dense", "DWF"), ("dwf-structured", "dense", "structured DWF"), ("dwf-qat", "dense", "DWF + QAT finish"),
-           ("dwf-wandb", "dense-wandb", "DWF + W&B pictures"))
+COLUMNS = (("dwf", "dense", "DWF"), ("dwf-structured", "dense", "structured DWF"),
+           ("dwf-qat", "dense", "DWF + QAT finish"), ("dwf-wandb", "dense-wandb", "DWF + W&B pictures"))
 
 
 def write_report() -> None:
@@ -123,8 +123,8 @@ def write_report() -> None:
              f"alternated rounds, {first['threads']} threads, {first['machine']}, torch "
              f"{first['versions'].get('torch')} (`python -m benchmarks.fit_cost`). DWF: the defaults, "
              "`target_sparsity=0.9`; structured: `BudgetConfig(0.25)`; QAT finish: `QuantizeConfig(bits=8)`; "
-             "W&B pictures: the defaults with an offline `WandbLogger` (metrics, histograms, figure) against dense with "
-             "the same logger. Each ratio is to the baseline timed in the same run.", "",
+             "W&B pictures: the defaults with an offline `WandbLogger` (metrics, histograms, figure) against dense "
+             "with the same logger. Each ratio is to the baseline timed in the same run.", "",
              "| model | optimizer | batch | dense s | " + " | ".join(f"{h} / dense" for *_, h in COLUMNS) + " |",
              "|---|---|---|---|" + "---|" * len(COLUMNS)]
     for (model, opt, batch), cell in sorted(latest.items(), key=lambda kv: (kv[0][2], MODELS.index(kv[0][0]),

@@ -48,7 +48,8 @@ def _lam(config: dict) -> str:
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, one line per run (a relative λ, without units, is written "rel. λ")."""
     out = [
-        "| data | model | optimizer | batch | recovery | λ | zeros % | compression ratio | accuracy % | emptied layers |",
+        "| data | model | optimizer | batch | recovery | λ | zeros % | compression ratio | accuracy % "
+        "| emptied layers |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=_order):

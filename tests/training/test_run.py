@@ -69,7 +69,7 @@ def test_relative_lam_gives_every_layer_the_same_relative_threshold(opt_cls):
     with torch.no_grad():
         net[2].weight.mul_(10.0)  # a layer ten times larger than the other
     factorize_(net, depth=3)
-    rms = {name: float(w.pow(2).mean().sqrt()) for name, w in (("0.weight", net[0].weight), ("2.weight", net[2].weight))}
+    rms = {f"{i}.weight": float(net[i].weight.pow(2).mean().sqrt()) for i in (0, 2)}
     opt = opt_cls(net.parameters(), lr=0.05)
     run = TrainingRun(build_regime(FixedLamConfig(0.03, relative=True)), depth=3,
                       factor_lr=FactorLRConfig(check="off", warmup=0.0))
