@@ -11,6 +11,8 @@ order and epochs) of
 * ``dwf-structured``: ``DWFCallback(depth=3, regime=BudgetConfig(0.25), factorize=structure(model))`` (the structured
   speed benchmark's layers by outputs, the ViT's attention by heads);
 * ``dwf-qat``: the defaults with the quantization-aware finish (``quantize=QuantizeConfig(bits=8)``);
+* ``factorized``: the model factorized by ``factorize_(depth=3)`` and no callback: what the D-fold parameters cost
+  alone (the product and its backward, the optimizer over D factors), with no penalty, cut, factor LR or metrics;
 * ``dense-wandb`` / ``dwf-wandb``: dense and the defaults with an offline ``WandbLogger``, so the callback's metrics and
   pictures (weight histograms every 10 × the logging cadence, the density figure at fit end) are rendered and written
   (the pair compares like with like: the logger's own cost is in both),
@@ -30,20 +32,22 @@ import tempfile
 from typing import Any
 
 import torch
+from lightning.pytorch import seed_everything
 
 from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
-from benchmarks.structured_speed import MODELS, fit, structure
-from examples.data import load_dataset
-from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, QuantizeConfig
+from benchmarks.models import Classifier
+from benchmarks.structured_speed import LR, MODELS, fit, structure
+from examples.data import ImageData, load_dataset
+from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, QuantizeConfig, factorize_
 
 OUT = RESULTS / "fit_cost.jsonl"
-METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb")
+METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb", "factorized")
 
 
 def callbacks(method: str, model: str, example: torch.Tensor) -> list:
     """The callbacks of one method (fresh for every fit)."""
     collapse = CollapseConfig(save=False)
-    if method.startswith("dense"):
+    if method.startswith("dense") or method == "factorized":
         return []
     if method in ("dwf", "dwf-wandb"):
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse)]
@@ -51,6 +55,17 @@ def callbacks(method: str, model: str, example: torch.Tensor) -> list:
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse, quantize=QuantizeConfig(bits=8))]
     return [DWFCallback(depth=3, regime=BudgetConfig(0.25, example_inputs=example), factorize=structure(model),
                         collapse=collapse)]
+
+
+def module_of(method: str, cfg: dict, data: ImageData) -> Classifier | None:
+    """The module to train: for ``factorized`` the model with every Linear/Conv weight factorized (depth 3), else
+    None (``fit`` builds the plain one)."""
+    if method != "factorized":
+        return None
+    seed_everything(cfg["seed"], verbose=False)
+    module = Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+    factorize_(module, depth=3)
+    return module
 
 
 def trainer_arguments(method: str, directory: str) -> dict[str, Any]:
@@ -90,6 +105,7 @@ def main() -> None:
                         for method in methods:
                             with tempfile.TemporaryDirectory() as directory:
                                 times[method].append(fit(cfg, data, callbacks(method, model, data.test_x[:2]),
+                                                         module_of(method, cfg, data),
                                                          **trainer_arguments(method, directory))[1])
                     row = dict(cfg, rounds=args.rounds, threads=torch.get_num_threads(), dataset=data.name,
                                machine=platform.processor() or platform.machine(),
@@ -101,8 +117,9 @@ def main() -> None:
 
 
 #: The table's columns: (method, its baseline in the same run, header).
-COLUMNS = (("dwf", "dense", "DWF"), ("dwf-structured", "dense", "structured DWF"),
-           ("dwf-qat", "dense", "DWF + QAT finish"), ("dwf-wandb", "dense-wandb", "DWF + W&B pictures"))
+COLUMNS = (("factorized", "dense", "factorized, no callback"), ("dwf", "dense", "DWF"),
+           ("dwf-structured", "dense", "structured DWF"), ("dwf-qat", "dense", "DWF + QAT finish"),
+           ("dwf-wandb", "dense-wandb", "DWF + W&B pictures"))
 
 
 def write_report() -> None:
@@ -124,7 +141,8 @@ def write_report() -> None:
              f"{first['versions'].get('torch')} (`python -m benchmarks.fit_cost`). DWF: the defaults, "
              "`target_sparsity=0.9`; structured: `BudgetConfig(0.25)`; QAT finish: `QuantizeConfig(bits=8)`; "
              "W&B pictures: the defaults with an offline `WandbLogger` (metrics, histograms, figure) against dense "
-             "with the same logger. Each ratio is to the baseline timed in the same run.", "",
+             "with the same logger; factorized, no callback: `factorize_(model, depth=3)` trained plainly (the D-fold "
+             "parameters alone). Each ratio is to the baseline timed in the same run.", "",
              "| model | optimizer | batch | dense s | " + " | ".join(f"{h} / dense" for *_, h in COLUMNS) + " |",
              "|---|---|---|---|" + "---|" * len(COLUMNS)]
     for (model, opt, batch), cell in sorted(latest.items(), key=lambda kv: (kv[0][2], MODELS.index(kv[0][0]),
