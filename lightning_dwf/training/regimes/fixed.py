@@ -34,7 +34,7 @@ from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import prox_threshold
 from lightning_dwf.core.gating import GatedTensor
-from lightning_dwf.core.sharding import full_tensor
+from lightning_dwf.core.sharding import root_mean_square
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.penalty import penalty_kind
 from lightning_dwf.training.regimes.base import Regime, RunContext, register_regime
@@ -243,6 +243,5 @@ class FixedLam(Regime):
 @torch.no_grad()
 def _entry_rms(tensor: Any) -> float:
     """The RMS of a factorized tensor's collapsed weights (of a gated one: of its groups' entries)."""
-    magnitudes = full_tensor(tensor.unit_magnitudes()).float()
-    rms = float(magnitudes.pow(2).mean().sqrt())
+    rms = root_mean_square(tensor.unit_magnitudes().float())
     return rms / math.sqrt(tensor.entries) if isinstance(tensor, GatedTensor) else rms
