@@ -70,8 +70,7 @@ def keep_masks(
     # only weights at or above the floor can be kept, and each ranks above every weight below it: the selections run
     # among them (after the first cuts most weights are zero, so that is a fraction of the work)
     eligible = magnitudes >= floor
-    forced = [min(size, max(1, math.ceil(min_share * (1.0 - target) * size - 1e-9))) if keep and min_share else 0
-              for size in sizes]
+    forced = [layer_minimum(size, 1.0 - target, min_share) if keep and min_share else 0 for size in sizes]
     mask = _largest(magnitudes, eligible, keep)
     kept = [int(m.count_nonzero()) for m in torch.split(mask, sizes)] if any(forced) else forced
     if any(k < f for k, f in zip(kept, forced, strict=True)):
@@ -89,6 +88,16 @@ def keep_masks(
             start += size
         mask = _largest(ranked, eligible | (ranked == math.inf), keep) & eligible
     return {n: m.view_as(weights[n]) for n, m in zip(names, torch.split(mask, sizes), strict=True)}
+
+
+def layer_minimum(size: int, density: float, min_share: float) -> int:
+    """The per-layer guard: the units a tensor of ``size`` units always keeps, ``min_share`` of its uniform share
+    ``density · size`` of the survivors, at least one (and at most all).
+
+    >>> layer_minimum(1000, 0.02, 0.1), layer_minimum(150, 0.005, 0.1)
+    (2, 1)
+    """
+    return min(size, max(1, math.ceil(min_share * density * size - 1e-9)))
 
 
 #: Eligible weights above which :func:`_largest` brackets the boundary from a sample before selecting exactly.
@@ -218,7 +227,7 @@ def fix_support_(
         left = [size - global_count(dead) for size, (_, _, dead) in zip(sizes, chosen, strict=True)]
         density = sum(left) / max(1, sum(sizes))
         for i, (size, kept) in enumerate(zip(sizes, left, strict=True)):
-            minimum = min(size, max(1, math.ceil(min_share * density * size - 1e-9)))
+            minimum = layer_minimum(size, density, min_share)
             if kept < minimum:  # the tensor's largest stay, below the threshold or not (the whole mask: sharded too)
                 tensor, magnitudes, _ = chosen[i]
                 if guarded is not None:
