@@ -32,11 +32,10 @@ import tempfile
 from typing import Any
 
 import torch
-from lightning.pytorch import seed_everything
 
 from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
 from benchmarks.models import Classifier
-from benchmarks.structured_speed import LR, MODELS, fit, structure
+from benchmarks.structured_speed import MODELS, fit, new_module, structure
 from examples.data import ImageData, load_dataset
 from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, QuantizeConfig, factorize_
 
@@ -62,8 +61,7 @@ def module_of(method: str, cfg: dict, data: ImageData) -> Classifier | None:
     None (``fit`` builds the plain one)."""
     if method != "factorized":
         return None
-    seed_everything(cfg["seed"], verbose=False)
-    module = Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+    module = new_module(cfg, data)
     factorize_(module, depth=3)
     return module
 

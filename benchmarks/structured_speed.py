@@ -109,12 +109,20 @@ def cost(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
     return {"macs": macs, "params": params}
 
 
+def new_module(cfg: dict, data: ImageData) -> Classifier:
+    """``cfg``'s model with its optimizer's LR, freshly initialized from ``cfg["seed"]``."""
+    seed_everything(cfg["seed"], verbose=False)
+    return Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+
+
 def fit(cfg: dict, data: ImageData, callbacks: list[Callback], module: Classifier | None = None,
         epochs: int | None = None, **trainer: Any) -> tuple[Classifier, float]:
     """Train ``cfg``'s model (or ``module``) with ``callbacks``; returns it and the seconds ``Trainer.fit`` took
     (``trainer``: further Trainer arguments, e.g. a logger)."""
-    seed_everything(cfg["seed"], verbose=False)
-    module = module or Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+    if module is None:
+        module = new_module(cfg, data)
+    else:
+        seed_everything(cfg["seed"], verbose=False)
     start = time.perf_counter()
     make_trainer(epochs or cfg["epochs"], callbacks, **trainer).fit(
         module, train_loader(data, cfg.get("batch", BATCH_SIZE), cfg["seed"]))

@@ -201,11 +201,12 @@ class FactorPenalty:
             raise KeyError("this factor is in no bound optimizer")
         return plan.penalty
 
-    def decoupled_step(self, factor: nn.Parameter) -> float:
+    def decoupled_step(self, factor: nn.Parameter, gradient: bool = False) -> float:
         """The step ``lr × multiplier`` of the decoupled penalty on ``factor`` now (its param group's current lr);
-        0 when its optimizer takes the penalty through the gradient, or it is in no bound optimizer (frozen)."""
+        0 when its optimizer takes the penalty through the gradient (unless ``gradient``: that step then too), or it
+        is in no bound optimizer (frozen)."""
         plan = self._plan_of.get(id(factor))
-        if plan is None or plan.penalty != "decoupled":
+        if plan is None or (plan.penalty != "decoupled" and not gradient):
             return 0.0
         return float(plan.group["lr"]) * self.multiplier_of(factor)
 

@@ -222,25 +222,26 @@ def fix_support_(
         if tau is not None:
             magnitudes = tensor.unit_magnitudes()
             chosen.append((tensor, magnitudes, magnitudes < tau))
-    if min_share and chosen:
-        sizes = [m.numel() for _, m, _ in chosen]
-        left = [size - global_count(dead) for size, (_, _, dead) in zip(sizes, chosen, strict=True)]
-        density = sum(left) / max(1, sum(sizes))
-        for i, (size, kept) in enumerate(zip(sizes, left, strict=True)):
-            minimum = layer_minimum(size, density, min_share)
-            if kept < minimum:  # the tensor's largest stay, below the threshold or not (the whole mask: sharded too)
-                tensor, magnitudes, _ = chosen[i]
-                if guarded is not None:
-                    guarded.add(tensor.name)
-                full = full_tensor(magnitudes)
-                dead = torch.ones_like(full, dtype=torch.bool)
-                dead.view(-1)[torch.topk(full.flatten(), minimum, sorted=False).indices] = False
-                chosen[i] = (tensor, magnitudes, dead)
-    below: list[Tensor] = []  # counted at the end: one reduction over the ranks when sharded
-    for tensor, _, dead in chosen:
-        below.append(dead.sum())
+    if not (min_share and chosen):
+        below: list[Tensor] = []  # counted at the end: one reduction over the ranks when sharded
+        for tensor, _, dead in chosen:
+            below.append(dead.sum())
+            tensor.zero_units_(dead, states)  # it skips the units zeroed already
+        return global_sum(below)
+    sizes = [m.numel() for _, m, _ in chosen]
+    counts = [global_count(dead) for _, _, dead in chosen]  # the guard needs them now: the return reuses them
+    density = sum(size - count for size, count in zip(sizes, counts, strict=True)) / max(1, sum(sizes))
+    for i, (tensor, magnitudes, dead) in enumerate(chosen):
+        minimum = layer_minimum(sizes[i], density, min_share)
+        if sizes[i] - counts[i] < minimum:  # its largest stay, below the threshold or not (the whole mask: sharded too)
+            if guarded is not None:
+                guarded.add(tensor.name)
+            full = full_tensor(magnitudes)
+            dead = torch.ones_like(full, dtype=torch.bool)
+            dead.view(-1)[torch.topk(full.flatten(), minimum, sorted=False).indices] = False
+            counts[i] = sizes[i] - minimum
         tensor.zero_units_(dead, states)  # it skips the units zeroed already
-    return global_sum(below)
+    return sum(counts)
 
 
 @torch.no_grad()
