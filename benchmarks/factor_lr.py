@@ -68,7 +68,8 @@ def table(rows: list[dict], matrix_rows: list[dict]) -> str:
     ]
     for (data, model, opt, bs, target, depth, mult), runs in sorted(groups.items()):
         seeds = {r["config"]["seed"] for r in runs}
-        cell = reference.get((data, model, opt, bs, "scratch", target), {})
+        epochs = runs[0]["config"]["epochs"]
+        cell = reference.get((data, model, opt, bs, "scratch", epochs, target), {})
         same = {m: [r for r in cell.get(m, []) if r["config"]["seed"] in seeds] for m in matrix.METHODS[1:]}
         out.append(
             f"| {data} | {model} | {opt} | {bs} | {100 * target:g} % | {depth} | ×{mult:g} | {fmt_acc(runs)} | "

@@ -9,6 +9,9 @@ peers on every model, optimizer and batch size.
     python -m benchmarks.matrix --only model=lenet5,bs=256 --max-batches 20 --results /tmp/smoke.jsonl   # a smoke run
 
 Cells: Fashion-MNIST × {LeNet-300-100, LeNet-5, the BN CNN, the tiny ViT} and the MNIST subset × LeNet-300-100;
+and an axis of short runs and small data (:data:`AXIS`, from scratch, ``--only epochs=3`` /
+``--only data=fashion-mnist-2k``): LeNet-300-100, LeNet-5 and the BN CNN trained for 3 epochs of Fashion-MNIST at
+batch 64 and 256, and for 40 epochs of a 2,000-image Fashion-MNIST subset (200 per class) at batch 64;
 optimizers SGD (lr 0.1, momentum 0.9, no weight decay) and AdamW (lr 1e-3, weight decay 0.01, torch's default, on
 every parameter; DWF neutralizes it on its factors, which get its own penalty instead), both with a linear LR warm-up
 over the first 5 % of the steps, then cosine to 0, per step; batch sizes 64 and 256; targets 90 / 98 / 99.5 %.
@@ -75,6 +78,15 @@ SETTINGS = (
     ("fashion-mnist", "vit"),
     ("mnist-subset", "lenet300"),
 )
+#: The short-run and small-data axis, from scratch only: (dataset, model, epochs, batch sizes). Short runs: 3 epochs of
+#: full Fashion-MNIST (705 / 2,814 steps at batch 256 / 64); small data: 2,000 training images (200 per class) for 40
+#: epochs at batch 64 (1,280 steps, the length of the outside task where SGD trailed ModelPruning).
+AXIS = tuple(
+    [("fashion-mnist", m, 3, (64, 256)) for m in ("lenet300", "lenet5", "cnn-bn")]
+    + [("fashion-mnist-2k", m, 40, (64,)) for m in ("lenet300", "lenet5", "cnn-bn")]
+)
+#: Small-data datasets: name → (the full dataset, training images kept, stratified; the full test set is kept).
+SUBSETS = {"fashion-mnist-2k": ("fashion-mnist", 2_000)}
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0),
     "adamw": dict(optimizer="adamw", lr=1e-3, weight_decay=0.01),
@@ -106,7 +118,7 @@ SECONDS_PER_EPOCH = {
 METHOD_COST = {"dense": 1.0, "model-pruning": 1.0, "pat": 1.1, "dwf": 1.4, "dwf-balanced": 1.4}
 #: Trainer set-up and test evaluation per run, seconds.
 RUN_OVERHEAD = 1.5
-TRAIN_SIZE = {"fashion-mnist": 60_000, "mnist-subset": 4_000}
+TRAIN_SIZE = {"fashion-mnist": 60_000, "mnist-subset": 4_000, "fashion-mnist-2k": 2_000}
 EXTRA_SEEDS = (1, 2)
 #: The seed pass runs where DWF − best peer is below this (accuracy fraction: 0.5 points): close or behind.
 CLOSE = 0.005
@@ -138,8 +150,11 @@ def pretrained_epochs(epochs: int) -> int:
     return max(1, round(epochs / 3))
 
 
-def plan_first_pass(epochs: int | None = None, max_batches: int | None = None) -> list[dict[str, Any]]:
-    """Every first-pass run (seed 0); each dense run comes before the sparse runs of its cells and its fine-tunes."""
+def plan_first_pass(
+    epochs: int | None = None, max_batches: int | None = None, axis: bool = True
+) -> list[dict[str, Any]]:
+    """Every first-pass run (seed 0); each dense run comes before the sparse runs of its cells and its fine-tunes.
+    ``axis``: the short-run and small-data cells (:data:`AXIS`) too, after the main ones."""
     out = []
     for dataset, model in SETTINGS:
         for opt in OPTIMIZERS:
@@ -152,7 +167,31 @@ def plan_first_pass(epochs: int | None = None, max_batches: int | None = None) -
                 base, start="pretrained", epochs=pretrained_epochs(base["epochs"]), dense_epochs=base["epochs"]
             )
             out += [dict(short, method=m, target=t) for t in TARGETS for m in PRETRAINED_METHODS]
+    for dataset, model, setting_epochs, batch_sizes in AXIS if axis else ():
+        for opt in OPTIMIZERS:
+            for batch_size in batch_sizes:
+                base = base_config(dataset, model, opt, batch_size, epochs or setting_epochs, max_batches)
+                out.append(dict(base, method="dense"))
+                out += [dict(base, method=m, target=t) for t in TARGETS for m in METHODS[1:]]
     return out
+
+
+def load_matrix_dataset(name: str, root: str | None = None) -> ImageData:
+    """A dataset by name (:func:`examples.data.load_dataset`), or a small-data subset of :data:`SUBSETS`
+    (:func:`training_subset` of its full dataset)."""
+    if name not in SUBSETS:
+        return load_dataset(name, root)
+    full, size = SUBSETS[name]
+    return training_subset(load_dataset(full, root), size, name)
+
+
+def training_subset(data: ImageData, size: int, name: str) -> ImageData:
+    """``size // classes`` training images of every class, drawn with seed 0 and kept in their order (standardized
+    with the full training set's statistics, as loaded), and the full test set."""
+    per_class = size // data.num_classes
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))
+    keep = torch.cat([order[data.train_y[order] == c][:per_class] for c in range(data.num_classes)]).sort().values
+    return ImageData(name, data.train_x[keep], data.train_y[keep], data.test_x, data.test_y)
 
 
 def dense_source(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +291,7 @@ def run_all(
     plan: list[dict[str, Any]],
     results: Path,
     data_dir: str | None = None,
-    loader: Callable[..., ImageData] = load_dataset,
+    loader: Callable[..., ImageData] = load_matrix_dataset,
 ) -> dict[str, dict]:
     """Run every config of ``plan`` not yet in ``results`` (appending one row each); returns all rows by key."""
     return run_plan(plan, results, data_dir, loader, dense_source=dense_source, keep_dense=keeps_dense)
@@ -262,29 +301,37 @@ def run_all(
 LABELS = {"dense": "dense", "model-pruning": "ModelPruning", "pat": "PAT", "dwf": "DWF", "dwf-balanced": "DWF"}
 
 
+def length(cfg: dict[str, Any]) -> int:
+    """The epochs of a run's setting: its own from scratch, its dense net's from pretrained (a short run and a main
+    run of the same model are different cells)."""
+    return cfg.get("dense_epochs", cfg["epochs"])
+
+
 def table_cells(rows: Iterable[dict]) -> dict[tuple, dict[str, list[dict]]]:
-    """Rows grouped by cell ``(dataset, model, optimizer, batch, start, target)`` and method; dense rows (and a
-    from-pretrained cell's source) are filed under every target of their setting."""
+    """Rows grouped by cell ``(dataset, model, optimizer, batch, start, setting epochs, target)`` and method; dense
+    rows (and a from-pretrained cell's source) are filed under every target of their setting."""
     rows = list(rows)
     targets: dict[tuple, set] = defaultdict(set)
+
+    def setting(c: dict[str, Any], start: str) -> tuple:
+        return c["dataset"], c["model"], c["optimizer"], c["batch_size"], start, length(c)
+
     for r in rows:
         c = r["config"]
         if "target" in c:
-            targets[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["start"])].add(c["target"])
+            targets[setting(c, c["start"])].add(c["target"])
     cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         c = r["config"]
         if "target" in c:
             method = "dwf" if c["method"] == "dwf-balanced" else c["method"]
-            cells[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["start"], c["target"])][method].append(
-                r
-            )
+            cells[(*setting(c, c["start"]), c["target"])][method].append(r)
             continue
         for start in ("scratch", "pretrained"):
             if start == "pretrained" and (c["batch_size"] != PRETRAINED_BATCH or c["seed"] != 0):
                 continue
-            for t in targets[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], start)]:
-                cells[(c["dataset"], c["model"], c["optimizer"], c["batch_size"], start, t)]["dense"].append(r)
+            for t in targets[setting(c, start)]:
+                cells[(*setting(c, start), t)]["dense"].append(r)
     return dict(sorted(cells.items(), key=lambda kv: kv[0]))
 
 
@@ -335,7 +382,7 @@ def table(rows: Iterable[dict]) -> str:
         "| flags |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (dataset, model, opt, batch, start, target), by_method in table_cells(rows).items():
+    for (dataset, model, opt, batch, start, _, target), by_method in table_cells(rows).items():
         epochs = next(r["config"]["epochs"] for m, rs in by_method.items() if m != "dense" for r in rs)
         g = gap(by_method)
         cols = [
@@ -364,21 +411,22 @@ def summary(rows: Iterable[dict]) -> str:
         return "—" if mean is None else f"{100 * mean:.2f}" + ("³" if len(runs) > 1 else "")
 
     lines: dict[tuple, dict[float, str]] = defaultdict(dict)
-    for (dataset, model, opt, batch, start, target), by_method in table_cells(rows).items():
+    for (dataset, model, opt, batch, start, epochs, target), by_method in table_cells(rows).items():
         if start != "scratch":
             continue
         g = gap(by_method)
         dwf = f"**{acc(by_method.get('dwf', []))}**" + ("" if g is None else f" ({g:+.2f})")
-        lines[(dataset, model, opt, batch)][target] = " / ".join(
+        lines[(dataset, model, opt, batch, epochs)][target] = " / ".join(
             [dwf, acc(by_method.get("model-pruning", [])), acc(by_method.get("pat", []))]
         )
     targets = sorted({t for by_target in lines.values() for t in by_target})
     out = [
-        "| data | model | optimizer | batch | " + " | ".join(f"{100 * t:g} %: DWF / MP / PAT" for t in targets) + " |",
-        "|---|---|---|---|" + "---|" * len(targets),
+        "| data | model | optimizer | batch | epochs | "
+        + " | ".join(f"{100 * t:g} %: DWF / MP / PAT" for t in targets) + " |",
+        "|---|---|---|---|---|" + "---|" * len(targets),
     ]
-    for (dataset, model, opt, batch), by_target in lines.items():
-        cols = [dataset, model, opt, str(batch), *(by_target.get(t, "—") for t in targets)]
+    for (dataset, model, opt, batch, epochs), by_target in lines.items():
+        cols = [dataset, model, opt, str(batch), str(epochs), *(by_target.get(t, "—") for t in targets)]
         out.append("| " + " | ".join(cols) + " |")
     return "\n".join(out) + "\n"
 
@@ -386,8 +434,8 @@ def summary(rows: Iterable[dict]) -> str:
 def gap_plot(rows: Iterable[dict], path: Path) -> Path:
     """One dot per cell: DWF − best peer (points), from-scratch and from-pretrained cells in two colours."""
     points = [
-        (f"{d} {m} {o} b{b} {100 * t:g}%" + (" pre" if s == "pretrained" else ""), gap(bm), s)
-        for (d, m, o, b, s, t), bm in table_cells(rows).items()
+        (f"{d} {m} {o} b{b} {e}ep {100 * t:g}%" + (" pre" if s == "pretrained" else ""), gap(bm), s)
+        for (d, m, o, b, s, e, t), bm in table_cells(rows).items()
         if gap(bm) is not None
     ]
     colors = (("scratch", "tab:blue"), ("pretrained", "tab:orange"))

@@ -242,11 +242,19 @@ def test_classifier_default_is_the_sweep_recipe():
 
 def test_matrix_plan_sizes():
     """5 settings × 2 optimizers × (2 batch sizes × (dense + 3 targets × 3 methods) + 3 targets × 2 from-pretrained
-    runs)."""
+    runs), then the axis: 3 short-run settings × 2 optimizers × 2 batch sizes and 3 small-data settings × 2 optimizers
+    × batch 64, each dense + 3 targets × 3 methods, from scratch."""
     from benchmarks import matrix
 
+    main = matrix.plan_first_pass(axis=False)
+    assert len(main) == 5 * 2 * (2 * (1 + 3 * 3) + 3 * 2) == 260
     plan = matrix.plan_first_pass()
-    assert len(plan) == 5 * 2 * (2 * (1 + 3 * 3) + 3 * 2) == 260 and len({store.key(c) for c in plan}) == 260
+    axis = plan[len(main):]
+    assert plan[:len(main)] == main and len(axis) == (3 * 2 * 2 + 3 * 2) * (1 + 3 * 3) == 180
+    assert len({store.key(c) for c in plan}) == 440 and all(c["start"] == "scratch" for c in axis)
+    assert {(c["dataset"], c["epochs"], c["batch_size"]) for c in axis} == {
+        ("fashion-mnist", 3, 64), ("fashion-mnist", 3, 256), ("fashion-mnist-2k", 40, 64)
+    }
     pretrained = [c for c in plan if c["start"] == "pretrained"]
     assert all(
         c["batch_size"] == 256 and c["epochs"] == matrix.pretrained_epochs(c["dense_epochs"]) for c in pretrained
@@ -292,6 +300,31 @@ def test_matrix_second_pass_seeds_close_and_behind_cells():
     assert all(matrix.dense_source(c)["seed"] == 0 for c in pretrained)
 
 
+def test_matrix_short_run_is_its_own_cell_and_subset_is_stratified():
+    """A 3-epoch cell of a model is not merged with the model's main cell (nor their dense rows); the small-data
+    subset keeps the same number of images per class and the whole test set."""
+    import torch
+
+    from benchmarks import matrix
+    from examples.data import ImageData
+
+    main, short = (matrix.base_config("fashion-mnist", "lenet300", "sgd", 64, e) for e in (None, 3))
+    rows = [_row(dict(b, method="dense"), acc) for b, acc in ((main, 0.89), (short, 0.87))]
+    rows += [_row(dict(b, method="dwf", target=0.9), acc) for b, acc in ((main, 0.88), (short, 0.85))]
+    cells = matrix.table_cells(rows)
+    assert len(cells) == 2
+    for (*_, epochs, _target), by_method in cells.items():
+        assert {r["config"]["epochs"] for runs in by_method.values() for r in runs} == {epochs}
+    labels = torch.arange(100) % 4
+    data = ImageData("toy", torch.arange(100.0).reshape(100, 1, 1, 1), labels, torch.zeros(7, 1, 1, 1),
+                     torch.zeros(7, dtype=torch.long))
+    subset = matrix.training_subset(data, 20, "toy-20")
+    assert subset.name == "toy-20" and subset.train_y.bincount().tolist() == [5, 5, 5, 5]
+    assert torch.equal(data.train_y[subset.train_x.flatten().long()], subset.train_y)  # images keep their labels
+    kept = subset.train_x.flatten().tolist()
+    assert kept == sorted(kept) and subset.test_x.shape[0] == 7
+
+
 def test_matrix_summary_one_line_per_setting():
     """The README's table: per target DWF (its gap to the better peer) / ModelPruning / PAT, seed means marked ³;
     from-pretrained cells are left out."""
@@ -306,9 +339,11 @@ def test_matrix_summary_one_line_per_setting():
     short = dict(base, start="pretrained", epochs=2, dense_epochs=base["epochs"])
     rows += [_row(dict(short, method="dwf-balanced", target=0.9), 0.5)]
     header, rule, line = matrix.summary(rows).splitlines()
-    assert header.startswith("| data | model | optimizer | batch | 90 %: DWF / MP / PAT | 98 %: DWF / MP / PAT |")
+    assert header.startswith(
+        "| data | model | optimizer | batch | epochs | 90 %: DWF / MP / PAT | 98 %: DWF / MP / PAT |"
+    )
     assert line == (
-        "| fashion-mnist | lenet5 | sgd | 64 | **88.40³** (+0.20) / 88.20³ / 87.00³ "
+        "| fashion-mnist | lenet5 | sgd | 64 | 6 | **88.40³** (+0.20) / 88.20³ / 87.00³ "
         "| **85.00** (-1.00) / 86.00 / 80.00 |"
     )
 
@@ -330,7 +365,7 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
     )
     plan = [
         dict(c, batch_size=4)
-        for c in matrix.plan_first_pass(epochs=3)
+        for c in matrix.plan_first_pass(epochs=3, axis=False)
         if c["model"] == "lenet300"
         and c["dataset"] == "fashion-mnist"
         and c["optimizer"] == "sgd"
