@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from lightning_dwf.core.functional import hadamard_product
@@ -55,6 +56,9 @@ def balanced_gating(
 
 class GatedProduct(nn.Module):
     """Parametrization ``w = ω ⊙ expand(γ_1 ⋯ γ_{D−1})`` of a gated tensor (``D − 1`` gate vectors of length G).
+
+    A plain Linear or Conv layer gated by outputs or heads does not call it in its forward: it scales its output by the
+    gates instead (the same function, without weight-sized products; :func:`gate_tensor_`).
 
     Args:
         depth: D >= 2 (the number of factors of each group: ω and D − 1 gates).
@@ -311,7 +315,11 @@ def layout_for(layer: nn.Module, pname: str, kind: str, num_heads: int | None) -
 
 def gate_tensor_(owner: nn.Module, name: str, pname: str, depth: int, layout: GroupLayout,
                  coupled: Sequence[str] = ()) -> GatedTensor:
-    """Register the gating of ``owner.<pname>`` (and the coupling of each tensor named in ``coupled``), balanced."""
+    """Register the gating of ``owner.<pname>`` (and the coupling of each tensor named in ``coupled``), balanced.
+
+    A plain Linear or Conv ``owner`` gated along its outputs (``layout.dim == 0``) gets :func:`_output_gated_forward`
+    as the forward of the class ``parametrize`` made for it alone (so collapsing, which restores the class, restores
+    the layer's own forward)."""
     layout.check(getattr(owner, pname).shape, name)
     coupled = [c for c in coupled if isinstance(getattr(owner, c, None), nn.Parameter)]
     values = [getattr(owner, pname).detach().clone()]
@@ -320,9 +328,49 @@ def gate_tensor_(owner: nn.Module, name: str, pname: str, depth: int, layout: Gr
         layout.check(getattr(owner, cname).shape, f"{name} ({cname})")
         values.append(getattr(owner, cname).detach().clone())
         parametrize.register_parametrization(owner, cname, GateScale(owner, pname, layout), unsafe=True)
+    if pname == "weight" and layout.dim == 0 and _base_forward(owner) is not None:
+        type(owner).forward = _output_gated_forward  # the class parametrize made for this module alone
     tensor = GatedTensor(name, owner, pname)
     tensor.balance_(values)
     return tensor
+
+
+#: Layer forwards :func:`_output_gated_forward` stands in for.
+_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def _base_forward(layer: nn.Module) -> Any:
+    """The forward of ``layer``'s class before parametrization when it is a plain Linear or Conv forward (a subclass
+    with its own forward gets None: it may use the weight in ways a scaled output does not reproduce)."""
+    forward = parametrize.type_before_parametrizations(layer).forward
+    return forward if forward in _FORWARDS else None
+
+
+def _output_gated_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """The forward of a Linear or Conv layer gated by outputs or heads: ``(x ∗ ω + β) · expand(γ_1 ⋯ γ_{D−1})``, the
+    gates applied to the layer's output (batch × outputs numbers) instead of to its weight (outputs × inputs): the
+    same function, without a weight-sized product and its two weight-sized backward products at every step.
+
+    Falls back to the layer's own forward (through the parametrized weight) when the weight or bias carries any other
+    parametrization (e.g. the quantization-aware finish's fake quantization)."""
+    plists = self.parametrizations
+    weight = plists["weight"]
+    bias_list = plists["bias"] if "bias" in plists else None
+    base = parametrize.type_before_parametrizations(self).forward
+    if len(weight) != 1 or not isinstance(weight[0], GatedProduct) or (
+        bias_list is not None and (len(bias_list) != 1 or not isinstance(bias_list[0], GateScale))
+    ):
+        return base(self, input)
+    product = weight[0]
+    scale = gate_scale([getattr(weight, f"original{d}") for d in range(1, product.depth)])
+    coupled = bias_list.original if bias_list is not None else None
+    omega = weight.original0
+    out = F.linear(input, omega, coupled) if base is nn.Linear.forward else self._conv_forward(input, omega, coupled)
+    shape = (omega.shape[0],) + (1,) * (omega.dim() - 2)  # the output channels' axis: last for Linear, 1 for Conv
+    out = out * product.layout.expand(scale.to(out.dtype), shape)
+    if bias_list is None and self.bias is not None:  # a bias the gates do not scale
+        out = out + self.bias
+    return out
 
 
 def gated_targets(root: nn.Module, mod_name: str, layer: nn.Module, kind: str,

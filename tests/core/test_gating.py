@@ -152,3 +152,70 @@ def test_structure_is_validated_and_mixes_with_elements():
     assert factorize_(net, 3, FactorizeConfig(structure={"0": "outputs"})) == names  # idempotent
     with pytest.raises(ValueError, match="another parametrization"):
         factorize_(net, 2, FactorizeConfig(structure="outputs", include=["0"]))
+
+
+class _OwnForwardLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flip(-1))
+
+
+@pytest.mark.parametrize(("layer", "structure", "shape"), [
+    (lambda: nn.Linear(12, 8), "outputs", (5, 12)),
+    (lambda: nn.Linear(12, 8, bias=False), "outputs", (5, 12)),
+    (lambda: nn.Linear(12, 8), "heads", (2, 3, 12)),
+    (lambda: nn.Conv1d(3, 6, 3), "outputs", (2, 3, 9)),
+    (lambda: nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), "outputs", (2, 3, 7, 7)),
+    (lambda: nn.Conv2d(3, 6, 3), "outputs", (3, 7, 7)),  # unbatched
+])
+def test_gates_on_the_output_give_the_weight_gated_function_and_gradients(layer, structure, shape):
+    """Linear and Conv layers gated by outputs or heads scale their output by the gates instead of their weight: the
+    output and every factor's gradient equal the parametrized weight's (the layer's own forward) to float tolerance."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer())
+    factorize_(net, depth=3, config=FactorizeConfig(structure=structure, num_heads=2 if structure == "heads" else None))
+    (tensor,) = gated_tensors(net)
+    with torch.no_grad():
+        tensor.gates[0].uniform_(-1.5, 1.5)
+        tensor.gates[0][1] = 0.0  # a dropped group
+    assert type(net[0]).forward.__name__ == "_output_gated_forward"
+    x = torch.randn(*shape)
+    own = parametrize.type_before_parametrizations(net[0]).forward  # through the parametrized weight
+    results = []
+    for forward in (net[0], lambda inp: own(net[0], inp)):
+        net.zero_grad()
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in tensor.factors]))
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gates_stay_on_the_weight_where_the_output_cannot_carry_them():
+    """Gates by inputs, a subclass with its own forward, and a weight with a further parametrization keep the weight
+    gated; collapsing restores the layer's own forward."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), _OwnForwardLinear(5, 4), nn.Linear(4, 3))
+    factorize_(net, depth=2, config=FactorizeConfig(structure={"0": "inputs", "1": "outputs", "2": "outputs"}))
+    assert type(net[0]).forward is nn.Linear.forward and type(net[1]).forward is _OwnForwardLinear.forward
+    assert type(net[2]).forward.__name__ == "_output_gated_forward"
+    x = torch.randn(7, 6)
+    before = net(x)
+    doubled = copy.deepcopy(net)
+    parametrize.register_parametrization(doubled[2], "weight", Twice())
+    hidden = doubled[1](doubled[0](x))
+    torch.testing.assert_close(doubled[2](hidden), torch.nn.functional.linear(hidden, doubled[2].weight,
+                                                                               doubled[2].bias))
+    torch.testing.assert_close(doubled[2].weight, 2 * net[2].weight)
+    collapse_(net)
+    assert all(type(m).forward in (nn.Linear.forward, _OwnForwardLinear.forward) for m in net)
+    torch.testing.assert_close(net(x), before)
