@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from lightning_dwf.core.functional import hadamard_product
 from lightning_dwf.core.groups import GroupLayout
+from lightning_dwf.core.sharding import is_sharded
 from lightning_dwf.core.unit_state import unit_state
 
 #: :meth:`GatedTensor.unit_magnitudes` by ω, with the parameters' versions it was computed at.
@@ -193,8 +194,7 @@ class GatedTensor:
 
     def _group_sums(self) -> tuple[Tensor, Tensor]:
         """``(Σ over each group's ω and coupled entries of their squares, the group RMS of the collapsed weights)``."""
-        params = self.factors
-        versions = tuple(p._version for p in params) + tuple(id(p) for p in params)
+        versions = self._versions()
         cached = _MAGNITUDES.get(id(self.omega))
         if cached is not None and cached[0] == versions:
             return cached[1]
@@ -207,6 +207,11 @@ class GatedTensor:
         _MAGNITUDES[id(self.omega)] = (versions, result)
         return result
 
+    def _versions(self) -> tuple[int, ...]:
+        """What :meth:`_group_sums` remembers its result by: the factors' in-place versions and identities."""
+        params = self.factors
+        return tuple(p._version for p in params) + tuple(id(p) for p in params)
+
     @torch.no_grad()
     def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
         """Set ω, the gates and the coupled tensors of the groups where ``drop`` (bool, ``(G,)``) to exact zero, and
@@ -214,11 +219,15 @@ class GatedTensor:
         returns the number of groups dropped.
 
         Groups whose gates are zero already are skipped: they get no gradient and their optimizer state was reset with
-        them, so a cut repeated every control step writes only what changes."""
+        them, so a cut repeated every control step writes only what changes. Remembered magnitudes stay remembered,
+        with the dropped groups' set to the exact zeros a recomputation gives (the cut's next reader, the controller,
+        then does not recompute them)."""
         count = int(drop.count_nonzero())
         new = drop & (self.gates[0].detach() != 0)
         if not bool(new.any()):
             return count
+        cached = _MAGNITUDES.get(id(self.omega))
+        remembered = cached[1] if cached is not None and cached[0] == self._versions() else None
         rows = new.nonzero().flatten() if (self.layout.width, self.layout.blocks) == (1, 1) else None
         for param in (self.omega, *(p for _, p in self.coupled)):
             where = None if rows is not None else self.layout.expand(new, param.shape)
@@ -230,6 +239,9 @@ class GatedTensor:
         for gate in self.gates:
             for target, value in unit_state(gate, states):
                 target.masked_fill_(new, value)
+        if remembered is not None and not is_sharded(self.omega):
+            mask = new.to(remembered[0].device)
+            _MAGNITUDES[id(self.omega)] = (self._versions(), tuple(t.masked_fill(mask, 0.0) for t in remembered))
         return count
 
     @torch.no_grad()

@@ -219,3 +219,30 @@ def test_gates_stay_on_the_weight_where_the_output_cannot_carry_them():
     collapse_(net)
     assert all(type(m).forward in (nn.Linear.forward, _OwnForwardLinear.forward) for m in net)
     torch.testing.assert_close(net(x), before)
+
+
+@pytest.mark.parametrize("structure", ["outputs", "heads"])
+def test_zeroing_groups_keeps_the_remembered_magnitudes_exact(structure):
+    """After ``zero_units_`` the remembered group sums and RMS equal a recomputation bit for bit (the dropped groups
+    exact zeros, the rest unchanged), so the controller after a cut reads them without a pass over the weights."""
+    from lightning_dwf.core import gating
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    factorize_(net, depth=3, config=FactorizeConfig(structure=structure, num_heads=4 if structure == "heads" else None,
+                                                    include=["0"]))
+    (tensor,) = gated_tensors(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    before = tensor.unit_magnitudes().clone()
+    drop = torch.zeros(tensor.groups, dtype=torch.bool)
+    drop[1] = True
+    tensor.zero_units_(drop, [opt.state])
+    assert gating._MAGNITUDES[id(tensor.omega)][0] == tensor._versions()  # still remembered after the writes
+    remembered = tensor._group_sums()
+    gating._MAGNITUDES.pop(id(tensor.omega))
+    fresh = tensor._group_sums()
+    for a, b in zip(remembered, fresh, strict=True):
+        assert torch.equal(a, b)
+    assert fresh[1][1] == 0 and torch.equal(fresh[1][~drop], before[~drop])
