@@ -363,21 +363,25 @@ def _output_gated_forward(self: nn.Module, input: Tensor) -> Tensor:
     gates applied to the layer's output (batch × outputs numbers) instead of to its weight (outputs × inputs): the
     same function, without a weight-sized product and its two weight-sized backward products at every step.
 
-    Falls back to the layer's own forward (through the parametrized weight) when the weight or bias carries any other
-    parametrization (e.g. the quantization-aware finish's fake quantization)."""
+    Uses the layer's own forward (through the parametrized weight) where the weight is the smaller side: when the
+    input has at least as many rows (positions × batch) as the weight has entries per output (a ViT's token-wise
+    Linear layers, a Conv on large feature maps); and when the weight or bias carries any other parametrization (e.g.
+    the quantization-aware finish's fake quantization)."""
     plists = self.parametrizations
     weight = plists["weight"]
     bias_list = plists["bias"] if "bias" in plists else None
     base = parametrize.type_before_parametrizations(self).forward
-    if len(weight) != 1 or not isinstance(weight[0], GatedProduct) or (
+    omega = weight.original0
+    linear = base is nn.Linear.forward
+    rows = input.numel() // (input.shape[-1] if linear else self.in_channels)
+    if rows * omega.shape[0] >= omega.numel() or len(weight) != 1 or not isinstance(weight[0], GatedProduct) or (
         bias_list is not None and (len(bias_list) != 1 or not isinstance(bias_list[0], GateScale))
     ):
         return base(self, input)
     product = weight[0]
     scale = gate_scale([getattr(weight, f"original{d}") for d in range(1, product.depth)])
     coupled = bias_list.original if bias_list is not None else None
-    omega = weight.original0
-    out = F.linear(input, omega, coupled) if base is nn.Linear.forward else self._conv_forward(input, omega, coupled)
+    out = F.linear(input, omega, coupled) if linear else self._conv_forward(input, omega, coupled)
     shape = (omega.shape[0],) + (1,) * (omega.dim() - 2)  # the output channels' axis: last for Linear, 1 for Conv
     out = out * product.layout.expand(scale.to(out.dtype), shape)
     if bias_list is None and self.bias is not None:  # a bias the gates do not scale

@@ -159,17 +159,20 @@ class _OwnForwardLinear(nn.Linear):
         return super().forward(x.flip(-1))
 
 
-@pytest.mark.parametrize(("layer", "structure", "shape"), [
-    (lambda: nn.Linear(12, 8), "outputs", (5, 12)),
-    (lambda: nn.Linear(12, 8, bias=False), "outputs", (5, 12)),
-    (lambda: nn.Linear(12, 8), "heads", (2, 3, 12)),
-    (lambda: nn.Conv1d(3, 6, 3), "outputs", (2, 3, 9)),
-    (lambda: nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), "outputs", (2, 3, 7, 7)),
-    (lambda: nn.Conv2d(3, 6, 3), "outputs", (3, 7, 7)),  # unbatched
+@pytest.mark.parametrize(("layer", "structure", "shape", "on_weight"), [
+    (lambda: nn.Linear(12, 8), "outputs", (5, 12), False),
+    (lambda: nn.Linear(12, 8, bias=False), "outputs", (5, 12), False),
+    (lambda: nn.Linear(12, 8), "heads", (2, 3, 12), False),
+    (lambda: nn.Linear(12, 8), "outputs", (3, 4, 12), True),  # 12 rows, 12 inputs: the weight is not larger
+    (lambda: nn.Conv1d(8, 6, 3), "outputs", (1, 8, 5), False),
+    (lambda: nn.Conv2d(8, 6, 3, padding=1, padding_mode="reflect"), "outputs", (2, 8, 3, 3), False),
+    (lambda: nn.Conv2d(8, 6, 3), "outputs", (8, 4, 4), False),  # unbatched
+    (lambda: nn.Conv2d(3, 6, 3), "outputs", (2, 3, 7, 7), True),  # 98 positions, 27 inputs per filter
 ])
-def test_gates_on_the_output_give_the_weight_gated_function_and_gradients(layer, structure, shape):
-    """Linear and Conv layers gated by outputs or heads scale their output by the gates instead of their weight: the
-    output and every factor's gradient equal the parametrized weight's (the layer's own forward) to float tolerance."""
+def test_gates_on_the_output_give_the_weight_gated_function_and_gradients(layer, structure, shape, on_weight):
+    """Linear and Conv layers gated by outputs or heads scale their output by the gates instead of their weight where
+    the output is the smaller side (fewer input rows than inputs per output): the output and every factor's gradient
+    equal the parametrized weight's (the layer's own forward) to float tolerance."""
     from torch.nn.utils import parametrize
 
     torch.manual_seed(0)
@@ -180,7 +183,11 @@ def test_gates_on_the_output_give_the_weight_gated_function_and_gradients(layer,
         tensor.gates[0].uniform_(-1.5, 1.5)
         tensor.gates[0][1] = 0.0  # a dropped group
     assert type(net[0]).forward.__name__ == "_output_gated_forward"
+    calls = []
+    net[0].parametrizations.weight[0].register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(*shape)
+    net[0](x)
+    assert len(calls) == int(on_weight)  # the gated product of the weight is computed only on the weight's side
     own = parametrize.type_before_parametrizations(net[0]).forward  # through the parametrized weight
     results = []
     for forward in (net[0], lambda inp: own(net[0], inp)):
