@@ -404,11 +404,11 @@ def table(rows: Iterable[dict]) -> str:
 
 def summary(rows: Iterable[dict]) -> str:
     """The from-scratch cells, one line per setting (the README's table): per target DWF (its gap) / ModelPruning /
-    PAT, seed means marked ³."""
+    PAT, seed means marked by their count (³: seeds 0–2; ²: a seed pass stopped half-way)."""
 
     def acc(runs: list[dict]) -> str:
         mean = mean_acc(runs)
-        return "—" if mean is None else f"{100 * mean:.2f}" + ("³" if len(runs) > 1 else "")
+        return "—" if mean is None else f"{100 * mean:.2f}" + {1: "", 2: "²", 3: "³"}.get(len(runs), f"({len(runs)})")
 
     lines: dict[tuple, dict[float, str]] = defaultdict(dict)
     for (dataset, model, opt, batch, start, epochs, target), by_method in table_cells(rows).items():
