@@ -120,13 +120,12 @@ class Budget(TargetSparsity):
         assert self.cost_model is not None
         tensors = gated_tensors(ctx.module)
         measure = self.config.measure
-        magnitudes = [t.unit_magnitudes() for t in tensors]  # before the cut; budget_masks reads the same (remembered)
         masks = budget_masks(tensors, self.cost_model, 1.0 - sparsity, measure, ctx.floor,
                              self.config.schedule.min_layer_share)
         zero_weights_(ctx.module, masks, ctx.optimizers)
         dropped = {name: ~keep for name, keep in masks.items()}
         self._cost = self.cost_model.cost(dropped, measure) / self.cost_model.dense[measure]
-        kept = [m[masks[t.name].to(m.device)] for m, t in zip(magnitudes, tensors, strict=True)]  # the cut left them
+        kept = [t.unit_magnitudes()[masks[t.name].to(t.omega.device)] for t in tensors]
         return min((float(k.min()) for k in kept if k.numel()), default=float("inf"))
 
     def _cut_summary(self, target: float, threshold: float) -> str:
