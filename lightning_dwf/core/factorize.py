@@ -15,12 +15,12 @@ from torch.nn.utils import parametrize
 from lightning_dwf._validation import MAX_RECOMMENDED_DEPTH, check_depth
 from lightning_dwf.config import DEFAULT_LAYER_TYPES, FactorizeConfig, SelectionConfig
 from lightning_dwf.core.functional import balanced_factors, hadamard_product
+from lightning_dwf.core.gate_targets import gated_targets
 from lightning_dwf.core.gating import (
     GatedProduct,
     GatedTensor,
     balanced_gating,
     gate_tensor_,
-    gated_targets,
     gated_tensors,
 )
 from lightning_dwf.core.init import dwf_init_, resolve_init_std
