@@ -5,9 +5,13 @@ own rows of the cell (DWF with ``"auto"``, ModelPruning, PAT).
 
     python -m benchmarks.factor_lr --model lenet5 --opt sgd --bs 64 --target 0.995 --multiplier 1 --seed 0 1 2
     python -m benchmarks.factor_lr --model lenet300 --opt adamw --target 0.98 --multiplier 1 2.5 5 --depth 2 4
+    python -m benchmarks.factor_lr --model lenet5 --opt sgd --bs 64 --target 0.995 --multiplier min sqrt --seed 0 1 2
 
 It is how the LeNet-5 SGD batch-64 99.5 % miss of the matrix was diagnosed (docs, "Why"): ``"auto"`` gives that
-net's layers ×1.0 to ×6.0 under SGD. ``--depth`` runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the
+net's layers ×1.0 to ×6.0 under SGD. ``--multiplier min`` / ``sqrt`` keep ``"auto"``'s per-layer values but give
+every tensor the smallest of them, or move each halfway (geometrically) to it
+(:data:`benchmarks.harness.methods.MULTIPLIER_RULES`): whether a narrower spread is the SGD rule. ``--depth``
+runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the
 matrix's own columns stay D = 3): whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
 One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already
 there are skipped, as in the matrix); the table of every row is printed.
@@ -21,6 +25,7 @@ from collections import defaultdict
 from typing import Any
 
 from benchmarks import matrix
+from benchmarks.harness.methods import MULTIPLIER_RULES
 from benchmarks.harness.runs import run_plan
 from benchmarks.harness.store import RESULTS, load_rows
 from benchmarks.harness.tables import fmt_acc
@@ -29,12 +34,13 @@ PATH = RESULTS / "factor_lr.jsonl"
 
 
 def plan(
-    dataset: str, model: str, opt: str, batch_size: int, targets: list[float], multipliers: list[float],
-    seeds: list[int], depth: int = 3,
+    dataset: str, model: str, opt: str, batch_size: int, targets: list[float], multipliers: list[float | str],
+    seeds: list[int], depth: int = 3, epochs: int | None = None,
 ) -> list[dict[str, Any]]:
     """One DWF config per target, multiplier and seed on the matrix cell ``(dataset, model, opt, batch_size)``
-    (a ``depth`` key only where it is not the matrix's 3, so that D = 3 rows keep their keys)."""
-    base = matrix.base_config(dataset, model, opt, batch_size)
+    (a ``depth`` key only where it is not the matrix's 3, so that D = 3 rows keep their keys; ``epochs``: the
+    setting's own by default, given for the short-run and small-data cells of :data:`~benchmarks.matrix.AXIS`)."""
+    base = matrix.base_config(dataset, model, opt, batch_size, epochs)
     if depth != 3:
         base["depth"] = depth
     return [
@@ -50,41 +56,65 @@ def _layers(runs: list[dict]) -> str:
 
 
 def table(rows: list[dict], matrix_rows: list[dict]) -> str:
-    """One line per (cell, target, depth, multiplier): its seeds, then the matrix's DWF (D = 3, ``"auto"``),
+    """One line per (cell, epochs, target, depth, multiplier): its seeds, then the matrix's DWF (D = 3, ``"auto"``),
     ModelPruning and PAT on the same seeds."""
     reference = matrix.table_cells(matrix_rows)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         c = r["config"]
         key = (
-            c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["target"], c.get("depth", 3),
+            c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["epochs"], c["target"], c.get("depth", 3),
             c["factor_lr_multiplier"],
         )
         groups[key].append(r)
     out = [
-        "| data | model | optimizer | batch | target | depth | multiplier | DWF % (seeds) | non-zeros per layer (first "
-        "seed) | DWF D=3 auto % | ModelPruning % | PAT % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | model | optimizer | batch | epochs | target | depth | multiplier | DWF % (seeds) | non-zeros per "
+        "layer (first seed) | DWF D=3 auto % | ModelPruning % | PAT % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (data, model, opt, bs, target, depth, mult), runs in sorted(groups.items()):
+    for (data, model, opt, bs, epochs, target, depth, mult), runs in sorted(groups.items(), key=_order):
         seeds = {r["config"]["seed"] for r in runs}
-        epochs = runs[0]["config"]["epochs"]
         cell = reference.get((data, model, opt, bs, "scratch", epochs, target), {})
         same = {m: [r for r in cell.get(m, []) if r["config"]["seed"] in seeds] for m in matrix.METHODS[1:]}
         out.append(
-            f"| {data} | {model} | {opt} | {bs} | {100 * target:g} % | {depth} | ×{mult:g} | {fmt_acc(runs)} | "
+            f"| {data} | {model} | {opt} | {bs} | {epochs} | {100 * target:g} % | {depth} | {_multiplier(mult)} | "
+            f"{fmt_acc(runs)} | "
             f"{_layers(runs)} | {fmt_acc(same['dwf'])} | {fmt_acc(same['model-pruning'])} | "
             f"{fmt_acc(same['pat'])} |"
         )
     return "\n".join(out)
 
 
+def _order(item: tuple[tuple, list[dict]]) -> tuple:
+    """Table order: by cell, target and depth, then the numeric multipliers before the rules."""
+    *cell, mult = item[0]
+    return (*cell, isinstance(mult, str), str(mult) if isinstance(mult, str) else mult)
+
+
+def _multiplier(value: float | str) -> str:
+    """A multiplier as the table shows it: ``×m``, or the rule's name."""
+    return value if isinstance(value, str) else f"×{value:g}"
+
+
+def _multiplier_argument(text: str) -> float | str:
+    """``--multiplier``: a number, or a rule of :data:`~benchmarks.harness.methods.MULTIPLIER_RULES`."""
+    if text in MULTIPLIER_RULES:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or one of {MULTIPLIER_RULES}, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     matrix.cell_arguments(parser, model="lenet5", opt="sgd", results=PATH)
     parser.add_argument("--target", type=float, nargs="+", default=[0.995])
-    parser.add_argument("--multiplier", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--multiplier", type=_multiplier_argument, nargs="+", default=[1.0],
+                        help=f"numbers (one for every tensor) or rules on the per-layer auto values {MULTIPLIER_RULES}")
     parser.add_argument("--seed", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="the cell's epochs (default: the setting's; 3 or 40 for the short-run / small-data axis)")
     parser.add_argument("--depth", type=int, nargs="+", default=[3], help="DWF's depth D (the matrix's is 3)")
     parser.add_argument("--report", action="store_true", help="print the table of every row, run nothing")
     args = parser.parse_args(argv)
@@ -94,9 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         configs = [
             cfg for depth in args.depth
-            for cfg in plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed, depth)
+            for cfg in plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed, depth,
+                            args.epochs)
         ]
-        done = run_plan(configs, args.results, args.data_dir)
+        done = run_plan(configs, args.results, args.data_dir, matrix.load_matrix_dataset)
     print(table(list(done.values()), list(load_rows(matrix.PATH).values())))
 
 

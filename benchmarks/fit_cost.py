@@ -134,7 +134,9 @@ def write_report() -> None:
         if "dense" in r["seconds"]:
             cell["dense"] = (r["seconds"]["dense"], r["seconds"]["dense"])
     first = rows[-1]
-    lines = [f"Whole-fit train time, {first['epochs']} epochs of {first['dataset']}, median of {first['rounds']} "
+    rounds = sorted({r["rounds"] for r in rows})
+    rounds_text = str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]} (by run)"
+    lines = [f"Whole-fit train time, {first['epochs']} epochs of {first['dataset']}, median of {rounds_text} "
              f"alternated rounds, {first['threads']} threads, {first['machine']}, torch "
              f"{first['versions'].get('torch')} (`python -m benchmarks.fit_cost`). DWF: the defaults, "
              "`target_sparsity=0.9`; structured: `BudgetConfig(0.25)`; QAT finish: `QuantizeConfig(bits=8)`; "

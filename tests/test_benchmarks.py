@@ -551,3 +551,33 @@ def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch)
     lines = (tmp_path / "fit_cost.md").read_text().splitlines()
     line = next(x for x in lines if x.startswith("| lenet300 | adamw | 4 |"))
     assert "—" not in line and line.count("×") == len(fit_cost.COLUMNS)
+
+
+@pytest.mark.parametrize("rule", ["min", "sqrt"])
+def test_factor_lr_rules_reshape_the_auto_multipliers(rule):
+    """``--multiplier min`` / ``sqrt``: the library's per-layer SGD ``"auto"`` values, all set to the smallest or moved
+    halfway (geometrically) to it; a plain config plans as the library does."""
+    import math
+
+    import torch
+    from torch import nn
+
+    from benchmarks import factor_lr
+    from lightning_dwf import FactorLRConfig, factor_parameters, factorize_
+    from lightning_dwf.training import run
+    from lightning_dwf.training.penalty import FactorPenalty
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 4))
+    factorize_(net, depth=3)
+    penalty = FactorPenalty(factor_parameters(net), lam=0.1, depth=3)
+    penalty.bind([torch.optim.SGD(net.parameters(), lr=0.1)])
+    auto = run.plan_multipliers(net, FactorLRConfig(), 3, penalty)
+    assert auto["0.weight"] != auto["1.weight"]
+    (cfg,) = factor_lr.plan("fashion-mnist-2k", "lenet5", "sgd", 64, [0.995], [rule], [0], epochs=40)
+    assert cfg["epochs"] == 40
+    (callback,) = methods.cell_callbacks(cfg)
+    planned = run.plan_multipliers(net, callback.factor_lr, 3, penalty)
+    low = min(auto.values())
+    assert planned == pytest.approx({n: low if rule == "min" else math.sqrt(m * low) for n, m in auto.items()})
+    assert factor_lr._multiplier_argument(rule) == rule and factor_lr._multiplier_argument("2.5") == 2.5

@@ -7,7 +7,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lightning.pytorch import Callback, seed_everything
@@ -30,6 +30,7 @@ from lightning_dwf import (
     QuantizeConfig,
     ScheduleConfig,
 )
+from lightning_dwf.training import run as _training_run
 
 #: Learning rate of the fine-tune after one-shot pruning.
 FINETUNE_LR = 0.01
@@ -99,12 +100,37 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 
 
 # ---------------------------------------------------------------------------------------------------------------- DWF
+#: Probe rules for the per-layer SGD ``"auto"`` multipliers (:mod:`benchmarks.factor_lr` ``--multiplier min sqrt``):
+#: ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway (geometrically) to the smallest.
+MULTIPLIER_RULES = ("min", "sqrt")
+
+
+@dataclass(frozen=True)
+class _RuleFactorLR(FactorLRConfig):
+    """``FactorLRConfig()`` whose planned ``"auto"`` multipliers :func:`_plan_by_rule` reshapes by ``rule``."""
+
+    rule: str = "min"
+
+
+def _plan_by_rule(module: nn.Module, config: FactorLRConfig, depth: int, penalty: Any) -> dict[str, float]:
+    """The library's plan, reshaped by the probe's rule when ``config`` carries one (else unchanged)."""
+    planned = _library_plan(module, config, depth, penalty)
+    if not isinstance(config, _RuleFactorLR) or not planned:
+        return planned
+    low = min(planned.values())
+    return {n: low if config.rule == "min" else math.sqrt(m * low) for n, m in planned.items()}
+
+
+_library_plan = _training_run.plan_multipliers
+_training_run.plan_multipliers = _plan_by_rule  # only configs built by defaults_callback(multiplier=rule) differ
+
+
 def defaults_callback(
     depth: int,
     target: float | None = None,
     init: str = "dwf",
     lam: float | None = None,
-    multiplier: float | None = None,
+    multiplier: float | str | None = None,
     recovery: float = 0.0,
     relative: bool = False,
 ) -> DWFCallback:
@@ -117,7 +143,8 @@ def defaults_callback(
         target: The target sparsity (ignored when ``lam`` is given).
         init: ``"balanced"`` to start from a trained net.
         lam: A fixed λ instead of the target.
-        multiplier: One factor LR multiplier for every tensor instead of ``"auto"`` (:mod:`benchmarks.factor_lr`).
+        multiplier: One factor LR multiplier for every tensor instead of ``"auto"``, or a rule of
+            :data:`MULTIPLIER_RULES` applied to ``"auto"``'s (:mod:`benchmarks.factor_lr`).
         recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released).
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
 
@@ -125,7 +152,9 @@ def defaults_callback(
         The callback.
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
-    if multiplier is not None:
+    if isinstance(multiplier, str):
+        extra["factor_lr"] = _RuleFactorLR(rule=multiplier)
+    elif multiplier is not None:
         extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
     knob: dict[str, Any] = dict(target_sparsity=target)
     if lam is not None:

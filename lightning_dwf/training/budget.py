@@ -174,10 +174,17 @@ def budget_masks(
         mask = always | (ranked[unit] if tied_heads else ranked)  # a ranked head drops in q, k and v together
         return dict(zip(names, torch.split(mask, sizes), strict=True))
 
-    low, high = 0, order.numel()  # smallest k with cost(dropped(k)) <= limit (or all of them)
+    def fits(k: int) -> bool:
+        return model.cost(dropped(k), measure) <= limit
+
+    # the smallest k that fits (or all of them; the cost only falls as k grows). A cut along the ramp adds a few groups
+    # to those zero already, so grow k from 0 in doubling steps until it fits, then bisect the last step.
+    n, low, high, stride = order.numel(), 0, 0, 1
+    while high < n and not fits(high):
+        low, high, stride = high + 1, min(high + stride, n), stride * 2
     while low < high:
         mid = (low + high) // 2
-        if model.cost(dropped(mid), measure) <= limit:
+        if fits(mid):
             high = mid
         else:
             low = mid + 1

@@ -83,3 +83,29 @@ def test_a_head_already_zero_in_one_projection_does_not_drop_the_others():
     masks = budget_masks(gated_tensors(model), CostModel(model, x), 1.0, "macs", floor=1e-4)
     assert masks["attn.q.weight"].tolist() == [False, True, True, True]
     assert bool(masks["attn.k.weight"].all()) and bool(masks["attn.v.weight"].all())
+
+
+def test_cuts_along_a_ramp_drop_the_fewest_groups_that_fit():
+    """Cut after cut with a falling budget (as the ramp does, the earlier cut's groups zero already): each cut drops
+    the fewest groups that meet the budget, the same number an exhaustive scan over the ranking finds."""
+    make, shape, exclude = CASES[next(iter(CASES))]
+    model = trained_like(make)
+    factorize_(model, 3, FactorizeConfig(structure="outputs", exclude=exclude))
+    x = torch.randn(*shape)
+    cost_model = CostModel(model, x)
+    limit_of = cost_model.dense["macs"]
+    for budget in (0.95, 0.9, 0.7, 0.69, 0.5, 0.3, 0.3, 0.1):
+        tensors = gated_tensors(model)
+        masks = budget_masks(tensors, cost_model, budget, "macs", floor=1e-12)
+        dropped = {name: ~keep for name, keep in masks.items()}
+        assert cost_model.cost(dropped, "macs") <= budget * limit_of
+        before = {t.name: t.unit_magnitudes() < 1e-12 for t in tensors}
+        ranked = sorted((float(t.unit_magnitudes()[i] / t.unit_magnitudes().pow(2).mean().sqrt()), t.name, i)
+                        for t in tensors for i in range(t.groups) if not before[t.name][i])
+        fewest, trial = 0, {n: d.clone() for n, d in before.items()}
+        while cost_model.cost(trial, "macs") > budget * limit_of:
+            _, name, i = ranked[fewest]
+            trial[name][i] = True
+            fewest += 1
+        assert sum(int((dropped[n] & ~before[n]).sum()) for n in dropped) == fewest
+        zero_weights_(model, masks)
