@@ -581,3 +581,40 @@ def test_factor_lr_rules_reshape_the_auto_multipliers(rule):
     low = min(auto.values())
     assert planned == pytest.approx({n: low if rule == "min" else math.sqrt(m * low) for n, m in auto.items()})
     assert factor_lr._multiplier_argument(rule) == rule and factor_lr._multiplier_argument("2.5") == 2.5
+
+
+@pytest.mark.parametrize("mode", ["track-max", "track-rms"])
+def test_factor_lr_tracking_rules_lower_the_multiplier_as_weights_grow(mode):
+    """``track-*``: the DWF callback plus a callback that, every TRACK_EVERY steps, lowers a tensor's SGD multiplier
+    as its weights grow (track-max: by the growth of max|w| to the power −(2−2/D)) and never raises it."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from benchmarks import factor_lr
+    from lightning_dwf import DWFCallback, factorize_
+
+    (cfg,) = factor_lr.plan("fashion-mnist", "lenet5", "sgd", 64, [0.995], [mode], [0])
+    dwf, track = methods.cell_callbacks(cfg)
+    assert isinstance(dwf, DWFCallback) and track.dwf is dwf and track.mode == mode
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32))
+    factorize_(net, depth=3)
+    applied = []
+    run = SimpleNamespace(multipliers={"0.weight": 4.0}, depth=3, ctx=None,
+                          penalty=SimpleNamespace(kind_of=lambda factor: "gradient"),
+                          _apply_multipliers=lambda module, ctx, force: applied.append(force))
+    dwf._run = run
+    track.on_train_batch_end(SimpleNamespace(global_step=methods.TRACK_EVERY), net)
+    first = run.multipliers["0.weight"]
+    assert first <= 4.0 and applied == [True]
+    with torch.no_grad():
+        net[0].parametrizations.weight.original0.mul_(2.0)  # w doubles
+    track.on_train_batch_end(SimpleNamespace(global_step=methods.TRACK_EVERY + 1), net)  # not due: unchanged
+    assert run.multipliers["0.weight"] == first and applied == [True]
+    track.on_train_batch_end(SimpleNamespace(global_step=2 * methods.TRACK_EVERY), net)
+    if mode == "track-max":
+        assert first == 4.0 and run.multipliers["0.weight"] == pytest.approx(4.0 * 2.0 ** (-4 / 3))
+    else:
+        assert run.multipliers["0.weight"] == pytest.approx(min(4.0, first * 2.0 ** (-4 / 3)), rel=1e-4)

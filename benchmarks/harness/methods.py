@@ -100,9 +100,50 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 
 
 # ---------------------------------------------------------------------------------------------------------------- DWF
-#: Probe rules for the per-layer SGD ``"auto"`` multipliers (:mod:`benchmarks.factor_lr` ``--multiplier min sqrt``):
-#: ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway (geometrically) to the smallest.
-MULTIPLIER_RULES = ("min", "sqrt")
+#: Probe rules for the per-layer SGD ``"auto"`` multipliers (:mod:`benchmarks.factor_lr` ``--multiplier min sqrt
+#: track-rms track-max``): ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway (geometrically)
+#: to the smallest; ``track-*`` keep them and lower them during the fit (:class:`_TrackMultipliers`).
+MULTIPLIER_RULES = ("min", "sqrt", "track-rms", "track-max")
+#: Optimizer steps between two updates of a ``track-*`` rule.
+TRACK_EVERY = 25
+
+
+class _TrackMultipliers(Callback):
+    """Probe: every :data:`TRACK_EVERY` optimizer steps, lower each SGD ``"auto"`` multiplier of a factorized tensor
+    as its weights grow (never above the planned value), so that its largest weights keep about the optimizer's step.
+
+    ``track-rms``: the ``"auto"`` value of the RMS of the tensor's non-zero weights now (selection by the cut raises it
+    too); ``track-max``: the planned value times ``(max|w| now / max|w| at the first update)^−(2−2/D)`` (the cut never
+    raises the maximum). Runs after the DWF callback's own batch-end work.
+    """
+
+    def __init__(self, dwf: DWFCallback, mode: str) -> None:
+        self.dwf, self.mode = dwf, mode
+        self.planned: dict[str, float] = {}
+        self.first_max: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, *args: Any) -> None:
+        from lightning_dwf import factorized_tensors
+        from lightning_dwf.core.functional import auto_lr_multiplier
+
+        run = self.dwf._run
+        if run is None or run.penalty is None or trainer.global_step % TRACK_EVERY:
+            return
+        self.planned = self.planned or dict(run.multipliers)
+        for tensor in factorized_tensors(pl_module):
+            name = tensor.name
+            if name not in self.planned or run.penalty.kind_of(tensor.factors[0]) != "gradient":
+                continue
+            weights = tensor.product().detach().float()
+            if self.mode == "track-max":
+                now = float(weights.abs().max())
+                first = self.first_max.setdefault(name, now)
+                growth = now / first if first > 0 else 1.0
+                run.multipliers[name] = self.planned[name] * min(1.0, growth ** -(2.0 - 2.0 / run.depth))
+            elif bool((weights != 0).any()):
+                rms = float(weights[weights != 0].pow(2).mean().sqrt())
+                run.multipliers[name] = min(self.planned[name], auto_lr_multiplier(rms, run.depth, "gradient"))
+        run._apply_multipliers(pl_module, run.ctx, force=True)
 
 
 @dataclass(frozen=True)
@@ -153,6 +194,9 @@ def defaults_callback(
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
     if isinstance(multiplier, str):
+        if multiplier not in ("min", "sqrt"):
+            raise ValueError(f"defaults_callback plans the rules 'min' and 'sqrt'; {multiplier!r} is a callback of "
+                             "cell_callbacks")
         extra["factor_lr"] = _RuleFactorLR(rule=multiplier)
     elif multiplier is not None:
         extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
@@ -227,7 +271,11 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
         return [model_pruning(cfg["target"], cfg["epochs"])]
     if method in ("dwf", "dwf-balanced"):
         init = "balanced" if method == "dwf-balanced" else "dwf"
-        return [defaults_callback(depth, cfg["target"], init, multiplier=cfg.get("factor_lr_multiplier"))]
+        multiplier = cfg.get("factor_lr_multiplier")
+        if isinstance(multiplier, str) and multiplier.startswith("track-"):
+            dwf = defaults_callback(depth, cfg["target"], init)
+            return [dwf, _TrackMultipliers(dwf, multiplier)]
+        return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier)]
     if method == "dwf-lam":  # benchmarks.fixed_lam
         return [defaults_callback(depth, lam=cfg["lam"], recovery=cfg.get("recovery", 0.0),
                                   relative=cfg.get("relative", False))]
