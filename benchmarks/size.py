@@ -1,8 +1,9 @@
 """Accuracy against file bytes: what each method's model costs on disk (Fashion-MNIST, LeNet-300-100 and the BN CNN).
 
 For every model: dense float32; dense int8 (per-channel); ModelPruning (gradual global L1) with int8 / int4 export;
-DWF target mode (the sweep's recipe) with int8 / int4 export, without and with the quantization-aware finish
-(``DWFCallback(quantize_bits=...)``); quantized sparse decomposition of the dense and of the DWF model. Every
+DWF with the defaults (``DWFCallback(depth=3, target_sparsity=T)``, nothing tuned) with int8 / int4 export, without
+and with the quantization-aware finish (``quantize=QuantizeConfig(bits=...)``); quantized sparse decomposition of the
+dense and of the DWF model. Every
 file is written with :func:`lightning_dwf.save_compressed` (or the decomposition's own file) and its accuracy is
 measured on the model *loaded back from that file*, so each row's bytes and accuracy belong to the same file.
 
@@ -10,7 +11,8 @@ measured on the model *loaded back from that file*, so each row's bytes and accu
     python -m benchmarks.size --report        # table + plot only
 
 Rows: ``benchmarks/results/size.jsonl``; table ``size_table.md``; plot ``size_<model>.png`` (accuracy vs bytes,
-log scale).
+log scale). The DWF rows of the sweep's tuned recipe (factor LR ×10, its own recovery), measured before the defaults
+led, are in ``size_superseded.jsonl``.
 """
 
 from __future__ import annotations
@@ -41,12 +43,11 @@ from lightning_dwf import (
     save_compressed,
     save_decomposed,
 )
-from lightning_dwf.training.controller import default_recovery
 
 PATH = RESULTS / "size.jsonl"
 DATASET = "fashion-mnist"
 MODELS = ("lenet300", "cnn-bn")
-TARGETS = {"lenet300": (0.95, 0.98, 0.99), "cnn-bn": (0.9, 0.95)}
+TARGETS = {"lenet300": (0.95, 0.98, 0.985, 0.99), "cnn-bn": (0.9, 0.95)}
 #: Bit widths of the quantization-aware finish per model (the CNN, 2-3× slower per run, gets the 4-bit one only).
 QAT_BITS = {"lenet300": (8, 4), "cnn-bn": (4,)}
 #: DWF depth per model (the sweep's target-mode settings there).
@@ -78,17 +79,9 @@ def training_configs(model: str) -> list[dict[str, Any]]:
     """One trained model per config; each is exported at several bit widths."""
     base = base_config(model)
     out = [dict(base, method="dense")]
-    recipe = dict(
-        depth=DEPTH[model],
-        factor_lr_multiplier=sweep.FACTOR_LR_MULTIPLIER[(DATASET, model)],
-        factor_lr_warmup=sweep.FACTOR_LR_WARMUP[(DATASET, model)],
-        control_threshold="auto",
-        **sweep.TARGET_RECIPE,
-    )
     for target in TARGETS[model]:
         out.append(dict(base, method="model-pruning", target=target))
-        dwf = dict(base, method=f"dwf-target-d{DEPTH[model]}", target=target, **recipe)
-        dwf["recovery"] = default_recovery(target)
+        dwf = dict(base, method=f"dwf-target-d{DEPTH[model]}", recipe="defaults", depth=DEPTH[model], target=target)
         out.append(dwf)
         out += [dict(dwf, quantize_bits=bits) for bits in QAT_BITS[model]]
         if model == "lenet300" and target == 0.98:

@@ -409,6 +409,7 @@ def test_size_benchmark_plans_and_measures_the_loaded_file(tmp_path, monkeypatch
     import torch
 
     from benchmarks import size
+    from benchmarks.harness import methods as methods_of
     from benchmarks.models import lenet_300_100
     from examples.data import ImageData
 
@@ -417,6 +418,14 @@ def test_size_benchmark_plans_and_measures_the_loaded_file(tmp_path, monkeypatch
     assert ("dense", None, False) in methods and ("model-pruning", None, False) in methods
     assert ("dwf-target-d3", 4, False) in methods and ("dwf-target-d3", None, True) in methods
     assert ("dense", None, True) in methods
+    for cfg in (c for c in plan if c["method"].startswith("dwf") and not c.get("qsd")):  # the defaults, nothing tuned
+        assert cfg["recipe"] == "defaults" and "factor_lr_multiplier" not in cfg and "recovery" not in cfg
+        (callback,) = methods_of.method_callbacks(cfg)
+        assert (callback.target_sparsity, callback.factor_lr.multiplier) == (cfg["target"], "auto")
+        assert callback.schedule == ScheduleConfig()
+        bits, fraction = cfg.get("quantize_bits"), cfg.get("quantize_fraction", 0.2)
+        assert (callback.quantize.bits, callback.quantize.fraction) == (bits, fraction) if bits else (
+            callback.quantize is None)
     assert size.exports(dict(method="dense")) == (None, 8) and size.exports(dict(method="x", quantize_bits=4)) == (4,)
     g = torch.Generator().manual_seed(0)
     data = ImageData("toy", torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),

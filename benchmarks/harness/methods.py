@@ -174,6 +174,7 @@ def defaults_callback(
     multiplier: float | str | None = None,
     recovery: float = 0.0,
     relative: bool = False,
+    quantize: QuantizeConfig | None = None,
 ) -> DWFCallback:
     """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else.
 
@@ -188,6 +189,7 @@ def defaults_callback(
             :data:`MULTIPLIER_RULES` applied to ``"auto"``'s (:mod:`benchmarks.factor_lr`).
         recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released).
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
+        quantize: The quantization-aware finish (``DWFCallback(quantize=...)``), for the size benchmark.
 
     Returns:
         The callback.
@@ -204,6 +206,8 @@ def defaults_callback(
     if lam is not None:
         knob = (dict(regime=FixedLamConfig(lam, recovery=recovery, relative=relative)) if recovery or relative
                 else dict(lam=lam))
+    if quantize is not None:
+        extra["quantize"] = quantize
     return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **extra)
 
 
@@ -225,7 +229,9 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list[
     if cfg["method"] == "model-pruning":
         return [model_pruning(cfg["target"], cfg["epochs"])]
     if cfg.get("recipe") == "defaults":
-        return [defaults_callback(cfg["depth"], cfg["target"], cfg.get("init", "dwf"))]
+        quantize = (QuantizeConfig(cfg["quantize_bits"], cfg.get("quantize_fraction", 0.2))
+                    if cfg.get("quantize_bits") else None)
+        return [defaults_callback(cfg["depth"], cfg["target"], cfg.get("init", "dwf"), quantize=quantize)]
     control = cfg.get("control_threshold")
     if "target" in cfg:
         schedule = replace(
