@@ -29,7 +29,9 @@ from lightning_dwf import (
     FixedLamConfig,
     QuantizeConfig,
     ScheduleConfig,
+    factorized_tensors,
 )
+from lightning_dwf.core.functional import auto_lr_multiplier
 from lightning_dwf.training import run as _training_run
 
 #: Learning rate of the fine-tune after one-shot pruning.
@@ -123,9 +125,6 @@ class _TrackMultipliers(Callback):
         self.first_max: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, *args: Any) -> None:
-        from lightning_dwf import factorized_tensors
-        from lightning_dwf.core.functional import auto_lr_multiplier
-
         run = self.dwf._run
         if run is None or run.penalty is None or trainer.global_step % TRACK_EVERY:
             return
