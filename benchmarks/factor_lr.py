@@ -87,7 +87,7 @@ def table(rows: list[dict], matrix_rows: list[dict]) -> str:
 
 
 def _order(item: tuple[tuple, list[dict]]) -> tuple:
-    """Table order: by cell, target and depth, then the numeric multipliers before the rules."""
+    """Table order: by cell, epochs, target and depth, then the numeric multipliers before the rules."""
     *cell, mult = item[0]
     return (*cell, isinstance(mult, str), str(mult) if isinstance(mult, str) else mult)
 

@@ -105,7 +105,8 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 #: Probe rules for the per-layer SGD ``"auto"`` multipliers (:mod:`benchmarks.factor_lr` ``--multiplier min sqrt
 #: track-rms track-max``): ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway (geometrically)
 #: to the smallest; ``track-*`` keep them and lower them during the fit (:class:`_TrackMultipliers`).
-MULTIPLIER_RULES = ("min", "sqrt", "track-rms", "track-max")
+PLANNED_RULES, TRACKING_RULES = ("min", "sqrt"), ("track-rms", "track-max")
+MULTIPLIER_RULES = PLANNED_RULES + TRACKING_RULES
 #: Optimizer steps between two updates of a ``track-*`` rule.
 TRACK_EVERY = 25
 
@@ -195,8 +196,8 @@ def defaults_callback(
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
     if isinstance(multiplier, str):
-        if multiplier not in ("min", "sqrt"):
-            raise ValueError(f"defaults_callback plans the rules 'min' and 'sqrt'; {multiplier!r} is a callback of "
+        if multiplier not in PLANNED_RULES:
+            raise ValueError(f"defaults_callback plans the rules {PLANNED_RULES}; {multiplier!r} is a callback of "
                              "cell_callbacks")
         extra["factor_lr"] = _RuleFactorLR(rule=multiplier)
     elif multiplier is not None:
@@ -277,7 +278,7 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
     if method in ("dwf", "dwf-balanced"):
         init = "balanced" if method == "dwf-balanced" else "dwf"
         multiplier = cfg.get("factor_lr_multiplier")
-        if isinstance(multiplier, str) and multiplier.startswith("track-"):
+        if multiplier in TRACKING_RULES:
             dwf = defaults_callback(depth, cfg["target"], init)
             return [dwf, _TrackMultipliers(dwf, multiplier)]
         return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier)]
