@@ -13,6 +13,8 @@ order and epochs) of
 * ``dwf-qat``: the defaults with the quantization-aware finish (``quantize=QuantizeConfig(bits=8)``);
 * ``factorized``: the model factorized by ``factorize_(depth=3)`` and no callback: what the D-fold parameters cost
   alone (the product and its backward, the optimizer over D factors), with no penalty, cut, factor LR or metrics;
+* ``gated``: the same for structured DWF, ``factorize_(depth=3, config=structure(model))`` and no callback: what the
+  gated layers cost alone (the gates on the outputs and their backward, the optimizer over the gates);
 * ``dense-wandb`` / ``dwf-wandb``: dense and the defaults with an offline ``WandbLogger``, so the callback's metrics and
   pictures (weight histograms every 10 × the logging cadence, the density figure at fit end) are rendered and written
   (the pair compares like with like: the logger's own cost is in both),
@@ -40,13 +42,13 @@ from examples.data import ImageData, load_dataset
 from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, QuantizeConfig, factorize_
 
 OUT = RESULTS / "fit_cost.jsonl"
-METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb", "factorized")
+METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb", "factorized", "gated")
 
 
 def callbacks(method: str, model: str, example: torch.Tensor) -> list:
     """The callbacks of one method (fresh for every fit)."""
     collapse = CollapseConfig(save=False)
-    if method.startswith("dense") or method == "factorized":
+    if method.startswith("dense") or method in ("factorized", "gated"):
         return []
     if method in ("dwf", "dwf-wandb"):
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse)]
@@ -57,12 +59,12 @@ def callbacks(method: str, model: str, example: torch.Tensor) -> list:
 
 
 def module_of(method: str, cfg: dict, data: ImageData) -> Classifier | None:
-    """The module to train: for ``factorized`` the model with every Linear/Conv weight factorized (depth 3), else
-    None (``fit`` builds the plain one)."""
-    if method != "factorized":
+    """The module to train: for ``factorized`` the model with every Linear/Conv weight factorized (depth 3), for
+    ``gated`` the structured selection gated (depth 3), else None (``fit`` builds the plain one)."""
+    if method not in ("factorized", "gated"):
         return None
     module = new_module(cfg, data)
-    factorize_(module, depth=3)
+    factorize_(module, depth=3, config=structure(cfg["model"]) if method == "gated" else None)
     return module
 
 
@@ -116,7 +118,8 @@ def main() -> None:
 
 #: The table's columns: (method, its baseline in the same run, header).
 COLUMNS = (("factorized", "dense", "factorized, no callback"), ("dwf", "dense", "DWF"),
-           ("dwf-structured", "dense", "structured DWF"), ("dwf-qat", "dense", "DWF + QAT finish"),
+           ("gated", "dense", "gated, no callback"), ("dwf-structured", "dense", "structured DWF"),
+           ("dwf-qat", "dense", "DWF + QAT finish"),
            ("dwf-wandb", "dense-wandb", "DWF + W&B pictures"))
 
 
@@ -142,7 +145,8 @@ def write_report() -> None:
              "`target_sparsity=0.9`; structured: `BudgetConfig(0.25)`; QAT finish: `QuantizeConfig(bits=8)`; "
              "W&B pictures: the defaults with an offline `WandbLogger` (metrics, histograms, figure) against dense "
              "with the same logger; factorized, no callback: `factorize_(model, depth=3)` trained plainly (the D-fold "
-             "parameters alone). Each ratio is to the baseline timed in the same run.", "",
+             "parameters alone); gated, no callback: the structured selection gated by `factorize_` and trained "
+             "plainly (the gates alone). Each ratio is to the baseline timed in the same run.", "",
              "| model | optimizer | batch | dense s | " + " | ".join(f"{h} / dense" for *_, h in COLUMNS) + " |",
              "|---|---|---|---|" + "---|" * len(COLUMNS)]
     for (model, opt, batch), cell in sorted(latest.items(), key=lambda kv: (kv[0][2], MODELS.index(kv[0][0]),

@@ -538,8 +538,9 @@ def test_structured_speed_cells_run_on_a_small_subset(tmp_path, monkeypatch, mod
 
 
 def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch):
-    """The train-time benchmark fits dense, the defaults, structured DWF, the QAT finish and both with an offline W&B
-    logger (the pictures rendered) alternately, and tabulates each ratio against the baseline of the same run."""
+    """The train-time benchmark fits dense, the defaults, structured DWF, the QAT finish, both with an offline W&B
+    logger (the pictures rendered), and the factorized and gated models with no callback, alternately, and tabulates
+    each ratio against the baseline of the same run."""
     import sys
 
     import torch

@@ -62,7 +62,12 @@ class GroupLayout:
 
     def expand(self, scale: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """A per-group ``scale`` (shape ``(groups,)``) broadcast to a tensor of ``shape``."""
-        along = scale.view(1, self.groups, 1).expand(self.blocks, self.groups, self.width).reshape(-1)
+        if (self.blocks, self.width) == (1, 1):  # one slice per group: the scale as it is (no view ops to backprop)
+            along = scale
+        else:
+            along = scale.view(1, self.groups, 1).expand(self.blocks, self.groups, self.width).reshape(-1)
+        if len(shape) == 1:
+            return along
         view = [1] * len(shape)
         view[self.dim] = along.numel()
         return along.view(view)

@@ -41,8 +41,10 @@ def conv_bn_mlp() -> nn.Sequential:
 
 @pytest.mark.parametrize("layout, shape", [
     (GroupLayout(0, 6), (6, 5)),
+    (GroupLayout(0, 6), (6,)),  # a coupled bias: the scale itself
     (GroupLayout(1, 5), (6, 5, 3, 3)),
     (GroupLayout(0, 2, width=3, blocks=3), (18, 4)),
+    (GroupLayout(0, 2, width=3, blocks=3), (18,)),
 ])
 def test_layout_groups_and_expand_agree(layout, shape):
     """``expand`` of a one-hot group scale marks exactly the entries ``grouped`` puts in that group's row."""
@@ -52,7 +54,9 @@ def test_layout_groups_and_expand_agree(layout, shape):
     for g in range(layout.groups):
         onehot = torch.zeros(layout.groups)
         onehot[g] = 1
-        mask = layout.expand(onehot, shape).expand(shape).bool()
+        expanded = layout.expand(onehot, shape)
+        assert expanded.dim() == len(shape) and expanded.shape[layout.dim] == shape[layout.dim]
+        mask = expanded.expand(shape).bool()
         assert sorted(t[mask].tolist()) == sorted(rows[g].tolist())
 
 
