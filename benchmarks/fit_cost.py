@@ -19,9 +19,11 @@ order and epochs) of
   pictures (weight histograms every 10 × the logging cadence, the density figure at fit end) are rendered and written
   (the pair compares like with like: the logger's own cost is in both),
 
-alternated ``rounds`` times on the same data so that drift of the machine hits all alike; each row is the median. The
-fit includes everything the callback does (factorization, penalty, factor LR, the controller and the cut at every
-control step, metrics, the collapse).
+alternated ``rounds`` times on the same data so that drift of the machine hits all alike; each row keeps every round's
+seconds and their medians, and the table gives each method's ratio to its baseline as the median over the rounds of
+the ratio within the round, with the smallest and largest of them (on this 2-core machine a fit's speed can change
+by 10 % from one round to the next, and not alike for every method). The fit includes everything the callback does
+(factorization, penalty, factor LR, the controller and the cut at every control step, metrics, the collapse).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def main() -> None:
                     row = dict(cfg, rounds=args.rounds, threads=torch.get_num_threads(), dataset=data.name,
                                machine=platform.processor() or platform.machine(),
                                versions=versions(["torch", "lightning"]),
-                               seconds={m: statistics.median(t) for m, t in times.items()})
+                               seconds={m: statistics.median(t) for m, t in times.items()}, round_seconds=times)
                     append_rows(OUT, [row])
                     print(row, flush=True)
     write_report()
@@ -123,19 +125,32 @@ COLUMNS = (("factorized", "dense", "factorized, no callback"), ("dwf", "dense", 
            ("dwf-wandb", "dense-wandb", "DWF + W&B pictures"))
 
 
+def ratio(row: dict, method: str, base: str) -> tuple[float, tuple[float, float] | None]:
+    """``method``'s train time over ``base``'s in one row: the median over the rounds of the ratio within each round,
+    with the smallest and largest (rows of single medians, from before rounds were kept: the ratio of the medians and
+    no range)."""
+    rounds = row.get("round_seconds")
+    if not rounds or method not in rounds or base not in rounds:
+        return row["seconds"][method] / row["seconds"][base], None
+    ratios = [m / b for m, b in zip(rounds[method], rounds[base], strict=True)]
+    return statistics.median(ratios), (min(ratios), max(ratios))
+
+
 def write_report() -> None:
     """The table: each cell is the latest run of its method, as a ratio to the baseline timed in that same run."""
     rows = read_rows(OUT) if OUT.exists() else []
     if not rows:
         return
-    latest: dict[tuple, dict[str, tuple[float, float]]] = {}
+    latest: dict[tuple, dict[str, tuple[float, tuple[float, float] | None]]] = {}
+    dense: dict[tuple, float] = {}
     for r in rows:  # later rows replace earlier ones, method by method
-        cell = latest.setdefault((r["model"], r["opt"], r["batch"]), {})
+        key = (r["model"], r["opt"], r["batch"])
+        cell = latest.setdefault(key, {})
         for method, base, _ in COLUMNS:
             if method in r["seconds"] and base in r["seconds"]:
-                cell[method] = (r["seconds"][method], r["seconds"][base])
+                cell[method] = ratio(r, method, base)
         if "dense" in r["seconds"]:
-            cell["dense"] = (r["seconds"]["dense"], r["seconds"]["dense"])
+            dense[key] = r["seconds"]["dense"]
     first = rows[-1]
     rounds = sorted({r["rounds"] for r in rows})
     rounds_text = str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]} (by run)"
@@ -146,15 +161,22 @@ def write_report() -> None:
              "W&B pictures: the defaults with an offline `WandbLogger` (metrics, histograms, figure) against dense "
              "with the same logger; factorized, no callback: `factorize_(model, depth=3)` trained plainly (the D-fold "
              "parameters alone); gated, no callback: the structured selection gated by `factorize_` and trained "
-             "plainly (the gates alone). Each ratio is to the baseline timed in the same run.", "",
+             "plainly (the gates alone). Each ratio is to the baseline timed in the same run: the median over the "
+             "rounds of the ratio within each round, with the smallest and largest in brackets (rows from before the "
+             "rounds were kept: the ratio of the medians).", "",
              "| model | optimizer | batch | dense s | " + " | ".join(f"{h} / dense" for *_, h in COLUMNS) + " |",
              "|---|---|---|---|" + "---|" * len(COLUMNS)]
-    for (model, opt, batch), cell in sorted(latest.items(), key=lambda kv: (kv[0][2], MODELS.index(kv[0][0]),
-                                                                             kv[0][1])):
-        ratios = [f"{cell[m][0] / cell[m][1]:.2f}×" if m in cell else "—" for m, *_ in COLUMNS]
-        dense = f"{cell['dense'][0]:.1f}" if "dense" in cell else "—"
-        lines.append(f"| {model} | {opt} | {batch} | {dense} | " + " | ".join(ratios) + " |")
+    for key, cell in sorted(latest.items(), key=lambda kv: (kv[0][2], MODELS.index(kv[0][0]), kv[0][1])):
+        model, opt, batch = key
+        ratios = [_cell(*cell[m]) if m in cell else "—" for m, *_ in COLUMNS]
+        seconds = f"{dense[key]:.1f}" if key in dense else "—"
+        lines.append(f"| {model} | {opt} | {batch} | {seconds} | " + " | ".join(ratios) + " |")
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+
+def _cell(value: float, spread: tuple[float, float] | None) -> str:
+    return f"{value:.2f}×" + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else "")
 
 
 if __name__ == "__main__":

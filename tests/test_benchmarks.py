@@ -558,9 +558,23 @@ def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch)
     fit_cost.main()
     (row,) = store.read_rows(tmp_path / "fit_cost.jsonl")
     assert set(row["seconds"]) == set(fit_cost.METHODS) and all(s > 0 for s in row["seconds"].values())
+    assert {m: len(t) for m, t in row["round_seconds"].items()} == dict.fromkeys(fit_cost.METHODS, 1)
     lines = (tmp_path / "fit_cost.md").read_text().splitlines()
     line = next(x for x in lines if x.startswith("| lenet300 | adamw | 4 |"))
     assert "—" not in line and line.count("×") == len(fit_cost.COLUMNS)
+    assert line.count("–") == len(fit_cost.COLUMNS)  # each ratio with the range of its rounds'
+
+
+def test_fit_cost_ratio_is_the_median_of_the_rounds_ratios():
+    """A ratio is the median over the rounds of the ratio within each round, with its range; a row without rounds
+    (from before they were kept) gives the ratio of its medians."""
+    from benchmarks.fit_cost import ratio
+
+    row = {"seconds": {"dense": 2.0, "dwf": 3.0},
+           "round_seconds": {"dense": [2.0, 1.0, 2.0], "dwf": [2.4, 1.5, 3.0]}}
+    assert ratio(row, "dwf", "dense") == (1.5, (1.2, 1.5))
+    del row["round_seconds"]
+    assert ratio(row, "dwf", "dense") == (1.5, None)
 
 
 @pytest.mark.parametrize("rule", ["min", "sqrt"])
