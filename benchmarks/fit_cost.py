@@ -174,8 +174,8 @@ def write_report() -> None:
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-
 def _cell(value: float, spread: tuple[float, float] | None) -> str:
+    """A table cell: the ratio, and the range of the rounds' ratios where the row kept them."""
     return f"{value:.2f}×" + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else "")
 
 

@@ -153,13 +153,8 @@ class GatedTensor:
 
     @property
     def factors(self) -> tuple[nn.Parameter, ...]:
-        """Every Parameter the penalty applies to: ω, the gates, the coupled tensors (read once per call: the cut and
-        the magnitudes' cache key ask for them at every control step)."""
-        plists = self.module.parametrizations
-        own = plists[self.param_name]
-        return (*(getattr(own, f"original{d}") for d in range(own[0].depth)),
-                *(plist.original for plist in plists.values()
-                  if isinstance(plist[0], GateScale) and plist[0].source == self.param_name))
+        """Every Parameter the penalty applies to: ω, the gates, the coupled tensors."""
+        return (self.omega, *self.gates, *(p for _, p in self.coupled))
 
     @property
     def groups(self) -> int:
