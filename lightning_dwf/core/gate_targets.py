@@ -12,7 +12,8 @@ from torch import nn
 
 from lightning_dwf.core.groups import GroupLayout
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: The BatchNorm layers whose channels follow a Conv/Linear layer's outputs (gated with them, removed with them).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def following_batch_norm(module: nn.Module, name: str) -> tuple[str, nn.Module] | None:
@@ -26,7 +27,7 @@ def following_batch_norm(module: nn.Module, name: str) -> tuple[str, nn.Module] 
     for next_name, nxt in names[index + 1:]:
         if any(True for _ in nxt.children()):
             continue
-        if isinstance(nxt, _BATCH_NORMS) and nxt.num_features == width and nxt.affine:
+        if isinstance(nxt, BATCH_NORMS) and nxt.num_features == width and nxt.affine:
             return next_name, nxt
         return None
     return None

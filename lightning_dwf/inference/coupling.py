@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from lightning_dwf.core.gate_targets import BATCH_NORMS
+
 #: Attributes that hold an attention module's head count (PyTorch, timm, Hugging Face and nanoGPT spellings).
 HEAD_ATTRS = ("num_heads", "heads", "num_attention_heads", "n_heads", "n_head")
 #: Conv and Linear layers: those whose MACs are counted, and whose output channels a following BatchNorm can silence
 #: (its zero scale and shift silence the channel, whatever the layer holds).
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Layers whose outputs can be the roots of channel spaces.
-ROOT_TYPES = (*LAYERS, *_BATCH_NORMS)
+ROOT_TYPES = (*LAYERS, *BATCH_NORMS)
 
 
 def torch_pruning() -> Any:
@@ -131,7 +132,7 @@ def judged_by(dg: Any, module: nn.Module) -> nn.Module:
     consumers = {id(n.module): n.module for n in node.outputs}
     if len(consumers) == 1:
         (only,) = consumers.values()
-        if isinstance(only, _BATCH_NORMS) and only.affine:
+        if isinstance(only, BATCH_NORMS) and only.affine:
             return only
     return module
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dwf.core.collapse import collapse_
+from lightning_dwf.core.gate_targets import BATCH_NORMS
 from lightning_dwf.core.gating import GatedTensor, gated_tensors, relative_scores
 from lightning_dwf.inference.coupling import (
     LAYERS,
@@ -34,7 +35,6 @@ from lightning_dwf.inference.coupling import (
 )
 
 Measure = Literal["macs", "params"]
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class CostModel:
                 self._layers.append(_Layer(where_out.get(id(m)), where_in.get(id(m)), m.weight.numel(), bias,
                                            macs.get(name, 0.0)))
                 modeled += m.weight.numel() + bias
-            elif isinstance(m, _BATCH_NORMS) and m.affine:
+            elif isinstance(m, BATCH_NORMS) and m.affine:
                 self._layers.append(_Layer(where_out.get(id(m)), None, 0, 2 * out_channels(m), 0.0))
                 modeled += 2 * out_channels(m)
         self._other_params = sum(p.numel() for p in plain.parameters()) - modeled
