@@ -5,7 +5,8 @@ input column, a filter with its BatchNorm channel and the next convolution's inp
 :func:`~lightning_dwf.shrink_` will produce is therefore not a sum over groups: a layer's multiply–accumulates (MACs)
 scale with the channels kept on both its sides. :class:`CostModel` traces the model once (Torch-Pruning's dependency
 graph on a collapsed copy, and forward hooks for each layer's MACs on the example input) and then predicts the shrunk
-cost of any set of zero groups in microseconds, so the budget regime can cut to an exact budget at every control step.
+cost of any set of zero groups in microseconds, so each of the budget regime's cuts along the ramp meets its budget
+exactly.
 
 MACs count the Conv and Linear layers (one multiply–accumulate per weight and output position); parameters count every
 parameter of the model, as ``sum(p.numel())`` of the shrunk model does.

@@ -144,6 +144,30 @@ def test_budget_is_met_by_the_shrunk_model(tmp_path, measure, budget):
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_budget_cuts_at_every_third_control_step(tmp_path, monkeypatch):
+    """λ is steered at every control step, the support cut along the ramp at every third (``Budget.cut_every``: a cut
+    ranks every group and searches the cost model), then once to the budget where the recovery phase starts."""
+    from lightning_dwf import BudgetConfig
+    from lightning_dwf.training.regimes.budget import Budget
+
+    cuts, cut = [], Budget._cut
+
+    def counted(self, ctx, sparsity):
+        cuts.append(ctx.step)
+        return cut(self, ctx, sparsity)
+
+    monkeypatch.setattr(Budget, "_cut", counted)
+    torch.manual_seed(0)
+    model = OptToy(opt="sgd", kind="conv", lr=0.05, n=512)
+    dwf = DWFCallback(depth=3, regime=BudgetConfig(0.5, example_inputs=torch.randn(4, 1, 8, 8)),
+                      factorize=FactorizeConfig(structure="outputs", exclude=["net.4"]))
+    _fit(tmp_path, model, dwf, max_epochs=4)
+    regime = dwf._run.regime
+    period, recovery = regime._interval * Budget.cut_every, regime.controller.recovery_step
+    assert Budget.cut_every == 3 and recovery > 3 * period
+    assert cuts == [*range(period, recovery, period), recovery]
+
+
 def test_an_unreachable_budget_is_refused_at_train_start(tmp_path):
     from lightning_dwf import BudgetConfig
 

@@ -52,6 +52,9 @@ class TargetSparsity(Regime):
         control_threshold: the absolute control threshold the run uses (from train start).
     """
 
+    #: The support is cut along the ramp at every ``cut_every``-th control step (λ is steered at every one).
+    cut_every: int = 1
+
     def __init__(self, config: TargetSparsityConfig) -> None:
         self.config = config
         self.lam = 0.0
@@ -88,7 +91,8 @@ class TargetSparsity(Regime):
             )
 
     def after_step(self, ctx: RunContext) -> SparsityReport | None:
-        """Start the recovery phase when due; every control interval, cut the support along the ramp and steer λ."""
+        """Start the recovery phase when due; every control interval steer λ, and at every :attr:`cut_every`-th cut
+        the support along the ramp."""
         controller, step = self.controller, ctx.step
         if controller is None:
             return None
@@ -97,7 +101,7 @@ class TargetSparsity(Regime):
         if step == self._last_control_step or step % self._interval:
             return None
         self._last_control_step = step
-        if self.config.schedule.gradual and not self.recovering:
+        if self.config.schedule.gradual and not self.recovering and step % (self._interval * self.cut_every) == 0:
             self._cut(ctx, controller.support_sparsity(step))
         if controller.steering(step):
             self.lam = controller.update(step, self._progress(ctx, self.zero_threshold(ctx.floor)))
