@@ -537,6 +537,46 @@ def test_structured_speed_cells_run_on_a_small_subset(tmp_path, monkeypatch, mod
     assert f"| {model} | adamw | 25% |" in out.with_suffix(".md").read_text()
 
 
+def test_peer_ratio_search_survives_a_cost_that_rises_near_one():
+    """The peers' uniform ratio: the smallest that fits, found from a grid first, so a cost that is not monotone near 1
+    (Torch-Pruning skipping a layer it would empty) neither refuses a reachable budget nor lands on the wrong side."""
+    from benchmarks.structured_speed import smallest_fitting_ratio
+
+    ratio = smallest_fitting_ratio(lambda r: 0.42 <= r <= 0.9, "unreachable")
+    assert 0.42 <= ratio < 0.42 + 0.05 / 2 ** 11
+    assert smallest_fitting_ratio(lambda r: r >= 0.99, "unreachable") == 0.99
+    with pytest.raises(ValueError, match="unreachable"):
+        smallest_fitting_ratio(lambda r: False, "unreachable")
+
+
+@pytest.mark.parametrize("method", ["torch-pruning", "ln-structured"])
+def test_peers_start_from_the_cells_seeded_init(monkeypatch, method):
+    """A peer's network is initialized from the cell's seed (as dense and DWF are), not from whatever state the random
+    generator was left in by the cells before it."""
+    import torch
+
+    from benchmarks import structured_speed as ss
+    from examples.data import ImageData
+
+    data = ImageData("tiny", torch.rand(64, 1, 28, 28), torch.arange(64) % 10, torch.rand(8, 1, 28, 28),
+                     torch.randint(0, 10, (8,)))
+    seen = []
+
+    def first_fit(cfg, data, callbacks, module=None, epochs=None, **trainer):
+        seen.append({k: v.clone() for k, v in module.state_dict().items()})
+        raise StopIteration
+
+    monkeypatch.setattr(ss, "fit", first_fit)
+    cfg = dict(model="lenet300", opt="sgd", method=method, budget=0.5, epochs=2, seed=3)
+    run = ss.torch_pruning_run if method == "torch-pruning" else ss.ln_structured_run
+    for state in (1, 2):
+        torch.manual_seed(state)
+        with pytest.raises(StopIteration):
+            run(cfg, data, data.test_x[:2])
+    expected = ss.new_module(cfg, data).state_dict()
+    assert all(torch.equal(seen[0][k], v) and torch.equal(seen[1][k], v) for k, v in expected.items())
+
+
 def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch):
     """The train-time benchmark fits dense, the defaults, structured DWF, the QAT finish, both with an offline W&B
     logger (the pictures rendered), and the factorized and gated models with no callback, alternately, and tabulates
