@@ -38,6 +38,7 @@ import fnmatch
 import json
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,8 @@ def train_cell(cfg: dict, data: ImageData, dense: dict[str, nn.Module]) -> tuple
         net, seconds = ln_structured_run(cfg, data, x)
     else:
         raise ValueError(method)
+    if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+        raise ValueError(f"{method} diverged: non-finite weights after training")
     net.eval()
     nets["main"] = net
     reference = dense[cfg["opt"]]
@@ -411,15 +414,17 @@ def main() -> None:
 
 def fmt(runs: list[dict]) -> str:
     """One cell: mean test accuracy over the seeds run that reached the budget (³: three seeds), MACs / dense, speed-ups
-    at batch 1 / 64; "unreachable" when none did."""
+    at batch 1 / 64, and how many seeds did not reach it or diverged; "unreachable" or "diverged" when none did."""
     if not runs:
         return "—"
     reached = [r for r in runs if "error" not in r]
+    failures = Counter("diverged" if "diverged" in r["error"] else "unreachable" for r in runs if "error" in r)
     if not reached:
-        return "unreachable"
+        return " / ".join(failures)
     mean = lambda key: sum(r[key] for r in reached) / len(reached)  # noqa: E731
     mark = "" if len(reached) == 1 else ("³" if len(reached) == 3 else f" ({len(reached)} seeds)")
-    missed = f" (unreachable in {len(runs) - len(reached)} of {len(runs)} seeds)" if len(reached) < len(runs) else ""
+    missed = (" (" + ", ".join(f"{why} in {n}" for why, n in failures.items()) + f" of {len(runs)} seeds)"
+              if failures else "")
     return (f"{mean('acc'):.2%}{mark}{missed} · {mean('macs') / mean('dense_macs'):.2f} MACs · "
             f"{mean('speedup_b1'):.2f}× / {mean('speedup_b64'):.2f}×")
 

@@ -618,7 +618,8 @@ def test_fit_cost_ratio_is_the_median_of_the_rounds_ratios():
 
 
 def test_structured_speed_cell_averages_the_seeds_that_reached_the_budget():
-    """A cell averages the seeds that reached the budget and says how many did not; "unreachable" only when none did."""
+    """A cell averages the seeds that reached the budget and trained, and says how many did not; "unreachable" or
+    "diverged" only when none did."""
     from benchmarks.structured_speed import fmt
 
     run = {"acc": 0.9, "macs": 50.0, "dense_macs": 100.0, "speedup_b1": 1.5, "speedup_b64": 2.0}
@@ -626,7 +627,9 @@ def test_structured_speed_cell_averages_the_seeds_that_reached_the_budget():
     assert fmt([run]) == "90.00% · 0.50 MACs · 1.50× / 2.00×"
     assert fmt([run, dict(run, acc=0.8), dict(run, acc=0.7)]).startswith("80.00%³ · ")
     assert fmt([run, missed, missed]) == "90.00% (unreachable in 2 of 3 seeds) · 0.50 MACs · 1.50× / 2.00×"
-    assert fmt([missed]) == "unreachable" and fmt([]) == "—"
+    diverged = {"error": "torch-pruning diverged: non-finite weights after training"}
+    assert fmt([diverged, run, run]).startswith("90.00% (2 seeds) (diverged in 1 of 3 seeds) · ")
+    assert fmt([missed]) == "unreachable" and fmt([diverged]) == "diverged" and fmt([]) == "—"
 
 
 @pytest.mark.parametrize("rule", ["min", "sqrt"])
