@@ -72,8 +72,8 @@ class Budget(TargetSparsity):
 
     config: BudgetConfig
     #: A cut here ranks every group by its RMS and searches the cost model for the budget: ~1.5 ms on a 2-core CPU,
-    #: a third of a 4 ms LeNet-300-100 step at the default 200 control updates per run. Every third control step the
-    #: ramp still advances in ~67 cuts per run; accuracy measured unchanged (docs/findings/cost.md).
+    #: an eighth of LeNet-300-100's 4 ms step when made at every control step (every third step there). At every third
+    #: control step its ramp still advances in ~40 cuts; accuracy measured unchanged (docs/findings/cost.md).
     cut_every = 3
 
     def __init__(self, config: BudgetConfig) -> None:
