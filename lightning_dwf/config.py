@@ -255,8 +255,10 @@ class FactorLRConfig:
             ``"auto"`` (default): per factorized tensor, :func:`lightning_dwf.core.functional.auto_lr_multiplier` of its
             weights' RMS at the start of ``fit`` and of the optimizer family, so that a typical weight of every layer
             moves as fast as it would in dense training (DWF's factors otherwise train its weights far more slowly:
-            about 18× at RMS 0.05, D = 3, under SGD); under Adam-type optimizers 5 for every tensor. A number: the
-            same multiplier for every factor.
+            about 18× at RMS 0.05, D = 3, under SGD); under Adam-type optimizers 5 for every tensor. A gated
+            (structured) tensor gets :func:`lightning_dwf.core.functional.auto_gated_lr_multiplier` of its groups'
+            norm under SGD (its weights move as fast as dense ones within their group), 10 under Adam-type optimizers.
+            A number: the same multiplier for every factor.
         warmup: fraction of the planned run over which the multipliers ramp linearly from 1 (0: no ramp); target
             mode repeats the ramp from the recovery point.
         check: at train start, compare the factor LR with the floor needed to reach exact zeros in the planned steps:

@@ -123,6 +123,9 @@ def prox_threshold(step: float, lam: float, depth: int) -> float:
 AUTO_MULTIPLIER_RANGE = (0.1, 100.0)
 #: :func:`auto_lr_multiplier` under Adam-type optimizers, for every tensor (measured on the generalization matrix).
 DECOUPLED_AUTO_MULTIPLIER = 5.0
+#: :func:`auto_gated_lr_multiplier` under Adam-type optimizers, for every gated tensor (measured on the structured
+#: speed benchmark).
+GATED_DECOUPLED_AUTO_MULTIPLIER = 10.0
 
 
 def auto_lr_multiplier(weight_rms: float, depth: int, kind: str) -> float:
@@ -149,11 +152,45 @@ def auto_lr_multiplier(weight_rms: float, depth: int, kind: str) -> float:
     """
     if kind != "gradient":
         return DECOUPLED_AUTO_MULTIPLIER
-    scale = 2.0 * weight_rms
+    return _clipped_inverse(depth * _step_gain(2.0 * weight_rms, depth))
+
+
+def auto_gated_lr_multiplier(group_norm: float, depth: int, kind: str) -> float:
+    """The factor LR multiplier of ``FactorLRConfig(multiplier="auto")`` for a gated tensor (structured DWF) whose
+    groups have RMS norm ``group_norm`` (``‖w_g‖₂``).
+
+    ``kind="gradient"`` (SGD): at balance (``|γ_{g,d}| = ‖ω_g‖ = n^(1/D)``) a gradient step moves a weight within its
+    group (through ω alone) by ``n^(2−2/D)`` times the dense step, and the group's norm (through ω and the D − 1 gates)
+    by ``D·n^(2−2/D)`` times. The multiplier is ``1/n^(2−2/D)``, clipped to :data:`AUTO_MULTIPLIER_RANGE`: the
+    weights train at the optimizer's LR within their group, and the groups' norms separate D times faster. Measured
+    on the structured speed benchmark (SGD, seed 0, 3 epochs, 50 / 25 / 10 % of the MACs): against the group-norm rule
+    ``1/(D·n^(2−2/D))`` used before, +0.4 to +1.3 points on every cell of LeNet-300-100, the BN CNN, the ViT and the
+    width-2048 MLP.
+
+    ``kind="decoupled"`` (Adam-type): :data:`GATED_DECOUPLED_AUTO_MULTIPLIER` for every gated tensor. Adam's normalized
+    step moves a gate by about the LR whatever its size, so at the optimizer's LR (1e-3) a gate of size n^(1/D) ≈ 0.8
+    can travel only a fraction of its size in a run, and the groups barely separate before the cut. Measured (AdamW,
+    seed 0, 25 % of the MACs, LeNet-300-100 / BN CNN / ViT): ×1 84.77 / 87.67 / 81.69 %, ×5 86.99 / 88.88 / 82.63 %,
+    ×10 87.38 / 89.11 / 83.10 %, ×20 87.66 / 88.98 / 82.74 %, ×40 87.12 / 89.20 / 82.55 %: 10 is the start of the
+    plateau.
+
+    >>> round(auto_gated_lr_multiplier(0.577, 3, "gradient"), 2), auto_gated_lr_multiplier(0.577, 3, "decoupled")
+    (2.08, 10.0)
+    """
+    if kind != "gradient":
+        return GATED_DECOUPLED_AUTO_MULTIPLIER
+    return _clipped_inverse(_step_gain(group_norm, depth))
+
+
+def _step_gain(magnitude: float, depth: int) -> float:
+    """``magnitude^(2−2/D)``: how much faster than dense one balanced factor's step moves the product."""
+    return magnitude ** (2.0 - 2.0 / depth) if magnitude > 0 else 0.0
+
+
+def _clipped_inverse(gain: float) -> float:
+    """``1 / gain`` clipped to :data:`AUTO_MULTIPLIER_RANGE` (its upper end for a zero gain)."""
     low, high = AUTO_MULTIPLIER_RANGE
-    if scale <= 0:
-        return high
-    return min(high, max(low, 1.0 / (depth * scale ** (2.0 - 2.0 / depth))))
+    return high if gain <= 0 else min(high, max(low, 1.0 / gain))
 
 
 #: Bits per stored value of the per-channel grid (None: float weights, no grid).

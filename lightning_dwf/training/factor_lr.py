@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_dwf.config import FactorLRConfig
 from lightning_dwf.core.factorize import sparse_tensors
-from lightning_dwf.core.functional import auto_lr_multiplier, lam_to_weight_decay, lr_floor
+from lightning_dwf.core.functional import auto_gated_lr_multiplier, auto_lr_multiplier, lam_to_weight_decay, lr_floor
 from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.sharding import root_mean_square
 from lightning_dwf.training.penalty import FactorPenalty, effective_lr, penalty_kind, unwrap_optimizer
@@ -32,10 +32,8 @@ def plan_multipliers(module: nn.Module, config: FactorLRConfig, depth: int, pena
             continue
         kind = penalty.kind_of(tensor.factors[0])
         if isinstance(tensor, GatedTensor):
-            # A group moves like one weight of its norm n (by about D·n^(2−2/D) × the dense step under SGD); under
-            # Adam-type optimizers ω's entries are as small as dense weights, so the optimizer's own LR fits them.
             norm = float((tensor.unit_magnitudes().pow(2).mean() * tensor.entries).sqrt())
-            out[tensor.name] = auto_lr_multiplier(norm / 2.0, depth, kind) if kind == "gradient" else 1.0
+            out[tensor.name] = auto_gated_lr_multiplier(norm, depth, kind)
             continue
         rms = root_mean_square(tensor.product().float())
         out[tensor.name] = auto_lr_multiplier(rms, depth, kind)
