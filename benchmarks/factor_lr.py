@@ -9,9 +9,10 @@ own rows of the cell (DWF with ``"auto"``, ModelPruning, PAT).
 
 It is how the LeNet-5 SGD batch-64 99.5 % miss of the matrix was diagnosed (docs, "Why"): ``"auto"`` gives that
 net's layers ×1.0 to ×6.0 under SGD. ``--multiplier min`` / ``sqrt`` keep ``"auto"``'s per-layer values but give
-every tensor the smallest of them, or move each halfway (geometrically) to it; ``track-rms`` / ``track-max`` lower
-them during the fit as the weights grow (:data:`benchmarks.harness.methods.MULTIPLIER_RULES`): whether a narrower
-spread, or a falling multiplier, is the SGD rule. ``--depth``
+every tensor the smallest of them, or move each halfway (geometrically) to it; ``at-rms`` raises each by
+2^(2−2/D) (the rule evaluated at the weights' RMS, not twice it); ``track-rms`` / ``track-max`` lower them during the
+fit as the weights grow (:data:`benchmarks.harness.methods.MULTIPLIER_RULES`): whether a narrower spread, faster
+factors, or a falling multiplier, is the SGD rule. ``--depth``
 runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the
 matrix's own columns stay D = 3): whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
 One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already

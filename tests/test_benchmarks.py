@@ -632,10 +632,10 @@ def test_structured_speed_cell_averages_the_seeds_that_reached_the_budget():
     assert fmt([missed]) == "unreachable" and fmt([diverged]) == "diverged" and fmt([]) == "—"
 
 
-@pytest.mark.parametrize("rule", ["min", "sqrt"])
+@pytest.mark.parametrize("rule", ["min", "sqrt", "at-rms"])
 def test_factor_lr_rules_reshape_the_auto_multipliers(rule):
-    """``--multiplier min`` / ``sqrt``: the library's per-layer SGD ``"auto"`` values, all set to the smallest or moved
-    halfway (geometrically) to it; a plain config plans as the library does."""
+    """``--multiplier min`` / ``sqrt`` / ``at-rms``: the library's per-layer SGD ``"auto"`` values, all set to the
+    smallest, moved halfway (geometrically) to it, or raised by 2^(2−2/D); a plain config plans as the library does."""
     import math
 
     import torch
@@ -658,7 +658,10 @@ def test_factor_lr_rules_reshape_the_auto_multipliers(rule):
     (callback,) = methods.cell_callbacks(cfg)
     planned = run.plan_multipliers(net, callback.factor_lr, 3, penalty)
     low = min(auto.values())
-    assert planned == pytest.approx({n: low if rule == "min" else math.sqrt(m * low) for n, m in auto.items()})
+    expected = {n: low if rule == "min" else math.sqrt(m * low) for n, m in auto.items()}
+    if rule == "at-rms":
+        expected = {n: m * 2.0 ** (4 / 3) for n, m in auto.items()}
+    assert planned == pytest.approx(expected)
     assert factor_lr._multiplier_argument(rule) == rule and factor_lr._multiplier_argument("2.5") == 2.5
 
 

@@ -31,7 +31,7 @@ from lightning_dwf import (
     ScheduleConfig,
     factorized_tensors,
 )
-from lightning_dwf.core.functional import auto_lr_multiplier
+from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, auto_lr_multiplier
 from lightning_dwf.training import run as _training_run
 
 #: Learning rate of the fine-tune after one-shot pruning.
@@ -103,9 +103,11 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 
 # ---------------------------------------------------------------------------------------------------------------- DWF
 #: Probe rules for the per-layer SGD ``"auto"`` multipliers (:mod:`benchmarks.factor_lr` ``--multiplier min sqrt
-#: track-rms track-max``): ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway (geometrically)
-#: to the smallest; ``track-*`` keep them and lower them during the fit (:class:`_TrackMultipliers`).
-PLANNED_RULES, TRACKING_RULES = ("min", "sqrt"), ("track-rms", "track-max")
+#: at-rms track-rms track-max``): ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway
+#: (geometrically) to the smallest, ``at-rms`` evaluates the rule at the tensor's RMS instead of twice it (each
+#: multiplier ×2^(2−2/D), so that a typical weight, not the top of the init range, trains at the optimizer's LR);
+#: ``track-*`` keep them and lower them during the fit (:class:`_TrackMultipliers`).
+PLANNED_RULES, TRACKING_RULES = ("min", "sqrt", "at-rms"), ("track-rms", "track-max")
 MULTIPLIER_RULES = PLANNED_RULES + TRACKING_RULES
 #: Optimizer steps between two updates of a ``track-*`` rule.
 TRACK_EVERY = 25
@@ -158,6 +160,9 @@ def _plan_by_rule(module: nn.Module, config: FactorLRConfig, depth: int, penalty
     planned = _library_plan(module, config, depth, penalty)
     if not isinstance(config, _RuleFactorLR) or not planned:
         return planned
+    if config.rule == "at-rms":
+        high = AUTO_MULTIPLIER_RANGE[1]
+        return {n: min(high, m * 2.0 ** (2.0 - 2.0 / depth)) for n, m in planned.items()}
     low = min(planned.values())
     return {n: low if config.rule == "min" else math.sqrt(m * low) for n, m in planned.items()}
 
