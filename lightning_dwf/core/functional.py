@@ -156,16 +156,16 @@ def auto_lr_multiplier(weight_rms: float, depth: int, kind: str) -> float:
 
 
 def auto_gated_lr_multiplier(group_norm: float, depth: int, kind: str) -> float:
-    """The factor LR multiplier of ``FactorLRConfig(multiplier="auto")`` for a gated tensor (structured DWF) whose
-    groups have RMS norm ``group_norm`` (``‖w_g‖₂``).
+    """The factor LR multiplier of ``FactorLRConfig(multiplier="auto")`` for a gated tensor (structured DWF);
+    ``group_norm`` is the root mean square of its groups' norms ``‖w_g‖₂``.
 
     ``kind="gradient"`` (SGD): at balance (``|γ_{g,d}| = ‖ω_g‖ = n^(1/D)``) a gradient step moves a weight within its
     group (through ω alone) by ``n^(2−2/D)`` times the dense step, and the group's norm (through ω and the D − 1 gates)
     by ``D·n^(2−2/D)`` times. The multiplier is ``1/n^(2−2/D)``, clipped to :data:`AUTO_MULTIPLIER_RANGE`: the
     weights train at the optimizer's LR within their group, and the groups' norms separate D times faster. Measured
-    on the structured speed benchmark (SGD, seed 0, 3 epochs, 50 / 25 / 10 % of the MACs): against the group-norm rule
-    ``1/(D·n^(2−2/D))`` used before, +0.4 to +1.3 points on every cell of LeNet-300-100, the BN CNN, the ViT and the
-    width-2048 MLP.
+    on the structured speed benchmark (SGD, 3 epochs, 50 / 25 / 10 % of the MACs, means of 3 seeds): against the
+    group-norm rule ``1/(D·n^(2−2/D))`` used before, +0.25 to +0.87 points on every cell of LeNet-300-100, the BN CNN,
+    the ViT and the width-2048 MLP.
 
     ``kind="decoupled"`` (Adam-type): :data:`GATED_DECOUPLED_AUTO_MULTIPLIER` for every gated tensor. Adam's normalized
     step moves a gate by about the LR whatever its size, so at the optimizer's LR (1e-3) a gate of size n^(1/D) ≈ 0.8

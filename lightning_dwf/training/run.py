@@ -31,7 +31,7 @@ from torch import nn
 
 from lightning_dwf.config import FactorLRConfig
 from lightning_dwf.core.factorize import factor_parameters, sparse_tensors
-from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, DEFAULT_THRESHOLD
+from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, DEFAULT_THRESHOLD, GATED_DECOUPLED_AUTO_MULTIPLIER
 from lightning_dwf.errors import DWFDeadLayerWarning, DWFRollbackWarning, dead_layer_message
 from lightning_dwf.observe.report import SparsityReport, sparsity_report, weight_scales
 from lightning_dwf.training.factor_lr import (
@@ -99,7 +99,8 @@ class TrainingRun:
             self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)
             if self.factor_lr.multiplier == "auto" and self.multipliers:
                 self.info(f"DWFCallback: factor LR multipliers (auto: by the weights' RMS under SGD, "
-                          f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type): "
+                          f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type, {GATED_DECOUPLED_AUTO_MULTIPLIER:g} for "
+                          "gated tensors): "
                           + ", ".join(f"{name} ×{m:.3g}" for name, m in self.multipliers.items()))
         self._apply_multipliers(module, self._at(module, optimizers, step, total_steps), force=True)
         return self.penalty.user_weight_decay()
