@@ -99,8 +99,8 @@ class TrainingRun:
             self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)
             if self.factor_lr.multiplier == "auto" and self.multipliers:
                 self.info(f"DWFCallback: factor LR multipliers (auto: by the weights' RMS under SGD, "
-                          f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type, {GATED_DECOUPLED_AUTO_MULTIPLIER:g} for "
-                          "gated tensors): "
+                          f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type, gated tensors by their groups' norm "
+                          f"under SGD, {GATED_DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type): "
                           + ", ".join(f"{name} ×{m:.3g}" for name, m in self.multipliers.items()))
         self._apply_multipliers(module, self._at(module, optimizers, step, total_steps), force=True)
         return self.penalty.user_weight_decay()
