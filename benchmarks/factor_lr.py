@@ -12,7 +12,10 @@ net's layers ×1.0 to ×6.0 under SGD. ``--multiplier min`` / ``sqrt`` keep ``"a
 every tensor the smallest of them, or move each halfway (geometrically) to it; ``at-rms`` raises each by
 2^(2−2/D) (the rule evaluated at the weights' RMS, not twice it); ``track-rms`` / ``track-max`` lower them during the
 fit as the weights grow (:data:`benchmarks.harness.methods.MULTIPLIER_RULES`): whether a narrower spread, faster
-factors, or a falling multiplier, is the SGD rule. ``--depth``
+factors, or a falling multiplier, is the SGD rule. The phase rules split target mode's run at its recovery point (the
+support fixed): ``ramp-half`` halves the planned values before it, ``recovery-double`` doubles them after it, and
+``recut-rms`` re-plans every tensor there from the RMS of its survivors; ``--adam-auto`` sets the Adam-type
+``"auto"`` value they start from. ``--depth``
 runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the
 matrix's own columns stay D = 3): whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
 One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already
@@ -31,20 +34,24 @@ from benchmarks.harness.methods import MULTIPLIER_RULES
 from benchmarks.harness.runs import run_plan
 from benchmarks.harness.store import RESULTS, load_rows
 from benchmarks.harness.tables import fmt_acc
+from lightning_dwf.core import functional
 
 PATH = RESULTS / "factor_lr.jsonl"
 
 
 def plan(
     dataset: str, model: str, opt: str, batch_size: int, targets: list[float], multipliers: list[float | str],
-    seeds: list[int], depth: int = 3, epochs: int | None = None,
+    seeds: list[int], depth: int = 3, epochs: int | None = None, adam_auto: float | None = None,
 ) -> list[dict[str, Any]]:
     """One DWF config per target, multiplier and seed on the matrix cell ``(dataset, model, opt, batch_size)``
     (a ``depth`` key only where it is not the matrix's 3, so that D = 3 rows keep their keys; ``epochs``: the
-    setting's own by default, given for the short-run and small-data cells of :data:`~benchmarks.matrix.AXIS`)."""
+    setting's own by default, given for the short-run and small-data cells of :data:`~benchmarks.matrix.AXIS`;
+    ``adam_auto``: the Adam-type ``"auto"`` multiplier the rules start from, where it is not the library's)."""
     base = matrix.base_config(dataset, model, opt, batch_size, epochs)
     if depth != 3:
         base["depth"] = depth
+    if adam_auto is not None:
+        base["adam_auto"] = adam_auto
     return [
         dict(base, method="dwf", target=t, seed=s, factor_lr_multiplier=m)
         for t in targets for m in multipliers for s in seeds
@@ -66,7 +73,8 @@ def table(rows: list[dict], matrix_rows: list[dict]) -> str:
         c = r["config"]
         key = (
             c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["epochs"], c["target"], c.get("depth", 3),
-            c["factor_lr_multiplier"],
+            c["factor_lr_multiplier"] if "adam_auto" not in c else f"{c['factor_lr_multiplier']} (Adam auto "
+            f"{c['adam_auto']:g})",
         )
         groups[key].append(r)
     out = [
@@ -118,8 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="the cell's epochs (default: the setting's; 3 or 40 for the short-run / small-data axis)")
     parser.add_argument("--depth", type=int, nargs="+", default=[3], help="DWF's depth D (the matrix's is 3)")
+    parser.add_argument("--adam-auto", type=float, default=None,
+                        help="the Adam-type \"auto\" multiplier in place of the library's "
+                             f"{functional.DECOUPLED_AUTO_MULTIPLIER:g} (what the rules start from)")
     parser.add_argument("--report", action="store_true", help="print the table of every row, run nothing")
     args = parser.parse_args(argv)
+    if args.adam_auto is not None:  # read at train start by auto_lr_multiplier
+        functional.DECOUPLED_AUTO_MULTIPLIER = args.adam_auto
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.report:
         done = load_rows(args.results)
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         configs = [
             cfg for depth in args.depth
             for cfg in plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed, depth,
-                            args.epochs)
+                            args.epochs, args.adam_auto)
         ]
         done = run_plan(configs, args.results, args.data_dir, matrix.load_matrix_dataset)
     print(table(list(done.values()), list(load_rows(matrix.PATH).values())))

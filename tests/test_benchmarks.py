@@ -700,3 +700,90 @@ def test_factor_lr_tracking_rules_lower_the_multiplier_as_weights_grow(mode):
         assert first == 4.0 and run.multipliers["0.weight"] == pytest.approx(4.0 * 2.0 ** (-4 / 3))
     else:
         assert run.multipliers["0.weight"] == pytest.approx(min(4.0, first * 2.0 ** (-4 / 3)), rel=1e-4)
+
+
+@pytest.mark.parametrize(("mode", "ramp", "recovery"), [("ramp-half", 0.5, 1.0), ("recovery-double", 1.0, 2.0)])
+def test_factor_lr_phase_rules_scale_the_plan_before_and_after_the_recovery_point(mode, ramp, recovery):
+    """``ramp-half`` / ``recovery-double``: the planned multipliers times the ramp factor from the first step, times
+    the recovery factor once target mode's recovery has begun, each applied once (the warm-up ramp restarts there)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from benchmarks import factor_lr
+
+    (cfg,) = factor_lr.plan("fashion-mnist", "lenet5", "adamw", 256, [0.9], [mode], [0])
+    dwf, phases = methods.cell_callbacks(cfg)
+    applied = []
+    regime = SimpleNamespace(recovering=False)
+    run = SimpleNamespace(multipliers={"a": 10.0, "b": 4.0}, depth=3, regime=regime, ctx=SimpleNamespace(step=0),
+                          penalty=SimpleNamespace(),
+                          _apply_multipliers=lambda module, ctx, force: applied.append(force))
+    dwf._run = run
+    trainer, net = SimpleNamespace(global_step=1), nn.Linear(2, 2)
+    phases.on_train_batch_end(trainer, net)
+    assert run.multipliers == {"a": 10.0 * ramp, "b": 4.0 * ramp} and applied == [True]
+    phases.on_train_batch_end(trainer, net)  # still in the ramp: nothing new
+    assert run.multipliers == {"a": 10.0 * ramp, "b": 4.0 * ramp} and applied == [True]
+    regime.recovering = True
+    phases.on_train_batch_end(trainer, net)
+    phases.on_train_batch_end(trainer, net)
+    assert run.multipliers == {"a": 10.0 * recovery, "b": 4.0 * recovery} and applied == [True, True]
+
+
+def test_factor_lr_recut_rule_replans_from_the_survivors_at_the_recovery_point():
+    """``recut-rms``: nothing before the recovery point; there each tensor's multiplier from the RMS of its non-zero
+    weights (SGD: ``"auto"`` of it; Adam-type: ``1/(D·rms^(1−1/D))``), once."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from benchmarks import factor_lr
+    from lightning_dwf import factorize_
+    from lightning_dwf.core.factorize import factorized_tensors
+    from lightning_dwf.core.functional import auto_lr_multiplier
+
+    (cfg,) = factor_lr.plan("fashion-mnist", "lenet5", "sgd", 256, [0.9], ["recut-rms"], [0])
+    dwf, recut = methods.cell_callbacks(cfg)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+    factorize_(net, depth=3)
+    with torch.no_grad():
+        net[0].parametrizations.weight.original0[:4].zero_()  # half the first layer's rows cut
+    first, second = factorized_tensors(net)
+    kinds = {id(first.factors[0]): "gradient", id(second.factors[0]): "decoupled"}
+    applied = []
+    regime = SimpleNamespace(recovering=False)
+    run = SimpleNamespace(multipliers={"0.weight": 7.0, "1.weight": 5.0}, depth=3, regime=regime,
+                          ctx=SimpleNamespace(step=9), penalty=SimpleNamespace(kind_of=lambda f: kinds[id(f)]),
+                          _apply_multipliers=lambda module, ctx, force: applied.append(force))
+    dwf._run = run
+    recut.on_train_batch_end(SimpleNamespace(global_step=9), net)
+    assert run.multipliers == {"0.weight": 7.0, "1.weight": 5.0} and applied == []
+    regime.recovering = True
+    recut.on_train_batch_end(SimpleNamespace(global_step=10), net)
+    recut.on_train_batch_end(SimpleNamespace(global_step=11), net)
+    rms = [float(w[w != 0].pow(2).mean().sqrt()) for w in (net[0].weight.detach(), net[1].weight.detach())]
+    assert run.multipliers["0.weight"] == pytest.approx(auto_lr_multiplier(rms[0], 3, "gradient"))
+    assert run.multipliers["1.weight"] == pytest.approx(1.0 / (3 * rms[1] ** (2 / 3)))
+    assert applied == [True]
+
+
+def test_factor_lr_adam_auto_sets_the_adam_type_auto_value_and_marks_the_rows(tmp_path, monkeypatch):
+    """``--adam-auto``: the rows carry it in their config (so they are not mistaken for the library's "auto"), and the
+    run plans from it."""
+    from benchmarks import factor_lr
+    from lightning_dwf.core import functional
+
+    (cfg,) = factor_lr.plan("fashion-mnist", "lenet5", "adamw", 256, [0.9], ["ramp-half"], [0], adam_auto=10.0)
+    assert cfg["adam_auto"] == 10.0
+    assert "adam_auto" not in factor_lr.plan("fashion-mnist", "lenet5", "adamw", 256, [0.9], [5.0], [0])[0]
+    monkeypatch.setattr(functional, "DECOUPLED_AUTO_MULTIPLIER", functional.DECOUPLED_AUTO_MULTIPLIER)
+    seen = []
+    monkeypatch.setattr(factor_lr, "run_plan", lambda configs, *a: seen.extend(configs) or {})
+    monkeypatch.setattr(factor_lr, "load_rows", lambda path: {})
+    factor_lr.main(["--opt", "adamw", "--multiplier", "ramp-half", "--adam-auto", "10", "--results",
+                    str(tmp_path / "rows.jsonl")])
+    assert functional.auto_lr_multiplier(0.05, 3, "decoupled") == 10.0
+    assert [c["adam_auto"] for c in seen] == [10.0]

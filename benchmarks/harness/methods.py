@@ -106,16 +106,22 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 #: at-rms track-rms track-max``): ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway
 #: (geometrically) to the smallest, ``at-rms`` evaluates the rule at the tensor's RMS instead of twice it (each
 #: multiplier ×2^(2−2/D), so that a typical weight, not the top of the init range, trains at the optimizer's LR);
-#: ``track-*`` keep them and lower them during the fit (:class:`_TrackMultipliers`).
-PLANNED_RULES, TRACKING_RULES = ("min", "sqrt", "at-rms"), ("track-rms", "track-max")
+#: ``track-*`` keep them and lower them during the fit (:class:`_TrackMultipliers`). The phase rules split target
+#: mode's run at its recovery point: ``ramp-half`` / ``recovery-double`` scale the planned values (of either optimizer
+#: family) by :data:`PHASE_FACTORS` before / after it, ``recut-rms`` re-plans every tensor there from its survivors.
+PLANNED_RULES = ("min", "sqrt", "at-rms")
+TRACKING_RULES = ("track-rms", "track-max", "recut-rms", "ramp-half", "recovery-double")
 MULTIPLIER_RULES = PLANNED_RULES + TRACKING_RULES
+#: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
+PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
 TRACK_EVERY = 25
 
 
 class _TrackMultipliers(Callback):
     """Probe: every :data:`TRACK_EVERY` optimizer steps, lower each SGD ``"auto"`` multiplier of a factorized tensor
-    as its weights grow (never above the planned value), so that its largest weights keep about the optimizer's step.
+    as its weights grow (never above the planned value), so that its largest weights keep about the optimizer's step;
+    or, for the phase rules, change the multipliers at target mode's recovery point (:meth:`_phases`, :meth:`_recut`).
 
     ``track-rms``: the ``"auto"`` value of the RMS of the tensor's non-zero weights now (selection by the cut raises it
     too); ``track-max``: the planned value times ``(max|w| now / max|w| at the first update)^−(2−2/D)`` (the cut never
@@ -126,9 +132,16 @@ class _TrackMultipliers(Callback):
         self.dwf, self.mode = dwf, mode
         self.planned: dict[str, float] = {}
         self.first_max: dict[str, float] = {}
+        self.switched = False  # the phase rules: the recovery's multipliers are set
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, *args: Any) -> None:
         run = self.dwf._run
+        if self.mode == "recut-rms":
+            self._recut(pl_module, run)
+            return
+        if self.mode in PHASE_FACTORS:
+            self._phases(pl_module, run, *PHASE_FACTORS[self.mode])
+            return
         if run is None or run.penalty is None or trainer.global_step % TRACK_EVERY:
             return
         self.planned = self.planned or dict(run.multipliers)
@@ -145,6 +158,41 @@ class _TrackMultipliers(Callback):
             elif bool((weights != 0).any()):
                 rms = float(weights[weights != 0].pow(2).mean().sqrt())
                 run.multipliers[name] = min(self.planned[name], auto_lr_multiplier(rms, run.depth, "gradient"))
+        run._apply_multipliers(pl_module, run.ctx, force=True)
+
+    def _phases(self, pl_module: nn.Module, run: Any, ramp: float, recovery: float) -> None:
+        """``ramp-half`` / ``recovery-double``: the planned multipliers times ``ramp`` until target mode's recovery
+        point, times ``recovery`` after it."""
+        if run is None or run.penalty is None:
+            return
+        if not self.planned:
+            self.planned = dict(run.multipliers)
+            run.multipliers.update({n: m * ramp for n, m in self.planned.items()})
+            run._apply_multipliers(pl_module, run.ctx, force=True)
+        elif getattr(run.regime, "recovering", False) and not self.switched:
+            self.switched = True
+            run.multipliers.update({n: m * recovery for n, m in self.planned.items()})
+            run._apply_multipliers(pl_module, run.ctx, force=True)
+
+    def _recut(self, pl_module: nn.Module, run: Any) -> None:
+        """``recut-rms``: once, at the recovery point (the support is fixed), each tensor's multiplier from the RMS of
+        its survivors: SGD-type ``"auto"`` of that RMS; Adam-type the multiplier at which a weight of that size moves
+        as a dense weight would, ``1/(D·rms^(1−1/D))``, clipped like ``"auto"``. The ramp from 1 restarts there."""
+        if run is None or run.penalty is None or self.planned or not getattr(run.regime, "recovering", False):
+            return
+        self.planned = dict(run.multipliers)
+        low, high = AUTO_MULTIPLIER_RANGE
+        for tensor in factorized_tensors(pl_module):
+            weights = tensor.product().detach().float()
+            if tensor.name not in self.planned or not bool((weights != 0).any()):
+                continue
+            rms = float(weights[weights != 0].pow(2).mean().sqrt())
+            if run.penalty.kind_of(tensor.factors[0]) == "gradient":
+                run.multipliers[tensor.name] = auto_lr_multiplier(rms, run.depth, "gradient")
+            else:
+                run.multipliers[tensor.name] = min(high, max(low, 1.0 / (run.depth * rms ** (1.0 - 1.0 / run.depth))))
+        print(f"recut-rms at step {run.ctx.step}: " + ", ".join(f"{n} ×{self.planned[n]:.3g} → ×{m:.3g}"
+                                                                  for n, m in run.multipliers.items()), flush=True)
         run._apply_multipliers(pl_module, run.ctx, force=True)
 
 
