@@ -787,3 +787,29 @@ def test_factor_lr_adam_auto_sets_the_adam_type_auto_value_and_marks_the_rows(tm
                     str(tmp_path / "rows.jsonl")])
     assert functional.auto_lr_multiplier(0.05, 3, "decoupled") == 10.0
     assert [c["adam_auto"] for c in seen] == [10.0]
+
+
+def test_structured_lam_rows_shrink_the_model_and_render(tmp_path, monkeypatch):
+    """``benchmarks.structured_lam``: a fixed λ large enough removes whole neurons (the shrunk model has fewer MACs
+    than dense, its outputs equal to the collapsed model's), a refused λ is an error row, and the report has a line per
+    row. A few hundred images, two epochs."""
+    import torch
+
+    from benchmarks import structured_lam as sl
+    from benchmarks import structured_speed as ss
+    from examples.data import ImageData
+
+    torch.manual_seed(0)
+    data = ImageData("tiny", torch.rand(512, 1, 28, 28), torch.arange(512) % 10, torch.rand(64, 1, 28, 28),
+                     torch.randint(0, 10, (64,)))
+    monkeypatch.setattr(ss, "BATCH_SIZE", 16)
+    small, large, refused = (sl.run_cell(dict(model="lenet300", opt="adamw", lam=lam, epochs=2, seed=0), data)
+                             for lam in (0.01, 1.0, 200.0))  # 200: lr × multiplier × 2λ/D > 1, refused at train start
+    assert small["macs"] == small["dense_macs"] and large["macs"] < large["dense_macs"]
+    assert large["shrink_max_abs_diff"] < 1e-4 and 0.0 <= large["acc"] <= 1.0
+    assert "error" in refused and "lam" in refused["error"]
+    out = tmp_path / "lam.jsonl"
+    store.append_rows(out, [small, large, refused])
+    table = sl.write_report(out).splitlines()
+    assert len(table) == 5 and table[2].startswith("| lenet300 | adamw | 0.01 | 1.000 | 1.000 |")
+    assert table[4].startswith("| lenet300 | adamw | 200 | ") and out.with_suffix(".md").exists()
