@@ -35,8 +35,9 @@ LAMS = {"sgd": (3e-3, 5e-3, 1e-2, 2e-2, 5e-2), "adamw": (0.03, 0.1, 0.2, 0.3, 0.
 
 
 def run_cell(cfg: dict[str, Any], data: ImageData) -> dict[str, Any]:
-    """Train ``cfg`` (``model``, ``opt``, ``lam``, ``epochs``, ``seed``) with a fixed λ, collapse and shrink it; its row:
-    test accuracy, the shrunk model's MACs and parameters beside dense's, train seconds, the shrink's output check."""
+    """Train ``cfg`` (``model``, ``opt``, ``lam``, ``epochs``, ``seed``) with a fixed λ, collapse and shrink it; its
+    row: test accuracy, the shrunk model's MACs and parameters beside dense's, train seconds, the shrink's output
+    check."""
     x = data.test_x[:2]
     dense = cost(new_module(cfg, data).net, x)
     dwf = DWFCallback(depth=3, lam=cfg["lam"], factorize=structure(cfg["model"]),
@@ -62,7 +63,8 @@ def write_report(out: Path = OUT) -> str:
     """``<out>.md``: one line per model, optimizer and λ (seed 0), in λ order; returns the table."""
     rows = sorted((r for r in read_rows(out) if r["seed"] == 0),
                   key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r["opt"], r["lam"]))
-    lines = ["| model | optimizer | λ | MACs / dense | parameters / dense | test accuracy |", "|---|---|---|---|---|---|"]
+    lines = ["| model | optimizer | λ | MACs / dense | parameters / dense | test accuracy |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['opt']} | {r['lam']:g} | {r['error'][:60]} | | |")
