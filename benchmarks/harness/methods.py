@@ -31,7 +31,7 @@ from lightning_dwf import (
     ScheduleConfig,
     factorized_tensors,
 )
-from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, auto_lr_multiplier
+from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier
 from lightning_dwf.training import run as _training_run
 
 #: Learning rate of the fine-tune after one-shot pruning.
@@ -181,7 +181,6 @@ class _TrackMultipliers(Callback):
         if run is None or run.penalty is None or self.planned or not getattr(run.regime, "recovering", False):
             return
         self.planned = dict(run.multipliers)
-        low, high = AUTO_MULTIPLIER_RANGE
         for tensor in factorized_tensors(pl_module):
             weights = tensor.product().detach().float()
             if tensor.name not in self.planned or not bool((weights != 0).any()):
@@ -190,7 +189,7 @@ class _TrackMultipliers(Callback):
             if run.penalty.kind_of(tensor.factors[0]) == "gradient":
                 run.multipliers[tensor.name] = auto_lr_multiplier(rms, run.depth, "gradient")
             else:
-                run.multipliers[tensor.name] = min(high, max(low, 1.0 / (run.depth * rms ** (1.0 - 1.0 / run.depth))))
+                run.multipliers[tensor.name] = _clipped_inverse(run.depth * rms ** (1.0 - 1.0 / run.depth))
         print(f"recut-rms at step {run.ctx.step}: " + ", ".join(f"{n} ×{self.planned[n]:.3g} → ×{m:.3g}"
                                                                   for n, m in run.multipliers.items()), flush=True)
         run._apply_multipliers(pl_module, run.ctx, force=True)
