@@ -26,6 +26,7 @@ from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig
 from lightning_dwf.core.factorize import factorize_
 from lightning_dwf.export import CompressionReport
 from lightning_dwf.observe.pictures import PictureCadence, log_weight_histograms
+from lightning_dwf.observe.publish import publish_metrics
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.regimes import build_regime
 from lightning_dwf.training.run import TrainingRun
@@ -39,9 +40,10 @@ class DWFCallback(FitResults, Callback):
     At ``setup`` (fit only) every selected weight becomes ``w = ω1 ⊙ … ⊙ ωD``; each optimizer step the factors get
     the penalty ``(λ/D)·Σ_d ||ω_d||²`` inside whatever optimizers ``configure_optimizers`` returns
     (:mod:`lightning_dwf.training.penalty`), so training minimizes ``loss + λ·Σ|w|^(2/D)``. ``dwf/sparsity``,
-    ``dwf/compression_ratio``, ``dwf/lam``, … go through ``LightningModule.log`` (loggers, ``ModelCheckpoint`` and
-    ``EarlyStopping`` see them). At fit end the model is collapsed in place (exact zeros below ``collapse.threshold``)
-    and written as a checkpoint that ``MyModule.load_from_checkpoint`` loads without this package. Invalid arguments
+    ``dwf/compression_ratio``, ``dwf/lam``, … go to the loggers and ``trainer.callback_metrics``
+    (:mod:`lightning_dwf.observe.publish`; ``ModelCheckpoint`` and ``EarlyStopping`` see them). At fit end the model
+    is collapsed in place (exact zeros below ``collapse.threshold``) and written as a checkpoint that
+    ``MyModule.load_from_checkpoint`` loads without this package. Invalid arguments
     raise ``TypeError``/``ValueError`` here. Under ``ModelParallelStrategy`` (FSDP2) the factors are created before
     ``configure_model`` shards them and the model stays sharded after fit; the collapsed checkpoint is gathered
     (``docs/guides/distributed.md``, "Sharded training").
@@ -207,7 +209,7 @@ class DWFCallback(FitResults, Callback):
         report = self._run.report(pl_module, trainer.optimizers, step)
         if report is not None:
             metrics = {**report.metrics(per_layer=self.log_per_layer), **self._run.metrics(step)}
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+            publish_metrics(trainer, metrics, step)
             self.sparsity_curve.append((step, report.sparsity))
 
     @override

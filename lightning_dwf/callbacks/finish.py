@@ -14,6 +14,7 @@ from lightning_dwf.config import CollapseConfig, QuantizeConfig
 from lightning_dwf.core.collapse import collapse_
 from lightning_dwf.export import CompressionReport
 from lightning_dwf.observe.pictures import log_summary_figure
+from lightning_dwf.observe.publish import publish_metrics
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.run import TrainingRun
 
@@ -58,8 +59,8 @@ def finish_fit(
         final["dwf/final/size_ratio"] = exported.ratio
     if curve is not None:
         log_summary_figure(trainer.loggers, report, curve, trainer.global_step)
+    publish_metrics(trainer, final, trainer.global_step)
     for logger in trainer.loggers:
-        logger.log_metrics(final, step=trainer.global_step)
         logger.save()
     if table_title and trainer.is_global_zero:
         from rich.console import Console

@@ -48,19 +48,6 @@ class RecordingLogger(Logger):
         return [(step, m) for step, m in self.calls if key in m]
 
 
-class LogSpy(ToyModel):
-    """Records every ``log_dict`` call that carries DWF metrics, with the optimizer step it happened at."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.dwf_logs: list[tuple[int, dict[str, float]]] = []
-
-    def log_dict(self, dictionary, *args, **kwargs):
-        if "dwf/sparsity" in dictionary:
-            self.dwf_logs.append((self.trainer.global_step, {k: float(v) for k, v in dictionary.items()}))
-        return super().log_dict(dictionary, *args, **kwargs)
-
-
 class FactorProbe(Callback):
     """After DWFCallback (callbacks run in list order): the metrics recomputed from the factors at every optimizer
     step."""
@@ -109,11 +96,10 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
     assert trainer.global_step == 16
 
     rows = logger.rows("dwf/sparsity")
-    # Lightning logs with step = optimizer steps taken before the batch: the row at step s holds DWF's values after
-    # step s + 1
-    assert [step for step, _ in rows] == list(range(16))
+    # the row at step s holds DWF's values after s optimizer steps (the loggers get them directly, at global_step)
+    assert [step for step, _ in rows] == list(range(1, 17))
     for step, row in rows:
-        expected = probe.at[step + 1]
+        expected = probe.at[step]
         assert set(k for k in row if k.startswith("dwf/")) == set(expected) | {
             "dwf/misalignment",
             "dwf/compression_ratio",
@@ -123,7 +109,7 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
         }
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
-        assert row["dwf/lam"] == f32(lam)
+        assert row["dwf/lam"] == lam  # the loggers get the exact values
         sparsity = row["dwf/sparsity"]
         assert row["dwf/compression_ratio"] == (
             math.inf if sparsity == 1 else pytest.approx(1 / (1 - sparsity), rel=1e-5)
@@ -134,7 +120,7 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
     # the collapsed model: exact zeros exactly where the last logged sparsity said (nothing changes after the last step)
     weights = [model.net[0].weight.detach(), model.net[2].weight.detach()]
     numel, zeros = sum(w.numel() for w in weights), sum(int((w == 0).sum()) for w in weights)
-    assert rows[-1][1]["dwf/sparsity"] == f32(zeros / numel)
+    assert rows[-1][1]["dwf/sparsity"] == pytest.approx(zeros / numel, rel=1e-12)
     final_rows = logger.rows("dwf/final/sparsity")
     assert len(final_rows) == 1
     step, final = final_rows[0]
@@ -160,7 +146,7 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
     assert final["dwf/final/threshold"] == threshold
     assert final["dwf/final/factor_penalty"] == pytest.approx(probe.at[16]["dwf/factor_penalty"], rel=1e-5)
     assert final["dwf/final/penalty"] == pytest.approx(probe.at[16]["dwf/penalty"], rel=1e-5)
-    assert f32(final["dwf/final/misalignment"]) == rows[-1][1]["dwf/misalignment"]
+    assert final["dwf/final/misalignment"] == rows[-1][1]["dwf/misalignment"]
     assert dwf.final_report.nonzero == numel - zeros
 
 
@@ -181,9 +167,10 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
     ],
 )
 def test_log_cadence(tmp_path, dwf_every, trainer_every, accumulate, expected):
-    """DWF logs when ``global_step % every == 0 or trainer.is_last_batch``, at most once per step (checked at
-    log_dict)."""
-    model = LogSpy(lr=0.1, n=256, batch_size=32)  # 8 batches per epoch, 2 epochs
+    """DWF logs when ``global_step % every == 0 or trainer.is_last_batch``, at most once per step, at that step
+    (checked at the logger)."""
+    logger = RecordingLogger()
+    model = ToyModel(lr=0.1, n=256, batch_size=32)  # 8 batches per epoch, 2 epochs
     dwf = DWFCallback(
         depth=3, lam=0.01, verbose=False, log_every_n_steps=dwf_every, factor_lr=PLAIN_FACTOR_LR
     )
@@ -195,10 +182,11 @@ def test_log_cadence(tmp_path, dwf_every, trainer_every, accumulate, expected):
             accumulate_grad_batches=accumulate,
             callbacks=[dwf],
             enable_checkpointing=False,
+            logger=logger,
         )
     )
     trainer.fit(model)
-    assert [step for step, _ in model.dwf_logs] == expected
+    assert [step for step, _ in logger.rows("dwf/sparsity")] == expected
 
 
 @pytest.mark.parametrize("per_layer", [True, False])
