@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import time
 
 import pytest
 import torch
@@ -19,6 +21,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # wandb ≥ 0.31 records nothing into the offline run file when it wraps a stdout that pytest has captured
 os.environ.setdefault("WANDB_CONSOLE", "off")
+
+
+def wandb_run_records(run: str, *needles: bytes, timeout: float = 30.0) -> bytes:
+    """The bytes of the offline W&B run ``run``'s ``*.wandb`` files, read again until every one of ``needles`` is in
+    them or ``timeout`` seconds have passed: W&B's service can still be writing the records when ``finish`` returns
+    (seen once on a loaded 2-core machine, the file holding only its header)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        blob = b"".join(open(p, "rb").read() for p in glob.glob(os.path.join(run, "*.wandb")))
+        if all(n in blob for n in needles) or time.monotonic() > deadline:
+            return blob
+        time.sleep(0.5)
 
 
 def toy_data(n: int = 256, kind: str = "linear", seed: int = 0) -> TensorDataset:
