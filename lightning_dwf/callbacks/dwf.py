@@ -20,13 +20,13 @@ from lightning_dwf.callbacks.arguments import as_config, check_log_every, check_
 from lightning_dwf.callbacks.checkpoint import FACTORIZED_STATE_KEY, collapse_checkpoint, restore_factors
 from lightning_dwf.callbacks.finish import finish_fit
 from lightning_dwf.callbacks.guards import check_amp_optimizers, check_learning_rate_result, check_trainer
+from lightning_dwf.callbacks.publish import publish_metrics
 from lightning_dwf.callbacks.results import FitResults
 from lightning_dwf.callbacks.sharded import adopt_factorized, factorize_before_sharding, is_model_parallel
 from lightning_dwf.config import CollapseConfig, FactorizeConfig, FactorLRConfig, QuantizeConfig, ScheduleConfig
 from lightning_dwf.core.factorize import factorize_
 from lightning_dwf.export import CompressionReport
 from lightning_dwf.observe.pictures import PictureCadence, log_weight_histograms
-from lightning_dwf.observe.publish import publish_metrics
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.regimes import build_regime
 from lightning_dwf.training.run import TrainingRun
@@ -41,7 +41,7 @@ class DWFCallback(FitResults, Callback):
     the penalty ``(λ/D)·Σ_d ||ω_d||²`` inside whatever optimizers ``configure_optimizers`` returns
     (:mod:`lightning_dwf.training.penalty`), so training minimizes ``loss + λ·Σ|w|^(2/D)``. ``dwf/sparsity``,
     ``dwf/compression_ratio``, ``dwf/lam``, … go to the loggers and ``trainer.callback_metrics``
-    (:mod:`lightning_dwf.observe.publish`; ``ModelCheckpoint`` and ``EarlyStopping`` see them). At fit end the model
+    (:mod:`lightning_dwf.callbacks.publish`; ``ModelCheckpoint`` and ``EarlyStopping`` see them). At fit end the model
     is collapsed in place (exact zeros below ``collapse.threshold``) and written as a checkpoint that
     ``MyModule.load_from_checkpoint`` loads without this package. Invalid arguments
     raise ``TypeError``/``ValueError`` here. Under ``ModelParallelStrategy`` (FSDP2) the factors are created before

@@ -9,12 +9,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_dwf.callbacks.checkpoint import default_collapsed_ckpt_path, export_compressed, save_weights_atomically
+from lightning_dwf.callbacks.publish import publish_metrics
 from lightning_dwf.callbacks.sharded import finish_sharded, is_model_parallel
 from lightning_dwf.config import CollapseConfig, QuantizeConfig
 from lightning_dwf.core.collapse import collapse_
 from lightning_dwf.export import CompressionReport
 from lightning_dwf.observe.pictures import log_summary_figure
-from lightning_dwf.observe.publish import publish_metrics
 from lightning_dwf.observe.report import SparsityReport
 from lightning_dwf.training.run import TrainingRun
 
