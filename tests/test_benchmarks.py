@@ -813,3 +813,15 @@ def test_structured_lam_rows_shrink_the_model_and_render(tmp_path, monkeypatch):
     table = sl.write_report(out).splitlines()
     assert len(table) == 5 and table[2].startswith("| lenet300 | adamw | 0.01 | 1.000 | 1.000 |")
     assert table[4].startswith("| lenet300 | adamw | 200 | ") and out.with_suffix(".md").exists()
+
+
+def test_mha_shrink_rows_time_the_three_forms_and_render():
+    """``benchmarks.mha_shrink``: half of every layer's heads go (4 of 8 left, 0.83 of the Linear MACs), the three
+    forms are timed (outputs checked equal inside), and the table has a line per (fraction, batch)."""
+    from benchmarks import mha_shrink as ms
+
+    (row,) = ms.measure([0.5], [2], rounds=1, min_run_time=0.01, seed=0)
+    assert row["heads_left"] == [4] and row["macs_ratio"] == pytest.approx(10 / 12, rel=1e-3)
+    assert set(row["ms"]) == {"unshrunk", "rewritten", "shrunk"} and all(v > 0 for v in row["ms"].values())
+    table = ms.table([row]).splitlines()
+    assert len(table) == 7 and table[-1].startswith("| 50% | 2 | ")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf.errors import DWFError
+from lightning_dwf.inference.attention import LinearMultiheadAttention
 from lightning_dwf.inference.coupling import build_graph, channel_spaces, layer_macs, set_heads_, zero_channels
 
 
@@ -41,6 +42,9 @@ class ShrinkReport:
         skipped: root layers with silent channels that stayed, and why (model outputs, or a group Torch-Pruning
             refused).
         heads: the new head count of every attention module that lost heads (name → ``(attribute, count)``).
+        attention: the ``nn.MultiheadAttention`` modules rewritten as
+            :class:`~lightning_dwf.inference.attention.LinearMultiheadAttention` (the same function) so that their
+            silent heads could go.
     """
 
     history: list[tuple[str, bool, list[int]]]
@@ -52,6 +56,7 @@ class ShrinkReport:
     max_abs_diff: float
     skipped: dict[str, str] = field(default_factory=dict)
     heads: dict[str, tuple[str, int]] = field(default_factory=dict)
+    attention: list[str] = field(default_factory=list)
 
     @property
     def macs_ratio(self) -> float:
@@ -63,6 +68,9 @@ class ShrinkReport:
 
     def heads_json(self) -> str:
         return json.dumps({name: [attr, int(count)] for name, (attr, count) in self.heads.items()})
+
+    def attention_json(self) -> str:
+        return json.dumps(list(self.attention))
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: Any) -> tuple[float, int]:
@@ -105,13 +113,15 @@ def shrink_(
     The model is switched to ``eval()`` for the check and left in the mode it had. Layers whose output channels are
     the model's outputs stay whole; a layer none of whose channels survive keeps one (a zero one; an attention module
     keeps one head), so the model's shapes stay valid. Attention heads go whole and lower the module's head count
-    (:mod:`lightning_dwf.inference.coupling`).
+    (:mod:`lightning_dwf.inference.coupling`); an ``nn.MultiheadAttention`` with a silent head is first rewritten as a
+    :class:`~lightning_dwf.inference.attention.LinearMultiheadAttention` (the same function with one Linear layer
+    per projection: its packed projection cannot lose a head).
 
     Args:
         model: a collapsed model (:func:`~lightning_dwf.collapse_` or the collapsed checkpoint); changed in place.
         example_inputs: one input for ``model(...)`` (a tensor, a tuple of positional inputs or a dict of keyword
             inputs): the dependency graph is traced on it, and the outputs are compared on it.
-        ignored_layers: layers never shrunk.
+        ignored_layers: layers never shrunk (an ``nn.MultiheadAttention`` here keeps its packed, fused form).
         atol: absolute tolerance of the output check.
         rtol: tolerance of the output check relative to the largest output magnitude.
 
@@ -130,16 +140,13 @@ def shrink_(
     model.eval()
     before_state = copy.deepcopy(model)
     reference = _forward(model, example_inputs)
+    skipped: dict[str, str] = {}
+    attention = _rewrite_attention_(model, skipped, ignored_layers)
     macs_before, params_before = count_macs_and_params(model, example_inputs)
     dg = build_graph(model, example_inputs)
     removed: dict[str, int] = {}
-    skipped: dict[str, str] = {}
     heads: dict[str, tuple[str, int]] = {}
     names = {m: n for n, m in model.named_modules()}
-    for m_name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) and _silent_heads(m):
-            skipped[m_name] = ("nn.MultiheadAttention packs q/k/v into one parameter, so its heads cannot be removed; "
-                               "write q/k/v/out as nn.Linear layers under a module with a `num_heads` attribute")
     for space in channel_spaces(dg, ignored_layers):
         idxs = space.removable(zero_channels)
         name = names.get(space.root, str(space.root))
@@ -183,7 +190,34 @@ def shrink_(
     macs_after, params_after = count_macs_and_params(model, example_inputs)
     model.train(was)
     history = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in dg.pruning_history()]
-    return ShrinkReport(history, removed, params_before, params_after, macs_before, macs_after, diff, skipped, heads)
+    return ShrinkReport(history, removed, params_before, params_after, macs_before, macs_after, diff, skipped, heads,
+                        attention)
+
+
+def _rewrite_attention_(model: nn.Module, skipped: dict[str, str], ignored: Sequence[nn.Module] = ()) -> list[str]:
+    """Rewrite every ``nn.MultiheadAttention`` of ``model`` with a silent head (and not in ``ignored``) as a
+    :class:`~lightning_dwf.inference.attention.LinearMultiheadAttention` in its parent; returns their names (those
+    that cannot be rewritten go into ``skipped`` with the reason)."""
+    rewritten = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, nn.MultiheadAttention) or not _silent_heads(m) or any(m is i for i in ignored):
+            continue
+        if not name:
+            skipped[name] = "the model is an nn.MultiheadAttention itself; wrap it in a module to shrink its heads"
+            continue
+        try:
+            _rewrite_one_(model, name)
+        except ValueError as err:
+            skipped[name] = str(err)
+            continue
+        rewritten.append(name)
+    return rewritten
+
+
+def _rewrite_one_(model: nn.Module, name: str) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, LinearMultiheadAttention.from_mha(getattr(parent, attr)))
 
 
 def _silent_heads(mha: nn.MultiheadAttention) -> bool:
@@ -220,8 +254,12 @@ def replay_shrink_(
     history: Sequence[tuple[str, bool, Sequence[int]]],
     example_inputs: Any,
     heads: Mapping[str, tuple[str, int]] | None = None,
+    attention: Sequence[str] = (),
 ) -> None:
-    """Shrink a fresh instance the way a :class:`ShrinkReport`'s ``history`` and ``heads`` record (same class)."""
+    """Shrink a fresh instance the way a :class:`ShrinkReport`'s ``history``, ``heads`` and ``attention`` record (same
+    class)."""
+    for name in attention:
+        _rewrite_one_(model, name)
     dg = build_graph(model, example_inputs)
     dg.load_pruning_history([[n, bool(o), list(i)] for n, o, i in history])
     set_heads_(model, dict(heads or {}))

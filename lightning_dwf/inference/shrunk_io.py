@@ -22,6 +22,7 @@ from lightning_dwf.export import CompressionReport, load_state, save_state
 from lightning_dwf.inference.shrink import ShrinkReport, replay_shrink_
 
 _HISTORY, _HEADS, _CLASS, _EXAMPLE = "dwf_shrink_history", "dwf_shrink_heads", "dwf_model_class", "dwf_example_input"
+_ATTENTION = "dwf_shrink_attention"
 
 
 def _class_name(module: nn.Module) -> str:
@@ -43,7 +44,8 @@ def save_shrunk(
             stored, so :func:`load_shrunk` needs no input. Otherwise pass an input to :func:`load_shrunk`.
         bits: ``None`` (lossless, default), 8 or 4 (the per-channel grid of :func:`~lightning_dwf.save_compressed`).
     """
-    metadata = {_HISTORY: report.history_json(), _HEADS: report.heads_json(), _CLASS: _class_name(model)}
+    metadata = {_HISTORY: report.history_json(), _HEADS: report.heads_json(), _ATTENTION: report.attention_json(),
+                _CLASS: _class_name(model)}
     if torch.is_tensor(example_inputs):
         metadata[_EXAMPLE] = json.dumps({"shape": list(example_inputs.shape), "dtype": str(example_inputs.dtype)})
     return save_state(model.state_dict(), path, bits=bits, metadata=metadata)
@@ -84,10 +86,11 @@ def load_shrunk(module: nn.Module, path: str | os.PathLike[str], example_inputs:
                            "an instance of the class that was trained. Module unchanged.")
     history = [(n, bool(o), list(i)) for n, o, i in json.loads(metadata[_HISTORY])]
     heads = {n: (attr, int(c)) for n, (attr, c) in json.loads(metadata.get(_HEADS, "{}")).items()}
+    attention = [str(n) for n in json.loads(metadata.get(_ATTENTION, "[]"))]
     example = _example(metadata, example_inputs, path)
     trial = copy.deepcopy(module)
     try:
-        replay_shrink_(trial, history, example, heads)
+        replay_shrink_(trial, history, example, heads, attention)
     except Exception as err:  # the graph of this instance does not take the recorded shrink
         raise DWFFileError(f"{path!r}: the recorded shrink does not apply to this {type(module).__name__} ({err}). "
                            "Module unchanged.") from err
@@ -101,6 +104,6 @@ def load_shrunk(module: nn.Module, path: str | os.PathLike[str], example_inputs:
     extra = [n for n in state if n not in expected]
     if extra:
         raise DWFFileError(f"{path!r} holds names the shrunk model lacks: {extra[:5]}. Module unchanged.")
-    replay_shrink_(module, history, example, heads)
+    replay_shrink_(module, history, example, heads, attention)
     module.load_state_dict(state, strict=True)
     return module

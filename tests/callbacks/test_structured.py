@@ -201,3 +201,43 @@ def test_structured_and_unstructured_layers_mix_in_one_fit(tmp_path):
     assert {layer.name: layer.groups for layer in report.layers} == {"net.0.weight": 32, "net.2.weight": 0}
     assert silent_rows(model.net[0]) > 0 and int((model.net[2].weight == 0).sum()) > 0
     assert report.unit_sparsity == pytest.approx(0.5, abs=1 / (32 + 64))
+
+
+class TokenEncoder(torch.nn.Module):
+    """:func:`toy_data`'s 32 inputs as 4 tokens of 8 → ``nn.TransformerEncoder`` (nn.MultiheadAttention, 4 heads of 4,
+    2 layers) → mean over tokens → 2 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 16)
+        layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.embed(x.view(x.shape[0], 4, 8))).mean(1))
+
+
+class AttentionToy(ToyModel):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net = TokenEncoder()
+
+
+def test_heads_of_multihead_attention_go_after_a_fit(tmp_path):
+    """Target mode on nn.MultiheadAttention's heads: exactly half the heads are silent after the fit, and shrink_
+    removes them (rewriting the modules with Linear projections) without changing the outputs."""
+    torch.manual_seed(0)
+    model = AttentionToy(lr=0.05, momentum=0.9, n=512)
+    attention = "net.enc.layers.*.self_attn"
+    dwf = DWFCallback(depth=3, target_sparsity=0.5,
+                      factorize=FactorizeConfig(structure={attention: "heads"}, include=[attention]))
+    _fit(tmp_path, model, dwf, max_epochs=4)
+    assert dwf.final_report.group_sparsity == 0.5
+    model.eval()
+    x = torch.randn(8, 32)
+    expected = model(x)
+    report = shrink_(model, x)
+    assert report.attention == ["net.enc.layers.0.self_attn", "net.enc.layers.1.self_attn"]
+    assert sum(4 - count for _, count in report.heads.values()) == 4
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

@@ -208,24 +208,71 @@ def test_a_forward_with_hard_coded_widths_is_refused_and_undone():
     torch.testing.assert_close(model(x), expected)
 
 
-def test_multihead_attention_heads_are_reported_and_kept():
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
-    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+class Encoder(nn.Module):
+    """Linear embedding, two ``nn.TransformerEncoderLayer`` blocks (nn.MultiheadAttention, 4 heads of 4), a Linear
+    head."""
+
+    def __init__(self, batch_first: bool = True, add_bias_kv: bool = False) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first),
+                                         2, enable_nested_tensor=False)
+        if add_bias_kv:
+            self.enc.layers[0].self_attn = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, L, 6)
+        h = self.embed(x if self.batch_first else x.transpose(0, 1))
+        return self.head(self.enc(h).mean(1 if self.batch_first else 0))
+
+
+def mha_gated(dead: list[list[int]], **kwargs) -> nn.Module:
+    """An :class:`Encoder` with its attention heads gated, the heads ``dead[block]`` at zero gates, collapsed."""
+    model = trained_like(lambda: Encoder(**kwargs))
+    attention = "enc.layers.*.self_attn"
+    factorize_(model, 3, FactorizeConfig(structure={attention: "heads"}, include=[attention]))
     with torch.no_grad():
-        mha.in_proj_weight.view(3, 4, 4, 16)[:, 1] = 0
+        for t, heads in zip(gated_tensors(model), dead, strict=True):
+            t.gates[0][heads] = 0
+    return collapse_(model).eval()
 
-    class WithMHA(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.mha, self.head = model, mha, nn.Linear(16, 3)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.body(x)
-            return self.head(self.mha(h, h, h, need_weights=False)[0].mean(1))
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads_go_after_a_linear_rewrite(batch_first, tmp_path):
+    """nn.MultiheadAttention cannot lose a head; shrink_ rewrites it with Linear projections (the same function),
+    removes its silent heads there, and a fresh instance loads the file the same way."""
+    model = mha_gated([[1, 2], [0]], batch_first=batch_first)
+    x = torch.randn(2, 5, 6)
+    expected = model(x)
+    report = shrink_(model, x)
+    assert report.attention == ["enc.layers.0.self_attn", "enc.layers.1.self_attn"]
+    assert report.heads == {"enc.layers.0.self_attn": ("num_heads", 2), "enc.layers.1.self_attn": ("num_heads", 3)}
+    attn = model.enc.layers[0].self_attn
+    assert (attn.q.out_features, attn.out.in_features) == (8, 8) and model.enc.layers[1].self_attn.v.out_features == 12
+    assert report.macs_after < report.macs_before and report.params_after < report.params_before
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # the layers' fused inference path is declined, not broken
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    path = tmp_path / "shrunk.safetensors"
+    save_shrunk(model, path, report, x)
+    fresh = load_shrunk(Encoder(batch_first=batch_first), path)
+    torch.testing.assert_close(fresh.eval()(x), expected, atol=1e-5, rtol=1e-5)
 
-    net = WithMHA().eval()
-    report = shrink_(net, torch.randn(2, 5, 6))
-    assert "packs q/k/v" in report.skipped["mha"] and net.mha.num_heads == 4
+
+def test_multihead_attention_that_cannot_be_rewritten_or_is_ignored_is_kept():
+    model = mha_gated([[1], [0]], add_bias_kv=True)  # block 0's bias_k/bias_v are not gated: its heads stay
+    x = torch.randn(2, 5, 6)
+    expected = model(x)
+    report = shrink_(model, x)
+    assert "add_bias_kv" in report.skipped["enc.layers.0.self_attn"]
+    assert isinstance(model.enc.layers[0].self_attn, nn.MultiheadAttention) and report.attention == [
+        "enc.layers.1.self_attn"]
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    kept = mha_gated([[1], [0]])
+    report = shrink_(kept, x, ignored_layers=[kept.enc.layers[1].self_attn])  # ignored: stays packed and whole
+    assert report.attention == ["enc.layers.0.self_attn"]
+    assert isinstance(kept.enc.layers[1].self_attn, nn.MultiheadAttention)
 
 
 def test_model_outputs_stay_and_a_factorized_model_is_refused():
