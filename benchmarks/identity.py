@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -40,7 +41,6 @@ class Tiny(LightningModule):
         super().__init__()
         self.opt, self.lr = opt, lr
         self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
-        self.logged: list[tuple[int, dict[str, float]]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -48,11 +48,6 @@ class Tiny(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
-
-    def log_dict(self, dictionary: Any, *args: Any, **kwargs: Any) -> None:
-        if "dwf/sparsity" in dictionary:
-            self.logged.append((self.trainer.global_step, {k: float(v) for k, v in dictionary.items()}))
-        super().log_dict(dictionary, *args, **kwargs)
 
     def configure_optimizers(self) -> Any:
         if self.opt == "sgd":
@@ -69,12 +64,36 @@ class Tiny(LightningModule):
         return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=g)
 
 
+class Recorder(Logger):
+    """Keeps every ``(step, metrics)`` the callback logs during training (its fit-end ``dwf/final/*`` left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "identity"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "dwf/sparsity" in metrics:
+            self.logged.append((int(step or 0), {k: float(v) for k, v in metrics.items()}))
+
+
 def run(name: str, root: str) -> dict[str, Any]:
     spec = SCENARIOS[name]
     torch.manual_seed(0)
     model = Tiny(spec["opt"], spec["lr"])
     dwf = DWFCallback(depth=3, verbose=False, log_pictures=False, **spec["dwf"])
-    trainer = Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_epochs=15, logger=False,
+    recorder = Recorder()
+    trainer = Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_epochs=15, logger=recorder,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       log_every_n_steps=5, num_sanity_val_steps=0, callbacks=[dwf])
     error = ""
@@ -82,7 +101,7 @@ def run(name: str, root: str) -> dict[str, Any]:
         trainer.fit(model)
     except Exception as err:  # a diverged scenario is a result too (a RuntimeError before the exception family)
         error = "diverged" if isinstance(err, RuntimeError) and "NaN/Inf" in str(err) else type(err).__name__
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "logged": model.logged,
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "logged": recorder.logged,
             "error": error}
 
 
