@@ -78,7 +78,7 @@ class LinearMultiheadAttention(nn.Module):
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:  # batch first inside: the MACs count reads a layer's first axis as the batch
+        elif not self.batch_first:  # batch first inside
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         batch, length = query.shape[:2]
         q, k, v = (self._heads(proj(x)) for proj, x in ((self.q, query), (self.k, key), (self.v, value)))

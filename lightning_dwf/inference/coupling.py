@@ -230,14 +230,17 @@ def zero_channels(module: nn.Module, positions: list[int]) -> Tensor:
 
 
 def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
-    """MACs per sample of every Conv and Linear layer of ``model`` on ``example_inputs`` (forward hooks)."""
+    """MACs per sample of every Conv and Linear layer of ``model`` on ``example_inputs`` (forward hooks): each layer's
+    MACs over the whole input, divided by the size of the input's first axis (the first tensor's; the batch of a
+    batch-first model), so a layer that sees the batch on another axis (a sequence-first attention inside, tokens
+    flattened into the batch) counts the same as one that does not."""
     found: dict[str, float] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, LAYERS):
             def hook(mod: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
                 per_output = mod.weight[0].numel()  # inputs per output element (in / groups × kernel)
-                found[name] = found.get(name, 0.0) + out.numel() / max(out.shape[0], 1) * per_output
+                found[name] = found.get(name, 0.0) + out.numel() * per_output
             handles.append(module.register_forward_hook(hook))
     was = model.training
     model.eval()
@@ -253,4 +256,17 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
         model.train(was)
         for h in handles:
             h.remove()
-    return found
+    batch = _batch_size(example_inputs)
+    return {name: macs / batch for name, macs in found.items()}
+
+
+def _batch_size(example_inputs: Any) -> int:
+    """The first axis of the first tensor in ``example_inputs`` (a tensor, a tuple or list, or a dict), else 1."""
+    if torch.is_tensor(example_inputs):
+        return max(int(example_inputs.shape[0]), 1) if example_inputs.dim() else 1
+    values = example_inputs.values() if isinstance(example_inputs, dict) else example_inputs
+    if isinstance(values, (tuple, list)) or isinstance(example_inputs, dict):
+        for value in values:
+            if torch.is_tensor(value):
+                return _batch_size(value)
+    return 1

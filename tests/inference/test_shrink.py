@@ -21,6 +21,7 @@ from lightning_dwf import (
     save_shrunk,
     shrink_,
 )
+from lightning_dwf.inference import count_macs_and_params
 
 pytest.importorskip("torch_pruning")
 
@@ -258,6 +259,18 @@ def test_multihead_attention_heads_go_after_a_linear_rewrite(batch_first, tmp_pa
     save_shrunk(model, path, report, x)
     fresh = load_shrunk(Encoder(batch_first=batch_first), path)
     torch.testing.assert_close(fresh.eval()(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_macs_are_per_sample_whatever_axis_a_layer_sees_the_batch_on():
+    """A sequence-first encoder inside a batch-first model counts the MACs of the batch-first one, at any batch size
+    (the count divides each layer's MACs by the input's first axis, not by the layer's own first axis)."""
+    torch.manual_seed(0)
+    first, inner = Encoder(batch_first=True), Encoder(batch_first=False)
+    inner.load_state_dict(first.state_dict())
+    per_sample = count_macs_and_params(first, torch.randn(1, 5, 6))[0]
+    assert per_sample == count_macs_and_params(first, torch.randn(3, 5, 6))[0]
+    assert per_sample == count_macs_and_params(inner, torch.randn(3, 5, 6))[0]
+    assert per_sample == count_macs_and_params(inner, (torch.randn(2, 5, 6),))[0]
 
 
 def test_multihead_attention_that_cannot_be_rewritten_or_is_ignored_is_kept():
