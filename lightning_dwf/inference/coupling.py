@@ -230,10 +230,10 @@ def zero_channels(module: nn.Module, positions: list[int]) -> Tensor:
 
 
 def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
-    """MACs per sample of every Conv and Linear layer of ``model`` on ``example_inputs`` (forward hooks): each layer's
-    MACs over the whole input, divided by the size of the input's first axis (the first tensor's; the batch of a
-    batch-first model), so a layer that sees the batch on another axis (a sequence-first attention inside, tokens
-    flattened into the batch) counts the same as one that does not."""
+    """MACs per sample of every Conv and Linear layer (and ``nn.MultiheadAttention``'s projections) of ``model`` on
+    ``example_inputs`` (forward hooks): each layer's MACs over the whole input, divided by the size of the input's
+    first axis (the first tensor's; the batch of a batch-first model), so a layer that sees the batch on another axis
+    (a sequence-first attention inside, tokens flattened into the batch) counts the same as one that does not."""
     found: dict[str, float] = {}
     handles = []
     for name, module in model.named_modules():
@@ -242,6 +242,8 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
                 per_output = mod.weight[0].numel()  # inputs per output element (in / groups × kernel)
                 found[name] = found.get(name, 0.0) + out.numel() * per_output
             handles.append(module.register_forward_hook(hook))
+        elif isinstance(module, nn.MultiheadAttention):  # its projections are not called as layers: count them here
+            handles.append(module.register_forward_hook(_attention_hook(found, name), with_kwargs=True))
     was = model.training
     model.eval()
     try:
@@ -258,6 +260,21 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
             h.remove()
     batch = _batch_size(example_inputs)
     return {name: macs / batch for name, macs in found.items()}
+
+
+def _attention_hook(found: dict[str, float], name: str) -> Callable[..., None]:
+    """A forward hook adding an ``nn.MultiheadAttention``'s projection MACs to ``found[name]``: q and the output
+    projection on every query token, k and v on every key and value token (what the same module rewritten with Linear
+    layers counts; the attention products are not counted, as for Linear attention)."""
+
+    def hook(mod: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> None:
+        query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]])[:3]
+        embed = mod.embed_dim
+        tokens = query.numel() // embed
+        macs = 2 * tokens * embed * embed + key.numel() * embed + value.numel() * embed
+        found[name] = found.get(name, 0.0) + float(macs)
+
+    return hook
 
 
 def _batch_size(example_inputs: Any) -> int:

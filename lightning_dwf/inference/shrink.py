@@ -74,8 +74,9 @@ class ShrinkReport:
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: Any) -> tuple[float, int]:
-    """``(MACs per sample of the Conv and Linear layers on example_inputs, parameters)``: the one MACs definition of
-    the package (:func:`~lightning_dwf.inference.coupling.layer_macs`), the one budgets are met in."""
+    """``(MACs per sample of the Conv and Linear layers and attention projections on example_inputs, parameters)``: the
+    one MACs definition of the package (:func:`~lightning_dwf.inference.coupling.layer_macs`), the one budgets are met
+    in."""
     return sum(layer_macs(model, example_inputs).values()), sum(p.numel() for p in model.parameters())
 
 

@@ -8,8 +8,9 @@ graph on a collapsed copy, and forward hooks for each layer's MACs on the exampl
 cost of any set of zero groups in microseconds, so each of the budget regime's cuts along the ramp meets its budget
 exactly.
 
-MACs count the Conv and Linear layers (one multiply–accumulate per weight and output position); parameters count every
-parameter of the model, as ``sum(p.numel())`` of the shrunk model does.
+MACs count the Conv and Linear layers (one multiply–accumulate per weight and output position) and the projections of
+``nn.MultiheadAttention`` (a gated one is traced in the Linear form :func:`~lightning_dwf.shrink_` removes its heads
+in); parameters count every parameter of the model, as ``sum(p.numel())`` of the shrunk model does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 from lightning_dwf.core.collapse import collapse_
 from lightning_dwf.core.gate_targets import BATCH_NORMS
 from lightning_dwf.core.gating import GatedTensor, gated_tensors, relative_scores
+from lightning_dwf.core.groups import GroupLayout
+from lightning_dwf.inference.attention import LinearMultiheadAttention
 from lightning_dwf.inference.coupling import (
     LAYERS,
     ChannelSpace,
@@ -57,8 +60,10 @@ class CostModel:
 
     def __init__(self, module: nn.Module, example_inputs: Any) -> None:
         plain = collapse_(copy.deepcopy(module))
-        names = {m: n for n, m in plain.named_modules()}
         layouts = {t.name: t.layout for t in gated_tensors(module) if t.layout.dim == 0}  # outputs and heads
+        #: q/k/v Linear layers of a gated nn.MultiheadAttention, rewritten as shrink_ does: their gated tensor's name
+        aliases = rewrite_gated_attention_(plain, layouts)
+        names = {m: n for n, m in plain.named_modules()}
         macs = layer_macs(plain, example_inputs)
         self.spaces: list[ChannelSpace] = [s for s in channel_spaces(build_graph(plain, example_inputs))
                                            if s.shrinkable]
@@ -67,7 +72,7 @@ class CostModel:
         for space in self.spaces:
             writers: list[tuple[str | None, Tensor]] = []
             for m, positions in space.writers:
-                name = f"{names[m]}.weight"
+                name = aliases.get(f"{names[m]}.weight", f"{names[m]}.weight")
                 layout = layouts.get(name)
                 channel = torch.tensor(positions, dtype=torch.long)
                 if layout is None:
@@ -94,6 +99,8 @@ class CostModel:
             elif isinstance(m, BATCH_NORMS) and m.affine:
                 self._layers.append(_Layer(where_out.get(id(m)), None, 0, 2 * out_channels(m), 0.0))
                 modeled += 2 * out_channels(m)
+            elif isinstance(m, nn.MultiheadAttention):  # not gated: its projections' MACs stay (parameters: other)
+                self._layers.append(_Layer(None, None, 0, 0, macs.get(name, 0.0)))
         self._other_params = sum(p.numel() for p in plain.parameters()) - modeled
         self.dense = {"macs": sum(layer.macs for layer in self._layers), "params": float(self.cost({}, "params"))}
 
@@ -124,6 +131,22 @@ class CostModel:
             else:
                 total += layer.weight * f_out * f_in + layer.bias * f_out
         return total
+
+
+def rewrite_gated_attention_(plain: nn.Module, layouts: Mapping[str, GroupLayout]) -> dict[str, str]:
+    """Rewrite each ``nn.MultiheadAttention`` of the collapsed ``plain`` whose packed projection is gated (in
+    ``layouts``) as :class:`~lightning_dwf.inference.attention.LinearMultiheadAttention`, the form
+    :func:`~lightning_dwf.shrink_` removes its heads in; returns ``{"<module>.q.weight": "<module>.in_proj_weight", …}``
+    (a head of the packed tensor is the same head of q, k and v)."""
+    aliases = {}
+    for name, m in list(plain.named_modules()):
+        gated = f"{name}.in_proj_weight" if name else "in_proj_weight"
+        if not name or not isinstance(m, nn.MultiheadAttention) or gated not in layouts:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(parent_name), attr, LinearMultiheadAttention.from_mha(m))
+        aliases |= {f"{name}.{p}.weight": gated for p in ("q", "k", "v")}
+    return aliases
 
 
 def budget_masks(

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dwf import DWFCallback, FactorizeConfig, ScheduleConfig, gated_tensors, shrink_
+from lightning_dwf.inference import count_macs_and_params
 
 from .helpers import OptToy, _fit
 from .test_ddp import RankAgreement
@@ -240,4 +241,30 @@ def test_heads_of_multihead_attention_go_after_a_fit(tmp_path):
     report = shrink_(model, x)
     assert report.attention == ["net.enc.layers.0.self_attn", "net.enc.layers.1.self_attn"]
     assert sum(4 - count for _, count in report.heads.values()) == 4
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("measure", ["macs", "params"])
+def test_a_budget_counts_and_removes_multihead_attention_heads(tmp_path, measure):
+    """BudgetConfig on nn.MultiheadAttention's heads (and the feed-forward neurons): the cost model sees the packed
+    projections as the Linear ones shrink_ rewrites them into, so the shrunk model's cost is the predicted one, within
+    the budget; with no silent head the module stays packed and counts the same."""
+    from lightning_dwf import BudgetConfig
+
+    torch.manual_seed(0)
+    model = AttentionToy(lr=0.05, momentum=0.9, n=512)
+    x = torch.randn(4, 32)
+    dense = count_macs_and_params(model, x)
+    attention, feedforward = "net.enc.layers.*.self_attn", "net.enc.layers.*.linear1"
+    dwf = DWFCallback(depth=3, regime=BudgetConfig(0.6, measure=measure, example_inputs=x),
+                      factorize=FactorizeConfig(structure={attention: "heads", feedforward: "outputs"},
+                                                include=[attention, feedforward]))
+    trainer = _fit(tmp_path, model, dwf, max_epochs=4)
+    predicted = float(trainer.callback_metrics["dwf/shrunk_cost"])
+    model.eval()
+    expected = model(x)
+    report = shrink_(model, x)
+    shrunk = count_macs_and_params(model, x)
+    cost = shrunk[0] / dense[0] if measure == "macs" else shrunk[1] / dense[1]
+    assert report.heads and cost == pytest.approx(predicted, rel=1e-6) and cost <= 0.6
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

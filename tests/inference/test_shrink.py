@@ -21,7 +21,7 @@ from lightning_dwf import (
     save_shrunk,
     shrink_,
 )
-from lightning_dwf.inference import count_macs_and_params
+from lightning_dwf.inference import LinearMultiheadAttention, count_macs_and_params
 
 pytest.importorskip("torch_pruning")
 
@@ -263,14 +263,19 @@ def test_multihead_attention_heads_go_after_a_linear_rewrite(batch_first, tmp_pa
 
 def test_macs_are_per_sample_whatever_axis_a_layer_sees_the_batch_on():
     """A sequence-first encoder inside a batch-first model counts the MACs of the batch-first one, at any batch size
-    (the count divides each layer's MACs by the input's first axis, not by the layer's own first axis)."""
+    (the count divides each layer's MACs by the input's first axis, not by the layer's own first axis), and
+    nn.MultiheadAttention counts what its Linear rewrite counts."""
     torch.manual_seed(0)
     first, inner = Encoder(batch_first=True), Encoder(batch_first=False)
     inner.load_state_dict(first.state_dict())
-    per_sample = count_macs_and_params(first, torch.randn(1, 5, 6))[0]
+    x1 = torch.randn(1, 5, 6)
+    per_sample = count_macs_and_params(first, x1)[0]
     assert per_sample == count_macs_and_params(first, torch.randn(3, 5, 6))[0]
     assert per_sample == count_macs_and_params(inner, torch.randn(3, 5, 6))[0]
     assert per_sample == count_macs_and_params(inner, (torch.randn(2, 5, 6),))[0]
+    for layer in first.enc.layers:  # nn.MultiheadAttention counts its projections as its Linear rewrite does
+        layer.self_attn = LinearMultiheadAttention.from_mha(layer.self_attn)
+    assert count_macs_and_params(first, torch.randn(2, 5, 6)) == (per_sample, count_macs_and_params(inner, x1)[1])
 
 
 def test_multihead_attention_that_cannot_be_rewritten_or_is_ignored_is_kept():
