@@ -131,8 +131,18 @@ def mlp_2048(num_classes: int = 10) -> nn.Module:
     )
 
 
+def vit_mha(num_classes: int = 10) -> nn.Module:
+    """:class:`TinyViT` with its blocks written as ``nn.TransformerEncoder`` layers (``nn.MultiheadAttention``,
+    pre-LayerNorm, GELU, no dropout): the same sizes, the attention most PyTorch models use."""
+    net = TinyViT(num_classes)
+    layer = nn.TransformerEncoderLayer(64, 4, 2 * 64, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    net.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    return net
+
+
 #: Models of the structured speed benchmark only (``benchmarks.structured_speed``).
-SPEED_MODELS = {"mlp2048": mlp_2048}
+SPEED_MODELS = {"mlp2048": mlp_2048, "vit-mha": vit_mha}
 
 
 def vgg11_bn_cifar(num_classes: int = 10) -> nn.Module:

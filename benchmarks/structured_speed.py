@@ -69,9 +69,11 @@ SCOPE = {
     "mlp2048": ["net.1", "net.3"],
     "cnn-bn": ["net.0", "net.4", "net.9"],
     "vit": ["net.blocks.*.mlp.0", "net.blocks.*.attn.[qkv]"],
+    "vit-mha": ["net.blocks.layers.*.linear1", "net.blocks.layers.*.self_attn"],
 }
-#: Scoped layers gated and pruned by whole attention heads (their head count): q/k/v projections.
-HEADS = {"vit": {"net.blocks.*.attn.[qkv]": 4}}
+#: Scoped layers gated and pruned by whole attention heads (their head count): q/k/v projections, or the packed one of
+#: ``nn.MultiheadAttention`` (``vit-mha``; DWF only: the peers' head pruning is not set up for it).
+HEADS = {"vit": {"net.blocks.*.attn.[qkv]": 4}, "vit-mha": {"net.blocks.layers.*.self_attn": 4}}
 BATCHES = (1, 64)
 BATCH_SIZE = 256
 #: ``use_sparse_kernels_``'s measuring time per layer and batch size (s).
