@@ -121,3 +121,17 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     return mask.to(dtype)
+
+
+def rewrite_attention_(model: nn.Module, name: str) -> LinearMultiheadAttention:
+    """Replace the ``nn.MultiheadAttention`` ``model.<name>`` (a submodule, not ``model`` itself) by its
+    :class:`LinearMultiheadAttention` in its parent; returns the new module.
+
+    Raises:
+        ValueError: a form :meth:`LinearMultiheadAttention.from_mha` does not reproduce.
+    """
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    new = LinearMultiheadAttention.from_mha(getattr(parent, attr))
+    setattr(parent, attr, new)
+    return new

@@ -281,9 +281,6 @@ def _batch_size(example_inputs: Any) -> int:
     """The first axis of the first tensor in ``example_inputs`` (a tensor, a tuple or list, or a dict), else 1."""
     if torch.is_tensor(example_inputs):
         return max(int(example_inputs.shape[0]), 1) if example_inputs.dim() else 1
-    values = example_inputs.values() if isinstance(example_inputs, dict) else example_inputs
-    if isinstance(values, (tuple, list)) or isinstance(example_inputs, dict):
-        for value in values:
-            if torch.is_tensor(value):
-                return _batch_size(value)
-    return 1
+    items = example_inputs.values() if isinstance(example_inputs, dict) else (
+        example_inputs if isinstance(example_inputs, (tuple, list)) else ())
+    return next((_batch_size(v) for v in items if torch.is_tensor(v)), 1)

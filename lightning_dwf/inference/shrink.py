@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_dwf.errors import DWFError
-from lightning_dwf.inference.attention import LinearMultiheadAttention
+from lightning_dwf.inference.attention import rewrite_attention_
 from lightning_dwf.inference.coupling import build_graph, channel_spaces, layer_macs, set_heads_, zero_channels
 
 
@@ -142,7 +142,7 @@ def shrink_(
     before_state = copy.deepcopy(model)
     reference = _forward(model, example_inputs)
     skipped: dict[str, str] = {}
-    attention = _rewrite_attention_(model, skipped, ignored_layers)
+    attention = _rewrite_silent_attention_(model, skipped, ignored_layers)
     macs_before, params_before = count_macs_and_params(model, example_inputs)
     dg = build_graph(model, example_inputs)
     removed: dict[str, int] = {}
@@ -195,7 +195,8 @@ def shrink_(
                         attention)
 
 
-def _rewrite_attention_(model: nn.Module, skipped: dict[str, str], ignored: Sequence[nn.Module] = ()) -> list[str]:
+def _rewrite_silent_attention_(model: nn.Module, skipped: dict[str, str],
+                               ignored: Sequence[nn.Module] = ()) -> list[str]:
     """Rewrite every ``nn.MultiheadAttention`` of ``model`` with a silent head (and not in ``ignored``) as a
     :class:`~lightning_dwf.inference.attention.LinearMultiheadAttention` in its parent; returns their names (those
     that cannot be rewritten go into ``skipped`` with the reason)."""
@@ -207,18 +208,13 @@ def _rewrite_attention_(model: nn.Module, skipped: dict[str, str], ignored: Sequ
             skipped[name] = "the model is an nn.MultiheadAttention itself; wrap it in a module to shrink its heads"
             continue
         try:
-            _rewrite_one_(model, name)
+            rewrite_attention_(model, name)
         except ValueError as err:
             skipped[name] = str(err)
             continue
         rewritten.append(name)
     return rewritten
 
-
-def _rewrite_one_(model: nn.Module, name: str) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    setattr(parent, attr, LinearMultiheadAttention.from_mha(getattr(parent, attr)))
 
 
 def _silent_heads(mha: nn.MultiheadAttention) -> bool:
@@ -260,7 +256,7 @@ def replay_shrink_(
     """Shrink a fresh instance the way a :class:`ShrinkReport`'s ``history``, ``heads`` and ``attention`` record (same
     class)."""
     for name in attention:
-        _rewrite_one_(model, name)
+        rewrite_attention_(model, name)
     dg = build_graph(model, example_inputs)
     dg.load_pruning_history([[n, bool(o), list(i)] for n, o, i in history])
     set_heads_(model, dict(heads or {}))

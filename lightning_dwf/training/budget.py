@@ -28,7 +28,7 @@ from lightning_dwf.core.collapse import collapse_
 from lightning_dwf.core.gate_targets import BATCH_NORMS
 from lightning_dwf.core.gating import GatedTensor, gated_tensors, relative_scores
 from lightning_dwf.core.groups import GroupLayout
-from lightning_dwf.inference.attention import LinearMultiheadAttention
+from lightning_dwf.inference.attention import rewrite_attention_
 from lightning_dwf.inference.coupling import (
     LAYERS,
     ChannelSpace,
@@ -143,8 +143,7 @@ def rewrite_gated_attention_(plain: nn.Module, layouts: Mapping[str, GroupLayout
         gated = f"{name}.in_proj_weight" if name else "in_proj_weight"
         if not name or not isinstance(m, nn.MultiheadAttention) or gated not in layouts:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(plain.get_submodule(parent_name), attr, LinearMultiheadAttention.from_mha(m))
+        rewrite_attention_(plain, name)
         aliases |= {f"{name}.{p}.weight": gated for p in ("q", "k", "v")}
     return aliases
 
