@@ -356,3 +356,31 @@ def test_bad_shrunk_files_are_refused_and_change_nothing(tmp_path):
     with pytest.raises(DWFFileError):
         load_shrunk(fresh, tmp_path / "corrupt.dwf")
     assert fresh[0].out_features == 32
+
+
+def test_decoder_self_and_cross_attention_heads_go():
+    """nn.TransformerDecoderLayer: the self-attention and the cross-attention (queries from the target, keys and values
+    from the memory) each lose their silent head, and the outputs stay."""
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            layer = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+            self.dec, self.head = nn.TransformerDecoder(layer, 1), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            return self.head(self.dec(h[:, :3], h).mean(1))
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    with torch.no_grad():
+        for attention in (model.dec.layers[0].self_attn, model.dec.layers[0].multihead_attn):
+            attention.in_proj_weight.view(3, 4, 4, 16)[:, 1] = 0
+            attention.in_proj_bias.view(3, 4, 4)[:, 1] = 0
+    x = torch.randn(2, 5, 6)
+    expected = model(x)
+    report = shrink_(model, x)
+    assert report.heads == {"dec.layers.0.self_attn": ("num_heads", 3), "dec.layers.0.multihead_attn": ("num_heads", 3)}
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
