@@ -132,7 +132,13 @@ def ratio(row: dict, method: str, base: str) -> tuple[float, tuple[float, float]
     rounds = row.get("round_seconds")
     if not rounds or method not in rounds or base not in rounds:
         return row["seconds"][method] / row["seconds"][base], None
-    ratios = [m / b for m, b in zip(rounds[method], rounds[base], strict=True)]
+    return round_ratio(rounds[method], rounds[base])
+
+
+def round_ratio(tops: list[float], bottoms: list[float]) -> tuple[float, tuple[float, float]]:
+    """The median over alternated rounds of ``top / bottom`` within each round, with the smallest and largest (the
+    machine drifts between rounds; within a round the two ran back to back)."""
+    ratios = [t / b for t, b in zip(tops, bottoms, strict=True)]
     return statistics.median(ratios), (min(ratios), max(ratios))
 
 

@@ -28,10 +28,11 @@ import statistics
 import torch
 from torch import nn
 
+from benchmarks.fit_cost import round_ratio
 from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
 from benchmarks.structured_speed import latency
 from lightning_dwf import shrink_
-from lightning_dwf.inference.attention import LinearMultiheadAttention
+from lightning_dwf.inference.attention import rewrite_attention_
 
 OUT = RESULTS / "mha_shrink.jsonl"
 WIDTH, HEADS, LAYERS, TOKENS = 256, 8, 4, 64
@@ -67,8 +68,8 @@ def with_zero_heads(fraction: float, seed: int) -> Encoder:
 def rewritten(model: Encoder) -> Encoder:
     """``model`` with every attention rewritten with Linear projections, no head removed."""
     out = copy.deepcopy(model)
-    for layer in out.enc.layers:
-        layer.self_attn = LinearMultiheadAttention.from_mha(layer.self_attn)
+    for i in range(len(out.enc.layers)):
+        rewrite_attention_(out, f"enc.layers.{i}.self_attn")
     return out
 
 
@@ -103,10 +104,9 @@ def measure(fractions: list[float], batches: list[int], rounds: int, min_run_tim
 
 
 def _ratio(row: dict, top: str, bottom: str) -> str:
-    """``top / bottom`` as the median over the rounds of the ratio within each round, with the smallest and largest
-    (the machine drifts between rounds; within a round the models run back to back)."""
-    ratios = [a / b for a, b in zip(row["round_ms"][top], row["round_ms"][bottom], strict=True)]
-    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+    """``top / bottom`` over the row's rounds (:func:`~benchmarks.fit_cost.round_ratio`), as a table cell."""
+    median, (low, high) = round_ratio(row["round_ms"][top], row["round_ms"][bottom])
+    return f"{median:.2f}× ({low:.2f}–{high:.2f})"
 
 
 def write_report() -> None:
