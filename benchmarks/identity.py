@@ -7,8 +7,9 @@ such files bit for bit.
 
 Scenarios (tiny MLP on synthetic data, CPU, one thread, deterministic): fixed λ with SGD (the gradient penalty), fixed
 λ with AdamW (the proximal step), target mode with SGD through its recovery phase, target mode with AdamW, and the
-quantization-aware finish after fixed λ (SGD) and after target mode (AdamW). A scenario that triggers a rollback is
-included too (an SGD learning rate at which the factors overflow).
+quantization-aware finish after fixed λ (SGD) and after target mode (AdamW), and structured DWF (gated output neurons)
+with fixed λ (AdamW) and to a MACs budget (SGD and AdamW). A scenario that triggers a rollback is included too (an SGD
+learning rate at which the factors overflow).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dwf import DWFCallback
+from lightning_dwf import BudgetConfig, DWFCallback, FactorizeConfig
 
+#: Structured DWF: the hidden layers' output neurons gated (the output layer stays plain).
+GATED = FactorizeConfig(structure="outputs", include=["net.0", "net.2"])
+EXAMPLE = torch.zeros(2, 32)
 SCENARIOS: dict[str, dict[str, Any]] = {
     "fixed_sgd": dict(opt="sgd", lr=0.1, dwf=dict(lam=0.03)),
     "fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.05)),
@@ -33,6 +37,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "quant_fixed_sgd": dict(opt="sgd", lr=0.1, dwf=dict(lam=0.03, quantize_bits=4)),
     "quant_target_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(target_sparsity=0.9, quantize_bits=8)),
     "rollback_sgd": dict(opt="sgd", lr=12.0, dwf=dict(lam=1e-3)),
+    "gated_fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.05, factorize=GATED)),
+    "budget_sgd": dict(opt="sgd", lr=0.1, dwf=dict(regime=BudgetConfig(0.3, example_inputs=EXAMPLE), factorize=GATED)),
+    "budget_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(regime=BudgetConfig(0.3, example_inputs=EXAMPLE),
+                                                       factorize=GATED)),
 }
 
 

@@ -4,6 +4,7 @@ and the support do."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -198,7 +199,7 @@ class DWFCallback(FitResults, Callback):
         assert self._run is not None
         loss, step = outputs.get("loss") if isinstance(outputs, dict) else outputs, trainer.global_step
         if not self._run.after_batch(pl_module, trainer.optimizers, step,
-                                     not (torch.is_tensor(loss) and not bool(torch.isfinite(loss)))):
+                                     not (torch.is_tensor(loss) and not math.isfinite(loss.item()))):
             return
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if self._pictures.histograms_due(step, every) and not self._sharded:  # rank-zero pictures need full tensors

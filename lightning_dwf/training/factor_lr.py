@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_dwf.config import FactorLRConfig
-from lightning_dwf.core.factorize import sparse_tensors
+from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
 from lightning_dwf.core.functional import auto_gated_lr_multiplier, auto_lr_multiplier, lam_to_weight_decay, lr_floor
 from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.sharding import root_mean_square
@@ -40,11 +40,12 @@ def plan_multipliers(module: nn.Module, config: FactorLRConfig, depth: int, pena
     return out
 
 
-def apply_multipliers(penalty: FactorPenalty, module: nn.Module, multipliers: dict[str, float], step: int,
-                      start: int, total: float, warmup: float) -> None:
+def apply_multipliers(penalty: FactorPenalty, tensors: Sequence[FactorizedTensor | GatedTensor],
+                      multipliers: dict[str, float], step: int, start: int, total: float, warmup: float) -> None:
     """Put each tensor's multiplier, ramped by the warm-up that began at step ``start``
-    (:func:`warmup_multiplier`), into ``penalty`` for every factor of the tensor."""
-    for tensor in sparse_tensors(module):
+    (:func:`warmup_multiplier`), into ``penalty`` for every factor of the tensor (``tensors``: the model's
+    :func:`~lightning_dwf.core.factorize.sparse_tensors`, found once per fit: the ramp moves at every step)."""
+    for tensor in tensors:
         m = warmup_multiplier(step, start, total, warmup, multipliers.get(tensor.name, 1.0))
         for factor in tensor.factors:
             penalty.multipliers[id(factor)] = m

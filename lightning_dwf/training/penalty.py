@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
 from lightning_dwf.core.gating import GatedTensor
-from lightning_dwf.core.sharding import is_sharded, local_tensor
+from lightning_dwf.core.sharding import is_sharded
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -323,23 +323,24 @@ class FactorPenalty:
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
+        scale, multipliers = self.lr_multiplier, self.multipliers  # multiplier_of, inlined: it runs at every step
         saved = [(p, m, self._copy(p)) for p in self._scaled_candidates[id(optimizer)]
-                 if (m := self.multiplier_of(p)) != 1.0]
+                 if (m := scale * multipliers.get(id(p), 1.0)) != 1.0]
         if saved:
             self._snapshots[id(optimizer)] = saved
 
     def _copy(self, param: nn.Parameter) -> torch.Tensor:
         """``param``'s values before the step, in a buffer kept from step to step: a fresh copy of every factor at
         every step made the allocator hand back and fault in the whole factor memory each time (sharded parameters
-        are cloned)."""
+        are cloned; none has a buffer)."""
+        buffer = self._buffers.get(id(param))
+        if (buffer is not None and buffer.shape == param.shape and buffer.dtype == param.dtype
+                and buffer.device == param.device):
+            return buffer.copy_(param)
         if is_sharded(param):
             return param.detach().clone()
-        buffer = self._buffers.get(id(param))
-        same = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (param.shape, param.dtype,
-                                                                                     param.device)
-        if not same:
-            buffer = self._buffers[id(param)] = torch.empty_like(param, memory_format=torch.preserve_format)
-        return buffer.copy_(param.detach())
+        buffer = self._buffers[id(param)] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return buffer.copy_(param)
 
     @torch.no_grad()
     def _scale_update(self, optimizer: Optimizer, *_: Any) -> None:
@@ -347,5 +348,6 @@ class FactorPenalty:
         if saved is None:
             return
         for p, m, before in saved:  # p = before + m·(after − before), written into p (on this rank's shards)
-            after = local_tensor(p)
-            torch.lerp(local_tensor(before), after, m, out=after)
+            if is_sharded(p):
+                p, before = p.to_local(), before.to_local()
+            torch.lerp(before, p, m, out=p)

@@ -30,7 +30,8 @@ from typing import Any
 from torch import nn
 
 from lightning_dwf.config import FactorLRConfig
-from lightning_dwf.core.factorize import factor_parameters, sparse_tensors
+from lightning_dwf.core.factorize import FactorizedTensor, factor_parameters, sparse_tensors
+from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, DEFAULT_THRESHOLD, GATED_DECOUPLED_AUTO_MULTIPLIER
 from lightning_dwf.errors import DWFDeadLayerWarning, DWFRollbackWarning, dead_layer_message
 from lightning_dwf.observe.report import SparsityReport, sparsity_report, weight_scales
@@ -87,11 +88,13 @@ class TrainingRun:
         self._progress = math.nan  # the factor LR ramp's progress last put into the penalty
         self._exempt: frozenset[str] = frozenset()  # the regime's guarded tensors last put into the penalty
         self._scales: dict[str, float] = {}  # the regime's per-tensor λ factors last put into the penalty
+        self._tensors: list[FactorizedTensor | GatedTensor] = []  # the module's sparse tensors (from bind)
 
     def bind(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> dict[str, float]:
         """Fit start: bind the penalty to ``optimizers`` and set the factor LR multipliers (a resume keeps those it
         restored). Returns the param groups whose own weight decay on the factors is neutralized."""
         self._warned_dead = False
+        self._tensors = sparse_tensors(module)
         self.penalty = FactorPenalty(factor_parameters(module), self.regime.lam, self.depth, self.rollback.scale)
         self.penalty.bind(optimizers)
         self._exempt, self._scales = frozenset(), {}  # the new penalty exempts and scales nothing yet
@@ -102,7 +105,7 @@ class TrainingRun:
                           f"{DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type, gated tensors by their groups' norm "
                           f"under SGD, {GATED_DECOUPLED_AUTO_MULTIPLIER:g} under Adam-type): "
                           + ", ".join(f"{name} ×{m:.3g}" for name, m in self.multipliers.items()))
-        self._apply_multipliers(module, self._at(module, optimizers, step, total_steps), force=True)
+        self._apply_multipliers(self._at(module, optimizers, step, total_steps), force=True)
         return self.penalty.user_weight_decay()
 
     def start(self, module: nn.Module, optimizers: Sequence[Any], step: int,
@@ -137,7 +140,7 @@ class TrainingRun:
         ctx = self._at(module, optimizers, step, total_steps)
         self.regime.before_batch(ctx)
         if self.factor_lr.warmup:
-            self._apply_multipliers(module, ctx)
+            self._apply_multipliers(ctx)
 
     def before_step(self, module: nn.Module, optimizer: Any) -> None:
         """Right before ``optimizer`` steps (after AMP unscaling, before clipping): apply the penalty at the regime's
@@ -148,7 +151,7 @@ class TrainingRun:
         penalty.lam = self.regime.lam
         exempt, scales = self.regime.exempt(), self.regime.lam_scales()
         if exempt != self._exempt or scales != self._scales:  # names to factors only when the regime changed them
-            tensors = sparse_tensors(module)
+            tensors = self._tensors
             penalty.exempt = {id(f) for t in tensors if t.name in exempt for f in t.factors}
             penalty.lam_scales = {id(f): scales[t.name] for t in tensors if t.name in scales for f in t.factors}
             self._exempt, self._scales = exempt, scales
@@ -236,13 +239,13 @@ class TrainingRun:
         ctx.module, ctx.optimizers, ctx.step, ctx.total_steps = module, optimizers, step, total_steps
         return ctx
 
-    def _apply_multipliers(self, module: nn.Module, ctx: RunContext, force: bool = False) -> None:
+    def _apply_multipliers(self, ctx: RunContext, force: bool = False) -> None:
         """Put the ramped multipliers into the penalty when the ramp moved (``force``: a new penalty)."""
         assert self.penalty is not None
         start = self.regime.warmup_start
         progress = warmup_progress(ctx.step, start, ctx.total_steps, self.factor_lr.warmup)
         if force or progress != self._progress:
-            apply_multipliers(self.penalty, module, self.multipliers, ctx.step, start, ctx.total_steps,
+            apply_multipliers(self.penalty, self._tensors, self.multipliers, ctx.step, start, ctx.total_steps,
                               self.factor_lr.warmup)
             self._progress = progress
         self.penalty.lr_multiplier = self.rollback.scale

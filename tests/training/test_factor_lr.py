@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_dwf import FactorizeConfig, FactorLRConfig, FactorPenalty, factor_parameters, factorize_
+from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, GATED_DECOUPLED_AUTO_MULTIPLIER
 from lightning_dwf.training.factor_lr import apply_multipliers, plan_multipliers, warmup_multiplier
 
@@ -33,7 +34,7 @@ def test_plan_and_apply(opt, auto):
     else:  # SGD: by each tensor's RMS, so the smaller-scale layer gets the larger multiplier
         assert planned["0.weight"] != planned["1.weight"]
     assert plan_multipliers(net, FactorLRConfig(multiplier=3.0), 3, penalty) == {"0.weight": 3.0, "1.weight": 3.0}
-    apply_multipliers(penalty, net, {"0.weight": 3.0}, step=5, start=0, total=10, warmup=1.0)
+    apply_multipliers(penalty, sparse_tensors(net), {"0.weight": 3.0}, step=5, start=0, total=10, warmup=1.0)
     factors0 = [getattr(net[0].parametrizations.weight, f"original{d}") for d in range(3)]
     assert [penalty.multiplier_of(f) for f in factors0] == pytest.approx([2.0] * 3)  # halfway up the ramp to 3
     factors1 = [getattr(net[1].parametrizations.weight, f"original{d}") for d in range(3)]

@@ -154,6 +154,31 @@ def test_lr_multiplier_equals_scaled_lr(optimizer):
     pen.unbind()
 
 
+def test_lr_multiplier_follows_a_dtype_change_between_steps():
+    """The step's snapshot buffer is kept from step to step; a model cast to float64 mid-run gets a new one (a stale
+    float32 buffer would round the snapshot, or fail the lerp)."""
+    depth, mult, x = 3, 3.0, torch.randn(8, 6, dtype=torch.float64)
+    a, b = _tiny(depth), _tiny(depth)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.01)
+    pen = FactorPenalty(factor_parameters(a), 0.0, depth, lr_multiplier=mult)
+    pen.bind([opt_a])
+    opt_b = torch.optim.SGD([{"params": factor_parameters(b), "lr": 0.01 * mult},
+                             {"params": [p for n, p in b.named_parameters() if "original" not in n]}], lr=0.01)
+    for step in range(3):
+        if step == 1:
+            a.double(), b.double()
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x.to(next(model.parameters()).dtype)).pow(2).mean().backward()
+            if model is a:
+                pen.before_step(opt)
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert pa.dtype == torch.float64
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)  # the float32 first step's rounding
+    pen.unbind()
+
+
 def test_penalty_kind_by_optimizer_family():
     ps = [torch.nn.Parameter(torch.ones(2))]
     assert penalty_kind(torch.optim.SGD(ps, lr=0.1)) == "gradient"

@@ -16,7 +16,7 @@ import torch
 
 from lightning_dwf._validation import check_choice, set_field
 from lightning_dwf.config import ScheduleConfig
-from lightning_dwf.core.gating import gated_tensors
+from lightning_dwf.core.gating import GatedTensor, gated_tensors
 from lightning_dwf.training.budget import CostModel, Measure, budget_masks
 from lightning_dwf.training.regimes.base import RunContext, register_regime
 from lightning_dwf.training.regimes.target import TargetSparsity
@@ -80,6 +80,7 @@ class Budget(TargetSparsity):
         super().__init__(config)  # type: ignore[arg-type]
         self.cost_model: CostModel | None = None
         self._cost: float | None = None
+        self._tensors: list[GatedTensor] = []  # the module's gated tensors (from start: read at every control step)
 
     def start(self, ctx: RunContext) -> None:
         """Trace the model for its cost model, then plan the controller as target mode does.
@@ -87,7 +88,8 @@ class Budget(TargetSparsity):
         Raises:
             ValueError: no gated layer, or no example input to trace the model on.
         """
-        if not gated_tensors(ctx.module):
+        self._tensors = gated_tensors(ctx.module)
+        if not self._tensors:
             raise ValueError("BudgetConfig needs gated layers: factorize with FactorizeConfig(structure='outputs') (or "
                              "'heads'/'inputs'); unstructured zeros do not shrink the model.")
         example = self.config.example_inputs
@@ -98,7 +100,7 @@ class Budget(TargetSparsity):
                              "BudgetConfig(example_inputs=...) or set `self.example_input_array` in your module.")
         if self.cost_model is None:
             self.cost_model = CostModel(ctx.module, example)
-        everything = {t.name: torch.ones(t.groups, dtype=torch.bool) for t in gated_tensors(ctx.module)}
+        everything = {t.name: torch.ones(t.groups, dtype=torch.bool) for t in self._tensors}
         floor = self.cost_model.cost(everything, self.config.measure) / self.cost_model.dense[self.config.measure]
         if floor > self.config.budget:
             raise ValueError(
@@ -113,7 +115,7 @@ class Budget(TargetSparsity):
         """The shrunk model's predicted cost / dense, with the groups whose RMS is below ``threshold`` removed."""
         assert self.cost_model is not None
         measure = self.config.measure
-        dropped = {t.name: (t.unit_magnitudes() < threshold).cpu() for t in gated_tensors(ctx.module)}
+        dropped = {t.name: (t.unit_magnitudes() < threshold).cpu() for t in self._tensors}
         return self.cost_model.cost(dropped, measure) / self.cost_model.dense[measure]
 
     def _progress(self, ctx: RunContext, threshold: float) -> float:
@@ -122,7 +124,7 @@ class Budget(TargetSparsity):
 
     def _cut(self, ctx: RunContext, sparsity: float) -> float:
         assert self.cost_model is not None
-        tensors = gated_tensors(ctx.module)
+        tensors = self._tensors
         measure = self.config.measure
         masks = budget_masks(tensors, self.cost_model, 1.0 - sparsity, measure, ctx.floor,
                              self.config.schedule.min_layer_share)
