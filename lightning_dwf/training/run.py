@@ -31,8 +31,8 @@ from torch import nn
 
 from lightning_dwf.config import FactorLRConfig
 from lightning_dwf.core.factorize import FactorizedTensor, factor_parameters, sparse_tensors
-from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.functional import DECOUPLED_AUTO_MULTIPLIER, DEFAULT_THRESHOLD, GATED_DECOUPLED_AUTO_MULTIPLIER
+from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.errors import DWFDeadLayerWarning, DWFRollbackWarning, dead_layer_message
 from lightning_dwf.observe.report import SparsityReport, sparsity_report, weight_scales
 from lightning_dwf.training.factor_lr import (
