@@ -323,9 +323,8 @@ class FactorPenalty:
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
-        scale, multipliers = self.lr_multiplier, self.multipliers  # multiplier_of, inlined: it runs at every step
         saved = [(p, m, self._copy(p)) for p in self._scaled_candidates[id(optimizer)]
-                 if (m := scale * multipliers.get(id(p), 1.0)) != 1.0]
+                 if (m := self.multiplier_of(p)) != 1.0]
         if saved:
             self._snapshots[id(optimizer)] = saved
 
