@@ -37,7 +37,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "quant_fixed_sgd": dict(opt="sgd", lr=0.1, dwf=dict(lam=0.03, quantize_bits=4)),
     "quant_target_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(target_sparsity=0.9, quantize_bits=8)),
     "rollback_sgd": dict(opt="sgd", lr=12.0, dwf=dict(lam=1e-3)),
-    "gated_fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.05, factorize=GATED)),
+    "gated_fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.2, factorize=GATED)),
     "budget_sgd": dict(opt="sgd", lr=0.1, dwf=dict(regime=BudgetConfig(0.3, example_inputs=EXAMPLE), factorize=GATED)),
     "budget_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(regime=BudgetConfig(0.3, example_inputs=EXAMPLE),
                                                        factorize=GATED)),
