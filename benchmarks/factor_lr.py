@@ -42,16 +42,20 @@ PATH = RESULTS / "factor_lr.jsonl"
 def plan(
     dataset: str, model: str, opt: str, batch_size: int, targets: list[float], multipliers: list[float | str],
     seeds: list[int], depth: int = 3, epochs: int | None = None, adam_auto: float | None = None,
+    step_cap: float | None | str = "default",
 ) -> list[dict[str, Any]]:
     """One DWF config per target, multiplier and seed on the matrix cell ``(dataset, model, opt, batch_size)``
     (a ``depth`` key only where it is not the matrix's 3, so that D = 3 rows keep their keys; ``epochs``: the
     setting's own by default, given for the short-run and small-data cells of :data:`~benchmarks.matrix.AXIS`;
-    ``adam_auto``: the Adam-type ``"auto"`` multiplier the rules start from, where it is not the library's)."""
+    ``adam_auto``: the Adam-type ``"auto"`` multiplier the rules start from, where it is not the library's;
+    ``step_cap``: ``FactorLRConfig.step_cap`` where it is not the library's default, ``None`` for no cap)."""
     base = matrix.base_config(dataset, model, opt, batch_size, epochs)
     if depth != 3:
         base["depth"] = depth
     if adam_auto is not None:
         base["adam_auto"] = adam_auto
+    if step_cap != "default":
+        base["step_cap"] = step_cap
     return [
         dict(base, method="dwf", target=t, seed=s, factor_lr_multiplier=m)
         for t in targets for m in multipliers for s in seeds
@@ -71,11 +75,13 @@ def table(rows: list[dict], matrix_rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         c = r["config"]
-        key = (
-            c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["epochs"], c["target"], c.get("depth", 3),
-            c["factor_lr_multiplier"] if "adam_auto" not in c else f"{c['factor_lr_multiplier']} (Adam auto "
-            f"{c['adam_auto']:g})",
-        )
+        mult = c["factor_lr_multiplier"]
+        if "adam_auto" in c:
+            mult = f"{mult} (Adam auto {c['adam_auto']:g})"
+        if "step_cap" in c:
+            mult = f"{_multiplier(mult)}, step cap {'none' if c['step_cap'] is None else format(c['step_cap'], 'g')}"
+        key = (c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["epochs"], c["target"], c.get("depth", 3),
+               mult)
         groups[key].append(r)
     out = [
         "| data | model | optimizer | batch | epochs | target | depth | multiplier | DWF % (seeds) | non-zeros per "
@@ -116,6 +122,16 @@ def _multiplier_argument(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"a number or one of {MULTIPLIER_RULES}, got {text!r}") from None
 
 
+def _step_cap_argument(text: str) -> float | None | str:
+    """``--step-cap``: a number, ``none`` (no cap), or ``default`` (the library's)."""
+    if text.lower() in ("none", "default"):
+        return None if text.lower() == "none" else "default"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'none', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     matrix.cell_arguments(parser, model="lenet5", opt="sgd", results=PATH)
@@ -129,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adam-auto", type=float, default=None,
                         help="the Adam-type \"auto\" multiplier in place of the library's "
                              f"{functional.DECOUPLED_AUTO_MULTIPLIER:g} (what the rules start from)")
+    parser.add_argument("--step-cap", type=_step_cap_argument, default="default",
+                        help="FactorLRConfig.step_cap (a number, or 'none' for no cap; default: the library's)")
     parser.add_argument("--report", action="store_true", help="print the table of every row, run nothing")
     args = parser.parse_args(argv)
     if args.adam_auto is not None:  # read at train start by auto_lr_multiplier
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         configs = [
             cfg for depth in args.depth
             for cfg in plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed, depth,
-                            args.epochs, args.adam_auto)
+                            args.epochs, args.adam_auto, args.step_cap)
         ]
         done = run_plan(configs, args.results, args.data_dir, matrix.load_matrix_dataset)
     print(table(list(done.values()), list(load_rows(matrix.PATH).values())))

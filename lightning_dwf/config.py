@@ -44,6 +44,10 @@ from lightning_dwf.core.init import DEFAULT_EPS_RATIO, InitStd
 #: (``ScheduleConfig.min_layer_share``, :func:`~lightning_dwf.cut_to_sparsity_`).
 DEFAULT_MIN_LAYER_SHARE = 0.1
 
+#: Under SGD-type optimizers no factorized weight moves more than this many times as far per step as a dense weight at
+#: the optimizer's LR (``FactorLRConfig.step_cap``; measured in docs/findings/why.md).
+DEFAULT_STEP_CAP = 3.0
+
 #: Targets from which the default recovery phase is shorter (a longer ramp for the penalty).
 HIGH_TARGET = 0.995
 
@@ -265,12 +269,19 @@ class FactorLRConfig:
             ``"warn"``, ``"error"`` or ``"off"``. An LR at which the penalty alone diverges is always an error.
         rollbacks: how many times a run whose weights went non-finite is rolled back to its last finite state (kept
             every metric-logging step) with the factors' step halved, before it stops with an error (0: stop at once).
+        step_cap: under SGD-type optimizers, no weight of an unstructured factorized tensor moves more than this many
+            times as far as a dense weight would at the optimizer's LR (per weight, per step; ``None``: no cap). A
+            step on the factors moves their product ``D·|w|^(2−2/D)`` times as far as a dense step, so without the cap a
+            weight that grows far past the range its multiplier was set for runs away
+            (:meth:`~lightning_dwf.FactorPenalty.cap_steps`). Adam-type steps are normalized and gated (structured)
+            tensors have their own rule; neither is capped.
     """
 
     multiplier: float | Literal["auto"] = "auto"
     warmup: float = 0.1
     check: Literal["warn", "error", "off"] = "warn"
     rollbacks: int = 3
+    step_cap: float | None = DEFAULT_STEP_CAP
 
     def __post_init__(self) -> None:
         if self.multiplier != "auto":
@@ -285,6 +296,11 @@ class FactorLRConfig:
         if isinstance(self.rollbacks, bool) or not isinstance(self.rollbacks, int) or self.rollbacks < 0:
             raise ValueError(f"`rollbacks` must be an int >= 0 (0: stop at the first non-finite step), got "
                              f"{self.rollbacks!r}. E.g. FactorLRConfig(rollbacks=3), the default.")
+        if self.step_cap is not None:
+            set_field(self, "step_cap", check_positive(
+                "step_cap", self.step_cap, f" E.g. FactorLRConfig(step_cap={DEFAULT_STEP_CAP:g}) (the default), or None "
+                "for no cap."
+            ))
 
 
 @dataclass(frozen=True)

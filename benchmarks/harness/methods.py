@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
@@ -33,6 +34,7 @@ from lightning_dwf import (
 )
 from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier
 from lightning_dwf.training import run as _training_run
+from lightning_dwf.training.support import keep_masks, zero_weights_
 
 #: Learning rate of the fine-tune after one-shot pruning.
 FINETUNE_LR = 0.01
@@ -103,15 +105,20 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 
 # ---------------------------------------------------------------------------------------------------------------- DWF
 #: Probe rules for the per-layer SGD ``"auto"`` multipliers (:mod:`benchmarks.factor_lr` ``--multiplier min sqrt
-#: at-rms track-rms track-max``): ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway
-#: (geometrically) to the smallest, ``at-rms`` evaluates the rule at the tensor's RMS instead of twice it (each
-#: multiplier ×2^(2−2/D), so that a typical weight, not the top of the init range, trains at the optimizer's LR);
+#: at-2rms track-rms track-max``): ``min`` gives every tensor the smallest of them, ``sqrt`` moves each halfway
+#: (geometrically) to the smallest, ``at-2rms`` evaluates the rule at twice the tensor's RMS (each multiplier
+#: ÷2^(2−2/D): the ``"auto"`` of before the step cap; with ``--step-cap none`` that default's training);
 #: ``track-*`` keep them and lower them during the fit (:class:`_TrackMultipliers`). The phase rules split target
 #: mode's run at its recovery point: ``ramp-half`` / ``recovery-double`` scale the planned values (of either optimizer
 #: family) by :data:`PHASE_FACTORS` before / after it, ``recut-rms`` re-plans every tensor there from its survivors.
-PLANNED_RULES = ("min", "sqrt", "at-rms")
+#: (Rows before 2026-12-06 ran on the ``"auto"`` at twice the RMS, without the step cap; their ``at-rms`` rule is the
+#: ``"auto"`` of now without the cap, their ``cap-K`` rows that ``"auto"`` with ``step_cap=K``.)
+PLANNED_RULES = ("min", "sqrt", "at-2rms")
 TRACKING_RULES = ("track-rms", "track-max", "recut-rms", "ramp-half", "recovery-double")
-MULTIPLIER_RULES = PLANNED_RULES + TRACKING_RULES
+#: Probe rules for target mode's global cut (the multipliers stay ``"auto"``'s): rank each weight by ``|w| / rms^a``,
+#: ``rms`` its tensor's RMS (zeros included, as structured mode ranks its groups), ``a`` from :data:`CUT_EXPONENTS`.
+CUT_EXPONENTS = {"cut-relative": 1.0, "cut-halfrel": 0.5}
+MULTIPLIER_RULES = PLANNED_RULES + TRACKING_RULES + tuple(CUT_EXPONENTS)
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
 PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
@@ -195,6 +202,30 @@ class _TrackMultipliers(Callback):
         run._apply_multipliers(pl_module, run.ctx, force=True)
 
 
+class _RelativeCut(Callback):
+    """Probe: target mode's cuts (along the ramp and at the recovery point) rank every weight by its magnitude over its
+    tensor's RMS to the power ``exponent`` instead of its magnitude (1: structured mode's ranking; 0: the library's)."""
+
+    def __init__(self, dwf: DWFCallback, exponent: float) -> None:
+        self.dwf, self.exponent = dwf, exponent
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        regime = self.dwf._run.regime
+        regime = getattr(regime, "inner", regime)
+        min_share, exponent = regime.config.schedule.min_layer_share, self.exponent
+
+        def cut(ctx: Any, sparsity: float) -> float:
+            weights = {t.name: t.unit_magnitudes() for t in factorized_tensors(ctx.module)}
+            scores = {n: (w / w.pow(2).mean().sqrt().clamp_min(1e-30) ** exponent).masked_fill(w < ctx.floor, 0.0)
+                      for n, w in weights.items()}
+            masks = keep_masks(scores, sparsity, ctx.floor, min_share)
+            zero_weights_(ctx.module, masks, ctx.optimizers)
+            kept = [weights[n].masked_fill(~m, math.inf).min() for n, m in masks.items() if m.any()]
+            return float(min(kept)) if kept else math.inf
+
+        regime._cut = cut
+
+
 @dataclass(frozen=True)
 class _RuleFactorLR(FactorLRConfig):
     """``FactorLRConfig()`` whose planned ``"auto"`` multipliers :func:`_plan_by_rule` reshapes by ``rule``."""
@@ -207,9 +238,9 @@ def _plan_by_rule(module: nn.Module, config: FactorLRConfig, depth: int, penalty
     planned = _library_plan(module, config, depth, penalty)
     if not isinstance(config, _RuleFactorLR) or not planned:
         return planned
-    if config.rule == "at-rms":
-        high = AUTO_MULTIPLIER_RANGE[1]
-        return {n: min(high, m * 2.0 ** (2.0 - 2.0 / depth)) for n, m in planned.items()}
+    if config.rule == "at-2rms":
+        low = AUTO_MULTIPLIER_RANGE[0]
+        return {n: max(low, m / 2.0 ** (2.0 - 2.0 / depth)) for n, m in planned.items()}
     low = min(planned.values())
     return {n: low if config.rule == "min" else math.sqrt(m * low) for n, m in planned.items()}
 
@@ -227,6 +258,7 @@ def defaults_callback(
     recovery: float = 0.0,
     relative: bool = False,
     quantize: QuantizeConfig | None = None,
+    step_cap: float | None | str = "default",
 ) -> DWFCallback:
     """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else.
 
@@ -242,18 +274,22 @@ def defaults_callback(
         recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released).
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
         quantize: The quantization-aware finish (``DWFCallback(quantize=...)``), for the size benchmark.
+        step_cap: ``FactorLRConfig(step_cap=...)`` in place of the library's default (``None``: no cap).
 
     Returns:
         The callback.
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
+    cap: dict[str, Any] = {} if step_cap == "default" else dict(step_cap=step_cap)
     if isinstance(multiplier, str):
         if multiplier not in PLANNED_RULES:
             raise ValueError(f"defaults_callback plans the rules {PLANNED_RULES}; {multiplier!r} is a callback of "
                              "cell_callbacks")
-        extra["factor_lr"] = _RuleFactorLR(rule=multiplier)
+        extra["factor_lr"] = _RuleFactorLR(rule=multiplier, **cap)
     elif multiplier is not None:
-        extra["factor_lr"] = FactorLRConfig(multiplier=multiplier)
+        extra["factor_lr"] = FactorLRConfig(multiplier=multiplier, **cap)
+    elif cap:
+        extra["factor_lr"] = FactorLRConfig(**cap)
     knob: dict[str, Any] = dict(target_sparsity=target)
     if lam is not None:
         knob = (dict(regime=FixedLamConfig(lam, recovery=recovery, relative=relative)) if recovery or relative
@@ -329,11 +365,14 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
         return [model_pruning(cfg["target"], cfg["epochs"])]
     if method in ("dwf", "dwf-balanced"):
         init = "balanced" if method == "dwf-balanced" else "dwf"
-        multiplier = cfg.get("factor_lr_multiplier")
+        multiplier, cap = cfg.get("factor_lr_multiplier"), cfg.get("step_cap", "default")
         if multiplier in TRACKING_RULES:
-            dwf = defaults_callback(depth, cfg["target"], init)
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
             return [dwf, _TrackMultipliers(dwf, multiplier)]
-        return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier)]
+        if multiplier in CUT_EXPONENTS:
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
+            return [dwf, _RelativeCut(dwf, CUT_EXPONENTS[multiplier])]
+        return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier, step_cap=cap)]
     if method == "dwf-lam":  # benchmarks.fixed_lam
         return [defaults_callback(depth, lam=cfg["lam"], recovery=cfg.get("recovery", 0.0),
                                   relative=cfg.get("relative", False))]

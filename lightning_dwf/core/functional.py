@@ -134,10 +134,11 @@ def auto_lr_multiplier(weight_rms: float, depth: int, kind: str) -> float:
 
     ``kind="gradient"`` (SGD): with balanced factors (``|ω_d| = |w|^(1/D)``) a gradient step on the factors moves ``w``
     by ``D·|w|^(2−2/D)`` times the dense step, about 18× less than dense at ``|w| = 0.05``, D = 3. The multiplier is the
-    inverse at ``2·weight_rms`` (the top of DWF's init range: the step grows like ``|w|^(2−2/D)``, so the largest
-    weights set the stability limit, and there they train at the optimizer's LR), clipped to
-    :data:`AUTO_MULTIPLIER_RANGE`. Smaller weights train slower than dense ones, larger ones faster: the
-    rich-get-richer geometry of DWF.
+    inverse at ``weight_rms``, clipped to :data:`AUTO_MULTIPLIER_RANGE`: a typical weight trains at the optimizer's LR,
+    smaller ones slower (the rich-get-richer geometry of DWF) and larger ones faster, up to the step cap
+    (``FactorLRConfig.step_cap``, :data:`~lightning_dwf.config.DEFAULT_STEP_CAP` times the dense step), which keeps a
+    weight that grows far past its init range from running away. (Before the cap, the inverse was taken at
+    ``2·weight_rms``, so that the largest weights of the init range set the stability limit: 2^(2−2/D) times slower.)
 
     ``kind="decoupled"`` (Adam-type): :data:`DECOUPLED_AUTO_MULTIPLIER` for every tensor, whatever its RMS. Adam's
     normalized step moves every factor by about the LR, so a weight ``w`` moves by about ``D·|w|^(1−1/D)`` times the LR
@@ -148,11 +149,11 @@ def auto_lr_multiplier(weight_rms: float, depth: int, kind: str) -> float:
     all 8 cells probed, and 5 a further 0.4–2.2 in 7 of 9 (D = 3; at D = 2 and 4 it beat 2.5 on the one cell probed).
 
     >>> round(auto_lr_multiplier(0.05, 3, "gradient"), 2), auto_lr_multiplier(0.05, 3, "decoupled")
-    (7.18, 5.0)
+    (18.1, 5.0)
     """
     if kind != "gradient":
         return DECOUPLED_AUTO_MULTIPLIER
-    return _clipped_inverse(depth * _step_gain(2.0 * weight_rms, depth))
+    return _clipped_inverse(depth * _step_gain(weight_rms, depth))
 
 
 def auto_gated_lr_multiplier(group_norm: float, depth: int, kind: str) -> float:
@@ -180,6 +181,32 @@ def auto_gated_lr_multiplier(group_norm: float, depth: int, kind: str) -> float:
     if kind != "gradient":
         return GATED_DECOUPLED_AUTO_MULTIPLIER
     return _clipped_inverse(_step_gain(group_norm, depth))
+
+
+def factor_step_gain(factors: Sequence[Tensor]) -> Tensor:
+    """``Σ_d Π_{j≠d} ω_j²`` elementwise: how many times as far as a dense weight a gradient step of the same LR on the
+    factors moves their product ``w`` (to first order; ``D·|w|^(2−2/D)`` with balanced factors). It grows without
+    bound as ``|w|`` grows, which is why :class:`~lightning_dwf.FactorPenalty` caps it (``FactorLRConfig.step_cap``).
+
+    >>> factor_step_gain([torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([1.0])]).item()
+    49.0
+    """
+    # the elementary symmetric polynomial of degree D − 1 of the squares, built up one factor at a time
+    squares = [f.square() for f in factors]
+    depth = len(squares)
+    if depth == 1:
+        return torch.ones_like(squares[0])
+    sums: list[Tensor | None] = [None] * depth  # sums[k]: degree k over the squares so far (degree 0 is 1)
+    for i, x in enumerate(squares):
+        for k in range(min(i + 1, depth - 1), 0, -1):  # top down, so each reads the degree below before it grows
+            low, now = (None if k == 1 else sums[k - 1]), sums[k]
+            if low is None:
+                sums[k] = x if now is None else now + x
+            else:
+                sums[k] = low * x if now is None else torch.addcmul(now, low, x)
+    top = sums[depth - 1]
+    assert top is not None
+    return top
 
 
 def _step_gain(magnitude: float, depth: int) -> float:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_dwf.core.factorize import sparse_tensors
-from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD, factor_step_gain, lam_to_weight_decay, prox_threshold
 from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.sharding import is_sharded
 
@@ -145,6 +145,10 @@ class FactorPenalty:
         self._buffers: dict[int, torch.Tensor] = {}  # by id of the factor: its values before the step
         self._scaled_candidates: dict[int, list[nn.Parameter]] = {}  # by id of the optimizer: its factors
         self._hooks: list[Any] = []
+        #: the step cap (:meth:`cap_steps`; None: off) and the capped factors' tensors (by ``id`` of each factor: the
+        #: tensor's factors, in order)
+        self.step_cap: float | None = None
+        self._capped: dict[int, tuple[nn.Parameter, ...]] = {}
 
     def bind(self, optimizers: Sequence[Any]) -> None:
         """Find the factors in ``optimizers``' param groups and check how their weight decay works.
@@ -188,6 +192,23 @@ class FactorPenalty:
                 f"{len(missing)} DWF factor Parameters are in no optimizer, so they would never train or shrink. "
                 "Build the optimizer from self.parameters() (or include lightning_dwf.factor_parameters(self))."
             )
+
+    def cap_steps(self, tensors: Sequence[Sequence[nn.Parameter]], cap: float | None) -> None:
+        """Cap each weight's step (after :meth:`bind`): for every tensor given as its D factors under an SGD-type
+        optimizer, each factor's LR multiplier ``m`` becomes ``min(m, s·cap / G)`` elementwise, ``G`` the factors'
+        :func:`~lightning_dwf.core.functional.factor_step_gain` before the step (``s`` the :attr:`lr_multiplier`).
+
+        A gradient step on the factors moves their product ``G`` times as far as the same step moves a dense weight,
+        and ``G ≈ D·|w|^(2−2/D)`` grows without bound: a weight that grows far past the range its multiplier was set
+        for (a survivor of a deep cut) runs away. Capped, no weight moves more than ``cap`` times as far as a dense
+        weight at the optimizer's LR, and the small weights, among which the sparsity is decided, keep their speed.
+        Adam-type optimizers normalize the step, and tensors of other optimizers are left alone. ``cap=None``: off.
+        """
+        self.step_cap = cap
+        self._capped = {} if cap is None else {
+            id(f): tuple(factors) for factors in tensors if factors and self.kind_of(factors[0]) == "gradient"
+            for f in factors
+        }
 
     @property
     def bound(self) -> bool:
@@ -261,6 +282,7 @@ class FactorPenalty:
         self._scaled_candidates.clear()
         self._snapshots.clear()
         self._buffers.clear()
+        self._capped.clear()
 
     def user_weight_decay(self) -> dict[str, float]:
         """``{"optimizer.group": weight_decay}`` for groups whose own nonzero decay on factors is neutralized."""
@@ -323,8 +345,9 @@ class FactorPenalty:
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
+        capped = self._capped
         saved = [(p, m, self._copy(p)) for p in self._scaled_candidates[id(optimizer)]
-                 if (m := self.multiplier_of(p)) != 1.0]
+                 if (m := self.multiplier_of(p)) != 1.0 or id(p) in capped]
         if saved:
             self._snapshots[id(optimizer)] = saved
 
@@ -346,7 +369,26 @@ class FactorPenalty:
         saved = self._snapshots.pop(id(optimizer), None)
         if saved is None:
             return
+        limits = self._step_limits(saved) if self._capped else {}
         for p, m, before in saved:  # p = before + m·(after − before), written into p (on this rank's shards)
             if is_sharded(p):
                 p, before = p.to_local(), before.to_local()
-            torch.lerp(before, p, m, out=p)
+            limit = limits.get(id(p))
+            torch.lerp(before, p, m if limit is None else limit.clamp(max=m), out=p)
+
+    def _step_limits(self, saved: list[tuple[nn.Parameter, float, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Each capped factor's largest multiplier per entry, ``s·cap / G`` (:meth:`cap_steps`), from the values of
+        its tensor's factors before the step (on this rank's shards); one tensor per weight tensor, shared by its
+        factors. A tensor with a factor outside this step (another optimizer's) is not capped."""
+        before = {id(p): b for p, _, b in saved}
+        limits: dict[int, torch.Tensor] = {}
+        scale = self.lr_multiplier * float(self.step_cap or 0.0)
+        for p, _, _ in saved:
+            factors = self._capped.get(id(p))
+            if factors is None or id(p) in limits or any(id(f) not in before for f in factors):
+                continue
+            values = [before[id(f)] for f in factors]
+            values = [v.to_local() if is_sharded(v) else v for v in values]
+            limit = factor_step_gain(values).reciprocal_().mul_(scale)
+            limits.update((id(f), limit) for f in factors)
+        return limits

@@ -97,6 +97,8 @@ class TrainingRun:
         self._tensors = sparse_tensors(module)
         self.penalty = FactorPenalty(factor_parameters(module), self.regime.lam, self.depth, self.rollback.scale)
         self.penalty.bind(optimizers)
+        self.penalty.cap_steps([t.factors for t in self._tensors if isinstance(t, FactorizedTensor)],
+                               self.factor_lr.step_cap)
         self._exempt, self._scales = frozenset(), {}  # the new penalty exempts and scales nothing yet
         if not self.multipliers:
             self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)

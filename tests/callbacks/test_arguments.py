@@ -30,6 +30,8 @@ from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig, FactorLR
         (FactorLRConfig, dict(multiplier=0), ValueError, "`multiplier` must be > 0"),
         (FactorLRConfig, dict(warmup=1.0), ValueError, "`warmup` is the fraction"),
         (FactorLRConfig, dict(check="loud"), ValueError, "`check` must be one of"),
+        (FactorLRConfig, dict(step_cap=0), ValueError, "`step_cap` must be > 0"),
+        (FactorLRConfig, dict(step_cap=float("inf")), ValueError, "`step_cap` must be a finite float"),
         (
             DWFCallback,
             dict(depth=3, lam=0.1, log_every_n_steps=0),

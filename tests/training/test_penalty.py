@@ -11,6 +11,7 @@ from conftest import DEPTHS
 from torch import nn
 
 from lightning_dwf import (
+    FactorizeConfig,
     FactorPenalty,
     collapse_,
     factor_parameters,
@@ -19,6 +20,7 @@ from lightning_dwf import (
     fix_support_,
     penalty_kind,
 )
+from lightning_dwf.core import functional
 from lightning_dwf.core.functional import factor_penalty
 
 
@@ -214,3 +216,72 @@ def test_proximal_step_without_lightning():
         else:  # measured: 100 % of the ignored inputs' weights are zero, 90 % of the used ones, loss 0.010
             assert bool((first[:, 3:] == 0).all()) and bool((first[:, :3] != 0).any(dim=0).all())
             assert float(loss) < 0.05
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_factor_step_gain_is_the_sum_over_factors_of_the_others_squared(depth):
+    """``factor_step_gain`` equals ``Σ_d Π_{j≠d} ω_j²`` written out, and ``D·|w|^(2−2/D)`` at balance."""
+    torch.manual_seed(depth)
+    factors = [torch.randn(4, 3) for _ in range(depth)]
+    expected = sum(torch.stack([f.square() for j, f in enumerate(factors) if j != d]).prod(0)
+                   if depth > 1 else torch.ones(4, 3) for d in range(depth))
+    torch.testing.assert_close(functional.factor_step_gain(factors), expected)
+    w = torch.rand(5) + 0.1
+    balanced = functional.balanced_factors(w, depth)
+    torch.testing.assert_close(functional.factor_step_gain(balanced), depth * w.abs() ** (2 - 2 / depth))
+
+
+def _one_weight_step(depth, magnitude, cap, multiplier, opt_cls=torch.optim.SGD):
+    """One optimizer step of ``loss = g·w`` on a single factorized Linear whose weights are ``magnitude`` (balanced
+    factors, one weight at 0.01); returns the weight change and the dense step ``lr·g``."""
+    layer = nn.Sequential(nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        layer[0].weight.copy_(torch.tensor([[magnitude, 0.01]]))
+    factorize_(layer, depth, FactorizeConfig(init="balanced"))
+    (tensor,) = factorized_tensors(layer)
+    opt = opt_cls(factor_parameters(layer), lr=1e-3)
+    pen = FactorPenalty(factor_parameters(layer), 0.0, depth)
+    pen.bind([opt])
+    pen.multipliers.update({id(f): multiplier for f in tensor.factors})
+    pen.cap_steps([tensor.factors], cap)
+    before = tensor.product().detach().clone()
+    (layer(torch.ones(1, 2)).sum() * 0.5).backward()  # g = 0.5 for both weights
+    pen.before_step(opt)
+    opt.step()
+    pen.unbind()
+    return (tensor.product().detach() - before).flatten(), 1e-3 * 0.5
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_step_cap_holds_a_large_weight_to_cap_times_the_dense_step_and_leaves_small_ones(depth):
+    """Under SGD a weight of 50 would move ``D·50^(2−2/D)·m`` times as far as a dense one (thousands); capped it
+    moves ``cap`` times as far (to first order), and the small weight moves as without the cap."""
+    free, dense = _one_weight_step(depth, 50.0, None, 4.0)
+    capped, _ = _one_weight_step(depth, 50.0, 3.0, 4.0)
+    assert abs(free[0]) > 100 * dense
+    assert abs(capped[0]) == pytest.approx(3.0 * dense, rel=0.02)
+    assert capped[1] == free[1]  # far below the cap: the same bits
+
+
+def test_step_cap_leaves_adam_steps_alone():
+    """Adam-type steps are normalized: the cap changes nothing there."""
+    free, _ = _one_weight_step(3, 50.0, None, 4.0, torch.optim.Adam)
+    capped, _ = _one_weight_step(3, 50.0, 3.0, 4.0, torch.optim.Adam)
+    assert torch.equal(free, capped)
+
+
+def test_step_cap_scales_with_the_rollback_step_scale():
+    """A rollback halves the factors' step (``lr_multiplier``); the cap halves with it."""
+    layer = nn.Sequential(nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        layer[0].weight.fill_(50.0)
+    factorize_(layer, 3, FactorizeConfig(init="balanced"))
+    (tensor,) = factorized_tensors(layer)
+    opt = torch.optim.SGD(factor_parameters(layer), lr=1e-3)
+    pen = FactorPenalty(factor_parameters(layer), 0.0, 3, lr_multiplier=0.5)
+    pen.bind([opt])
+    pen.cap_steps([tensor.factors], 3.0)
+    layer(torch.ones(1, 1)).sum().backward()
+    opt.step()
+    assert float(50.0 - tensor.product().detach()) == pytest.approx(0.5 * 3.0 * 1e-3, rel=0.02)
+    pen.unbind()
