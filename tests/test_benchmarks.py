@@ -632,10 +632,10 @@ def test_structured_speed_cell_averages_the_seeds_that_reached_the_budget():
     assert fmt([missed]) == "unreachable" and fmt([diverged]) == "diverged" and fmt([]) == "—"
 
 
-@pytest.mark.parametrize("rule", ["min", "sqrt", "at-rms"])
+@pytest.mark.parametrize("rule", ["min", "sqrt", "at-2rms"])
 def test_factor_lr_rules_reshape_the_auto_multipliers(rule):
-    """``--multiplier min`` / ``sqrt`` / ``at-rms``: the library's per-layer SGD ``"auto"`` values, all set to the
-    smallest, moved halfway (geometrically) to it, or raised by 2^(2−2/D); a plain config plans as the library does."""
+    """``--multiplier min`` / ``sqrt`` / ``at-2rms``: the library's per-layer SGD ``"auto"`` values, all set to the
+    smallest, moved halfway (geometrically) to it, or lowered by 2^(2−2/D); a plain config plans as the library does."""
     import math
 
     import torch
@@ -659,8 +659,8 @@ def test_factor_lr_rules_reshape_the_auto_multipliers(rule):
     planned = run.plan_multipliers(net, callback.factor_lr, 3, penalty)
     low = min(auto.values())
     expected = {n: low if rule == "min" else math.sqrt(m * low) for n, m in auto.items()}
-    if rule == "at-rms":
-        expected = {n: m * 2.0 ** (4 / 3) for n, m in auto.items()}
+    if rule == "at-2rms":
+        expected = {n: m / 2.0 ** (4 / 3) for n, m in auto.items()}
     assert planned == pytest.approx(expected)
     assert factor_lr._multiplier_argument(rule) == rule and factor_lr._multiplier_argument("2.5") == 2.5
 
@@ -684,22 +684,22 @@ def test_factor_lr_tracking_rules_lower_the_multiplier_as_weights_grow(mode):
     net = nn.Sequential(nn.Linear(64, 32))
     factorize_(net, depth=3)
     applied = []
-    run = SimpleNamespace(multipliers={"0.weight": 4.0}, depth=3, ctx=None,
+    run = SimpleNamespace(multipliers={"0.weight": 40.0}, depth=3, ctx=None,
                           penalty=SimpleNamespace(kind_of=lambda factor: "gradient"),
                           _apply_multipliers=lambda module, ctx, force: applied.append(force))
     dwf._run = run
     track.on_train_batch_end(SimpleNamespace(global_step=methods.TRACK_EVERY), net)
     first = run.multipliers["0.weight"]
-    assert first <= 4.0 and applied == [True]
+    assert first <= 40.0 and applied == [True]
     with torch.no_grad():
         net[0].parametrizations.weight.original0.mul_(2.0)  # w doubles
     track.on_train_batch_end(SimpleNamespace(global_step=methods.TRACK_EVERY + 1), net)  # not due: unchanged
     assert run.multipliers["0.weight"] == first and applied == [True]
     track.on_train_batch_end(SimpleNamespace(global_step=2 * methods.TRACK_EVERY), net)
     if mode == "track-max":
-        assert first == 4.0 and run.multipliers["0.weight"] == pytest.approx(4.0 * 2.0 ** (-4 / 3))
+        assert first == 40.0 and run.multipliers["0.weight"] == pytest.approx(40.0 * 2.0 ** (-4 / 3))
     else:
-        assert run.multipliers["0.weight"] == pytest.approx(min(4.0, first * 2.0 ** (-4 / 3)), rel=1e-4)
+        assert run.multipliers["0.weight"] == pytest.approx(min(40.0, first * 2.0 ** (-4 / 3)), rel=1e-4)
 
 
 @pytest.mark.parametrize(("mode", "ramp", "recovery"), [("ramp-half", 0.5, 1.0), ("recovery-double", 1.0, 2.0)])

@@ -371,9 +371,9 @@ class FactorPenalty:
             return
         limits = self._step_limits(saved) if self._capped else {}
         for p, m, before in saved:  # p = before + m·(after − before), written into p (on this rank's shards)
+            limit = limits.get(id(p))
             if is_sharded(p):
                 p, before = p.to_local(), before.to_local()
-            limit = limits.get(id(p))
             torch.lerp(before, p, m if limit is None else limit.clamp(max=m), out=p)
 
     def _step_limits(self, saved: list[tuple[nn.Parameter, float, torch.Tensor]]) -> dict[int, torch.Tensor]:
