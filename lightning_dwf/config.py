@@ -298,8 +298,8 @@ class FactorLRConfig:
                              f"{self.rollbacks!r}. E.g. FactorLRConfig(rollbacks=3), the default.")
         if self.step_cap is not None:
             set_field(self, "step_cap", check_positive(
-                "step_cap", self.step_cap, f" E.g. FactorLRConfig(step_cap={DEFAULT_STEP_CAP:g}) (the default), or None "
-                "for no cap."
+                "step_cap", self.step_cap,
+                f" E.g. FactorLRConfig(step_cap={DEFAULT_STEP_CAP:g}) (the default), or None for no cap."
             ))
 
 

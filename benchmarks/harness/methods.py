@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
