@@ -6,18 +6,24 @@ own rows of the cell (DWF with ``"auto"``, ModelPruning, PAT).
     python -m benchmarks.factor_lr --model lenet5 --opt sgd --bs 64 --target 0.995 --multiplier 1 --seed 0 1 2
     python -m benchmarks.factor_lr --model lenet300 --opt adamw --target 0.98 --multiplier 1 2.5 5 --depth 2 4
     python -m benchmarks.factor_lr --model lenet5 --opt sgd --bs 64 --target 0.995 --multiplier min sqrt --seed 0 1 2
+    python -m benchmarks.factor_lr --model lenet5 --opt sgd --bs 64 --target 0.995 --multiplier at-2rms --step-cap 3
 
-It is how the LeNet-5 SGD batch-64 99.5 % miss of the matrix was diagnosed (docs, "Why"): ``"auto"`` gives that
-net's layers ×1.0 to ×6.0 under SGD. ``--multiplier min`` / ``sqrt`` keep ``"auto"``'s per-layer values but give
-every tensor the smallest of them, or move each halfway (geometrically) to it; ``at-rms`` raises each by
-2^(2−2/D) (the rule evaluated at the weights' RMS, not twice it); ``track-rms`` / ``track-max`` lower them during the
-fit as the weights grow (:data:`benchmarks.harness.methods.MULTIPLIER_RULES`): whether a narrower spread, faster
-factors, or a falling multiplier, is the SGD rule. The phase rules split target mode's run at its recovery point (the
-support fixed): ``ramp-half`` halves the planned values before it, ``recovery-double`` doubles them after it, and
-``recut-rms`` re-plans every tensor there from the RMS of its survivors; ``--adam-auto`` sets the Adam-type
-``"auto"`` value they start from. ``--depth``
-runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the
-matrix's own columns stay D = 3): whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
+It is how the LeNet-5 SGD batch-64 99.5 % miss of the matrix was diagnosed (docs, "Why"): the SGD ``"auto"`` of that
+time gave that net's layers ×1.0 to ×6.0. ``--multiplier min`` / ``sqrt`` keep ``"auto"``'s per-layer values but give
+every tensor the smallest of them, or move each halfway (geometrically) to it; ``at-2rms`` lowers each by 2^(2−2/D)
+(the rule evaluated at twice the weights' RMS: the SGD ``"auto"`` before the step cap); ``track-rms`` / ``track-max``
+lower them during the fit as the weights grow (:data:`benchmarks.harness.methods.MULTIPLIER_RULES`): whether a
+narrower spread, faster factors, or a falling multiplier, is the SGD rule. The phase rules split target mode's run at
+its recovery point (the support fixed): ``ramp-half`` halves the planned values before it, ``recovery-double`` doubles
+them after it, and ``recut-rms`` re-plans every tensor there from the RMS of its survivors; ``--adam-auto`` sets the
+Adam-type ``"auto"`` value they start from. ``cut-relative`` / ``cut-halfrel`` keep the multipliers and rank the weights
+of target mode's cuts by ``|w|`` over their tensor's RMS (to the power 1 / 0.5). ``--step-cap K`` (or ``none``) sets
+``FactorLRConfig(step_cap=K)``: ``--multiplier at-2rms --step-cap none`` trains as the defaults did before the step
+cap. Rows before 2026-12-06 ran on that earlier default: their ``at-rms`` rule is today's ``"auto"`` without the cap,
+their ``cap-K`` rows the earlier ``"auto"`` with ``step_cap=K`` (a probe callback then), and their ``at-rms+cap-3``
+rows today's defaults (the same rule; the probe computed the cap in another order, so the last digits may differ).
+``--depth`` runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the matrix's own columns stay D = 3):
+whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
 One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already
 there are skipped, as in the matrix); the table of every row is printed.
 """
