@@ -183,30 +183,40 @@ def auto_gated_lr_multiplier(group_norm: float, depth: int, kind: str) -> float:
     return _clipped_inverse(_step_gain(group_norm, depth))
 
 
-def factor_step_gain(factors: Sequence[Tensor]) -> Tensor:
+def factor_step_gain(factors: Sequence[Tensor], workspace: Sequence[Tensor] | None = None) -> Tensor:
     """``Σ_d Π_{j≠d} ω_j²`` elementwise: how many times as far as a dense weight a gradient step of the same LR on the
     factors moves their product ``w`` (to first order; ``D·|w|^(2−2/D)`` with balanced factors). It grows without
     bound as ``|w|`` grows, which is why :class:`~lightning_dwf.FactorPenalty` caps it (``FactorLRConfig.step_cap``).
 
+    Args:
+        factors: the D factors (same shape).
+        workspace: ``2·D − 2`` tensors of the factors' shape and dtype to compute in (the result is one of them), so
+            that a caller at every step allocates nothing; by default fresh ones.
+
     >>> factor_step_gain([torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([1.0])]).item()
     49.0
     """
-    # the elementary symmetric polynomial of degree D − 1 of the squares, built up one factor at a time
-    squares = [f.square() for f in factors]
-    depth = len(squares)
+    depth = len(factors)
     if depth == 1:
-        return torch.ones_like(squares[0])
-    sums: list[Tensor | None] = [None] * depth  # sums[k]: degree k over the squares so far (degree 0 is 1)
-    for i, x in enumerate(squares):
-        for k in range(min(i + 1, depth - 1), 0, -1):  # top down, so each reads the degree below before it grows
-            low, now = (None if k == 1 else sums[k - 1]), sums[k]
-            if low is None:
-                sums[k] = x if now is None else now + x
+        return torch.ones_like(factors[0])
+    if workspace is None:
+        workspace = [torch.empty_like(factors[0]) for _ in range(2 * depth - 2)]
+    squares = [torch.mul(f, f, out=buffer) for f, buffer in zip(factors, workspace, strict=False)]
+    # the elementary symmetric polynomials of the squares, degree k in sums[k], built up one factor at a time (top
+    # down, so each reads the degree below before it grows); degree 1 starts as the first square, not read again
+    sums: list[Tensor] = [squares[0], squares[0], *workspace[depth:]]
+    for i in range(1, depth):
+        x = squares[i]
+        for k in range(min(i + 1, depth - 1), 0, -1):
+            if i == depth - 1 and k < depth - 1:
+                break  # the last factor: only the top degree is needed
+            if k == 1:
+                sums[1].add_(x)
+            elif k == i + 1:  # the first product of this degree
+                torch.mul(sums[k - 1], x, out=sums[k])
             else:
-                sums[k] = low * x if now is None else torch.addcmul(now, low, x)
-    top = sums[depth - 1]
-    assert top is not None
-    return top
+                sums[k].addcmul_(sums[k - 1], x)
+    return sums[depth - 1]
 
 
 def _step_gain(magnitude: float, depth: int) -> float:

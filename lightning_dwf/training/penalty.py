@@ -149,6 +149,7 @@ class FactorPenalty:
         #: tensor's factors, in order)
         self.step_cap: float | None = None
         self._capped: dict[int, tuple[nn.Parameter, ...]] = {}
+        self._gain_buffers: dict[int, list[torch.Tensor]] = {}  # by id of a capped tensor's first factor
 
     def bind(self, optimizers: Sequence[Any]) -> None:
         """Find the factors in ``optimizers``' param groups and check how their weight decay works.
@@ -283,6 +284,7 @@ class FactorPenalty:
         self._snapshots.clear()
         self._buffers.clear()
         self._capped.clear()
+        self._gain_buffers.clear()
 
     def user_weight_decay(self) -> dict[str, float]:
         """``{"optimizer.group": weight_decay}`` for groups whose own nonzero decay on factors is neutralized."""
@@ -374,13 +376,15 @@ class FactorPenalty:
             limit = limits.get(id(p))
             if is_sharded(p):
                 p, before = p.to_local(), before.to_local()
-            torch.lerp(before, p, m if limit is None else limit.clamp(max=m), out=p)
+            torch.lerp(before, p, m if limit is None else limit, out=p)
 
     def _step_limits(self, saved: list[tuple[nn.Parameter, float, torch.Tensor]]) -> dict[int, torch.Tensor]:
-        """Each capped factor's largest multiplier per entry, ``s·cap / G`` (:meth:`cap_steps`), from the values of
-        its tensor's factors before the step (on this rank's shards); one tensor per weight tensor, shared by its
-        factors. A tensor with a factor outside this step (another optimizer's) is not capped."""
+        """Each capped factor's multiplier per entry, ``min(m, s·cap / G)`` (:meth:`cap_steps`), from the values of its
+        tensor's factors before the step (on this rank's shards); one tensor per weight tensor, shared by its factors
+        (computed in buffers kept from step to step). A tensor with a factor outside this step (another optimizer's)
+        is not capped."""
         before = {id(p): b for p, _, b in saved}
+        multiplier = {id(p): m for p, m, _ in saved}
         limits: dict[int, torch.Tensor] = {}
         scale = self.lr_multiplier * float(self.step_cap or 0.0)
         for p, _, _ in saved:
@@ -389,6 +393,21 @@ class FactorPenalty:
                 continue
             values = [before[id(f)] for f in factors]
             values = [v.to_local() if is_sharded(v) else v for v in values]
-            limit = factor_step_gain(values).reciprocal_().mul_(scale)
-            limits.update((id(f), limit) for f in factors)
+            limit = factor_step_gain(values, self._workspace(factors[0], values[0])).reciprocal_().mul_(scale)
+            ms = {multiplier[id(f)] for f in factors}
+            if len(ms) == 1:
+                limit.clamp_(max=ms.pop())
+                limits.update((id(f), limit) for f in factors)
+            else:
+                limits.update((id(f), limit.clamp(max=multiplier[id(f)])) for f in factors)
         return limits
+
+    def _workspace(self, first: nn.Parameter, like: torch.Tensor) -> list[torch.Tensor]:
+        """The buffers :func:`~lightning_dwf.core.functional.factor_step_gain` computes in for the tensor whose first
+        factor is ``first``, kept from step to step (new ones when the shape, dtype or device changed)."""
+        size = 2 * len(self._capped[id(first)]) - 2
+        buffers = self._gain_buffers.get(id(first))
+        if (buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype
+                or buffers[0].device != like.device):
+            buffers = self._gain_buffers[id(first)] = [torch.empty_like(like) for _ in range(size)]
+        return buffers
