@@ -189,24 +189,24 @@ def factor_step_gain(factors: Sequence[Tensor], workspace: Sequence[Tensor] | No
     bound as ``|w|`` grows, which is why :class:`~lightning_dwf.FactorPenalty` caps it (``FactorLRConfig.step_cap``).
 
     Args:
-        factors: the D factors (same shape).
-        workspace: ``2·D − 2`` tensors of the factors' shape and dtype to compute in (the result is one of them), so
-            that a caller at every step allocates nothing; by default fresh ones.
+        factors: the D factors (same shape; D >= 2).
+        workspace: D tensors of the factors' shape and dtype to compute in (the result is one of them), so that a
+            caller at every step allocates nothing; by default fresh ones.
 
     >>> factor_step_gain([torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([1.0])]).item()
     49.0
     """
     depth = len(factors)
-    if depth == 1:
-        return torch.ones_like(factors[0])
     if workspace is None:
-        workspace = [torch.empty_like(factors[0]) for _ in range(2 * depth - 2)]
-    squares = [torch.mul(f, f, out=buffer) for f, buffer in zip(factors, workspace, strict=False)]
-    # the elementary symmetric polynomials of the squares, degree k in sums[k], built up one factor at a time (top
-    # down, so each reads the degree below before it grows); degree 1 starts as the first square, not read again
-    sums: list[Tensor] = [squares[0], squares[0], *workspace[depth:]]
+        workspace = [torch.empty_like(factors[0]) for _ in range(depth)]
+    # the elementary symmetric polynomials of the squares ω_j², degree k in sums[k] (k = 1 … D − 1), built up one
+    # factor at a time, top down so that each reads the degree below before it grows; degree 1 starts as the first
+    # square, and each later square lives in the last buffer until the next one replaces it
+    sums = [workspace[0], *workspace[:depth - 1]]  # sums[0] is never read
+    square = workspace[depth - 1]
+    torch.mul(factors[0], factors[0], out=sums[1])
     for i in range(1, depth):
-        x = squares[i]
+        x = torch.mul(factors[i], factors[i], out=square)
         for k in range(min(i + 1, depth - 1), 0, -1):
             if i == depth - 1 and k < depth - 1:
                 break  # the last factor: only the top degree is needed

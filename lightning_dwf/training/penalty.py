@@ -405,7 +405,7 @@ class FactorPenalty:
     def _workspace(self, first: nn.Parameter, like: torch.Tensor) -> list[torch.Tensor]:
         """The buffers :func:`~lightning_dwf.core.functional.factor_step_gain` computes in for the tensor whose first
         factor is ``first``, kept from step to step (new ones when the shape, dtype or device changed)."""
-        size = 2 * len(self._capped[id(first)]) - 2
+        size = len(self._capped[id(first)])
         buffers = self._gain_buffers.get(id(first))
         if (buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype
                 or buffers[0].device != like.device):
