@@ -218,14 +218,15 @@ def test_proximal_step_without_lightning():
             assert float(loss) < 0.05
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
 def test_factor_step_gain_is_the_sum_over_factors_of_the_others_squared(depth):
     """``factor_step_gain`` equals ``Σ_d Π_{j≠d} ω_j²`` written out, and ``D·|w|^(2−2/D)`` at balance."""
     torch.manual_seed(depth)
     factors = [torch.randn(4, 3) for _ in range(depth)]
-    expected = sum(torch.stack([f.square() for j, f in enumerate(factors) if j != d]).prod(0)
-                   if depth > 1 else torch.ones(4, 3) for d in range(depth))
+    expected = sum(torch.stack([f.square() for j, f in enumerate(factors) if j != d]).prod(0) for d in range(depth))
     torch.testing.assert_close(functional.factor_step_gain(factors), expected)
+    workspace = [torch.empty(4, 3) for _ in range(depth)]
+    assert torch.equal(functional.factor_step_gain(factors, workspace), functional.factor_step_gain(factors))
     w = torch.rand(5) + 0.1
     balanced = functional.balanced_factors(w, depth)
     torch.testing.assert_close(functional.factor_step_gain(balanced), depth * w.abs() ** (2 - 2 / depth))
