@@ -41,9 +41,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_dwf.core.factorize import sparse_tensors
-from lightning_dwf.core.functional import DEFAULT_THRESHOLD, factor_step_gain, lam_to_weight_decay, prox_threshold
+from lightning_dwf.core.functional import DEFAULT_THRESHOLD, lam_to_weight_decay, prox_threshold
 from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.sharding import is_sharded
+from lightning_dwf.training.step_cap import StepCap
 
 #: Optimizers whose ``weight_decay`` adds ``wd·p`` to the gradient (unless ``decoupled_weight_decay``).
 COUPLED_DECAY_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -145,11 +146,8 @@ class FactorPenalty:
         self._buffers: dict[int, torch.Tensor] = {}  # by id of the factor: its values before the step
         self._scaled_candidates: dict[int, list[nn.Parameter]] = {}  # by id of the optimizer: its factors
         self._hooks: list[Any] = []
-        #: the step cap (:meth:`cap_steps`; None: off) and the capped factors' tensors (by ``id`` of each factor: the
-        #: tensor's factors, in order)
-        self.step_cap: float | None = None
-        self._capped: dict[int, tuple[nn.Parameter, ...]] = {}
-        self._gain_buffers: dict[int, list[torch.Tensor]] = {}  # by id of a capped tensor's first factor
+        #: the per-weight step cap of SGD-type factors (:meth:`cap_steps`; None: off)
+        self.step_cap: StepCap | None = None
 
     def bind(self, optimizers: Sequence[Any]) -> None:
         """Find the factors in ``optimizers``' param groups and check how their weight decay works.
@@ -195,21 +193,12 @@ class FactorPenalty:
             )
 
     def cap_steps(self, tensors: Sequence[Sequence[nn.Parameter]], cap: float | None) -> None:
-        """Cap each weight's step (after :meth:`bind`): for every tensor given as its D factors under an SGD-type
-        optimizer, each factor's LR multiplier ``m`` becomes ``min(m, s·cap / G)`` elementwise, ``G`` the factors'
-        :func:`~lightning_dwf.core.functional.factor_step_gain` before the step (``s`` the :attr:`lr_multiplier`).
-
-        A gradient step on the factors moves their product ``G`` times as far as the same step moves a dense weight,
-        and ``G ≈ D·|w|^(2−2/D)`` grows without bound: a weight that grows far past the range its multiplier was set
-        for (a survivor of a deep cut) runs away. Capped, no weight moves more than ``cap`` times as far as a dense
-        weight at the optimizer's LR, and the small weights, among which the sparsity is decided, keep their speed.
-        Adam-type optimizers normalize the step, and tensors of other optimizers are left alone. ``cap=None``: off.
-        """
-        self.step_cap = cap
-        self._capped = {} if cap is None else {
-            id(f): tuple(factors) for factors in tensors if factors and self.kind_of(factors[0]) == "gradient"
-            for f in factors
-        }
+        """Cap each weight's step (after :meth:`bind`; :mod:`~lightning_dwf.training.step_cap`): for every tensor given
+        as its D factors under an SGD-type optimizer, no weight moves more than ``cap`` times as far per step as a
+        dense weight at the optimizer's LR. Adam-type optimizers normalize the step, and tensors of other optimizers
+        are left alone. ``cap=None``: off."""
+        sgd = [factors for factors in tensors if factors and self.kind_of(factors[0]) == "gradient"]
+        self.step_cap = StepCap(cap, sgd) if cap is not None and sgd else None
 
     @property
     def bound(self) -> bool:
@@ -283,8 +272,7 @@ class FactorPenalty:
         self._scaled_candidates.clear()
         self._snapshots.clear()
         self._buffers.clear()
-        self._capped.clear()
-        self._gain_buffers.clear()
+        self.step_cap = None
 
     def user_weight_decay(self) -> dict[str, float]:
         """``{"optimizer.group": weight_decay}`` for groups whose own nonzero decay on factors is neutralized."""
@@ -347,9 +335,9 @@ class FactorPenalty:
 
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
-        capped = self._capped
+        capped = self.step_cap
         saved = [(p, m, self._copy(p)) for p in self._scaled_candidates[id(optimizer)]
-                 if (m := self.multiplier_of(p)) != 1.0 or id(p) in capped]
+                 if (m := self.multiplier_of(p)) != 1.0 or (capped is not None and p in capped)]
         if saved:
             self._snapshots[id(optimizer)] = saved
 
@@ -371,43 +359,9 @@ class FactorPenalty:
         saved = self._snapshots.pop(id(optimizer), None)
         if saved is None:
             return
-        limits = self._step_limits(saved) if self._capped else {}
+        limits = self.step_cap.limits(saved, self.lr_multiplier) if self.step_cap is not None else {}
         for p, m, before in saved:  # p = before + m·(after − before), written into p (on this rank's shards)
             limit = limits.get(id(p))
             if is_sharded(p):
                 p, before = p.to_local(), before.to_local()
             torch.lerp(before, p, m if limit is None else limit, out=p)
-
-    def _step_limits(self, saved: list[tuple[nn.Parameter, float, torch.Tensor]]) -> dict[int, torch.Tensor]:
-        """Each capped factor's multiplier per entry, ``min(m, s·cap / G)`` (:meth:`cap_steps`), from the values of its
-        tensor's factors before the step (on this rank's shards); one tensor per weight tensor, shared by its factors
-        (computed in buffers kept from step to step). A tensor with a factor outside this step (another optimizer's)
-        is not capped."""
-        before = {id(p): b for p, _, b in saved}
-        multiplier = {id(p): m for p, m, _ in saved}
-        limits: dict[int, torch.Tensor] = {}
-        scale = self.lr_multiplier * float(self.step_cap or 0.0)
-        for p, _, _ in saved:
-            factors = self._capped.get(id(p))
-            if factors is None or id(p) in limits or any(id(f) not in before for f in factors):
-                continue
-            values = [before[id(f)] for f in factors]
-            values = [v.to_local() if is_sharded(v) else v for v in values]
-            limit = factor_step_gain(values, self._workspace(factors[0], values[0])).reciprocal_().mul_(scale)
-            ms = {multiplier[id(f)] for f in factors}
-            if len(ms) == 1:
-                limit.clamp_(max=ms.pop())
-                limits.update((id(f), limit) for f in factors)
-            else:
-                limits.update((id(f), limit.clamp(max=multiplier[id(f)])) for f in factors)
-        return limits
-
-    def _workspace(self, first: nn.Parameter, like: torch.Tensor) -> list[torch.Tensor]:
-        """The buffers :func:`~lightning_dwf.core.functional.factor_step_gain` computes in for the tensor whose first
-        factor is ``first``, kept from step to step (new ones when the shape, dtype or device changed)."""
-        size = len(self._capped[id(first)])
-        buffers = self._gain_buffers.get(id(first))
-        if (buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype
-                or buffers[0].device != like.device):
-            buffers = self._gain_buffers[id(first)] = [torch.empty_like(like) for _ in range(size)]
-        return buffers
