@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import report, sweep
 from benchmarks.harness import fit, measure, methods, runs, store
-from lightning_dwf import DWFDivergenceError, ScheduleConfig
+from lightning_dwf import DWFDivergenceError, FixedLamConfig, ScheduleConfig
 
 
 @pytest.mark.parametrize("target", sweep.TARGETS)
@@ -453,7 +453,10 @@ def test_fixed_lam_plan_callback_and_table():
         "fashion-mnist", "lenet300", "adamw", 64
     )
     (callback,) = methods.cell_callbacks(configs[1])
-    assert (callback.lam, callback.target_sparsity, callback.depth) == (1.0, None, 3)
+    assert (callback.regime_config, callback.target_sparsity, callback.depth) == (FixedLamConfig(1.0, recovery=0.0),
+                                                                                   None, 3)
+    default = fixed_lam.plan("fashion-mnist", "lenet300", "sgd", 256, [1e-3], recovery="default")
+    assert methods.cell_callbacks(default[0])[0].regime_config == FixedLamConfig(1e-3)
     assert callback.factor_lr.multiplier == "auto"
     rows = [
         dict(config=configs[1], results=dict(acc=0.8, sparsity=0.99, compression_ratio=100.0, emptied=[])),
@@ -461,6 +464,18 @@ def test_fixed_lam_plan_callback_and_table():
     ]
     lines = fixed_lam.table(rows).splitlines()
     assert lines[2].endswith("| 0.3 | diverged | | | |") and lines[3].endswith("| 1 | 99.00 | 100.0 | 80.00 | — |")
+
+    other_lr = fixed_lam.plan("fashion-mnist", "lenet300", "sgd", 256, [1e-3], lr=0.2)
+    peers = fixed_lam.plan_peers("fashion-mnist", "lenet300", "sgd", 256, lr=0.2)
+    assert other_lr[0]["lr"] == 0.2 and all(c["lr"] == 0.2 and "lam" not in c for c in peers)
+    assert [(c["method"], c.get("target")) for c in peers] == [("dense", None)] + [
+        ("model-pruning", t) for t in fixed_lam.PEER_TARGETS
+    ]
+    peer_rows = [dict(config=peers[1], results=dict(acc=0.85, sparsity=0.9, compression_ratio=10.0)),
+                 dict(config=peers[0], results=dict(acc=None, diverged="NaN/Inf"))]
+    lines = fixed_lam.peer_table(peer_rows).splitlines()
+    assert lines[2].endswith("| 0.2 | dense | 0.00 | 0.0 | diverged |")
+    assert lines[3].endswith("| 0.2 | model-pruning | 90.00 | 10.0 | 85.00 |")
 
 
 def test_factor_lr_plan_callback_and_table():
@@ -825,3 +840,17 @@ def test_mha_shrink_rows_time_the_three_forms_and_render():
     assert set(row["ms"]) == {"unshrunk", "rewritten", "shrunk"} and all(v > 0 for v in row["ms"].values())
     table = ms.table([row]).splitlines()
     assert len(table) == 7 and table[-1].startswith("| 50% | 2 | ")
+
+
+def test_identity_compare_counts_nan_metrics_equal_and_names_what_differs():
+    """A file compared with itself is bit-identical even where a diverged step logged NaN; a changed weight or metric
+    is named."""
+    import torch
+
+    from benchmarks import identity
+
+    logged = [(5, {"dwf/misalignment": float("nan"), "dwf/lam": 1e-3})]
+    run = {"state": {"w": torch.tensor([1.0, float("nan")])}, "logged": logged, "error": ""}
+    assert identity.compare({"a": run}, {"a": dict(run, logged=[(5, dict(logged[0][1]))])}) == []
+    changed = dict(run, state={"w": torch.tensor([2.0, float("nan")])}, logged=[(5, {**logged[0][1], "dwf/lam": 0.0})])
+    assert identity.compare({"a": run}, {"a": changed}) == ["a: w differs", "a: logged metrics differ"]

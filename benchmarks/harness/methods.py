@@ -254,7 +254,7 @@ def defaults_callback(
     init: str = "dwf",
     lam: float | None = None,
     multiplier: float | str | None = None,
-    recovery: float = 0.0,
+    recovery: float | None = 0.0,
     relative: bool = False,
     quantize: QuantizeConfig | None = None,
     step_cap: float | None | str = "default",
@@ -270,7 +270,8 @@ def defaults_callback(
         lam: A fixed λ instead of the target.
         multiplier: One factor LR multiplier for every tensor instead of ``"auto"``, or a rule of
             :data:`MULTIPLIER_RULES` applied to ``"auto"``'s (:mod:`benchmarks.factor_lr`).
-        recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released).
+        recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released; 0: constant, the
+            rows made before ``recovery=None`` became the default; None: the library's default by optimizer).
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
         quantize: The quantization-aware finish (``DWFCallback(quantize=...)``), for the size benchmark.
         step_cap: ``FactorLRConfig(step_cap=...)`` in place of the library's default (``None``: no cap).
@@ -291,8 +292,7 @@ def defaults_callback(
         extra["factor_lr"] = FactorLRConfig(**cap)
     knob: dict[str, Any] = dict(target_sparsity=target)
     if lam is not None:
-        knob = (dict(regime=FixedLamConfig(lam, recovery=recovery, relative=relative)) if recovery or relative
-                else dict(lam=lam))
+        knob = dict(regime=FixedLamConfig(lam, recovery=recovery, relative=relative))
     if quantize is not None:
         extra["quantize"] = quantize
     return DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False, **knob, **extra)
@@ -373,7 +373,8 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
             return [dwf, _RelativeCut(dwf, CUT_EXPONENTS[multiplier])]
         return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier, step_cap=cap)]
     if method == "dwf-lam":  # benchmarks.fixed_lam
-        return [defaults_callback(depth, lam=cfg["lam"], recovery=cfg.get("recovery", 0.0),
+        recovery = cfg.get("recovery", 0.0)  # "default": FixedLamConfig's own (None)
+        return [defaults_callback(depth, lam=cfg["lam"], recovery=None if recovery == "default" else recovery,
                                   relative=cfg.get("relative", False))]
     return []
 

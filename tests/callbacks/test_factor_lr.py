@@ -17,6 +17,7 @@ from lightning_dwf import (
     DWFCallback,
     DWFLearningRateWarning,
     FactorLRConfig,
+    FixedLamConfig,
     ScheduleConfig,
     factor_parameters,
     factorized_tensors,
@@ -101,8 +102,9 @@ def test_auto_multiplier_by_optimizer_family(tmp_path):
 
 
 def test_lr_check_warns_and_errors(tmp_path):
+    constant = FixedLamConfig(1e-4, recovery=0)  # the floor is that of a constant λ under SGD
     with pytest.warns(DWFLearningRateWarning, match="below the floor"):
-        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, regime=constant)])).fit(
             ToyModel(lr=0.01)
         )
     with pytest.raises(MisconfigurationException, match="below the floor"):
@@ -110,9 +112,15 @@ def test_lr_check_warns_and_errors(tmp_path):
             **trainer_kwargs(
                 tmp_path,
                 max_epochs=1,
-                callbacks=[DWFCallback(depth=3, lam=1e-4, factor_lr=FactorLRConfig(check="error"))],
+                callbacks=[DWFCallback(depth=3, regime=constant, factor_lr=FactorLRConfig(check="error"))],
             )
         ).fit(ToyModel(lr=0.01))
+    # the default under SGD ramps λ and makes the zeros with the proximal step: no floor to reach
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DWFLearningRateWarning)
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(
+            ToyModel(lr=0.01)
+        )
     with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=10.0)])).fit(
             ToyModel(lr=0.5)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig, factorized_tensors
+from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig, FixedLamConfig, factorized_tensors
 
 from .helpers import DEPTH, LAM, LINEAR_WEIGHTS, LR, SHRINK, InitialWeights, zero_fraction
 
@@ -97,7 +97,8 @@ def test_layer_selection_in_fit(tmp_path, kind, kwargs, expected):
     cls = Conv3dModel if kind == "conv3d" else ToyModel
     model = cls(kind="linear" if kind == "conv3d" else kind, lr=LR, zero_loss=True, n=32, batch_size=16)
     dwf = DWFCallback(
-        depth=DEPTH, lam=LAM, verbose=False, factorize=FactorizeConfig(**kwargs), factor_lr=PLAIN_FACTOR_LR
+        depth=DEPTH, regime=FixedLamConfig(LAM, recovery=0),
+        verbose=False, factorize=FactorizeConfig(**kwargs), factor_lr=PLAIN_FACTOR_LR
     )
     snap = TensorSnapshot()
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False))
@@ -147,7 +148,7 @@ def test_excluded_layer_trains_dense_with_plain_sgd(tmp_path):
     model = ToyModel(lr=lr, n=128, batch_size=16)
     dwf = DWFCallback(
         depth=3,
-        lam=0.05,
+        regime=FixedLamConfig(0.05, recovery=0),
         verbose=False,
         collapse=CollapseConfig(threshold=0.1),
         factorize=FactorizeConfig(exclude=["net.2"]),
@@ -165,7 +166,7 @@ def test_excluded_layer_trains_dense_with_plain_sgd(tmp_path):
 
 def test_filter_fn_through_the_callback(tmp_path):
     factor_lr = PLAIN_FACTOR_LR
-    dwf = DWFCallback(depth=3, lam=0.01, factor_lr=factor_lr, verbose=False,
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(0.01, recovery=0), factor_lr=factor_lr, verbose=False,
                       factorize=FactorizeConfig(filter_fn=lambda module, name: name == "net.2"))
     model = ToyModel()
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf])).fit(model)
@@ -187,7 +188,7 @@ def test_init_std(tmp_path, init_std):
     snap = InitialWeights()
     dwf = DWFCallback(
         depth=3,
-        lam=0.01,
+        regime=FixedLamConfig(0.01, recovery=0),
         verbose=False,
         factor_lr=PLAIN_FACTOR_LR,
         factorize=FactorizeConfig(init_std=init_std),
@@ -222,7 +223,8 @@ def test_configure_model_layers_are_factorized_and_collapsed(tmp_path):
     model = LazyModel(lr=0.3, n=64)
     snap = TensorSnapshot()
     dwf = DWFCallback(
-        depth=3, lam=0.05, verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=PLAIN_FACTOR_LR
+        depth=3, regime=FixedLamConfig(0.05, recovery=0),
+        verbose=False, collapse=CollapseConfig(threshold=0.1), factor_lr=PLAIN_FACTOR_LR
     )
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     assert model.configure_calls == 2  # once by DWF before factorizing, once by Lightning

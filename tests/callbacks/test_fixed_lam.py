@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 import warnings
 
@@ -16,7 +17,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_dwf import DWFCallback, DWFDeadLayerWarning, factorized_tensors
+from lightning_dwf import DWFCallback, DWFDeadLayerWarning, FixedLamConfig, factorized_tensors
 
 
 class OutputsBeforeCollapse(Callback):
@@ -38,7 +39,7 @@ class OutputsBeforeCollapse(Callback):
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_fit_logs_metrics_and_writes_collapsed_checkpoint(tmp_path, depth, kind):
     model = ToyModel(kind=kind, lr=0.5, scheduler=True)
-    dwf = DWFCallback(depth=depth, lam=0.02, factor_lr=PLAIN_FACTOR_LR)
+    dwf = DWFCallback(depth=depth, regime=FixedLamConfig(0.02, recovery=0), factor_lr=PLAIN_FACTOR_LR)
     x = toy_data(16, kind, seed=3).tensors[0]
     probe = OutputsBeforeCollapse(x)
     logger = CSVLogger(tmp_path, name="csv")
@@ -78,7 +79,7 @@ def test_training_produces_exact_zeros(tmp_path):
     model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, n=512)
     # above the LR floor (λ = 0.01 is below it: CR ~1.4), below the cliff: λ = 0.03 killed the net for one init of
     # eight on torch 2.11 (all weights zero), λ = 0.02 kept 84-100 % accuracy at CR 120-272 on torch 2.11 and 2.13
-    dwf = DWFCallback(depth=3, lam=0.02)
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(0.02, recovery=0))
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=25, callbacks=[dwf], enable_checkpointing=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -91,12 +92,30 @@ def test_training_produces_exact_zeros(tmp_path):
     assert os.path.isfile(os.path.join(tmp_path, "dwf-collapsed.ckpt"))
 
 
+def test_sgd_default_ramps_and_keeps_every_layer_at_a_lam_far_too_large(tmp_path, caplog, monkeypatch):
+    """``lam=`` under SGD ramps λ, the proximal step makes exact zeros and its guard keeps every layer its share, where
+    the same λ held constant empties the net (as 1.0 does in the test below); the choice is reported at train start."""
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # as in test_target_mode
+    model = ToyModel(lr=0.1, momentum=0.9, n=256)
+    dwf = DWFCallback(depth=3, lam=0.3, factor_lr=PLAIN_FACTOR_LR)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf], enable_checkpointing=False))
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.simplefilter("error", DWFDeadLayerWarning)
+        trainer.fit(model)
+    assert "the default under SGD-type optimizers" in caplog.text
+    assert dwf._run.regime.recovery == 0.5 and dwf.final_report.dead_layers == []
+    assert dwf.final_report.sparsity > 0.9  # far too large: only the guard's share is left
+    for layer in (model.net[0], model.net[2]):
+        assert 0 < int((layer.weight != 0).sum()) < layer.weight.numel()  # exact zeros, and every layer kept some
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 def test_dead_network_is_warned_during_training_and_at_collapse(tmp_path, depth):
-    """λ far above the cliff zeroes every weight: the callback says so (once while training, again at collapse)."""
+    """A constant λ far above the cliff zeroes every weight: the callback says so (once while training, again at
+    collapse)."""
     model = ToyModel(lr=0.1, momentum=0.9, n=256)
     dwf = DWFCallback(
-        depth=depth, lam=1.0, factor_lr=PLAIN_FACTOR_LR
+        depth=depth, regime=FixedLamConfig(1.0, recovery=0), factor_lr=PLAIN_FACTOR_LR
     )  # each factor shrinks by ~10 % per step: 160 steps kill the net
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf], enable_checkpointing=False))
     with pytest.warns(DWFDeadLayerWarning) as caught:

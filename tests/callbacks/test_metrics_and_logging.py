@@ -17,7 +17,14 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig, factor_parameters, factorized_tensors
+from lightning_dwf import (
+    CollapseConfig,
+    DWFCallback,
+    FactorizeConfig,
+    FixedLamConfig,
+    factor_parameters,
+    factorized_tensors,
+)
 from lightning_dwf.core.collapse import has_factors
 
 from .helpers import LINEAR_WEIGHTS, zero_fraction
@@ -83,7 +90,7 @@ def test_logged_values_match_the_factors_and_the_collapsed_model(tmp_path):
     probe = FactorProbe(lam, depth, threshold)
     dwf = DWFCallback(
         depth=depth,
-        lam=lam,
+        regime=FixedLamConfig(lam, recovery=0),
         verbose=False,
         collapse=CollapseConfig(threshold=threshold),
         factor_lr=PLAIN_FACTOR_LR,
@@ -172,7 +179,8 @@ def test_log_cadence(tmp_path, dwf_every, trainer_every, accumulate, expected):
     logger = RecordingLogger()
     model = ToyModel(lr=0.1, n=256, batch_size=32)  # 8 batches per epoch, 2 epochs
     dwf = DWFCallback(
-        depth=3, lam=0.01, verbose=False, log_every_n_steps=dwf_every, factor_lr=PLAIN_FACTOR_LR
+        depth=3, regime=FixedLamConfig(0.01, recovery=0),
+        verbose=False, log_every_n_steps=dwf_every, factor_lr=PLAIN_FACTOR_LR
     )
     trainer = Trainer(
         **trainer_kwargs(
@@ -194,7 +202,7 @@ def test_log_per_layer(tmp_path, per_layer):
     logger = RecordingLogger()
     dwf = DWFCallback(
         depth=3,
-        lam=0.01,
+        regime=FixedLamConfig(0.01, recovery=0),
         verbose=False,
         log_per_layer=per_layer,
         factor_lr=PLAIN_FACTOR_LR,
@@ -220,7 +228,7 @@ def test_wandb_offline_run_gets_metrics(tmp_path, monkeypatch):
             tmp_path,
             max_epochs=1,
             logger=logger,
-            callbacks=[DWFCallback(depth=3, lam=0.01, factor_lr=PLAIN_FACTOR_LR)],
+            callbacks=[DWFCallback(depth=3, regime=FixedLamConfig(0.01, recovery=0), factor_lr=PLAIN_FACTOR_LR)],
         )
     )
     trainer.fit(ToyModel())
@@ -263,7 +271,8 @@ def test_early_stopping_on_sparsity_threshold_stops_the_run(tmp_path):
     record = EpochSparsity(0.05)
     stop = EarlyStopping(monitor="dwf/sparsity", mode="max", stopping_threshold=0.3, patience=1000)
     dwf = DWFCallback(
-        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=PLAIN_FACTOR_LR
+        depth=3, regime=FixedLamConfig(0.15, recovery=0),
+        verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=PLAIN_FACTOR_LR
     )
     trainer = Trainer(
         **trainer_kwargs(tmp_path, max_epochs=20, callbacks=[dwf, record, stop], enable_checkpointing=False)
@@ -281,7 +290,8 @@ def test_checkpoint_keeps_the_sparsest_epoch(tmp_path):
     record = EpochSparsity(0.05, inflate_at=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="dwf/sparsity", mode="max", save_top_k=1)
     dwf = DWFCallback(
-        depth=3, lam=0.15, verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=PLAIN_FACTOR_LR
+        depth=3, regime=FixedLamConfig(0.15, recovery=0),
+        verbose=False, collapse=CollapseConfig(threshold=0.05), factor_lr=PLAIN_FACTOR_LR
     )
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[dwf, record, ckpt]))
     trainer.fit(ToyModel(lr=0.1, zero_loss=True, n=64, batch_size=8))
@@ -302,7 +312,8 @@ def test_checkpoint_and_early_stopping_monitor_sparsity(tmp_path):
         **trainer_kwargs(
             tmp_path,
             max_epochs=2,
-            callbacks=[DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR), ckpt, stop],
+            callbacks=[DWFCallback(depth=3, regime=FixedLamConfig(0.02, recovery=0),
+            factor_lr=PLAIN_FACTOR_LR), ckpt, stop],
         )
     )
     trainer.fit(ToyModel(lr=0.3))

@@ -12,13 +12,13 @@ import torch
 from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 
-from lightning_dwf import CollapseConfig, DWFCallback, factor_parameters, factorized_tensors
+from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, factor_parameters, factorized_tensors
 
 from .helpers import DEPTH, LAM, LR, SHRINK, InitialWeights
 
 
 def test_bf16_mixed_on_cpu(tmp_path):
-    dwf = DWFCallback(depth=3, lam=0.02, verbose=False, factor_lr=PLAIN_FACTOR_LR)
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(0.02, recovery=0), verbose=False, factor_lr=PLAIN_FACTOR_LR)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=2, precision="bf16-mixed", callbacks=[dwf])).fit(ToyModel(lr=0.3))
     assert dwf.final_report.finite
     ToyModel.load_from_checkpoint(dwf.collapsed_checkpoint_path)
@@ -36,7 +36,7 @@ def test_fused_sgd_on_cpu_16_mixed_trains(tmp_path):
     model = Fused(lr=LR, zero_loss=True, n=16, batch_size=16)
     dwf = DWFCallback(
         depth=DEPTH,
-        lam=LAM,
+        regime=FixedLamConfig(LAM, recovery=0),
         verbose=False,
         factor_lr=PLAIN_FACTOR_LR,
         collapse=CollapseConfig(on_fit_end=False),
@@ -61,7 +61,7 @@ def test_one_penalty_step_is_exact_under_bf16_mixed(tmp_path, precision):
     model = ToyModel(lr=LR, zero_loss=True, n=16, batch_size=16)
     dwf = DWFCallback(
         depth=DEPTH,
-        lam=LAM,
+        regime=FixedLamConfig(LAM, recovery=0),
         verbose=False,
         factor_lr=PLAIN_FACTOR_LR,
         collapse=CollapseConfig(on_fit_end=False),

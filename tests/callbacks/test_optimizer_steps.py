@@ -9,7 +9,7 @@ import torch
 from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
 
-from lightning_dwf import CollapseConfig, DWFCallback, factor_parameters
+from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, factor_parameters
 
 
 def test_penalty_applied_once_per_optimizer_step(tmp_path):
@@ -18,7 +18,8 @@ def test_penalty_applied_once_per_optimizer_step(tmp_path):
     lam, lr, depth = 0.5, 0.2, 3
     model = ToyModel(lr=lr, zero_loss=True, n=64, batch_size=16)
     dwf = DWFCallback(
-        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+        depth=depth, regime=FixedLamConfig(lam, recovery=0),
+        factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     snap = FactorSnapshot()
     trainer = Trainer(
@@ -54,7 +55,8 @@ def test_every_configure_optimizers_form_gets_the_penalty(tmp_path, form):
     model = Model(zero_loss=True, n=32, batch_size=16)
     snap = FactorSnapshot()
     dwf = DWFCallback(
-        depth=3, lam=0.5, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+        depth=3, regime=FixedLamConfig(0.5, recovery=0),
+        factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf, snap], enable_checkpointing=False))
     trainer.fit(model)
@@ -94,7 +96,8 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     model = ManualModel(n=32, batch_size=16)
     snap = FactorSnapshot()
     dwf = DWFCallback(
-        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+        depth=depth, regime=FixedLamConfig(lam, recovery=0),
+        factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[dwf, snap], enable_checkpointing=False)).fit(model)
     first = {id(p) for p in model.net[0].parameters()}
@@ -109,7 +112,8 @@ def test_gradient_clipping_includes_the_penalty(tmp_path):
     model = ToyModel(lr=lr, zero_loss=True, n=16, batch_size=16)
     snap = FactorSnapshot()
     dwf = DWFCallback(
-        depth=depth, lam=lam, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
+        depth=depth, regime=FixedLamConfig(lam, recovery=0),
+        factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(on_fit_end=False)
     )
     Trainer(
         **trainer_kwargs(

@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_dwf import CollapseConfig, DWFCallback, load_compressed
+from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, load_compressed
 from lightning_dwf.core.functional import quantize_to_grid
 
 
@@ -50,7 +50,8 @@ def test_target_mode_finish_lands_on_the_grid_and_exports_exactly(tmp_path, bits
 
 
 def test_fixed_lam_finish_fixes_the_support_and_releases_lam(tmp_path):
-    dwf = DWFCallback(depth=3, lam=0.02, quantize_bits=4, factor_lr=PLAIN_FACTOR_LR, verbose=False,
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(0.02, recovery=0),
+    quantize_bits=4, factor_lr=PLAIN_FACTOR_LR, verbose=False,
                       collapse=CollapseConfig(quantize_fraction=0.5))
     model = ToyModel(lr=0.3, momentum=0.9)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[dwf])).fit(model)
@@ -81,17 +82,17 @@ def test_resuming_inside_the_finish_keeps_quantizing(tmp_path):
 
 def test_quantization_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="`quantize_bits` must be None"):
-        DWFCallback(depth=3, lam=0.01, quantize_bits=2)
+        DWFCallback(depth=3, regime=FixedLamConfig(0.01, recovery=0), quantize_bits=2)
     with pytest.raises(ValueError, match="`quantize_fraction` must be > 0"):
         CollapseConfig(quantize_fraction=0.0)
-    dwf = DWFCallback(depth=3, lam=0.01, quantize_bits=8, factor_lr=PLAIN_FACTOR_LR)
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(0.01, recovery=0), quantize_bits=8, factor_lr=PLAIN_FACTOR_LR)
     with pytest.raises(MisconfigurationException, match="no step budget"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=-1, max_steps=-1, max_time={"seconds": 5},
                                  callbacks=[dwf])).fit(ToyModel())
 
 
 def test_export_without_quantization_is_lossless(tmp_path):
-    dwf = DWFCallback(depth=3, lam=0.02, factor_lr=PLAIN_FACTOR_LR, verbose=False,
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(0.02, recovery=0), factor_lr=PLAIN_FACTOR_LR, verbose=False,
                       collapse=CollapseConfig(export=True, path=str(tmp_path / "out" / "model.ckpt")))
     model = ToyModel(lr=0.3, momentum=0.9)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[dwf])).fit(model)

@@ -123,3 +123,34 @@ def test_quantized_finish_delegates_and_starts_on_time():
     assert regime.quantizing and regime.lam == 0.0 and regime.inner.lam == 0.0  # the inner regime released λ
     with pytest.raises(ValueError, match="no step budget"):
         QuantizedFinish(QuantizeConfig(), FixedLam(FixedLamConfig(0.1))).start(_ctx(net, total=math.inf))
+
+
+@pytest.mark.parametrize(
+    ("opt", "total", "restored", "expected"),
+    [
+        ("sgd", 100, None, 0.5),  # SGD-type: the ramp and the proximal step's per-layer guard
+        ("asgd", 100, None, 0.5),
+        ("adamw", 100, None, 0.0),  # Adam-type: the proximal step runs at every step already
+        ("sgd", math.inf, None, 0.0),  # no step budget: nothing to ramp over
+        ("sgd", 100, {}, 0.0),  # a checkpoint from before the default: it trained with a constant λ
+        ("sgd", 100, {"fixed_recovery": 0.0}, 0.0),
+        ("adamw", 100, {"fixed_recovery": 0.5}, 0.5),  # a resume keeps what the run started with
+    ],
+)
+def test_fixed_lam_default_recovery_by_optimizer(opt, total, restored, expected):
+    """``FixedLamConfig(lam)`` (``recovery=None``) resolves at train start: 0.5 under SGD-type optimizers with a step
+    budget, else 0; the resolved value is kept in the state and wins on a resume; an explicit value always wins."""
+    net = nn.Sequential(nn.Linear(8, 8))
+    factorize_(net, depth=3)
+    make = {"sgd": torch.optim.SGD, "asgd": torch.optim.ASGD, "adamw": torch.optim.AdamW}[opt]
+    ctx = RunContext(net, [make(net.parameters(), lr=0.01)], 0, total, depth=3, floor=1e-7, info=lambda m: None)
+    regime = FixedLam(FixedLamConfig(0.1))
+    if restored is not None:
+        regime.load_state_dict(restored)
+    regime.start(ctx)
+    assert regime.recovery == expected and regime.ramped == (expected > 0)
+    assert regime.state_dict()["fixed_recovery"] == expected
+    assert regime.lam == (0.0 if expected else 0.1)  # the ramp starts at 0
+    explicit = FixedLam(FixedLamConfig(0.1, recovery=0))
+    explicit.start(ctx)
+    assert explicit.recovery == 0 and "fixed_recovery" not in explicit.state_dict()

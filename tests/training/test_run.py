@@ -71,7 +71,7 @@ def test_relative_lam_gives_every_layer_the_same_relative_threshold(opt_cls):
     factorize_(net, depth=3)
     rms = {f"{i}.weight": float(net[i].weight.pow(2).mean().sqrt()) for i in (0, 2)}
     opt = opt_cls(net.parameters(), lr=0.05)
-    run = TrainingRun(build_regime(FixedLamConfig(0.03, relative=True)), depth=3,
+    run = TrainingRun(build_regime(FixedLamConfig(0.03, relative=True, recovery=0)), depth=3,
                       factor_lr=FactorLRConfig(check="off", warmup=0.0))
     run.bind(net, [opt], step=0, total_steps=10)
     run.start(net, [opt], step=0, total_steps=10)
@@ -88,7 +88,7 @@ def test_relative_lam_gives_every_layer_the_same_relative_threshold(opt_cls):
         max(run.regime.lam * run.regime.lam_scales()[n] * steps[n] for n in steps))
     state = run.regime.state_dict()["fixed_relative"]
     assert max(state["scales"].values()) == 1.0 and len(state["scales"]) == 2
-    resumed = build_regime(FixedLamConfig(0.03, relative=True))
+    resumed = build_regime(FixedLamConfig(0.03, relative=True, recovery=0))
     resumed.load_state_dict(run.regime.state_dict())
     assert resumed.lam_scales() == run.regime.lam_scales()
     with pytest.raises(ValueError, match="`relative`"):

@@ -10,7 +10,10 @@ weight with a consistent gradient off zero. The proximal step keeps every layer'
 With ``recovery > 0`` λ ramps linearly from 0 to ``lam`` over the first ``1 − recovery`` of the run, the proximal step
 makes the zeros under every optimizer (SGD-type too, at ``lr × multiplier``), and then the sparsity pattern is fixed
 and the survivors train without penalty for the rest: the shape of target mode, with λ named instead of the
-sparsity.
+sparsity. ``recovery=None`` (the default) picks it by optimizer: the ramp with ``recovery=0.5`` under SGD-type
+optimizers (:data:`~lightning_dwf.config.DEFAULT_SGD_LAM_RECOVERY`: a constant λ there gives its zeros through the
+gradient alone, with no proximal step, no per-layer guard and a cliff in the sparsity), and a constant λ under
+Adam-type ones, whose proximal step runs at every step; a run without a step budget keeps λ constant.
 
 With ``relative=True`` ``lam`` has no units: each factorized tensor ``t`` gets ``λ_t = lam · rms_t^(2−2/D) / η_t``
 (``rms_t`` its weights' RMS at train start, ``η_t`` its peak factor step ``lr × multiplier``), so that its proximal
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 
 from lightning_dwf._validation import check_fraction, check_nonnegative, set_field
-from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE
+from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE, DEFAULT_SGD_LAM_RECOVERY
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import prox_threshold
 from lightning_dwf.core.gating import GatedTensor
@@ -48,8 +51,10 @@ class FixedLamConfig:
     Args:
         lam: the strength of the collapsed penalty ``λ·Σ|w|^(2/D)`` in units of a *mean* training loss (>= 0).
         recovery: the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0; before it λ
-            ramps linearly from 0 to ``lam``, and the proximal step makes the zeros under every optimizer. 0 (default):
-            λ = ``lam`` for the whole run.
+            ramps linearly from 0 to ``lam``, and the proximal step makes the zeros under every optimizer. 0: λ =
+            ``lam`` for the whole run (the paper's schedule). None (default): 0.5 under SGD-type optimizers
+            (:data:`~lightning_dwf.config.DEFAULT_SGD_LAM_RECOVERY`), 0 under Adam-type ones and in runs without a
+            step budget; reported at train start.
         min_layer_share: the per-layer guard of the proximal step: every factorized tensor keeps at least this
             fraction of its uniform share ``d·n`` of the surviving weights (``d`` the density reached; at least one
             weight), as in target mode. 0 lets a large λ empty a layer.
@@ -65,7 +70,7 @@ class FixedLamConfig:
     """
 
     lam: float
-    recovery: float = 0.0
+    recovery: float | None = None
     min_layer_share: float = DEFAULT_MIN_LAYER_SHARE
     relative: bool = False
 
@@ -73,9 +78,10 @@ class FixedLamConfig:
         set_field(self, "lam", check_nonnegative(
             "lam", self.lam, " λ is the penalty strength in mean-loss units, e.g. 2e-3."
         ))
-        set_field(self, "recovery", check_fraction(
-            "recovery", self.recovery, 0.8, True, "the fraction of the run, at its end, trained with the sparsity "
-            "pattern fixed and λ = 0 (e.g. 0.5; 0 keeps λ for the whole run)"))
+        if self.recovery is not None:
+            set_field(self, "recovery", check_fraction(
+                "recovery", self.recovery, 0.8, True, "the fraction of the run, at its end, trained with the sparsity "
+                "pattern fixed and λ = 0 (e.g. 0.5; 0 keeps λ for the whole run; None picks it by optimizer)"))
         set_field(self, "min_layer_share", check_fraction(
             "min_layer_share", self.min_layer_share, 1.0, True,
             "the fraction of a tensor's uniform share of surviving weights the proximal step always leaves it (e.g. "
@@ -110,10 +116,22 @@ class FixedLam(Regime):
         self._peak = config.lam  # the largest λ of the run (mean-loss units), the ramp's end
         self._scales: dict[str, float] = {}  # relative: λ_t / peak by tensor name
         self._steps: dict[str, float] = {}  # each tensor's peak factor step (from train start)
+        self.recovery = config.recovery or 0.0  # config.recovery, or what None resolves to at train start
+        self._restored_recovery: float | None = None  # the resolved recovery of the checkpoint resumed from
 
     @property
     def ramped(self) -> bool:
-        return self.config.recovery > 0 and self.config.lam > 0
+        return self.recovery > 0 and self.config.lam > 0
+
+    def _resolve_recovery(self, ctx: RunContext) -> float:
+        """``config.recovery``; for None the value the resumed run had, else the ramp under SGD-type optimizers in a
+        run with a step budget, else 0."""
+        if self.config.recovery is not None:
+            return self.config.recovery
+        if self._restored_recovery is not None:
+            return self._restored_recovery
+        sgd = bool(ctx.optimizers) and all(penalty_kind(opt) == "gradient" for opt in ctx.optimizers)
+        return DEFAULT_SGD_LAM_RECOVERY if sgd and math.isfinite(ctx.total_steps) and self.config.lam > 0 else 0.0
 
     def start(self, ctx: RunContext) -> None:
         """Relative λ: each tensor's λ from its RMS and peak factor step (a resume keeps those it restored). Ramped:
@@ -124,6 +142,7 @@ class FixedLam(Regime):
                 "Under AdamW the same per-layer λ shrank the large-scale layers far past their loss support (LeNet-5 "
                 "at chance accuracy with λ = 0.1): use an absolute `lam` there, or `target_sparsity=...`."
             )
+        self.recovery = self._resolve_recovery(ctx)
         if self.config.relative and self.config.lam > 0 and not self._scales:
             self._plan_relative(ctx)
         self._steps = {name: step for name, step in ctx.factor_steps.items() if step > 0}
@@ -133,15 +152,17 @@ class FixedLam(Regime):
             return
         if not math.isfinite(ctx.total_steps):
             raise ValueError(
-                f"FixedLamConfig(recovery={self.config.recovery:g}) is a fraction of the planned run, but this run has "
+                f"FixedLamConfig(recovery={self.recovery:g}) is a fraction of the planned run, but this run has "
                 "no step budget (max_epochs=-1 or max_time): set max_epochs or max_steps, or use recovery=0."
             )
-        self._release_step = (1.0 - self.config.recovery) * ctx.total_steps
+        self._release_step = (1.0 - self.recovery) * ctx.total_steps
         self._set_lam(ctx.step)
         if not self._released and ctx.step == 0:
+            chosen = (" (the default under SGD-type optimizers; FixedLamConfig(lam, recovery=0) keeps λ constant)"
+                      if self.config.recovery is None else "")
             ctx.info(f"DWFCallback: lam={self.config.lam:g}: λ ramps from 0 over {math.ceil(self._release_step)} "
                      f"steps, the proximal step makes the zeros; then the sparsity pattern is fixed and λ = 0 for the "
-                     f"last {self.config.recovery:.0%} of the run.")
+                     f"last {self.recovery:.0%} of the run{chosen}.")
 
     def _plan_relative(self, ctx: RunContext) -> None:
         lams = {}
@@ -223,6 +244,8 @@ class FixedLam(Regime):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"fixed_released": self._released} if self.ramped else {}
+        if self.config.recovery is None:
+            state["fixed_recovery"] = self.recovery
         if self._guarded:
             state["fixed_guarded"] = sorted(self._guarded)
         if self._scales:
@@ -232,6 +255,8 @@ class FixedLam(Regime):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._released = bool(state.get("fixed_released", False))
         self._guarded = frozenset(state.get("fixed_guarded", ()))
+        # checkpoints from before recovery=None ran a constant λ (their default then)
+        self._restored_recovery = float(state.get("fixed_recovery", 0.0))
         relative = state.get("fixed_relative")
         if relative:
             self._peak, self._scales = float(relative["peak"]), dict(relative["scales"])
