@@ -854,3 +854,41 @@ def test_identity_compare_counts_nan_metrics_equal_and_names_what_differs():
     assert identity.compare({"a": run}, {"a": dict(run, logged=[(5, dict(logged[0][1]))])}) == []
     changed = dict(run, state={"w": torch.tensor([2.0, float("nan")])}, logged=[(5, {**logged[0][1], "dwf/lam": 0.0})])
     assert identity.compare({"a": run}, {"a": changed}) == ["a: w differs", "a: logged metrics differ"]
+
+
+def test_gradient_lam_probe_recovers_the_collapsed_gradient_and_calibrates_after_its_steps():
+    """The probe of benchmarks.gradient_lam: the collapsed weight's gradient from the factors' gradients equals
+    autograd's, and λ stays 0 until the calibration steps are done, then each tensor gets its calibrated λ."""
+    import torch
+    from torch import nn
+
+    from benchmarks import gradient_lam
+    from lightning_dwf import FactorLRConfig, TrainingRun, factorize_
+    from lightning_dwf.training.regimes import build_regime
+
+    torch.manual_seed(0)
+    factors = [nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    x = torch.randn(5, 3)
+    w = factors[0] * factors[1] * factors[2]
+    w.retain_grad()
+    (x @ w.T).pow(2).sum().backward()
+    assert torch.allclose(gradient_lam.collapsed_gradient(factors), w.grad, rtol=1e-4, atol=1e-6)
+
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    factorize_(net, depth=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    run = TrainingRun(build_regime(gradient_lam.GradientLamConfig(0.1, recovery=0.5, calibrate_steps=3)), depth=3,
+                      factor_lr=FactorLRConfig(check="off", warmup=0.0))
+    run.bind(net, [opt], step=0, total_steps=20)
+    run.start(net, [opt], step=0, total_steps=20)
+    for step in range(5):
+        run.before_batch(net, [opt], step, 20)
+        assert (run.regime.lam > 0) == (step >= 3)  # λ = 0 during the 3 calibration steps
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(torch.randn(8, 6)), torch.randint(0, 2, (8,))).backward()
+        run.before_step(net, opt)
+        opt.step()
+        run.after_batch(net, [opt], step + 1)
+    scales = run.regime.lam_scales()
+    assert set(scales) == {"0.weight", "2.weight"} and max(scales.values()) == 1.0
+    assert gradient_lam.plan("vit", [0.1])[0]["method"] == "dwf-gradlam"
