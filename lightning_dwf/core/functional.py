@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_dwf.core.sharding import global_count
 
@@ -19,11 +21,43 @@ DEFAULT_THRESHOLD = 1.19e-7
 
 
 def hadamard_product(factors: Sequence[Tensor]) -> Tensor:
-    """Elementwise product ω1 ⊙ … ⊙ ωD."""
+    """Elementwise product ω1 ⊙ … ⊙ ωD (``((ω1·ω2)·ω3)…``; with autograd recording, one graph node instead of D − 1:
+    :class:`_HadamardProduct`, the same values and gradients bit for bit)."""
+    if len(factors) > 1 and torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+        return _HadamardProduct.apply(*factors)
     out = factors[0]
     for f in factors[1:]:
         out = out * f
     return out
+
+
+class _HadamardProduct(torch.autograd.Function):
+    """``ω1 ⊙ … ⊙ ωD`` as one autograd node: the chain of D − 1 multiplications records D − 1 nodes, whose dispatch
+    cost a small model's training step more than the arithmetic (LeNet-300-100, batch 256: 2.6–2.8 ms against 2.4 ms
+    per forward and backward). Forward and backward multiply in the order the chain's own backward does, so the results
+    are bit-identical to it."""
+
+    @staticmethod
+    def forward(ctx: Any, *factors: Tensor) -> Tensor:
+        prefixes = [factors[0]]  # prefixes[k] = ω1 ⊙ … ⊙ ω(k+1)
+        for f in factors[1:]:
+            prefixes.append(prefixes[-1] * f)
+        ctx.save_for_backward(*factors, *prefixes[:-1])
+        return prefixes[-1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        depth = len(saved) // 2 + 1
+        factors, prefixes = saved[:depth], saved[depth:]
+        grads: list[Tensor | None] = [None] * depth
+        for k in range(depth - 1, 0, -1):  # ∂/∂ωk = g ⊙ (ω1 ⊙ … ⊙ ω(k−1)), then g ← g ⊙ ωk
+            if ctx.needs_input_grad[k]:
+                grads[k] = grad * prefixes[k - 1]
+            grad = grad * factors[k]
+        grads[0] = grad if ctx.needs_input_grad[0] else None
+        return tuple(grads)
 
 
 def balanced_factors(weight: Tensor, depth: int) -> tuple[Tensor, ...]:

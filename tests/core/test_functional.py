@@ -27,6 +27,33 @@ from lightning_dwf.core.functional import (
 )
 
 
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
+@pytest.mark.parametrize("frozen", [None, 0, -1])
+def test_hadamard_product_is_one_node_with_the_chains_bits(depth, frozen):
+    """With autograd recording the product is one graph node whose value and gradients equal, bit for bit, those of
+    the chain ``((ω1·ω2)·ω3)…`` (a factor without ``requires_grad`` gets none); a second derivative is an error, not
+    a silent zero."""
+    torch.manual_seed(depth)
+    factors = [torch.randn(6, 5, requires_grad=i != (frozen if frozen is None else frozen % depth))
+               for i in range(depth)]
+    grad = torch.randn(6, 5)
+    out = hadamard_product(factors)
+    assert len(out.grad_fn.next_functions) == depth  # one node over every factor
+    fused = torch.autograd.grad(out, [f for f in factors if f.requires_grad], grad)
+    chain = factors[0]
+    for f in factors[1:]:
+        chain = chain * f
+    assert torch.equal(out, chain)
+    for a, b in zip(fused, torch.autograd.grad(chain, [f for f in factors if f.requires_grad], grad), strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert hadamard_product(factors).grad_fn is None
+    trained = next(f for f in factors if f.requires_grad)
+    (first,) = torch.autograd.grad(hadamard_product(factors).sum(), [trained], create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # no silent second derivative
+        first.sum().backward()
+
+
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_am_gm_identity(depth):
     """(λ/D)Σ||ω_d||² ≥ λΣ|w|^(2/D), with equality exactly for the balanced factorization."""
