@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_dwf import FixedLamConfig, QuantizeConfig, TargetSparsityConfig, factorize_
+from lightning_dwf import FactorizeConfig, FixedLamConfig, QuantizeConfig, TargetSparsityConfig, factorize_
 from lightning_dwf.training.regimes import (
     FixedLam,
     QuantizedFinish,
@@ -135,13 +135,17 @@ def test_quantized_finish_delegates_and_starts_on_time():
         ("sgd", 100, {}, 0.0),  # a checkpoint from before the default: it trained with a constant λ
         ("sgd", 100, {"fixed_recovery": 0.0}, 0.0),
         ("adamw", 100, {"fixed_recovery": 0.5}, 0.5),  # a resume keeps what the run started with
+        ("sgd-gated", 100, None, 0.0),  # structured DWF keeps the constant λ it was measured with
     ],
 )
 def test_fixed_lam_default_recovery_by_optimizer(opt, total, restored, expected):
     """``FixedLamConfig(lam)`` (``recovery=None``) resolves at train start: 0.5 under SGD-type optimizers with a step
-    budget, else 0; the resolved value is kept in the state and wins on a resume; an explicit value always wins."""
-    net = nn.Sequential(nn.Linear(8, 8))
-    factorize_(net, depth=3)
+    budget and no gated tensor, else 0; the resolved value is kept in the state and wins on a resume; an explicit value
+    always wins."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    gated = opt.endswith("-gated")
+    opt = opt.removesuffix("-gated")
+    factorize_(net, depth=3, config=FactorizeConfig(structure="outputs", include=["0"]) if gated else None)
     make = {"sgd": torch.optim.SGD, "asgd": torch.optim.ASGD, "adamw": torch.optim.AdamW}[opt]
     ctx = RunContext(net, [make(net.parameters(), lr=0.01)], 0, total, depth=3, floor=1e-7, info=lambda m: None)
     regime = FixedLam(FixedLamConfig(0.1))

@@ -13,7 +13,8 @@ and the survivors train without penalty for the rest: the shape of target mode, 
 sparsity. ``recovery=None`` (the default) picks it by optimizer: the ramp with ``recovery=0.5`` under SGD-type
 optimizers (:data:`~lightning_dwf.config.DEFAULT_SGD_LAM_RECOVERY`: a constant λ there gives its zeros through the
 gradient alone, with no proximal step, no per-layer guard and a cliff in the sparsity), and a constant λ under
-Adam-type ones, whose proximal step runs at every step; a run without a step budget keeps λ constant.
+Adam-type ones, whose proximal step runs at every step; a run without a step budget, or with gated (structured)
+tensors, keeps λ constant.
 
 With ``relative=True`` ``lam`` has no units: each factorized tensor ``t`` gets ``λ_t = lam · rms_t^(2−2/D) / η_t``
 (``rms_t`` its weights' RMS at train start, ``η_t`` its peak factor step ``lr × multiplier``), so that its proximal
@@ -53,8 +54,8 @@ class FixedLamConfig:
         recovery: the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0; before it λ
             ramps linearly from 0 to ``lam``, and the proximal step makes the zeros under every optimizer. 0: λ =
             ``lam`` for the whole run (the paper's schedule). None (default): 0.5 under SGD-type optimizers
-            (:data:`~lightning_dwf.config.DEFAULT_SGD_LAM_RECOVERY`), 0 under Adam-type ones and in runs without a
-            step budget; reported at train start.
+            (:data:`~lightning_dwf.config.DEFAULT_SGD_LAM_RECOVERY`), 0 under Adam-type ones, in runs without a
+            step budget and with gated (structured) tensors; reported at train start.
         min_layer_share: the per-layer guard of the proximal step: every factorized tensor keeps at least this
             fraction of its uniform share ``d·n`` of the surviving weights (``d`` the density reached; at least one
             weight), as in target mode. 0 lets a large λ empty a layer.
@@ -125,13 +126,15 @@ class FixedLam(Regime):
 
     def _resolve_recovery(self, ctx: RunContext) -> float:
         """``config.recovery``; for None the value the resumed run had, else the ramp under SGD-type optimizers in a
-        run with a step budget, else 0."""
+        run with a step budget and no gated tensor, else 0."""
         if self.config.recovery is not None:
             return self.config.recovery
         if self._restored_recovery is not None:
             return self._restored_recovery
         sgd = bool(ctx.optimizers) and all(penalty_kind(opt) == "gradient" for opt in ctx.optimizers)
-        return DEFAULT_SGD_LAM_RECOVERY if sgd and math.isfinite(ctx.total_steps) and self.config.lam > 0 else 0.0
+        gated = any(isinstance(t, GatedTensor) for t in sparse_tensors(ctx.module))  # structured: measured constant
+        ramp = sgd and not gated and math.isfinite(ctx.total_steps) and self.config.lam > 0
+        return DEFAULT_SGD_LAM_RECOVERY if ramp else 0.0
 
     def start(self, ctx: RunContext) -> None:
         """Relative λ: each tensor's λ from its RMS and peak factor step (a resume keeps those it restored). Ramped:
