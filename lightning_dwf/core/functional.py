@@ -20,10 +20,19 @@ from lightning_dwf.core.sharding import global_count
 DEFAULT_THRESHOLD = 1.19e-7
 
 
+#: Factors of at least this many elements are multiplied by :class:`_HadamardProduct` (one graph node) when autograd
+#: records; smaller ones by the plain chain, whose native nodes cost less than one Python node there (forward and
+#: backward of D = 3 factors, 2 threads: 32 against 49 µs at 1,000 elements, 131 against 138 µs at 100,000, 416
+#: against 371 µs at 235,200). Both give the same values and gradients bit for bit.
+ONE_NODE_MIN_NUMEL = 1 << 17
+
+
 def hadamard_product(factors: Sequence[Tensor]) -> Tensor:
-    """Elementwise product ω1 ⊙ … ⊙ ωD (``((ω1·ω2)·ω3)…``; with autograd recording, one graph node instead of D − 1:
-    :class:`_HadamardProduct`, the same values and gradients bit for bit)."""
-    if len(factors) > 1 and torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+    """Elementwise product ω1 ⊙ … ⊙ ωD (``((ω1·ω2)·ω3)…``; with autograd recording and factors of at least
+    :data:`ONE_NODE_MIN_NUMEL` elements, one graph node instead of D − 1: :class:`_HadamardProduct`, the same values
+    and gradients bit for bit)."""
+    if (len(factors) > 1 and factors[0].numel() >= ONE_NODE_MIN_NUMEL and torch.is_grad_enabled()
+            and any(f.requires_grad for f in factors)):
         return _HadamardProduct.apply(*factors)
     out = factors[0]
     for f in factors[1:]:
