@@ -19,6 +19,7 @@ from typing import Any
 from benchmarks import matrix
 from benchmarks.harness.runs import run_plan
 from benchmarks.harness.store import RESULTS
+from benchmarks.harness.tables import parse_recovery, recovery_text
 
 PATH = RESULTS / "fixed_lam.jsonl"
 DEFAULT_LAMS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -26,9 +27,9 @@ PEER_TARGETS = (0.9, 0.98, 0.995)
 
 
 def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0,
-         recovery: float | str = 0.0, relative: bool = False, lr: float | None = None) -> list[dict[str, Any]]:
+         recovery: float = 0.0, relative: bool = False, lr: float | None = None) -> list[dict[str, Any]]:
     """One ``dwf-lam`` config per λ on the matrix cell ``(dataset, model, opt, batch_size)``: ``FixedLamConfig(lam,
-    recovery=..., relative=...)`` (``recovery`` 0: constant λ; ``"default"``: the library's default by optimizer);
+    recovery=..., relative=...)`` (``recovery`` 0: constant λ);
     ``lr``: the optimizer's peak LR instead of the matrix's."""
     base = dict(matrix.base_config(dataset, model, opt, batch_size), method="dwf-lam", seed=seed)
     if lr is not None:
@@ -66,12 +67,6 @@ def _order_peer(config: dict) -> tuple:
             config["method"], config.get("target", 0.0))
 
 
-def _recovery(text: str) -> float | str:
-    return text if text == "default" else float(text)
-
-
-def _recovery_text(value: float | str) -> str:
-    return value if isinstance(value, str) else f"{value:g}"
 
 
 def _order(row: dict) -> tuple:
@@ -94,7 +89,7 @@ def table(rows: list[dict]) -> str:
     for r in sorted(rows, key=_order):
         c, res = r["config"], r["results"]
         cell = (f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c['lr']:g} | "
-                f"{_recovery_text(c.get('recovery', 0.0))} | ")
+                f"{recovery_text(c.get('recovery', 0.0))} | ")
         if res.get("acc") is None:
             out.append(cell + f"{_lam(c)} | {'diverged' if 'diverged' in res else 'error'} | | | |")
             continue
@@ -108,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     matrix.cell_arguments(parser, model="lenet300", opt="adamw", results=PATH)
     parser.add_argument("--lam", type=float, nargs="+", default=list(DEFAULT_LAMS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recovery", type=_recovery, default=0.0,
+    parser.add_argument("--recovery", type=parse_recovery, default=0.0,
                         help="FixedLamConfig(recovery=...): λ ramped, then released for this fraction of the run (0: "
-                             "constant; 'default': the library's default by optimizer)")
+                             "constant; 'default': the library's default, stored as its value)")
     parser.add_argument("--relative", action="store_true", help="FixedLamConfig(relative=True): λ without units")
     parser.add_argument("--lr", type=float, default=None, help="the optimizer's peak LR (default: the matrix's)")
     parser.add_argument("--peers", action="store_true",

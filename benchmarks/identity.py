@@ -32,14 +32,16 @@ GATED = FactorizeConfig(structure="outputs", include=["net.0", "net.2"])
 EXAMPLE = torch.zeros(2, 32)
 SCENARIOS: dict[str, dict[str, Any]] = {
     "fixed_sgd": dict(opt="sgd", lr=0.1, dwf=dict(regime=FixedLamConfig(0.03, recovery=0))),  # constant λ
-    "fixed_sgd_default": dict(opt="sgd", lr=0.1, dwf=dict(lam=0.03)),  # the SGD default: ramped, then released
-    "fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.05)),
+    "fixed_sgd_default": dict(opt="sgd", lr=0.1, dwf=dict(lam=0.03)),  # the default: ramped, then released
+    "fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(regime=FixedLamConfig(0.05, recovery=0))),  # constant λ
+    "fixed_adamw_default": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.05)),
     "target_sgd": dict(opt="sgd", lr=0.1, dwf=dict(target_sparsity=0.9)),
     "target_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(target_sparsity=0.95)),
     "quant_fixed_sgd": dict(opt="sgd", lr=0.1, dwf=dict(regime=FixedLamConfig(0.03, recovery=0), quantize_bits=4)),
     "quant_target_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(target_sparsity=0.9, quantize_bits=8)),
     "rollback_sgd": dict(opt="sgd", lr=12.0, dwf=dict(regime=FixedLamConfig(1e-3, recovery=0))),
-    "gated_fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.2, factorize=GATED)),
+    "gated_fixed_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(regime=FixedLamConfig(0.2, recovery=0), factorize=GATED)),
+    "gated_fixed_adamw_default": dict(opt="adamw", lr=3e-3, dwf=dict(lam=0.2, factorize=GATED)),
     "budget_sgd": dict(opt="sgd", lr=0.1, dwf=dict(regime=BudgetConfig(0.3, example_inputs=EXAMPLE), factorize=GATED)),
     "budget_adamw": dict(opt="adamw", lr=3e-3, dwf=dict(regime=BudgetConfig(0.3, example_inputs=EXAMPLE),
                                                        factorize=GATED)),

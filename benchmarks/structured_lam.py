@@ -5,6 +5,7 @@ MACs that a user who names λ instead of a budget needs, to set beside ``BudgetC
 
     python -m benchmarks.structured_lam                                   # the default grid, every model and optimizer
     python -m benchmarks.structured_lam --models lenet300 --opts sgd --lam 3e-3 1e-2 2e-2
+    python -m benchmarks.structured_lam --recovery 0 --lam ...            # a constant λ (FixedLamConfig(recovery=0))
     python -m benchmarks.structured_lam --report                          # structured_lam.md from the rows
 
 One row per run goes to ``benchmarks/results/structured_lam.jsonl`` (a config already there is skipped); a run DWF
@@ -23,24 +24,28 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from benchmarks.harness.measure import measure as measure_net
 from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
+from benchmarks.harness.tables import recovery_text
 from benchmarks.structured_speed import OPTS, cost, fit, new_module, structure
 from examples.data import ImageData, load_dataset
-from lightning_dwf import CollapseConfig, DWFCallback, shrink_
+from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, shrink_
+from lightning_dwf.config import DEFAULT_LAM_RECOVERY
 
 OUT = RESULTS / "structured_lam.jsonl"
 MODELS = ("lenet300", "cnn-bn", "vit")
-#: The default λ grid per optimizer (mean-loss units); under Adam-type optimizers λ is a shrink per unit LR, so the two
-#: scales differ (docs, "Optimizers").
-LAMS = {"sgd": (3e-3, 5e-3, 1e-2, 2e-2, 5e-2), "adamw": (0.03, 0.1, 0.2, 0.3, 0.5, 1.0)}
+#: The default λ grid per optimizer (mean-loss units) for the default ramp; under Adam-type optimizers λ is a shrink per
+#: unit LR, so the two scales differ (docs, "Optimizers"). The constant λ's rows (``--recovery 0``) used
+#: 3e-3 … 5e-2 and 0.03 … 1.
+LAMS = {"sgd": (5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1), "adamw": (0.1, 0.3, 0.5, 1.0, 2.0)}
 
 
 def run_cell(cfg: dict[str, Any], data: ImageData) -> dict[str, Any]:
-    """Train ``cfg`` (``model``, ``opt``, ``lam``, ``epochs``, ``seed``) with a fixed λ, collapse and shrink it; its
-    row: test accuracy, the shrunk model's MACs and parameters beside dense's, train seconds, the shrink's output
-    check."""
+    """Train ``cfg`` (``model``, ``opt``, ``lam``, ``epochs``, ``seed``, optionally ``recovery`` for
+    ``FixedLamConfig(lam, recovery=...)``; absent: a constant λ) with a fixed λ, collapse and shrink it; its row: test
+    accuracy, the shrunk model's MACs and parameters beside dense's, train seconds, the shrink's output check."""
     x = data.test_x[:2]
     dense = cost(new_module(cfg, data).net, x)
-    dwf = DWFCallback(depth=3, lam=cfg["lam"], factorize=structure(cfg["model"]),
+    regime = FixedLamConfig(cfg["lam"], recovery=float(cfg.get("recovery", 0.0)))
+    dwf = DWFCallback(depth=3, regime=regime, factorize=structure(cfg["model"]),
                       collapse=CollapseConfig(save=False), verbose=False)
     try:
         module, seconds = fit(cfg, data, [dwf])
@@ -56,25 +61,31 @@ def run_cell(cfg: dict[str, Any], data: ImageData) -> dict[str, Any]:
 
 
 def key(row: dict[str, Any]) -> str:
-    return json.dumps({k: row[k] for k in ("model", "opt", "lam", "epochs", "seed")}, sort_keys=True)
+    """A run's identity (rows without ``recovery`` ran a constant λ)."""
+    return json.dumps({k: row[k] for k in ("model", "opt", "lam", "epochs", "seed")}
+                      | {"recovery": str(row.get("recovery", 0.0))}, sort_keys=True)
+
 
 
 def write_report(out: Path = OUT) -> str:
     """``<out>.md``: one line per model, optimizer and λ (seed 0), in λ order; returns the table."""
     rows = sorted((r for r in read_rows(out) if r["seed"] == 0),
-                  key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r["opt"], r["lam"]))
-    lines = ["| model | optimizer | λ | MACs / dense | parameters / dense | test accuracy |",
-             "|---|---|---|---|---|---|"]
+                  key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r["opt"],
+                                 str(r.get("recovery", 0.0)), r["lam"]))
+    lines = ["| model | optimizer | recovery | λ | MACs / dense | parameters / dense | test accuracy |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['model']} | {r['opt']} | {recovery_text(r.get('recovery', 0.0))} | {r['lam']:g} |"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['opt']} | {r['lam']:g} | {r['error'][:60]} | | |")
+            lines.append(f"{head} {r['error'][:60]} | | |")
             continue
-        lines.append(f"| {r['model']} | {r['opt']} | {r['lam']:g} | {r['macs'] / r['dense_macs']:.3f} | "
-                     f"{r['params'] / r['dense_params']:.3f} | {r['acc']:.2%} |")
+        lines.append(f"{head} {r['macs'] / r['dense_macs']:.3f} | {r['params'] / r['dense_params']:.3f} | "
+                     f"{r['acc']:.2%} |")
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(
-        "# Fixed λ in structured mode\n\n`python -m benchmarks.structured_lam` (seed 0, 3 epochs, batch 256; MACs and "
-        "parameters of the shrunk model).\n\n" + table + "\n")
+        "# Fixed λ in structured mode\n\n`python -m benchmarks.structured_lam [--recovery R]` (seed 0, 3 epochs, batch "
+        "256; MACs and parameters of the shrunk model; recovery 0: λ constant for the whole run, R > 0: λ ramped over "
+        "the first 1 − R of the run, then the pattern fixed and λ = 0).\n\n" + table + "\n")
     return table
 
 
@@ -85,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lam", type=float, nargs="+", default=None, help="λ values (default: LAMS per optimizer)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recovery", type=float, default=DEFAULT_LAM_RECOVERY,
+                        help="FixedLamConfig(recovery=...): 0 a constant λ, R > 0 λ ramped and released for the last R "
+                             "of the run (default: the library's default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the rows")
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             for opt in args.opts:
                 for lam in args.lam or LAMS[opt]:
                     cfg = dict(model=model, opt=opt, lam=lam, epochs=args.epochs, seed=args.seed)
+                    if args.recovery:
+                        cfg["recovery"] = args.recovery
                     if key(cfg) in done:
                         continue
                     row = run_cell(cfg, data) | dict(threads=torch.get_num_threads(), dataset=data.name,
@@ -104,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                     append_rows(args.out, [row])
                     print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
     print(write_report(args.out))
+
 
 
 if __name__ == "__main__":

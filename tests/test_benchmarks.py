@@ -455,8 +455,11 @@ def test_fixed_lam_plan_callback_and_table():
     (callback,) = methods.cell_callbacks(configs[1])
     assert (callback.regime_config, callback.target_sparsity, callback.depth) == (FixedLamConfig(1.0, recovery=0.0),
                                                                                    None, 3)
-    default = fixed_lam.plan("fashion-mnist", "lenet300", "sgd", 256, [1e-3], recovery="default")
-    assert methods.cell_callbacks(default[0])[0].regime_config == FixedLamConfig(1e-3)
+    from benchmarks.harness.tables import parse_recovery
+
+    default = fixed_lam.plan("fashion-mnist", "lenet300", "sgd", 256, [1e-3], recovery=parse_recovery("default"))
+    assert default[0]["recovery"] == 0.5  # stored as the value it stood for when the row was made
+    assert methods.cell_callbacks(default[0])[0].regime_config == FixedLamConfig(1e-3, recovery=0.5)
     assert callback.factor_lr.multiplier == "auto"
     rows = [
         dict(config=configs[1], results=dict(acc=0.8, sparsity=0.99, compression_ratio=100.0, emptied=[])),
@@ -805,9 +808,9 @@ def test_factor_lr_adam_auto_sets_the_adam_type_auto_value_and_marks_the_rows(tm
 
 
 def test_structured_lam_rows_shrink_the_model_and_render(tmp_path, monkeypatch):
-    """``benchmarks.structured_lam``: a fixed λ large enough removes whole neurons (the shrunk model has fewer MACs
+    """``benchmarks.structured_lam``: a constant λ large enough removes whole neurons (the shrunk model has fewer MACs
     than dense, its outputs equal to the collapsed model's), a refused λ is an error row, and the report has a line per
-    row. A few hundred images, two epochs."""
+    row and recovery. A few hundred images, two epochs."""
     import torch
 
     from benchmarks import structured_lam as sl
@@ -826,8 +829,12 @@ def test_structured_lam_rows_shrink_the_model_and_render(tmp_path, monkeypatch):
     out = tmp_path / "lam.jsonl"
     store.append_rows(out, [small, large, refused])
     table = sl.write_report(out).splitlines()
-    assert len(table) == 5 and table[2].startswith("| lenet300 | adamw | 0.01 | 1.000 | 1.000 |")
-    assert table[4].startswith("| lenet300 | adamw | 200 | ") and out.with_suffix(".md").exists()
+    assert len(table) == 5 and table[2].startswith("| lenet300 | adamw | 0 | 0.01 | 1.000 | 1.000 |")
+    assert table[4].startswith("| lenet300 | adamw | 0 | 200 | ") and out.with_suffix(".md").exists()
+    ramped = dict(large, recovery=0.5)  # the ramp's row is another run, with its own line
+    assert sl.key(ramped) != sl.key(large)
+    store.append_rows(out, [ramped])
+    assert "| lenet300 | adamw | 0.5 | 1 | " in sl.write_report(out)
 
 
 def test_mha_shrink_rows_time_the_three_forms_and_render():

@@ -373,14 +373,13 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
             return [dwf, _RelativeCut(dwf, CUT_EXPONENTS[multiplier])]
         return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier, step_cap=cap)]
     if method in ("dwf-lam", "dwf-gradlam"):  # benchmarks.fixed_lam
-        recovery = cfg.get("recovery", 0.0)  # "default": FixedLamConfig's own (None)
+        recovery = cfg.get("recovery", 0.0)
         if method == "dwf-gradlam":  # benchmarks.gradient_lam, a probe
             from benchmarks.gradient_lam import GradientLamConfig
 
             return [DWFCallback(depth=depth, collapse=CollapseConfig(save=False), verbose=False,
                                 regime=GradientLamConfig(cfg["lam"], recovery=recovery))]
-        return [defaults_callback(depth, lam=cfg["lam"], recovery=None if recovery == "default" else recovery,
-                                  relative=cfg.get("relative", False))]
+        return [defaults_callback(depth, lam=cfg["lam"], recovery=recovery, relative=cfg.get("relative", False))]
     return []
 
 

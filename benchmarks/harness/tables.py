@@ -6,6 +6,8 @@ import json
 import math
 from collections import defaultdict
 
+from lightning_dwf.config import DEFAULT_LAM_RECOVERY
+
 
 def by_config(rows: list[dict]) -> list[list[dict]]:
     """The runs of each config that differ only in ``seed``.
@@ -104,3 +106,14 @@ def fmt_cr(cr: float) -> str:
         One decimal, ``∞`` for a net without non-zeros.
     """
     return "∞" if math.isinf(cr) else f"{cr:.1f}"
+
+
+def parse_recovery(text: str) -> float:
+    """A ``--recovery`` argument: a fraction for ``FixedLamConfig(recovery=...)``; ``"default"`` is the library's
+    default (:data:`~lightning_dwf.config.DEFAULT_LAM_RECOVERY`), stored as its value."""
+    return DEFAULT_LAM_RECOVERY if text == "default" else float(text)
+
+
+def recovery_text(value: float) -> str:
+    """A table cell for a ``recovery`` value (0: a constant λ)."""
+    return f"{value:g}"

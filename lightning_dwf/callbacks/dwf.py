@@ -51,7 +51,8 @@ class DWFCallback(FitResults, Callback):
 
     Args:
         depth: number of factors D (>= 2; 3 recommended, 2 is the lasso).
-        lam: a fixed λ, the strength of the collapsed penalty ``λ·Σ|w|^(2/D)`` in units of a *mean* training loss.
+        lam: a fixed λ, the strength of the collapsed penalty ``λ·Σ|w|^(2/D)`` in units of a *mean* training loss;
+            by default ramped over the first half of the run, then released (:class:`~lightning_dwf.FixedLamConfig`).
         target_sparsity: instead, the fraction of zero weights wanted at the end (e.g. 0.99); λ is then adapted
             during training (:class:`~lightning_dwf.TargetSparsityConfig`).
         target_compression: the same as a compression ratio (weights / non-zeros, e.g. 100).

@@ -92,7 +92,7 @@ def test_training_produces_exact_zeros(tmp_path):
     assert os.path.isfile(os.path.join(tmp_path, "dwf-collapsed.ckpt"))
 
 
-def test_sgd_default_ramps_and_keeps_every_layer_at_a_lam_far_too_large(tmp_path, caplog, monkeypatch):
+def test_default_ramps_and_keeps_every_layer_at_a_lam_far_too_large(tmp_path, caplog, monkeypatch):
     """``lam=`` under SGD ramps λ, the proximal step makes exact zeros and its guard keeps every layer its share, where
     the same λ held constant empties the net (as 1.0 does in the test below); the choice is reported at train start."""
     monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # as in test_target_mode
@@ -102,7 +102,7 @@ def test_sgd_default_ramps_and_keeps_every_layer_at_a_lam_far_too_large(tmp_path
     with warnings.catch_warnings(), caplog.at_level(logging.INFO):
         warnings.simplefilter("error", DWFDeadLayerWarning)
         trainer.fit(model)
-    assert "the default under SGD-type optimizers" in caplog.text
+    assert "λ ramps from 0" in caplog.text and "(the default; FixedLamConfig(lam, recovery=0)" in caplog.text
     assert dwf._run.regime.recovery == 0.5 and dwf.final_report.dead_layers == []
     assert dwf.final_report.sparsity > 0.9  # far too large: only the guard's share is left
     for layer in (model.net[0], model.net[2]):

@@ -37,7 +37,7 @@ def test_adam_type_fixed_lam_gives_exact_zeros(tmp_path, opt):
 
 
 def test_proximal_step_only_under_fixed_lam_and_decoupled_penalty(tmp_path, monkeypatch):
-    """The proximal zeroing runs once per optimizer step in fixed-λ mode under Adam-type optimizers, never under SGD
+    """The proximal zeroing runs once per optimizer step with a constant λ under Adam-type optimizers, never under SGD
     with a constant λ (the penalty gradient is the DWF objective there) or in target mode (the cut sets the support)."""
     import lightning_dwf.training.regimes.fixed as callback_module
 
@@ -45,7 +45,7 @@ def test_proximal_step_only_under_fixed_lam_and_decoupled_penalty(tmp_path, monk
     real = callback_module.fix_support_
     monkeypatch.setattr(callback_module, "fix_support_", lambda m, t, *rest: calls.append(t) or real(m, t, *rest))
     cases = [  # (optimizer, mode, epochs, prox expected); 2 batches per epoch, accumulated in pairs: 1 step per epoch
-        ("adamw", dict(lam=1.0), 4, True),
+        ("adamw", dict(regime=FixedLamConfig(1.0, recovery=0)), 4, True),
         ("sgd", dict(regime=FixedLamConfig(0.02, recovery=0)), 4, False),
         ("adamw", dict(target_sparsity=0.9), 60, False),  # target mode plans at least 50 steps
     ]

@@ -13,7 +13,7 @@ from conftest import ToyModel, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_dwf import DWFCallback, FactorizeConfig, ScheduleConfig, gated_tensors, shrink_
+from lightning_dwf import DWFCallback, FactorizeConfig, FixedLamConfig, ScheduleConfig, gated_tensors, shrink_
 from lightning_dwf.inference import count_macs_and_params
 
 from .helpers import OptToy, _fit
@@ -28,11 +28,13 @@ def silent_rows(layer) -> int:
 
 # AdamW's λ: its prox threshold grows with lr × the gates' factor LR multiplier (×10 under Adam-type optimizers)
 @pytest.mark.parametrize("opt, lam, lr, epochs", [("sgd", 0.1, 0.1, 12), ("adamw", 0.1, 0.05, 8)])
-def test_fixed_lam_gates_reach_exact_zero(tmp_path, opt, lam, lr, epochs):
-    """A fixed λ silences whole neurons (weights and bias exactly 0) and keeps enough to classify."""
+@pytest.mark.parametrize("recovery", [None, 0])
+def test_fixed_lam_gates_reach_exact_zero(tmp_path, opt, lam, lr, epochs, recovery):
+    """A fixed λ, ramped (the default) or constant, silences whole neurons (weights and bias exactly 0) and keeps
+    enough to classify."""
     torch.manual_seed(0)
     model = OptToy(opt=opt, lr=lr, n=512)
-    dwf = DWFCallback(depth=3, lam=lam, factorize=STRUCTURED)
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(lam, recovery=recovery), factorize=STRUCTURED)
     trainer = _fit(tmp_path, model, dwf, max_epochs=epochs)
     assert not gated_tensors(model)
     zero = silent_rows(model.net[0])

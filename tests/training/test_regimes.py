@@ -114,7 +114,7 @@ def test_quantized_finish_delegates_and_starts_on_time():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8))
     factorize_(net, depth=3)
-    regime = QuantizedFinish(QuantizeConfig(bits=4, fraction=0.25), FixedLam(FixedLamConfig(0.1)))
+    regime = QuantizedFinish(QuantizeConfig(bits=4, fraction=0.25), FixedLam(FixedLamConfig(0.1, recovery=0)))
     regime.start(_ctx(net, step=0, total=100))
     assert regime.quantize_step == 75 and not regime.quantizing and regime.lam == 0.1
     regime.before_batch(_ctx(net, step=74))
@@ -128,20 +128,23 @@ def test_quantized_finish_delegates_and_starts_on_time():
 @pytest.mark.parametrize(
     ("opt", "total", "restored", "expected"),
     [
-        ("sgd", 100, None, 0.5),  # SGD-type: the ramp and the proximal step's per-layer guard
+        ("sgd", 100, None, 0.5),  # the ramp and the proximal step's per-layer guard, under every optimizer
         ("asgd", 100, None, 0.5),
-        ("adamw", 100, None, 0.0),  # Adam-type: the proximal step runs at every step already
+        ("adamw", 100, None, 0.5),
+        ("sgd-gated", 100, None, 0.5),  # structured DWF too
+        ("adamw-gated", 100, None, 0.5),
         ("sgd", math.inf, None, 0.0),  # no step budget: nothing to ramp over
+        ("adamw", math.inf, None, 0.0),
         ("sgd", 100, {}, 0.0),  # a checkpoint from before the default: it trained with a constant λ
-        ("sgd", 100, {"fixed_recovery": 0.0}, 0.0),
-        ("adamw", 100, {"fixed_recovery": 0.5}, 0.5),  # a resume keeps what the run started with
-        ("sgd-gated", 100, None, 0.0),  # structured DWF keeps the constant λ it was measured with
+        ("sgd", 100, {"fixed_recovery": 0.0}, 0.0),  # a resume keeps what the run started with
+        ("adamw", 100, {"fixed_recovery": 0.0}, 0.0),
+        ("adamw", 100, {"fixed_recovery": 0.5}, 0.5),
     ],
 )
-def test_fixed_lam_default_recovery_by_optimizer(opt, total, restored, expected):
-    """``FixedLamConfig(lam)`` (``recovery=None``) resolves at train start: 0.5 under SGD-type optimizers with a step
-    budget and no gated tensor, else 0; the resolved value is kept in the state and wins on a resume; an explicit value
-    always wins."""
+def test_fixed_lam_default_recovery(opt, total, restored, expected):
+    """``FixedLamConfig(lam)`` (``recovery=None``) resolves at train start: 0.5 in a run with a step budget, under
+    every optimizer and with gated tensors, else 0; the resolved value is kept in the state and wins on a resume; an
+    explicit value always wins."""
     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     gated = opt.endswith("-gated")
     opt = opt.removesuffix("-gated")

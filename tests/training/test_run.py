@@ -37,13 +37,16 @@ def _loop(regime_config, opt_cls, lr: float, steps: int = 200, factor_lr: Factor
     return net, report, run
 
 
-def test_fixed_lam_under_adamw_makes_exact_zeros_in_a_plain_loop():
-    net, report, run = _loop(FixedLamConfig(lam=0.5), torch.optim.AdamW, lr=1e-2)
+@pytest.mark.parametrize(("recovery", "final_lam"), [(0.0, 0.5), (None, 0.0)])
+def test_fixed_lam_under_adamw_makes_exact_zeros_in_a_plain_loop(recovery, final_lam):
+    """A constant λ, and the default ramp (λ released for the second half), make exact zeros in a loop without
+    Lightning."""
+    net, report, run = _loop(FixedLamConfig(lam=0.5, recovery=recovery), torch.optim.AdamW, lr=1e-2)
     w = net[0].weight
     zeros = sum(int((m.weight == 0).sum()) for m in (net[0], net[2]))
     assert report.sparsity > 0.5 and zeros == report.numel - report.nonzero  # exact zeros, as the report counts
     assert bool((w[:, 3:] == 0).float().mean() > (w[:, :3] == 0).float().mean())  # the ignored inputs go first
-    assert run.metrics(200)["dwf/lam"] == 0.5 and run.rollback.count == 0
+    assert run.metrics(200)["dwf/lam"] == final_lam and run.rollback.count == 0
 
 
 def test_target_sparsity_is_met_exactly_in_a_plain_loop():

@@ -10,11 +10,10 @@ weight with a consistent gradient off zero. The proximal step keeps every layer'
 With ``recovery > 0`` λ ramps linearly from 0 to ``lam`` over the first ``1 − recovery`` of the run, the proximal step
 makes the zeros under every optimizer (SGD-type too, at ``lr × multiplier``), and then the sparsity pattern is fixed
 and the survivors train without penalty for the rest: the shape of target mode, with λ named instead of the
-sparsity. ``recovery=None`` (the default) picks it by optimizer: the ramp with ``recovery=0.5`` under SGD-type
-optimizers (:data:`~lightning_dwf.config.DEFAULT_SGD_LAM_RECOVERY`: a constant λ there gives its zeros through the
-gradient alone, with no proximal step, no per-layer guard and a cliff in the sparsity), and a constant λ under
-Adam-type ones, whose proximal step runs at every step; a run without a step budget, or with gated (structured)
-tensors, keeps λ constant.
+sparsity. ``recovery=None`` (the default) is the ramp with ``recovery=0.5``
+(:data:`~lightning_dwf.config.DEFAULT_LAM_RECOVERY`; under SGD a constant λ gives its zeros through the gradient
+alone, with no proximal step, no per-layer guard and a cliff in the sparsity, and under every optimizer it was less
+accurate at equal sparsity, unstructured and structured); a run without a step budget keeps λ constant.
 
 With ``relative=True`` ``lam`` has no units: each factorized tensor ``t`` gets ``λ_t = lam · rms_t^(2−2/D) / η_t``
 (``rms_t`` its weights' RMS at train start, ``η_t`` its peak factor step ``lr × multiplier``), so that its proximal
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from lightning_dwf._validation import check_fraction, check_nonnegative, set_field
-from lightning_dwf.config import DEFAULT_MIN_LAYER_SHARE, DEFAULT_SGD_LAM_RECOVERY
+from lightning_dwf.config import DEFAULT_LAM_RECOVERY, DEFAULT_MIN_LAYER_SHARE
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import prox_threshold
 from lightning_dwf.core.gating import GatedTensor
@@ -53,9 +52,9 @@ class FixedLamConfig:
         lam: the strength of the collapsed penalty ``λ·Σ|w|^(2/D)`` in units of a *mean* training loss (>= 0).
         recovery: the fraction of the run, at its end, trained with the sparsity pattern fixed and λ = 0; before it λ
             ramps linearly from 0 to ``lam``, and the proximal step makes the zeros under every optimizer. 0: λ =
-            ``lam`` for the whole run (the paper's schedule). None (default): 0.5 under SGD-type optimizers
-            (:data:`~lightning_dwf.config.DEFAULT_SGD_LAM_RECOVERY`), 0 under Adam-type ones, in runs without a
-            step budget and with gated (structured) tensors; reported at train start.
+            ``lam`` for the whole run (the paper's schedule). None (default): 0.5
+            (:data:`~lightning_dwf.config.DEFAULT_LAM_RECOVERY`), 0 in a run without a step budget; reported at train
+            start.
         min_layer_share: the per-layer guard of the proximal step: every factorized tensor keeps at least this
             fraction of its uniform share ``d·n`` of the surviving weights (``d`` the density reached; at least one
             weight), as in target mode. 0 lets a large λ empty a layer.
@@ -125,16 +124,14 @@ class FixedLam(Regime):
         return self.recovery > 0 and self.config.lam > 0
 
     def _resolve_recovery(self, ctx: RunContext) -> float:
-        """``config.recovery``; for None the value the resumed run had, else the ramp under SGD-type optimizers in a
-        run with a step budget and no gated tensor, else 0."""
+        """``config.recovery``; for None the value the resumed run had, else the ramp in a run with a step budget,
+        else 0."""
         if self.config.recovery is not None:
             return self.config.recovery
         if self._restored_recovery is not None:
             return self._restored_recovery
-        sgd = bool(ctx.optimizers) and all(penalty_kind(opt) == "gradient" for opt in ctx.optimizers)
-        gated = any(isinstance(t, GatedTensor) for t in sparse_tensors(ctx.module))  # structured: measured constant
-        ramp = sgd and not gated and math.isfinite(ctx.total_steps) and self.config.lam > 0
-        return DEFAULT_SGD_LAM_RECOVERY if ramp else 0.0
+        ramp = math.isfinite(ctx.total_steps) and self.config.lam > 0
+        return DEFAULT_LAM_RECOVERY if ramp else 0.0
 
     def start(self, ctx: RunContext) -> None:
         """Relative λ: each tensor's λ from its RMS and peak factor step (a resume keeps those it restored). Ramped:
@@ -161,7 +158,7 @@ class FixedLam(Regime):
         self._release_step = (1.0 - self.recovery) * ctx.total_steps
         self._set_lam(ctx.step)
         if not self._released and ctx.step == 0:
-            chosen = (" (the default under SGD-type optimizers; FixedLamConfig(lam, recovery=0) keeps λ constant)"
+            chosen = (" (the default; FixedLamConfig(lam, recovery=0) keeps λ constant)"
                       if self.config.recovery is None else "")
             ctx.info(f"DWFCallback: lam={self.config.lam:g}: λ ramps from 0 over {math.ceil(self._release_step)} "
                      f"steps, the proximal step makes the zeros; then the sparsity pattern is fixed and λ = 0 for the "
