@@ -67,8 +67,6 @@ def _order_peer(config: dict) -> tuple:
             config["method"], config.get("target", 0.0))
 
 
-
-
 def _order(row: dict) -> tuple:
     c = row["config"]
     return (c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["lr"], c.get("relative", False),

@@ -66,7 +66,6 @@ def key(row: dict[str, Any]) -> str:
                       | {"recovery": str(row.get("recovery", 0.0))}, sort_keys=True)
 
 
-
 def write_report(out: Path = OUT) -> str:
     """``<out>.md``: one line per model, optimizer and λ (seed 0), in λ order; returns the table."""
     rows = sorted((r for r in read_rows(out) if r["seed"] == 0),
@@ -120,7 +119,6 @@ def main(argv: list[str] | None = None) -> None:
                     append_rows(args.out, [row])
                     print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
     print(write_report(args.out))
-
 
 
 if __name__ == "__main__":
