@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks import matrix
 from benchmarks.harness.runs import run_plan
 from benchmarks.harness.store import RESULTS
-from benchmarks.harness.tables import parse_recovery, recovery_text
+from benchmarks.harness.tables import parse_recovery, recovery_text, row_recovery
 
 PATH = RESULTS / "fixed_lam.jsonl"
 DEFAULT_LAMS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -70,7 +70,7 @@ def _order_peer(config: dict) -> tuple:
 def _order(row: dict) -> tuple:
     c = row["config"]
     return (c["dataset"], c["model"], c["optimizer"], c["batch_size"], c["lr"], c.get("relative", False),
-            str(c.get("recovery", 0.0)), c["lam"])
+            row_recovery(c), c["lam"])
 
 
 def _lam(config: dict) -> str:
@@ -87,7 +87,7 @@ def table(rows: list[dict]) -> str:
     for r in sorted(rows, key=_order):
         c, res = r["config"], r["results"]
         cell = (f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c['lr']:g} | "
-                f"{recovery_text(c.get('recovery', 0.0))} | ")
+                f"{recovery_text(c)} | ")
         if res.get("acc") is None:
             out.append(cell + f"{_lam(c)} | {'diverged' if 'diverged' in res else 'error'} | | | |")
             continue

@@ -6,11 +6,11 @@ such files bit for bit.
     python -m benchmarks.identity --compare before.pt after.pt
 
 Scenarios (tiny MLP on synthetic data, CPU, one thread, deterministic): a constant fixed λ with SGD (the gradient
-penalty) and SGD's default fixed λ (ramped, then released), fixed λ with AdamW (the proximal step), target mode with
-SGD through its recovery phase, target mode with AdamW, and the quantization-aware finish after fixed λ (SGD) and
-after target mode (AdamW), and structured DWF (gated output neurons) with fixed λ (AdamW) and to a MACs budget (SGD
-and AdamW). A scenario that triggers a rollback is included too (an SGD learning rate at which the factors overflow;
-its NaN metrics compare equal).
+penalty) and with AdamW (the proximal step), the default fixed λ (ramped, then released) with SGD and AdamW, target
+mode with SGD through its recovery phase, target mode with AdamW, the quantization-aware finish after fixed λ (SGD)
+and after target mode (AdamW), and structured DWF (gated output neurons) with a constant and the default fixed λ
+(AdamW) and to a MACs budget (SGD and AdamW). A scenario that triggers a rollback is included too (an SGD learning
+rate at which the factors overflow; its NaN metrics compare equal).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from benchmarks.harness.measure import measure as measure_net
 from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
-from benchmarks.harness.tables import recovery_text
+from benchmarks.harness.tables import parse_recovery, recovery_text, row_recovery
 from benchmarks.structured_speed import OPTS, cost, fit, new_module, structure
 from examples.data import ImageData, load_dataset
 from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, shrink_
@@ -44,7 +44,7 @@ def run_cell(cfg: dict[str, Any], data: ImageData) -> dict[str, Any]:
     accuracy, the shrunk model's MACs and parameters beside dense's, train seconds, the shrink's output check."""
     x = data.test_x[:2]
     dense = cost(new_module(cfg, data).net, x)
-    regime = FixedLamConfig(cfg["lam"], recovery=float(cfg.get("recovery", 0.0)))
+    regime = FixedLamConfig(cfg["lam"], recovery=row_recovery(cfg))
     dwf = DWFCallback(depth=3, regime=regime, factorize=structure(cfg["model"]),
                       collapse=CollapseConfig(save=False), verbose=False)
     try:
@@ -63,18 +63,18 @@ def run_cell(cfg: dict[str, Any], data: ImageData) -> dict[str, Any]:
 def key(row: dict[str, Any]) -> str:
     """A run's identity (rows without ``recovery`` ran a constant λ)."""
     return json.dumps({k: row[k] for k in ("model", "opt", "lam", "epochs", "seed")}
-                      | {"recovery": str(row.get("recovery", 0.0))}, sort_keys=True)
+                      | {"recovery": row_recovery(row)}, sort_keys=True)
 
 
 def write_report(out: Path = OUT) -> str:
     """``<out>.md``: one line per model, optimizer and λ (seed 0), in λ order; returns the table."""
     rows = sorted((r for r in read_rows(out) if r["seed"] == 0),
                   key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r["opt"],
-                                 str(r.get("recovery", 0.0)), r["lam"]))
+                                 row_recovery(r), r["lam"]))
     lines = ["| model | optimizer | recovery | λ | MACs / dense | parameters / dense | test accuracy |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['model']} | {r['opt']} | {recovery_text(r.get('recovery', 0.0))} | {r['lam']:g} |"
+        head = f"| {r['model']} | {r['opt']} | {recovery_text(r)} | {r['lam']:g} |"
         if "error" in r:
             lines.append(f"{head} {r['error'][:60]} | | |")
             continue
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lam", type=float, nargs="+", default=None, help="λ values (default: LAMS per optimizer)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recovery", type=float, default=DEFAULT_LAM_RECOVERY,
+    parser.add_argument("--recovery", type=parse_recovery, default=DEFAULT_LAM_RECOVERY,
                         help="FixedLamConfig(recovery=...): 0 a constant λ, R > 0 λ ramped and released for the last R "
-                             "of the run (default: the library's default)")
+                             "of the run ('default', the default: the library's default, stored as its value)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the rows")

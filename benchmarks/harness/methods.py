@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 
 from benchmarks.harness.fit import MOMENTUM, SEED, make_trainer, train_loader
 from benchmarks.harness.measure import measure, prunable
+from benchmarks.harness.tables import row_recovery
 from benchmarks.models import Classifier
 from examples.data import ImageData
 from lightning_dwf import (
@@ -271,7 +272,7 @@ def defaults_callback(
         multiplier: One factor LR multiplier for every tensor instead of ``"auto"``, or a rule of
             :data:`MULTIPLIER_RULES` applied to ``"auto"``'s (:mod:`benchmarks.factor_lr`).
         recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released; 0: constant, the
-            rows made before ``recovery=None`` became the default; None: the library's default by optimizer).
+            rows made before ``recovery=None`` became the default; None: the library's default).
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
         quantize: The quantization-aware finish (``DWFCallback(quantize=...)``), for the size benchmark.
         step_cap: ``FactorLRConfig(step_cap=...)`` in place of the library's default (``None``: no cap).
@@ -373,7 +374,7 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
             return [dwf, _RelativeCut(dwf, CUT_EXPONENTS[multiplier])]
         return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier, step_cap=cap)]
     if method in ("dwf-lam", "dwf-gradlam"):  # benchmarks.fixed_lam
-        recovery = cfg.get("recovery", 0.0)
+        recovery = row_recovery(cfg)
         if method == "dwf-gradlam":  # benchmarks.gradient_lam, a probe
             from benchmarks.gradient_lam import GradientLamConfig
 

@@ -114,6 +114,11 @@ def parse_recovery(text: str) -> float:
     return DEFAULT_LAM_RECOVERY if text == "default" else float(text)
 
 
-def recovery_text(value: float) -> str:
-    """A table cell for a ``recovery`` value (0: a constant λ)."""
-    return f"{value:g}"
+def row_recovery(config: dict) -> float:
+    """A fixed-λ config's ``FixedLamConfig(recovery=...)``: configs without the key ran a constant λ (0)."""
+    return float(config.get("recovery", 0.0))
+
+
+def recovery_text(config: dict) -> str:
+    """A table cell for a fixed-λ config's recovery (0: a constant λ)."""
+    return f"{row_recovery(config):g}"

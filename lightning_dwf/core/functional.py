@@ -30,7 +30,7 @@ ONE_NODE_MIN_NUMEL = 1 << 17
 def hadamard_product(factors: Sequence[Tensor]) -> Tensor:
     """Elementwise product ω1 ⊙ … ⊙ ωD (``((ω1·ω2)·ω3)…``; with autograd recording and factors of at least
     :data:`ONE_NODE_MIN_NUMEL` elements, one graph node instead of D − 1: :class:`_HadamardProduct`, the same values
-    and gradients bit for bit)."""
+    and gradients bit for bit, but no second derivative through it)."""
     if (len(factors) > 1 and factors[0].numel() >= ONE_NODE_MIN_NUMEL and torch.is_grad_enabled()
             and any(f.requires_grad for f in factors)):
         return _HadamardProduct.apply(*factors)

@@ -81,7 +81,8 @@ class FixedLamConfig:
         if self.recovery is not None:
             set_field(self, "recovery", check_fraction(
                 "recovery", self.recovery, 0.8, True, "the fraction of the run, at its end, trained with the sparsity "
-                "pattern fixed and λ = 0 (e.g. 0.5; 0 keeps λ for the whole run; None picks it by optimizer)"))
+                "pattern fixed and λ = 0 (e.g. 0.5; 0 keeps λ for the whole run; None: 0.5, or 0 in a run without a "
+                "step budget)"))
         set_field(self, "min_layer_share", check_fraction(
             "min_layer_share", self.min_layer_share, 1.0, True,
             "the fraction of a tensor's uniform share of surviving weights the proximal step always leaves it (e.g. "
