@@ -1,11 +1,11 @@
 """Fixed λ: the penalty at one strength, either for the whole run (the paper's method) or ramped and then released.
 
-Under SGD-type optimizers the penalty goes into the gradient and gradient descent makes the zeros itself. Under
-Adam-type optimizers each optimizer step is followed by the proximal step of ``λ·|w|^(2/D)``: weights below the
-threshold :meth:`~lightning_dwf.FactorPenalty.proximal_thresholds` noted before the step (at that step's learning
-rate) become exact zeros (:func:`~lightning_dwf.fix_support_`); Adam's normalized step would otherwise hold every
-weight with a consistent gradient off zero. The proximal step keeps every layer's largest weights
-(``min_layer_share``), so a λ that is too large cannot empty a layer.
+With a constant λ (``recovery=0``), under SGD-type optimizers the penalty goes into the gradient and gradient
+descent makes the zeros itself; under Adam-type optimizers each optimizer step is followed by the proximal step of
+``λ·|w|^(2/D)``: weights below the threshold :meth:`~lightning_dwf.FactorPenalty.proximal_thresholds` noted before the
+step (at that step's learning rate) become exact zeros (:func:`~lightning_dwf.fix_support_`); Adam's normalized step
+would otherwise hold every weight with a consistent gradient off zero. The proximal step keeps every layer's largest
+weights (``min_layer_share``), so a λ that is too large cannot empty a layer.
 
 With ``recovery > 0`` λ ramps linearly from 0 to ``lam`` over the first ``1 − recovery`` of the run, the proximal step
 makes the zeros under every optimizer (SGD-type too, at ``lr × multiplier``), and then the sparsity pattern is fixed
