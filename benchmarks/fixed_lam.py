@@ -29,8 +29,8 @@ PEER_TARGETS = (0.9, 0.98, 0.995)
 def plan(dataset: str, model: str, opt: str, batch_size: int, lams: list[float], seed: int = 0,
          recovery: float = 0.0, relative: bool = False, lr: float | None = None) -> list[dict[str, Any]]:
     """One ``dwf-lam`` config per λ on the matrix cell ``(dataset, model, opt, batch_size)``: ``FixedLamConfig(lam,
-    recovery=..., relative=...)`` (``recovery`` 0: constant λ);
-    ``lr``: the optimizer's peak LR instead of the matrix's."""
+    recovery=..., relative=...)`` (``recovery`` 0: constant λ); ``lr``: the optimizer's peak LR instead of the
+    matrix's."""
     base = dict(matrix.base_config(dataset, model, opt, batch_size), method="dwf-lam", seed=seed)
     if lr is not None:
         base["lr"] = lr
@@ -53,7 +53,7 @@ def peer_table(rows: list[dict]) -> str:
     """Dense and ModelPruning rows of :func:`plan_peers`, one line per run."""
     out = ["| data | model | optimizer | batch | lr | method | zeros % | compression ratio | accuracy % |",
            "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (_order_peer(r["config"]))):
+    for r in sorted(rows, key=lambda r: _order_peer(r["config"])):
         c, res = r["config"], r["results"]
         acc = "diverged" if res.get("acc") is None else f"{100 * res['acc']:.2f}"
         out.append(f"| {c['dataset']} | {c['model']} | {c['optimizer']} | {c['batch_size']} | {c['lr']:g} | "

@@ -25,6 +25,7 @@ from benchmarks import fixed_lam, matrix
 from benchmarks.harness.store import RESULTS
 from lightning_dwf import FixedLamConfig
 from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
+from lightning_dwf.core.functional import factor_step_gain, hadamard_product
 from lightning_dwf.core.sharding import root_mean_square
 from lightning_dwf.training.regimes.base import RunContext, register_regime
 from lightning_dwf.training.regimes.fixed import FixedLam
@@ -86,15 +87,11 @@ def collapsed_gradient(factors: list[torch.nn.Parameter]) -> torch.Tensor:
     ``g_d = g_w · P_d`` (``P_d`` the product of the other factors), so ``g_w = Σ g_d·P_d / Σ P_d²`` (0 where every
     ``P_d`` is 0)."""
     values = [f.detach().float() for f in factors]
-    num, gain = torch.zeros_like(values[0]), torch.zeros_like(values[0])
+    num = torch.zeros_like(values[0])
     for d, factor in enumerate(factors):
-        others = torch.ones_like(values[0])
-        for j, value in enumerate(values):
-            if j != d:
-                others = others * value
         if factor.grad is not None:
-            num += factor.grad.float() * others
-        gain += others * others
+            num += factor.grad.float() * hadamard_product([v for j, v in enumerate(values) if j != d])
+    gain = factor_step_gain(values)  # Σ_d P_d²
     return torch.where(gain > 0, num / gain.clamp_min(1e-30), torch.zeros_like(gain))
 
 

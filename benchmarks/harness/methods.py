@@ -255,7 +255,7 @@ def defaults_callback(
     init: str = "dwf",
     lam: float | None = None,
     multiplier: float | str | None = None,
-    recovery: float | None = 0.0,
+    recovery: float = 0.0,
     relative: bool = False,
     quantize: QuantizeConfig | None = None,
     step_cap: float | None | str = "default",
@@ -272,7 +272,7 @@ def defaults_callback(
         multiplier: One factor LR multiplier for every tensor instead of ``"auto"``, or a rule of
             :data:`MULTIPLIER_RULES` applied to ``"auto"``'s (:mod:`benchmarks.factor_lr`).
         recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released; 0: constant, the
-            rows made before ``recovery=None`` became the default; None: the library's default).
+            rows made before ``recovery=None`` became the default).
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
         quantize: The quantization-aware finish (``DWFCallback(quantize=...)``), for the size benchmark.
         step_cap: ``FactorLRConfig(step_cap=...)`` in place of the library's default (``None``: no cap).
