@@ -34,7 +34,7 @@ from lightning_dwf import (
 )
 from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier
 from lightning_dwf.training import run as _training_run
-from lightning_dwf.training.support import keep_masks, zero_weights_
+from lightning_dwf.training.support import cut_to_sparsity_
 
 #: Learning rate of the fine-tune after one-shot pruning.
 FINETUNE_LR = 0.01
@@ -215,13 +215,8 @@ class _RelativeCut(Callback):
         min_share, exponent = regime.config.schedule.min_layer_share, self.exponent
 
         def cut(ctx: Any, sparsity: float) -> float:
-            weights = {t.name: t.unit_magnitudes() for t in factorized_tensors(ctx.module)}
-            scores = {n: (w / w.pow(2).mean().sqrt().clamp_min(1e-30) ** exponent).masked_fill(w < ctx.floor, 0.0)
-                      for n, w in weights.items()}
-            masks = keep_masks(scores, sparsity, ctx.floor, min_share)
-            zero_weights_(ctx.module, masks, ctx.optimizers)
-            kept = [weights[n].masked_fill(~m, math.inf).min() for n, m in masks.items() if m.any()]
-            return float(min(kept)) if kept else math.inf
+            return cut_to_sparsity_(ctx.module, sparsity, ctx.floor, ctx.optimizers, min_share,
+                                    score=lambda w: w / w.pow(2).mean().sqrt().clamp_min(1e-30) ** exponent)
 
         regime._cut = cut
 

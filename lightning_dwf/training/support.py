@@ -11,7 +11,7 @@ any gradient-based optimizer: each factor's gradient is the loss gradient times 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -160,12 +160,15 @@ def cut_to_sparsity_(
     floor: float = 0.0,
     optimizers: Iterable[torch.optim.Optimizer] = (),
     min_share: float = DEFAULT_MIN_LAYER_SHARE,
+    score: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     """Zero the factors of all but the surviving weights of :func:`keep_masks` (with their optimizer state).
 
     Units are weights of factorized tensors and groups of gated ones; ``target`` is the fraction of units cut. With
     gated tensors in the model every unit is ranked by its magnitude relative to its tensor's RMS
-    (:func:`~lightning_dwf.core.gating.relative_scores`), else by its magnitude. Sharded factors
+    (:func:`~lightning_dwf.core.gating.relative_scores`), else by its magnitude; ``score`` replaces that ranking: a
+    function of one tensor's unit magnitudes to their scores (the largest survive; units below ``floor`` never do).
+    Sharded factors
     (FSDP2): the cut is chosen on the gathered weights, so every rank keeps the same weights as an unsharded run would,
     and each rank zeroes its own shards.
 
@@ -176,8 +179,9 @@ def cut_to_sparsity_(
     weights = {t.name: full_tensor(t.unit_magnitudes()) for t in tensors}
     # groups are ranked relative to their tensor's scale (a BatchNorm's channels and a Linear layer's rows differ by
     # orders of magnitude), and so is everything in a model that mixes groups and weights; below the floor stays out
-    relative = any(isinstance(t, GatedTensor) for t in tensors)
-    scores = {n: relative_scores(w).masked_fill(w < floor, 0.0) if relative else w for n, w in weights.items()}
+    if score is None and any(isinstance(t, GatedTensor) for t in tensors):
+        score = relative_scores
+    scores = {n: score(w).masked_fill(w < floor, 0.0) if score is not None else w for n, w in weights.items()}
     masks = keep_masks(scores, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
     smallest = [weights[n].abs().masked_fill(~m, math.inf).min() for n, m in masks.items() if m.numel()]

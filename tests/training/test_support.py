@@ -3,6 +3,7 @@ the pattern exactly under SGD and Adam, and ``keep_masks``' exact count with a m
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from lightning_dwf import keep_masks
 from lightning_dwf.core.factorize import factorize_, factorized_tensors
-from lightning_dwf.training.support import fix_support_, support_threshold
+from lightning_dwf.training.support import cut_to_sparsity_, fix_support_, support_threshold
 
 
 def test_support_threshold_closes_the_gap_both_ways():
@@ -120,3 +121,26 @@ def test_keep_masks_through_a_sampled_band_equal_the_plain_rule(monkeypatch, tar
     fast = keep_masks(weights, target, floor=1e-6, min_share=0.1)
     plain = _reference_keep_masks(weights, target, 1e-6, 0.1)
     assert all(torch.equal(fast[n].flatten(), plain[n]) for n in weights)
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
+def test_cut_to_sparsity_ranks_by_a_given_score(target):
+    """``score`` replaces the magnitude ranking: with a score that falls with the magnitude the smallest weights
+    survive, the count is still exact, and the value returned is the smallest survivor's magnitude."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    factorize_(net, 3)
+    default = copy.deepcopy(net)
+    before = torch.cat([t.product().detach().abs().flatten() for t in factorized_tensors(net)])
+
+    def kept(model):
+        return torch.cat([t.product().detach().flatten() for t in factorized_tensors(model)]) != 0
+
+    smallest = cut_to_sparsity_(net, target, min_share=0.0, score=lambda w: 1.0 / (w + 1.0))
+    inverted = kept(net)
+    assert int((~inverted).sum()) == round(target * before.numel())
+    assert float(before[inverted].max()) < float(before[~inverted].min())  # every survivor below every cut weight
+    assert smallest == float(before[inverted].min())
+    largest = cut_to_sparsity_(default, target, min_share=0.0)  # the default ranking keeps the largest
+    assert float(before[kept(default)].min()) > float(before[~kept(default)].max())
+    assert largest == float(before[kept(default)].min())
