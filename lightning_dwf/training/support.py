@@ -168,9 +168,8 @@ def cut_to_sparsity_(
     gated tensors in the model every unit is ranked by its magnitude relative to its tensor's RMS
     (:func:`~lightning_dwf.core.gating.relative_scores`), else by its magnitude; ``score`` replaces that ranking: a
     function of one tensor's unit magnitudes to their scores (the largest survive; units below ``floor`` never do).
-    Sharded factors
-    (FSDP2): the cut is chosen on the gathered weights, so every rank keeps the same weights as an unsharded run would,
-    and each rank zeroes its own shards.
+    Sharded factors (FSDP2): the cut is chosen on the gathered weights, so every rank keeps the same weights as an
+    unsharded run would, and each rank zeroes its own shards.
 
     Returns:
         The smallest surviving magnitude (absolute; ``inf`` if none survives): the effective cut threshold.
