@@ -17,11 +17,19 @@ narrower spread, faster factors, or a falling multiplier, is the SGD rule. The p
 its recovery point (the support fixed): ``ramp-half`` halves the planned values before it, ``recovery-double`` doubles
 them after it, and ``recut-rms`` re-plans every tensor there from the RMS of its survivors; ``--adam-auto`` sets the
 Adam-type ``"auto"`` value they start from. ``cut-relative`` / ``cut-halfrel`` keep the multipliers and rank the weights
-of target mode's cuts by ``|w|`` over their tensor's RMS (to the power 1 / 0.5). ``--step-cap K`` (or ``none``) sets
+of target mode's cuts by ``|w|`` over their tensor's RMS (to the power 1 / 0.5); ``cut-bn-init`` ranks a
+BatchNorm-fed tensor's weights at its train-start scale (each output channel rescaled to the tensor's RMS then),
+``cut-init-scale`` every weight by ``|w|`` times its tensor's train-start RMS (``cut-bn-init-scale`` both). Two
+diagnostics: ``cut-alloc-mp`` gives each layer the share of the survivors that ModelPruning's matrix row of the same
+cell and seed ended with (whether the allocation explains a miss), ``no-penalty`` holds λ at 0 so that target mode's
+gradual cut alone makes the zeros (whether the penalty or the factorized training costs it). ``--step-cap K`` (or
+``none``) sets
 ``FactorLRConfig(step_cap=K)``: ``--multiplier at-2rms --step-cap none`` trains as the defaults did before the step
 cap. Rows before 2026-12-06 ran on that earlier default: their ``at-rms`` rule is today's ``"auto"`` without the cap,
 their ``cap-K`` rows the earlier ``"auto"`` with ``step_cap=K`` (a probe callback then), and their ``at-rms+cap-3``
 rows today's defaults (the same rule; the probe computed the cap in another order, so the last digits may differ).
+A rule's rows from before the cap share their key with today's runs of it: pass ``--step-cap 3`` to run it on today's
+code (its rows then carry ``step_cap``).
 ``--depth`` runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the matrix's own columns stay D = 3):
 whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
 One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already

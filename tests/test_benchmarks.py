@@ -899,3 +899,37 @@ def test_gradient_lam_probe_recovers_the_collapsed_gradient_and_calibrates_after
     scales = run.regime.lam_scales()
     assert set(scales) == {"0.weight", "2.weight"} and max(scales.values()) == 1.0
     assert gradient_lam.plan("vit", [0.1])[0]["method"] == "dwf-gradlam"
+
+
+@pytest.mark.parametrize("rule", methods.MULTIPLIER_RULES)
+def test_factor_lr_probe_rules_train_to_their_target(rule, tmp_path, monkeypatch):
+    """Every probe rule of ``benchmarks.factor_lr`` (they reach into the run's internals) trains a BatchNorm CNN cell
+    to its target: a rule broken by a change of those internals fails here, not in a long probe."""
+    import torch
+
+    from benchmarks import factor_lr, matrix
+    from examples.data import ImageData
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(
+        "toy",
+        torch.randn(160, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (160,), generator=g),
+        torch.randn(32, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (32,), generator=g),
+    )
+    (cfg,) = factor_lr.plan("fashion-mnist", "cnn-bn", "sgd", 64, [0.9], [rule], [0])
+    cfg = dict(cfg, batch_size=8, epochs=4)  # 80 steps (target mode plans at least 50)
+    if rule in methods.ALLOCATED_CUTS:  # ModelPruning's allocation in the same cell and seed
+        peer = dict(cfg, method="model-pruning")
+        del peer["factor_lr_multiplier"]
+        counts = {"0": 100, "4": 1000, "9": 14500, "11": 655}
+        monkeypatch.setattr(matrix, "PATH", tmp_path / "matrix.jsonl")
+        matrix.PATH.write_text(json.dumps(dict(config=peer, results=dict(layer_nonzeros=counts))) + "\n")
+    rows = runs.run_plan([cfg], tmp_path / "factor_lr.jsonl", loader=lambda name, root: data)
+    res = rows[store.key(cfg)]["results"]
+    assert res["acc"] is not None and res["sparsity"] == pytest.approx(0.9, abs=1e-3) and not res["emptied"]
+    if rule in methods.ALLOCATED_CUTS:
+        total = sum(counts.values())
+        kept = {n: round(c / total * res["nonzero"]) for n, c in counts.items()}
+        assert all(abs(res["layer_nonzeros"][n] - k) <= 1 for n, k in kept.items()), (res["layer_nonzeros"], kept)

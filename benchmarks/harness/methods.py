@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
@@ -32,9 +33,10 @@ from lightning_dwf import (
     ScheduleConfig,
     factorized_tensors,
 )
+from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier
 from lightning_dwf.training import run as _training_run
-from lightning_dwf.training.support import cut_to_sparsity_
+from lightning_dwf.training.support import cut_to_sparsity_, keep_masks, zero_weights_
 
 #: Learning rate of the fine-tune after one-shot pruning.
 FINETUNE_LR = 0.01
@@ -118,7 +120,23 @@ TRACKING_RULES = ("track-rms", "track-max", "recut-rms", "ramp-half", "recovery-
 #: Probe rules for target mode's global cut (the multipliers stay ``"auto"``'s): rank each weight by ``|w| / rms^a``,
 #: ``rms`` its tensor's RMS (zeros included, as structured mode ranks its groups), ``a`` from :data:`CUT_EXPONENTS`.
 CUT_EXPONENTS = {"cut-relative": 1.0, "cut-halfrel": 0.5}
-MULTIPLIER_RULES = PLANNED_RULES + TRACKING_RULES + tuple(CUT_EXPONENTS)
+#: Probe rules for target mode's global cut (:class:`_BatchNormScaleCut`), as ``(BatchNorm-fed tensors at their
+#: train-start scale, every tensor times its train-start RMS)``. ``cut-bn-init`` ranks the weights of a tensor whose
+#: layer feeds a BatchNorm (which normalizes that scale away) at the tensor's scale at train start, ``|w| · rms0 /
+#: rms_c`` (``rms_c`` the RMS of the weight's output channel now, zeros included; ``rms0`` the tensor's RMS at train
+#: start), the other tensors by ``|w|``; ``cut-init-scale`` ranks every weight by ``|w| · rms0`` (undoing the per-layer
+#: multipliers' speed-up, which is ∝ rms0^(−(2−2/D)) under SGD, as the dense init's scale does for ModelPruning);
+#: ``cut-bn-init-scale`` both.
+SCALE_FREE_CUTS = {"cut-bn-init": (True, False), "cut-init-scale": (False, True), "cut-bn-init-scale": (True, True)}
+#: Diagnostic probe (:class:`_AllocatedCut`): target mode's cuts keep each layer's share of the survivors that
+#: ModelPruning's matrix row of the same cell and seed ended with (its ``layer_nonzeros``), each layer by magnitude:
+#: whether the per-layer allocation of the global cut explains a cell DWF trails in.
+ALLOCATED_CUTS = ("cut-alloc-mp",)
+#: Diagnostic probe (:class:`_NoPenalty`): target mode with λ held at 0, so that its gradual cut alone makes the zeros
+#: (DWF's factors trained as a gradual magnitude pruner): whether the penalty or the factorization costs a cell.
+NO_PENALTY = ("no-penalty",)
+MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(CUT_EXPONENTS) + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS
+                    + NO_PENALTY)
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
 PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
@@ -165,7 +183,7 @@ class _TrackMultipliers(Callback):
             elif bool((weights != 0).any()):
                 rms = float(weights[weights != 0].pow(2).mean().sqrt())
                 run.multipliers[name] = min(self.planned[name], auto_lr_multiplier(rms, run.depth, "gradient"))
-        run._apply_multipliers(pl_module, run.ctx, force=True)
+        run._apply_multipliers(run.ctx, force=True)
 
     def _phases(self, pl_module: nn.Module, run: Any, ramp: float, recovery: float) -> None:
         """``ramp-half`` / ``recovery-double``: the planned multipliers times ``ramp`` until target mode's recovery
@@ -175,11 +193,11 @@ class _TrackMultipliers(Callback):
         if not self.planned:
             self.planned = dict(run.multipliers)
             run.multipliers.update({n: m * ramp for n, m in self.planned.items()})
-            run._apply_multipliers(pl_module, run.ctx, force=True)
+            run._apply_multipliers(run.ctx, force=True)
         elif getattr(run.regime, "recovering", False) and not self.switched:
             self.switched = True
             run.multipliers.update({n: m * recovery for n, m in self.planned.items()})
-            run._apply_multipliers(pl_module, run.ctx, force=True)
+            run._apply_multipliers(run.ctx, force=True)
 
     def _recut(self, pl_module: nn.Module, run: Any) -> None:
         """``recut-rms``: once, at the recovery point (the support is fixed), each tensor's multiplier from the RMS of
@@ -199,7 +217,7 @@ class _TrackMultipliers(Callback):
                 run.multipliers[tensor.name] = _clipped_inverse(run.depth * rms ** (1.0 - 1.0 / run.depth))
         print(f"recut-rms at step {run.ctx.step}: " + ", ".join(f"{n} ×{self.planned[n]:.3g} → ×{m:.3g}"
                                                                   for n, m in run.multipliers.items()), flush=True)
-        run._apply_multipliers(pl_module, run.ctx, force=True)
+        run._apply_multipliers(run.ctx, force=True)
 
 
 class _RelativeCut(Callback):
@@ -219,6 +237,111 @@ class _RelativeCut(Callback):
                                     score=lambda w: w / w.pow(2).mean().sqrt().clamp_min(1e-30) ** exponent)
 
         regime._cut = cut
+
+
+def _feeds_batch_norm(root: nn.Module, layer_name: str) -> bool:
+    """Whether the next leaf module registered after ``layer_name`` (outside its own parametrizations) is an affine
+    BatchNorm with one channel per output of the layer (the ``conv → bn`` order)."""
+    layer = root.get_submodule(layer_name)
+    width = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+    seen = False
+    for name, module in root.named_modules():
+        if name == layer_name:
+            seen = True
+            continue
+        if not seen or name.startswith(layer_name + ".") or any(True for _ in module.children()):
+            continue
+        return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and module.affine \
+            and module.num_features == width
+    return False
+
+
+class _BatchNormScaleCut(Callback):
+    """Probes of :data:`SCALE_FREE_CUTS`: target mode's cuts (along the ramp and at the recovery point) rank the weights
+    of a BatchNorm-fed tensor at its scale at train start (each output channel rescaled to the tensor's RMS then),
+    and/or every weight by ``|w|`` times its tensor's train-start RMS (over their mean)."""
+
+    def __init__(self, dwf: DWFCallback, batch_norm: bool, init_scale: bool) -> None:
+        self.dwf, self.batch_norm, self.init_scale = dwf, batch_norm, init_scale
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        regime = self.dwf._run.regime
+        regime = getattr(regime, "inner", regime)
+        min_share = regime.config.schedule.min_layer_share
+        tensors = sparse_tensors(pl_module)
+        rms0 = {t.name: float(t.product().detach().pow(2).mean().sqrt()) for t in tensors}
+        mean_rms0 = sum(rms0.values()) / max(len(rms0), 1)
+        fed = {t.name for t in tensors if self.batch_norm and _feeds_batch_norm(pl_module, t.name.rsplit(".", 1)[0])}
+        print("scale cut: train-start RMS", {n: round(v, 4) for n, v in rms0.items()}, "BatchNorm-fed", fed, flush=True)
+
+        @torch.no_grad()
+        def cut(ctx: Any, sparsity: float) -> float:
+            scores = {}
+            for t in sparse_tensors(ctx.module):
+                w = magnitude = t.unit_magnitudes()
+                if t.name in fed:
+                    rms_c = w.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-30).view(-1, *[1] * (w.dim() - 1))
+                    w = w * (rms0[t.name] / rms_c)
+                if self.init_scale:  # relative to the mean, so that the scores keep the magnitudes' scale (the floor)
+                    w = w * (rms0[t.name] / mean_rms0)
+                scores[t.name] = w.masked_fill(magnitude < ctx.floor, 0.0)
+            masks = keep_masks(scores, sparsity, ctx.floor, min_share)
+            zero_weights_(ctx.module, masks, ctx.optimizers)
+            kept = [t.unit_magnitudes()[masks[t.name]] for t in sparse_tensors(ctx.module)]
+            return min((float(k.min()) for k in kept if k.numel()), default=math.inf)
+
+        regime._cut = cut
+
+
+class _AllocatedCut(Callback):
+    """Probe ``cut-alloc-mp``: target mode's cuts give each layer ``share_l`` of the weights kept (ModelPruning's final
+    allocation in the same cell and seed), the largest by magnitude within each layer."""
+
+    def __init__(self, dwf: DWFCallback, cfg: dict[str, Any]) -> None:
+        from benchmarks import matrix
+
+        same = ("dataset", "model", "batch_size", "epochs", "optimizer", "target", "seed", "start")
+        peer = [r for r in matrix.load_rows(matrix.PATH).values() if r["config"]["method"] == "model-pruning"
+                and all(r["config"].get(k) == cfg.get(k) for k in same)]
+        if not peer or "layer_nonzeros" not in peer[0]["results"]:
+            raise ValueError(f"cut-alloc-mp: no ModelPruning row with layer_nonzeros for {cfg}")
+        counts = peer[0]["results"]["layer_nonzeros"]
+        total = sum(counts.values())
+        self.dwf, self.share = dwf, {f"net.{n}.weight": c / total for n, c in counts.items()}
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        regime = self.dwf._run.regime
+        regime = getattr(regime, "inner", regime)
+        share = self.share
+        assert set(share) == {t.name for t in sparse_tensors(pl_module)}, (share, sparse_tensors(pl_module))
+
+        @torch.no_grad()
+        def cut(ctx: Any, sparsity: float) -> float:
+            tensors = sparse_tensors(ctx.module)
+            keep = sum(t.unit_magnitudes().numel() for t in tensors) * (1.0 - sparsity)
+            masks = {}
+            for t in tensors:
+                w = t.unit_magnitudes()
+                k = min(w.numel(), max(1, round(share[t.name] * keep)))
+                masks.update(keep_masks({t.name: w}, 1.0 - k / w.numel(), ctx.floor, 0.0))
+            zero_weights_(ctx.module, masks, ctx.optimizers)
+            kept = [t.unit_magnitudes()[masks[t.name]] for t in tensors]
+            return min((float(k.min()) for k in kept if k.numel()), default=math.inf)
+
+        regime._cut = cut
+
+
+class _NoPenalty(Callback):
+    """Probe ``no-penalty``: the regime's λ set to 0 before every batch (after the DWF callback's own hook), so the
+    penalty applied at each step is 0; the controller and the cut schedule run as they do by default."""
+
+    def __init__(self, dwf: DWFCallback) -> None:
+        self.dwf = dwf
+
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        regime = self.dwf._run.regime
+        regime = getattr(regime, "inner", regime)
+        regime.lam = 0.0
 
 
 @dataclass(frozen=True)
@@ -367,6 +490,15 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
         if multiplier in CUT_EXPONENTS:
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
             return [dwf, _RelativeCut(dwf, CUT_EXPONENTS[multiplier])]
+        if multiplier in SCALE_FREE_CUTS:
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
+            return [dwf, _BatchNormScaleCut(dwf, *SCALE_FREE_CUTS[multiplier])]
+        if multiplier in ALLOCATED_CUTS:
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
+            return [dwf, _AllocatedCut(dwf, cfg)]
+        if multiplier in NO_PENALTY:
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
+            return [dwf, _NoPenalty(dwf)]
         return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier, step_cap=cap)]
     if method in ("dwf-lam", "dwf-gradlam"):  # benchmarks.fixed_lam
         recovery = row_recovery(cfg)
