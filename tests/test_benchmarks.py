@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -683,6 +684,23 @@ def test_factor_lr_rules_reshape_the_auto_multipliers(rule):
     assert factor_lr._multiplier_argument(rule) == rule and factor_lr._multiplier_argument("2.5") == 2.5
 
 
+def _recording_apply(applied: list[bool]) -> Callable[..., None]:
+    """A stand-in for ``TrainingRun._apply_multipliers`` that records ``force`` and accepts only the calls the real
+    method accepts (a fake with its own signature once hid the probes' calls going stale)."""
+    import inspect
+
+    from lightning_dwf.training.run import TrainingRun
+
+    signature = inspect.signature(TrainingRun._apply_multipliers)
+
+    def fake(*args: object, **kwargs: object) -> None:
+        bound = signature.bind(None, *args, **kwargs)  # raises TypeError as the real method would
+        bound.apply_defaults()
+        applied.append(bound.arguments["force"])
+
+    return fake
+
+
 @pytest.mark.parametrize("mode", ["track-max", "track-rms"])
 def test_factor_lr_tracking_rules_lower_the_multiplier_as_weights_grow(mode):
     """``track-*``: the DWF callback plus a callback that, every TRACK_EVERY steps, lowers a tensor's SGD multiplier
@@ -704,7 +722,7 @@ def test_factor_lr_tracking_rules_lower_the_multiplier_as_weights_grow(mode):
     applied = []
     run = SimpleNamespace(multipliers={"0.weight": 40.0}, depth=3, ctx=None,
                           penalty=SimpleNamespace(kind_of=lambda factor: "gradient"),
-                          _apply_multipliers=lambda module, ctx, force: applied.append(force))
+                          _apply_multipliers=_recording_apply(applied))
     dwf._run = run
     track.on_train_batch_end(SimpleNamespace(global_step=methods.TRACK_EVERY), net)
     first = run.multipliers["0.weight"]
@@ -736,7 +754,7 @@ def test_factor_lr_phase_rules_scale_the_plan_before_and_after_the_recovery_poin
     regime = SimpleNamespace(recovering=False)
     run = SimpleNamespace(multipliers={"a": 10.0, "b": 4.0}, depth=3, regime=regime, ctx=SimpleNamespace(step=0),
                           penalty=SimpleNamespace(),
-                          _apply_multipliers=lambda module, ctx, force: applied.append(force))
+                          _apply_multipliers=_recording_apply(applied))
     dwf._run = run
     trainer, net = SimpleNamespace(global_step=1), nn.Linear(2, 2)
     phases.on_train_batch_end(trainer, net)
@@ -775,7 +793,7 @@ def test_factor_lr_recut_rule_replans_from_the_survivors_at_the_recovery_point()
     regime = SimpleNamespace(recovering=False)
     run = SimpleNamespace(multipliers={"0.weight": 7.0, "1.weight": 5.0}, depth=3, regime=regime,
                           ctx=SimpleNamespace(step=9), penalty=SimpleNamespace(kind_of=lambda f: kinds[id(f)]),
-                          _apply_multipliers=lambda module, ctx, force: applied.append(force))
+                          _apply_multipliers=_recording_apply(applied))
     dwf._run = run
     recut.on_train_batch_end(SimpleNamespace(global_step=9), net)
     assert run.multipliers == {"0.weight": 7.0, "1.weight": 5.0} and applied == []
