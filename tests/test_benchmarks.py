@@ -384,6 +384,7 @@ def test_matrix_end_to_end(tmp_path, monkeypatch):
         res = row["results"]
         if row["config"]["method"] != "pat" or not methods.pat_missing():
             assert res["acc"] is not None and res["train_seconds"] > 0 and row["versions"]["torch"]
+        assert row["machine"]["isa"] and row["machine"]["threads"] >= 1 and row["machine"]["cores"] >= 1
         if row["config"]["method"] != "dense":
             assert res["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert len(list((tmp_path / "matrix_dense").glob("*.pt"))) == 1

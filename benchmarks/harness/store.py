@@ -1,9 +1,10 @@
-"""The resumable JSONL result store: one row per run (``config``, ``results``, ``versions``, ``finished``), keyed by
-its config, so that a study re-run skips what is already there."""
+"""The resumable JSONL result store: one row per run (``config``, ``results``, ``versions``, ``machine``,
+``finished``), keyed by its config, so that a study re-run skips what is already there."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -72,8 +73,29 @@ def versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
     return out
 
 
+def machine() -> dict[str, Any]:
+    """What a run's last bits depend on besides the code and the versions: the CPU, the kernels torch dispatched to
+    on it (``AVX2``, ``AVX512``, ...) and the threads. A chaotic cell (99.5 % with ModelPruning, long runs) can end
+    points apart on two machines from the same code, so a row that does not reproduce is told apart from a code change
+    by these.
+
+    Returns:
+        ``cpu`` (the model name, ``""`` where unknown), ``cores``, ``isa``, ``threads``.
+    """
+    import torch
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count() or 0, isa=torch.backends.cpu.get_cpu_capability(),
+                threads=torch.get_num_threads())
+
+
 def make_row(cfg: dict[str, Any], results: dict[str, Any], packages: Iterable[str] = PACKAGES) -> dict[str, Any]:
-    """One run's row, stamped with the package versions and the time.
+    """One run's row, stamped with the package versions, the machine (:func:`machine`) and the time.
 
     Args:
         cfg: The config.
@@ -81,9 +103,10 @@ def make_row(cfg: dict[str, Any], results: dict[str, Any], packages: Iterable[st
         packages: Whose versions to record.
 
     Returns:
-        ``config``, ``results``, ``versions``, ``finished``.
+        ``config``, ``results``, ``versions``, ``machine``, ``finished``.
     """
-    return dict(config=cfg, results=results, versions=versions(packages), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return dict(config=cfg, results=results, versions=versions(packages), machine=machine(),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def append_rows(path: Path, rows: Iterable[dict]) -> None:
