@@ -11,7 +11,22 @@ import pytest
 
 from benchmarks import report, sweep
 from benchmarks.harness import fit, measure, methods, runs, store
+from examples.data import ImageData
 from lightning_dwf import DWFDivergenceError, FixedLamConfig, ScheduleConfig
+
+
+def _random_images(train: int, test: int) -> ImageData:
+    """Fashion-MNIST-shaped noise with random labels (generator seed 0): ``train`` training and ``test`` test images."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return ImageData(
+        "toy",
+        torch.randn(train, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (train,), generator=g),
+        torch.randn(test, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (test,), generator=g),
+    )
 
 
 @pytest.mark.parametrize("target", sweep.TARGETS)
@@ -85,19 +100,10 @@ def test_report_tables_and_plots(tmp_path, monkeypatch):
 def test_oneshot_and_model_pruning_hit_their_sparsity(tmp_path):
     """One-shot pruning (with masks kept through fine-tuning) and the gradual ModelPruning schedule reach the
     target on real layers."""
-    import torch
 
     from benchmarks.models import lenet_300_100
-    from examples.data import ImageData
 
-    g = torch.Generator().manual_seed(0)
-    data = ImageData(
-        "toy",
-        torch.randn(128, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (128,), generator=g),
-        torch.randn(64, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (64,), generator=g),
-    )
+    data = _random_images(128, 64)
     cfg = dict(model="lenet300", target=0.9, finetune_epochs=1, batch_size=32, epochs=3)
     no_ft, ft = methods.oneshot(lenet_300_100(), cfg, data)
     assert no_ft["sparsity"] == pytest.approx(0.9, abs=1e-3) and ft["sparsity"] == pytest.approx(0.9, abs=1e-3)
@@ -307,7 +313,6 @@ def test_matrix_short_run_is_its_own_cell_and_subset_is_stratified():
     import torch
 
     from benchmarks import matrix
-    from examples.data import ImageData
 
     main, short = (matrix.base_config("fashion-mnist", "lenet300", "sgd", 64, e) for e in (None, 3))
     rows = [_row(dict(b, method="dense"), acc) for b, acc in ((main, 0.89), (short, 0.87))]
@@ -351,19 +356,10 @@ def test_matrix_summary_one_line_per_setting():
 
 def test_matrix_end_to_end(tmp_path, monkeypatch):
     """One cell per method (and both from-pretrained runs) on synthetic images, a diverged DWF run, and the report."""
-    import torch
 
     from benchmarks import matrix
-    from examples.data import ImageData
 
-    g = torch.Generator().manual_seed(0)
-    data = ImageData(
-        "toy",
-        torch.randn(480, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (480,), generator=g),
-        torch.randn(64, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (64,), generator=g),
-    )
+    data = _random_images(480, 64)
     plan = [
         dict(c, batch_size=4)
         for c in matrix.plan_first_pass(epochs=3, axis=False)
@@ -413,7 +409,6 @@ def test_size_benchmark_plans_and_measures_the_loaded_file(tmp_path, monkeypatch
     from benchmarks import size
     from benchmarks.harness import methods as methods_of
     from benchmarks.models import lenet_300_100
-    from examples.data import ImageData
 
     plan = size.training_configs("lenet300")
     methods = {(c["method"], c.get("quantize_bits"), bool(c.get("qsd"))) for c in plan}
@@ -523,7 +518,6 @@ def test_structured_speed_cells_run_on_a_small_subset(tmp_path, monkeypatch, mod
     import torch
 
     from benchmarks import structured_speed as ss
-    from examples.data import ImageData
 
     torch.manual_seed(0)
     data = ImageData("tiny", torch.rand(512, 1, 28, 28), torch.arange(512) % 10, torch.rand(64, 1, 28, 28),
@@ -576,7 +570,6 @@ def test_peers_start_from_the_cells_seeded_init(monkeypatch, method):
     import torch
 
     from benchmarks import structured_speed as ss
-    from examples.data import ImageData
 
     data = ImageData("tiny", torch.rand(64, 1, 28, 28), torch.arange(64) % 10, torch.rand(8, 1, 28, 28),
                      torch.randint(0, 10, (8,)))
@@ -606,7 +599,6 @@ def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch)
     import torch
 
     from benchmarks import fit_cost
-    from examples.data import ImageData
 
     torch.manual_seed(0)
     data = ImageData("tiny", torch.rand(256, 1, 28, 28), torch.arange(256) % 10, torch.rand(32, 1, 28, 28),
@@ -834,7 +826,6 @@ def test_structured_lam_rows_shrink_the_model_and_render(tmp_path, monkeypatch):
 
     from benchmarks import structured_lam as sl
     from benchmarks import structured_speed as ss
-    from examples.data import ImageData
 
     torch.manual_seed(0)
     data = ImageData("tiny", torch.rand(512, 1, 28, 28), torch.arange(512) % 10, torch.rand(64, 1, 28, 28),
@@ -924,19 +915,10 @@ def test_gradient_lam_probe_recovers_the_collapsed_gradient_and_calibrates_after
 def test_factor_lr_probe_rules_train_to_their_target(rule, tmp_path, monkeypatch):
     """Every probe rule of ``benchmarks.factor_lr`` (they reach into the run's internals) trains a BatchNorm CNN cell
     to its target: a rule broken by a change of those internals fails here, not in a long probe."""
-    import torch
 
     from benchmarks import factor_lr, matrix
-    from examples.data import ImageData
 
-    g = torch.Generator().manual_seed(0)
-    data = ImageData(
-        "toy",
-        torch.randn(160, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (160,), generator=g),
-        torch.randn(32, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (32,), generator=g),
-    )
+    data = _random_images(160, 32)
     (cfg,) = factor_lr.plan("fashion-mnist", "cnn-bn", "sgd", 64, [0.9], [rule], [0])
     cfg = dict(cfg, batch_size=8, epochs=4)  # 80 steps (target mode plans at least 50)
     if rule in methods.ALLOCATED_CUTS:  # ModelPruning's allocation in the same cell and seed
