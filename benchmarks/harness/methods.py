@@ -35,6 +35,7 @@ from lightning_dwf import (
 )
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier
+from lightning_dwf.core.gate_targets import following_batch_norm
 from lightning_dwf.training import run as _training_run
 from lightning_dwf.training.support import cut_to_sparsity_, keep_masks, zero_weights_
 
@@ -239,23 +240,6 @@ class _RelativeCut(Callback):
         regime._cut = cut
 
 
-def _feeds_batch_norm(root: nn.Module, layer_name: str) -> bool:
-    """Whether the next leaf module registered after ``layer_name`` (outside its own parametrizations) is an affine
-    BatchNorm with one channel per output of the layer (the ``conv → bn`` order)."""
-    layer = root.get_submodule(layer_name)
-    width = getattr(layer, "out_channels", getattr(layer, "out_features", None))
-    seen = False
-    for name, module in root.named_modules():
-        if name == layer_name:
-            seen = True
-            continue
-        if not seen or name.startswith(layer_name + ".") or any(True for _ in module.children()):
-            continue
-        return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and module.affine \
-            and module.num_features == width
-    return False
-
-
 class _BatchNormScaleCut(Callback):
     """Probes of :data:`SCALE_FREE_CUTS`: target mode's cuts (along the ramp and at the recovery point) rank the weights
     of a BatchNorm-fed tensor at its scale at train start (each output channel rescaled to the tensor's RMS then),
@@ -271,7 +255,7 @@ class _BatchNormScaleCut(Callback):
         tensors = sparse_tensors(pl_module)
         rms0 = {t.name: float(t.product().detach().pow(2).mean().sqrt()) for t in tensors}
         mean_rms0 = sum(rms0.values()) / max(len(rms0), 1)
-        fed = {t.name for t in tensors if self.batch_norm and _feeds_batch_norm(pl_module, t.name.rsplit(".", 1)[0])}
+        fed = {t.name for t in tensors if self.batch_norm and following_batch_norm(pl_module, t.name.rsplit(".", 1)[0])}
         print("scale cut: train-start RMS", {n: round(v, 4) for n, v in rms0.items()}, "BatchNorm-fed", fed, flush=True)
 
         @torch.no_grad()

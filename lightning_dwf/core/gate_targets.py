@@ -19,13 +19,14 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def following_batch_norm(module: nn.Module, name: str) -> tuple[str, nn.Module] | None:
     """The BatchNorm registered right after the Conv/Linear ``name`` with one channel per output (the usual
     ``conv → bn`` order), or ``None``. Its scale and shift, not the layer's weight, carry the gates then: BatchNorm
-    normalizes a filter's scale away, so a gate on the filter could not silence the channel."""
+    normalizes a filter's scale away, so a gate on the filter could not silence the channel. The layer's own
+    submodules (a parametrized layer's factors) are not "after" it."""
     names = [(n, m) for n, m in module.named_modules()]
     index = next(i for i, (n, _) in enumerate(names) if n == name)
     layer = names[index][1]
     width = getattr(layer, "out_channels", getattr(layer, "out_features", None))
     for next_name, nxt in names[index + 1:]:
-        if any(True for _ in nxt.children()):
+        if next_name.startswith(name + ".") or any(True for _ in nxt.children()):
             continue
         if isinstance(nxt, BATCH_NORMS) and nxt.num_features == width and nxt.affine:
             return next_name, nxt

@@ -257,3 +257,18 @@ def test_zeroing_groups_keeps_the_remembered_magnitudes_exact(structure):
     for a, b in zip(remembered, fresh, strict=True):
         assert torch.equal(a, b)
     assert fresh[1][1] == 0 and torch.equal(fresh[1][~drop], before[~drop])
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_following_batch_norm_skips_the_layers_own_parametrizations(factorized):
+    """A Conv's BatchNorm is found whether or not the Conv is parametrized (its factors are not "after" it), and a
+    layer followed by anything else has none."""
+    from lightning_dwf import factorize_
+    from lightning_dwf.core.gate_targets import following_batch_norm
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3), nn.ReLU())
+    if factorized:
+        factorize_(net, depth=3)
+    found = following_batch_norm(net, "0")
+    assert found is not None and found[0] == "1" and found[1] is net[1]
+    assert following_batch_norm(net, "4") is None
