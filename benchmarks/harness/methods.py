@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -221,6 +221,21 @@ class _TrackMultipliers(Callback):
         run._apply_multipliers(run.ctx, force=True)
 
 
+def _target_regime(dwf: DWFCallback) -> Any:
+    """The target-mode regime of a fitting ``dwf`` callback (inside a quantization-aware finish, if any): the probes
+    replace its ``_cut`` or set its ``lam``."""
+    regime = dwf._run.regime
+    return getattr(regime, "inner", regime)
+
+
+def _zero_but(ctx: Any, masks: dict[str, torch.Tensor]) -> float:
+    """A probe cut's end: zero every weight outside ``masks`` (with its optimizer state) and return the smallest kept
+    magnitude (absolute; ``inf`` if none), as :func:`~lightning_dwf.training.support.cut_to_sparsity_` does."""
+    zero_weights_(ctx.module, masks, ctx.optimizers)
+    kept = [t.unit_magnitudes()[masks[t.name]] for t in sparse_tensors(ctx.module)]
+    return min((float(k.min()) for k in kept if k.numel()), default=math.inf)
+
+
 class _RelativeCut(Callback):
     """Probe: target mode's cuts (along the ramp and at the recovery point) rank every weight by its magnitude over its
     tensor's RMS to the power ``exponent`` instead of its magnitude (1: structured mode's ranking; 0: the library's)."""
@@ -229,8 +244,7 @@ class _RelativeCut(Callback):
         self.dwf, self.exponent = dwf, exponent
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        regime = self.dwf._run.regime
-        regime = getattr(regime, "inner", regime)
+        regime = _target_regime(self.dwf)
         min_share, exponent = regime.config.schedule.min_layer_share, self.exponent
 
         def cut(ctx: Any, sparsity: float) -> float:
@@ -249,8 +263,7 @@ class _BatchNormScaleCut(Callback):
         self.dwf, self.batch_norm, self.init_scale = dwf, batch_norm, init_scale
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        regime = self.dwf._run.regime
-        regime = getattr(regime, "inner", regime)
+        regime = _target_regime(self.dwf)
         min_share = regime.config.schedule.min_layer_share
         tensors = sparse_tensors(pl_module)
         rms0 = {t.name: float(t.product().detach().pow(2).mean().sqrt()) for t in tensors}
@@ -270,9 +283,7 @@ class _BatchNormScaleCut(Callback):
                     w = w * (rms0[t.name] / mean_rms0)
                 scores[t.name] = w.masked_fill(magnitude < ctx.floor, 0.0)
             masks = keep_masks(scores, sparsity, ctx.floor, min_share)
-            zero_weights_(ctx.module, masks, ctx.optimizers)
-            kept = [t.unit_magnitudes()[masks[t.name]] for t in sparse_tensors(ctx.module)]
-            return min((float(k.min()) for k in kept if k.numel()), default=math.inf)
+            return _zero_but(ctx, masks)
 
         regime._cut = cut
 
@@ -294,8 +305,7 @@ class _AllocatedCut(Callback):
         self.dwf, self.share = dwf, {f"net.{n}.weight": c / total for n, c in counts.items()}
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        regime = self.dwf._run.regime
-        regime = getattr(regime, "inner", regime)
+        regime = _target_regime(self.dwf)
         share = self.share
         assert set(share) == {t.name for t in sparse_tensors(pl_module)}, (share, sparse_tensors(pl_module))
 
@@ -308,9 +318,7 @@ class _AllocatedCut(Callback):
                 w = t.unit_magnitudes()
                 k = min(w.numel(), max(1, round(share[t.name] * keep)))
                 masks.update(keep_masks({t.name: w}, 1.0 - k / w.numel(), ctx.floor, 0.0))
-            zero_weights_(ctx.module, masks, ctx.optimizers)
-            kept = [t.unit_magnitudes()[masks[t.name]] for t in tensors]
-            return min((float(k.min()) for k in kept if k.numel()), default=math.inf)
+            return _zero_but(ctx, masks)
 
         regime._cut = cut
 
@@ -323,8 +331,7 @@ class _NoPenalty(Callback):
         self.dwf = dwf
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
-        regime = self.dwf._run.regime
-        regime = getattr(regime, "inner", regime)
+        regime = _target_regime(self.dwf)
         regime.lam = 0.0
 
 
@@ -451,6 +458,22 @@ def method_callbacks(cfg: dict, schedule: ScheduleConfig | None = None) -> list[
     ]
 
 
+def _probe_callback(rule: Any, cfg: dict[str, Any]) -> Callable[[DWFCallback], Callback] | None:
+    """The probe callback of a :data:`MULTIPLIER_RULES` rule that works on the run rather than on the planned
+    multipliers (built around the DWF callback it reshapes), or ``None``."""
+    if rule in TRACKING_RULES:
+        return lambda dwf: _TrackMultipliers(dwf, rule)
+    if rule in CUT_EXPONENTS:
+        return lambda dwf: _RelativeCut(dwf, CUT_EXPONENTS[rule])
+    if rule in SCALE_FREE_CUTS:
+        return lambda dwf: _BatchNormScaleCut(dwf, *SCALE_FREE_CUTS[rule])
+    if rule in ALLOCATED_CUTS:
+        return lambda dwf: _AllocatedCut(dwf, cfg)
+    if rule in NO_PENALTY:
+        return _NoPenalty
+    return None
+
+
 def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
     """The callbacks of a matrix-cell config: defaults only.
 
@@ -468,21 +491,10 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
     if method in ("dwf", "dwf-balanced"):
         init = "balanced" if method == "dwf-balanced" else "dwf"
         multiplier, cap = cfg.get("factor_lr_multiplier"), cfg.get("step_cap", "default")
-        if multiplier in TRACKING_RULES:
+        probe = _probe_callback(multiplier, cfg)
+        if probe is not None:  # the defaults' multipliers, and a callback beside them that reshapes the run
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
-            return [dwf, _TrackMultipliers(dwf, multiplier)]
-        if multiplier in CUT_EXPONENTS:
-            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
-            return [dwf, _RelativeCut(dwf, CUT_EXPONENTS[multiplier])]
-        if multiplier in SCALE_FREE_CUTS:
-            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
-            return [dwf, _BatchNormScaleCut(dwf, *SCALE_FREE_CUTS[multiplier])]
-        if multiplier in ALLOCATED_CUTS:
-            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
-            return [dwf, _AllocatedCut(dwf, cfg)]
-        if multiplier in NO_PENALTY:
-            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
-            return [dwf, _NoPenalty(dwf)]
+            return [dwf, probe(dwf)]
         return [defaults_callback(depth, cfg["target"], init, multiplier=multiplier, step_cap=cap)]
     if method in ("dwf-lam", "dwf-gradlam"):  # benchmarks.fixed_lam
         recovery = row_recovery(cfg)
