@@ -30,6 +30,22 @@ their ``cap-K`` rows the earlier ``"auto"`` with ``step_cap=K`` (a probe callbac
 rows today's defaults (the same rule; the probe computed the cap in another order, so the last digits may differ).
 A rule's rows from before the cap share their key with today's runs of it: pass ``--step-cap 3`` to run it on today's
 code (its rows then carry ``step_cap``).
+``--multiplier auto`` names the library's rule, to run it under another ``--step-cap``. The recovery-phase rules
+change the run at target mode's recovery point (the support fixed): ``recovery-cap-1`` caps every weight at one dense
+step from there, ``recovery-dense`` moves every survivor exactly as a dense weight, ``recovery-cap-3`` (with
+``--step-cap 1``) lets the survivors move 3 times as far (:data:`~benchmarks.harness.methods.RECOVERY_CAPS`).
+``--peers`` also runs the cell's dense, default-DWF and ModelPruning configs (the matrix's own keys), for the cells
+the matrix does not run: the crossing datasets of :data:`~benchmarks.matrix.SUBSETS` (``fashion-mnist-4k``,
+``mnist-subset-2k``: Fashion-MNIST at the MNIST subset's size, MNIST at the small-data axis's), which tell apart
+whether the data or its size decides which runs want slower factors::
+
+    python -m benchmarks.factor_lr --data mnist-subset-2k --epochs 40 --model lenet5 --target 0.9 0.98 0.995 \
+        --multiplier min --step-cap 3 --seed 0 1 2 --peers
+    python -m benchmarks.factor_lr --data mnist-subset-2k --epochs 40 --model lenet5 --target 0.9 0.98 0.995 \
+        --multiplier auto --step-cap 1 --seed 0 1 2
+
+Rows carry each epoch's mean training loss (``train_loss``) and the final net's training accuracy (``train_acc``)
+since 2026-12-06.
 ``--depth`` runs the cell with ``DWFCallback(depth=D, ...)`` instead of 3 (the matrix's own columns stay D = 3):
 whether the Adam-type ``"auto"`` multiplier, chosen at D = 3, holds at other depths.
 One row per run goes to ``benchmarks/results/factor_lr.jsonl`` (runs already
@@ -76,6 +92,18 @@ def plan(
     ]
 
 
+def plan_peers(
+    dataset: str, model: str, opt: str, batch_size: int, targets: list[float], seeds: list[int],
+    epochs: int | None = None,
+) -> list[dict[str, Any]]:
+    """The matrix's own configs of a cell (dense, DWF with the defaults, ModelPruning; the same keys as the matrix's),
+    for a cell the matrix does not run (``--peers``: the crossing datasets of :data:`~benchmarks.matrix.SUBSETS`)."""
+    base = matrix.base_config(dataset, model, opt, batch_size, epochs)
+    return [dict(base, method="dense", seed=s) for s in seeds] + [
+        dict(base, method=m, target=t, seed=s) for t in targets for m in ("dwf", "model-pruning") for s in seeds
+    ]
+
+
 def _layers(runs: list[dict]) -> str:
     """The first seed's non-zeros per layer, ``a/b/c`` in layer order (``—`` for rows without them)."""
     first = min(runs, key=lambda r: r["config"]["seed"])["results"].get("layer_nonzeros")
@@ -84,11 +112,14 @@ def _layers(runs: list[dict]) -> str:
 
 def table(rows: list[dict], matrix_rows: list[dict]) -> str:
     """One line per (cell, epochs, target, depth, multiplier): its seeds, then the matrix's DWF (D = 3, ``"auto"``),
-    ModelPruning and PAT on the same seeds."""
-    reference = matrix.table_cells(matrix_rows)
+    ModelPruning and PAT on the same seeds (or the ``--peers`` rows of a cell the matrix does not run)."""
+    peers = [r for r in rows if "factor_lr_multiplier" not in r["config"]]
+    reference = matrix.table_cells(matrix_rows + peers)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         c = r["config"]
+        if "factor_lr_multiplier" not in c:
+            continue
         mult = c["factor_lr_multiplier"]
         if "adam_auto" in c:
             mult = f"{mult} (Adam auto {c['adam_auto']:g})"
@@ -128,12 +159,12 @@ def _multiplier(value: float | str) -> str:
 
 def _multiplier_argument(text: str) -> float | str:
     """``--multiplier``: a number, or a rule of :data:`~benchmarks.harness.methods.MULTIPLIER_RULES`."""
-    if text in MULTIPLIER_RULES:
+    if text in MULTIPLIER_RULES or text == "auto":
         return text
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a number or one of {MULTIPLIER_RULES}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a number, 'auto' or one of {MULTIPLIER_RULES}, got {text!r}") from None
 
 
 def _step_cap_argument(text: str) -> float | None | str:
@@ -161,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
                              f"{functional.DECOUPLED_AUTO_MULTIPLIER:g} (what the rules start from)")
     parser.add_argument("--step-cap", type=_step_cap_argument, default="default",
                         help="FactorLRConfig.step_cap (a number, or 'none' for no cap; default: the library's)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run the cell's dense, default DWF and ModelPruning configs (cells outside the "
+                             "matrix)")
     parser.add_argument("--report", action="store_true", help="print the table of every row, run nothing")
     args = parser.parse_args(argv)
     if args.adam_auto is not None:  # read at train start by auto_lr_multiplier
@@ -174,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
             for cfg in plan(args.data, args.model, args.opt, args.bs, args.target, args.multiplier, args.seed, depth,
                             args.epochs, args.adam_auto, args.step_cap)
         ]
+        if args.peers:
+            peers = plan_peers(args.data, args.model, args.opt, args.bs, args.target, args.seed, args.epochs)
+            configs = peers + configs
         done = run_plan(configs, args.results, args.data_dir, matrix.load_matrix_dataset)
     print(table(list(done.values()), list(load_rows(matrix.PATH).values())))
 

@@ -85,8 +85,14 @@ AXIS = tuple(
     [("fashion-mnist", m, 3, (64, 256)) for m in ("lenet300", "lenet5", "cnn-bn")]
     + [("fashion-mnist-2k", m, 40, (64,)) for m in ("lenet300", "lenet5", "cnn-bn")]
 )
-#: Small-data datasets: name → (the full dataset, training images kept, stratified; the full test set is kept).
-SUBSETS = {"fashion-mnist-2k": ("fashion-mnist", 2_000)}
+#: Small-data datasets: name → (the full dataset, training images kept, stratified; the full test set is kept). The
+#: axis uses ``fashion-mnist-2k``; ``fashion-mnist-4k`` (the MNIST subset's size) and ``mnist-subset-2k`` cross data
+#: and size for :mod:`benchmarks.factor_lr`'s probes (which kind of run wants slower factors).
+SUBSETS = {
+    "fashion-mnist-2k": ("fashion-mnist", 2_000),
+    "fashion-mnist-4k": ("fashion-mnist", 4_000),
+    "mnist-subset-2k": ("mnist-subset", 2_000),
+}
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0),
     "adamw": dict(optimizer="adamw", lr=1e-3, weight_decay=0.01),
@@ -118,7 +124,7 @@ SECONDS_PER_EPOCH = {
 METHOD_COST = {"dense": 1.0, "model-pruning": 1.0, "pat": 1.1, "dwf": 1.4, "dwf-balanced": 1.4}
 #: Trainer set-up and test evaluation per run, seconds.
 RUN_OVERHEAD = 1.5
-TRAIN_SIZE = {"fashion-mnist": 60_000, "mnist-subset": 4_000, "fashion-mnist-2k": 2_000}
+TRAIN_SIZE = {"fashion-mnist": 60_000, "mnist-subset": 4_000, **{name: size for name, (_, size) in SUBSETS.items()}}
 EXTRA_SEEDS = (1, 2)
 #: The seed pass runs where DWF − best peer is below this (accuracy fraction: 0.5 points): close or behind.
 CLOSE = 0.005

@@ -492,6 +492,10 @@ def test_factor_lr_plan_callback_and_table():
     assert (callback.target_sparsity, callback.depth, callback.factor_lr.multiplier) == (0.995, 3, 1.0)
     (auto,) = methods.cell_callbacks({k: v for k, v in configs[0].items() if k != "factor_lr_multiplier"})
     assert auto.factor_lr.multiplier == "auto"
+    (named,) = factor_lr.plan("fashion-mnist", "lenet5", "sgd", 64, [0.995], ["auto"], [0], step_cap=1.0)
+    (capped,) = methods.cell_callbacks(named)  # the library's rule under another step cap
+    assert (capped.factor_lr.multiplier, capped.factor_lr.step_cap, named["step_cap"]) == ("auto", 1.0, 1.0)
+    assert factor_lr._multiplier_argument("auto") == "auto"
 
     def row(cfg, acc, **extra):
         return dict(config=cfg, results=dict(acc=acc, sparsity=0.995, emptied=[], **extra))
@@ -508,6 +512,60 @@ def test_factor_lr_plan_callback_and_table():
     assert deep["depth"] == 4 and methods.cell_callbacks(deep)[0].depth == 4  # D = 3 configs carry no depth key
     (line,) = factor_lr.table([row(deep, 0.5)], reference).splitlines()[2:]
     assert "| 99.5 % | 4 | ×2.5 | 50.00 | — | 40.00 | 70.00 | — |" in line  # seed 0's matrix rows beside it
+
+
+def test_factor_lr_peers_are_the_matrix_configs_of_a_cell_outside_it_and_fill_its_reference_columns():
+    """``--peers``: a crossing cell's dense, default-DWF and ModelPruning configs carry the matrix's own keys, and the
+    table takes its reference columns from them when the matrix has no such cell."""
+    from benchmarks import factor_lr, matrix
+
+    peers = factor_lr.plan_peers("mnist-subset-2k", "lenet300", "sgd", 64, [0.98], [0, 1], epochs=40)
+    base = matrix.base_config("mnist-subset-2k", "lenet300", "sgd", 64, 40)
+    assert peers == [dict(base, method="dense", seed=0), dict(base, method="dense", seed=1)] + [
+        dict(base, method=m, target=0.98, seed=s) for m in ("dwf", "model-pruning") for s in (0, 1)
+    ]
+    (probe,) = factor_lr.plan("mnist-subset-2k", "lenet300", "sgd", 64, [0.98], ["min"], [0], epochs=40)
+
+    def row(cfg, acc):
+        return dict(config=cfg, results=dict(acc=acc, sparsity=0.98, emptied=[]))
+
+    rows = [row(probe, 0.9), *(row(c, acc) for c, acc in zip(peers, (0.95, 0.96, 0.8, 0.82, 0.85, 0.87)))]
+    (line,) = factor_lr.table(rows, []).splitlines()[2:]
+    assert "| mnist-subset-2k | lenet300 | sgd | 64 | 40 | 98 % | 3 | min | 90.00 | — | 80.00 | 85.00 | — |" in line
+
+
+@pytest.mark.parametrize(("name", "full", "size"), [("fashion-mnist-4k", "fashion-mnist", 4_000),
+                                                    ("mnist-subset-2k", "mnist-subset", 2_000)])
+def test_crossing_subsets_keep_a_stratified_share_of_their_full_dataset(name, full, size, monkeypatch):
+    """The crossing datasets of the factor-LR probe: ``size // classes`` images of every class, the full test set."""
+    from benchmarks import matrix
+
+    data = _random_images(6_000, 32)
+    monkeypatch.setattr(matrix, "load_dataset", lambda n, root=None: data if n == full else None)
+    sub = matrix.load_matrix_dataset(name)
+    import torch
+
+    assert sub.name == name and matrix.TRAIN_SIZE[name] == size
+    assert sub.train_y.bincount(minlength=data.num_classes).tolist() == [size // data.num_classes] * data.num_classes
+    assert torch.equal(sub.test_x, data.test_x)
+
+
+def test_run_one_records_the_training_curve_and_training_accuracy(tmp_path):
+    """Every matrix-cell row carries the mean training loss of each epoch (falling as a dense net memorizes a small
+    set) and the final net's training accuracy (that of the saved net)."""
+    import torch
+
+    from benchmarks import matrix
+    from benchmarks.models import accuracy
+
+    data = _random_images(64, 16)
+    cfg = dict(matrix.base_config("fashion-mnist", "lenet300", "sgd", 16, epochs=6), method="dense")
+    res = runs.run_one(cfg, data, save_to=tmp_path / "net.pt")
+    assert len(res["train_loss"]) == 6 and all(math.isfinite(v) and v > 0 for v in res["train_loss"])
+    assert res["train_loss"][-1] < res["train_loss"][0]
+    net = methods.make_module(cfg, data.num_classes).net
+    net.load_state_dict(torch.load(tmp_path / "net.pt"))
+    assert res["train_acc"] == accuracy(net, data.train_x, data.train_y) > 0.5
 
 
 @pytest.mark.parametrize("model", ["lenet300", "vit"])

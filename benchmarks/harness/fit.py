@@ -71,6 +71,24 @@ def run_training(cfg: dict, data: ImageData, callbacks: list[Callback]) -> tuple
     return module, time.perf_counter() - start
 
 
+class TrainCurve(Callback):
+    """Records the mean training loss of every epoch (the data loss ``training_step`` returns, without DWF's penalty):
+    how soon a run fits its training set, read beside its test accuracy."""
+
+    def __init__(self) -> None:
+        self.epoch_losses: list[float] = []
+        self._sum, self._count = 0.0, 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._sum += float(loss.detach())
+        self._count += 1
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.epoch_losses.append(round(self._sum / max(self._count, 1), 5))
+        self._sum, self._count = 0.0, 0
+
+
 def fit(cfg: dict[str, Any], module: Classifier, data: ImageData, callbacks: list[Callback]) -> float:
     """Train an already built (and seeded) ``module`` as ``cfg`` says.
 

@@ -117,7 +117,8 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 #: (Rows before 2026-12-06 ran on the ``"auto"`` at twice the RMS, without the step cap; their ``at-rms`` rule is the
 #: ``"auto"`` of now without the cap, their ``cap-K`` rows that ``"auto"`` with ``step_cap=K``.)
 PLANNED_RULES = ("min", "sqrt", "at-2rms")
-TRACKING_RULES = ("track-rms", "track-max", "recut-rms", "ramp-half", "recovery-double")
+TRACKING_RULES = ("track-rms", "track-max", "recut-rms", "ramp-half", "recovery-double", "recovery-cap-1",
+                  "recovery-dense", "recovery-cap-3")
 #: Probe rules for target mode's global cut (the multipliers stay ``"auto"``'s): rank each weight by ``|w| / rms^a``,
 #: ``rms`` its tensor's RMS (zeros included, as structured mode ranks its groups), ``a`` from :data:`CUT_EXPONENTS`.
 CUT_EXPONENTS = {"cut-relative": 1.0, "cut-halfrel": 0.5}
@@ -140,6 +141,12 @@ MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(CUT_EXPONENTS) + tupl
                     + NO_PENALTY)
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
 PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0)}
+#: The recovery-phase rules (SGD-type; :meth:`_TrackMultipliers._recovery_cap`), as ``(step cap, factor on the planned
+#: multipliers)`` from target mode's recovery point on (the support fixed, λ = 0): ``recovery-cap-1`` caps every weight
+#: at one dense step; ``recovery-dense`` also raises the multipliers far above the cap, so that every survivor moves as
+#: a dense weight at the optimizer's LR would (``min(m, 1/G) = 1/G``): the survivors are fine-tuned as ModelPruning's;
+#: ``recovery-cap-3`` (with ``--step-cap 1``: one dense step while the pattern is made) lets the survivors move 3 times.
+RECOVERY_CAPS = {"recovery-cap-1": (1.0, 1.0), "recovery-dense": (1.0, 1e3), "recovery-cap-3": (3.0, 1.0)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
 TRACK_EVERY = 25
 
@@ -167,6 +174,9 @@ class _TrackMultipliers(Callback):
             return
         if self.mode in PHASE_FACTORS:
             self._phases(pl_module, run, *PHASE_FACTORS[self.mode])
+            return
+        if self.mode in RECOVERY_CAPS:
+            self._recovery_cap(run, *RECOVERY_CAPS[self.mode])
             return
         if run is None or run.penalty is None or trainer.global_step % TRACK_EVERY:
             return
@@ -199,6 +209,17 @@ class _TrackMultipliers(Callback):
             self.switched = True
             run.multipliers.update({n: m * recovery for n, m in self.planned.items()})
             run._apply_multipliers(run.ctx, force=True)
+
+    def _recovery_cap(self, run: Any, cap: float, factor: float) -> None:
+        """``recovery-cap-1`` / ``recovery-dense``: once, at target mode's recovery point, the step cap set to ``cap``
+        dense steps and the planned multipliers times ``factor`` (the ramp from 1 restarts there, as in the library)."""
+        if (run is None or run.penalty is None or self.switched or run.penalty.step_cap is None
+                or not getattr(run.regime, "recovering", False)):
+            return
+        self.switched = True
+        run.penalty.step_cap.cap = cap
+        run.multipliers.update({n: m * factor for n, m in run.multipliers.items()})
+        run._apply_multipliers(run.ctx, force=True)
 
     def _recut(self, pl_module: nn.Module, run: Any) -> None:
         """``recut-rms``: once, at the recovery point (the support is fixed), each tensor's multiplier from the RMS of
@@ -378,7 +399,8 @@ def defaults_callback(
         target: The target sparsity (ignored when ``lam`` is given).
         init: ``"balanced"`` to start from a trained net.
         lam: A fixed λ instead of the target.
-        multiplier: One factor LR multiplier for every tensor instead of ``"auto"``, or a rule of
+        multiplier: One factor LR multiplier for every tensor instead of ``"auto"``, ``"auto"`` itself (the library's
+            rule, named to run it under another ``step_cap``), or a rule of
             :data:`MULTIPLIER_RULES` applied to ``"auto"``'s (:mod:`benchmarks.factor_lr`).
         recovery: With ``lam``: ``FixedLamConfig(lam, recovery=...)`` (λ ramped, then released; 0: constant, the
             rows made before ``recovery=None`` became the default).
@@ -391,7 +413,9 @@ def defaults_callback(
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
     cap: dict[str, Any] = {} if step_cap == "default" else dict(step_cap=step_cap)
-    if isinstance(multiplier, str):
+    if multiplier == "auto":  # the library's rule, named (with another step cap, say)
+        extra["factor_lr"] = FactorLRConfig(**cap)
+    elif isinstance(multiplier, str):
         if multiplier not in PLANNED_RULES:
             raise ValueError(f"defaults_callback plans the rules {PLANNED_RULES}; {multiplier!r} is a callback of "
                              "cell_callbacks")

@@ -11,10 +11,11 @@ import torch
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from benchmarks.harness.fit import fit, run_training
+from benchmarks.harness.fit import TrainCurve, fit, run_training
 from benchmarks.harness.measure import measure, measure_layers
 from benchmarks.harness.methods import cell_callbacks, make_module, pat_missing
 from benchmarks.harness.store import append_rows, key, load_rows, make_row
+from benchmarks.models import accuracy
 from examples.data import ImageData, load_dataset
 from lightning_dwf import DWFCallback, DWFDivergenceError
 
@@ -55,15 +56,17 @@ def run_one(
         save_to: Where to save the trained net's state.
 
     Returns:
-        :func:`~benchmarks.harness.measure.measure_layers`' results and ``train_seconds``; DWF's NaN/Inf stop:
+        :func:`~benchmarks.harness.measure.measure_layers`' results, ``train_seconds``, the final net's training-set
+        accuracy ``train_acc`` and the mean training loss of every epoch ``train_loss``; DWF's NaN/Inf stop:
         ``acc=None`` and ``diverged``; a configuration DWF refuses: ``acc=None`` and ``error``.
     """
     seed_everything(cfg["seed"], verbose=False)
     module = make_module(cfg, data.num_classes)
     if dense_state is not None:
         module.net.load_state_dict(dense_state)
+    curve = TrainCurve()
     try:
-        seconds = fit(cfg, module, data, cell_callbacks(cfg))
+        seconds = fit(cfg, module, data, [*cell_callbacks(cfg), curve])
     except MisconfigurationException as err:
         return dict(acc=None, error=str(err))
     except DWFDivergenceError as err:
@@ -71,7 +74,9 @@ def run_one(
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
         torch.save(module.net.state_dict(), save_to)
-    return dict(measure_layers(module.net, data), train_seconds=seconds)
+    train_acc = accuracy(module.net, data.train_x, data.train_y)
+    return dict(measure_layers(module.net, data), train_seconds=seconds, train_acc=train_acc,
+                train_loss=curve.epoch_losses)
 
 
 def dense_path(cfg: dict[str, Any], results: Path) -> Path:
