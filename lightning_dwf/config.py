@@ -282,6 +282,11 @@ class FactorLRConfig:
             weight that grows far past the range its multiplier was set for runs away
             (:meth:`~lightning_dwf.FactorPenalty.cap_steps`). Adam-type steps are normalized and gated (structured)
             tensors have their own rule; neither is capped.
+        pattern_step_cap: the step cap while the sparsity pattern is being made (target mode before its recovery
+            point, a ramped fixed λ before its release); ``step_cap`` from then on. ``None`` (default): ``step_cap``
+            throughout. ``FactorLRConfig(pattern_step_cap=1)``: no weight moves farther than a dense weight until the
+            pattern is fixed, which closed the SGD cells where the optimizer's LR sits at the edge of what dense
+            training survives (docs/findings/why.md; not yet the default).
     """
 
     multiplier: float | Literal["auto"] = "auto"
@@ -289,6 +294,7 @@ class FactorLRConfig:
     check: Literal["warn", "error", "off"] = "warn"
     rollbacks: int = 3
     step_cap: float | None = DEFAULT_STEP_CAP
+    pattern_step_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.multiplier != "auto":
@@ -308,6 +314,17 @@ class FactorLRConfig:
                 "step_cap", self.step_cap,
                 f" E.g. FactorLRConfig(step_cap={DEFAULT_STEP_CAP:g}) (the default), or None for no cap."
             ))
+        if self.pattern_step_cap is not None:
+            set_field(self, "pattern_step_cap", check_positive(
+                "pattern_step_cap", self.pattern_step_cap,
+                " E.g. FactorLRConfig(pattern_step_cap=1) (one dense step until the pattern is fixed), or None for "
+                "step_cap throughout (the default)."
+            ))
+
+    def step_cap_for(self, pattern_fixed: bool) -> float | None:
+        """The step cap of the run's phase: :attr:`pattern_step_cap` while the pattern is being made (if set), else
+        :attr:`step_cap`."""
+        return self.step_cap if pattern_fixed or self.pattern_step_cap is None else self.pattern_step_cap
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from lightning_dwf import (
     ScheduleConfig,
     factorized_tensors,
 )
+from lightning_dwf.config import DEFAULT_STEP_CAP
 from lightning_dwf.core.factorize import sparse_tensors
 from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier
 from lightning_dwf.core.gate_targets import following_batch_norm
@@ -140,13 +141,15 @@ NO_PENALTY = ("no-penalty",)
 MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(CUT_EXPONENTS) + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS
                     + NO_PENALTY)
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
-PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0)}
-#: The recovery-phase rules (SGD-type; :meth:`_TrackMultipliers._recovery_cap`), as ``(step cap, factor on the planned
-#: multipliers)`` from target mode's recovery point on (the support fixed, λ = 0): ``recovery-cap-1`` caps every weight
-#: at one dense step; ``recovery-dense`` also raises the multipliers far above the cap, so that every survivor moves as
-#: a dense weight at the optimizer's LR would (``min(m, 1/G) = 1/G``): the survivors are fine-tuned as ModelPruning's;
-#: ``recovery-cap-3`` (with ``--step-cap 1``: one dense step while the pattern is made) lets the survivors move 3 times.
-RECOVERY_CAPS = {"recovery-cap-1": (1.0, 1.0), "recovery-dense": (1.0, 1e3), "recovery-cap-3": (3.0, 1.0)}
+PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recovery-dense": (1.0, 1e3)}
+#: The recovery-phase rules (SGD-type), as the step cap from target mode's recovery point on (the support fixed,
+#: λ = 0), the run's own cap (``--step-cap``) before it: the library's ``FactorLRConfig(step_cap=<this>,
+#: pattern_step_cap=<the run's>)``. ``recovery-cap-1`` caps every weight at one dense step from there;
+#: ``recovery-dense`` also raises the multipliers far above the cap there (:data:`PHASE_FACTORS`), so that every
+#: survivor moves as a dense weight at the optimizer's LR would (``min(m, 1/G) = 1/G``), as ModelPruning's survivors
+#: do; ``recovery-cap-3`` with ``--step-cap 1`` holds one dense step while the pattern is made, then gives the
+#: survivors 3.
+RECOVERY_CAPS = {"recovery-cap-1": 1.0, "recovery-dense": 1.0, "recovery-cap-3": 3.0}
 #: Optimizer steps between two updates of a ``track-*`` rule.
 TRACK_EVERY = 25
 
@@ -174,9 +177,6 @@ class _TrackMultipliers(Callback):
             return
         if self.mode in PHASE_FACTORS:
             self._phases(pl_module, run, *PHASE_FACTORS[self.mode])
-            return
-        if self.mode in RECOVERY_CAPS:
-            self._recovery_cap(run, *RECOVERY_CAPS[self.mode])
             return
         if run is None or run.penalty is None or trainer.global_step % TRACK_EVERY:
             return
@@ -209,17 +209,6 @@ class _TrackMultipliers(Callback):
             self.switched = True
             run.multipliers.update({n: m * recovery for n, m in self.planned.items()})
             run._apply_multipliers(run.ctx, force=True)
-
-    def _recovery_cap(self, run: Any, cap: float, factor: float) -> None:
-        """``recovery-cap-1`` / ``recovery-dense``: once, at target mode's recovery point, the step cap set to ``cap``
-        dense steps and the planned multipliers times ``factor`` (the ramp from 1 restarts there, as in the library)."""
-        if (run is None or run.penalty is None or self.switched or run.penalty.step_cap is None
-                or not getattr(run.regime, "recovering", False)):
-            return
-        self.switched = True
-        run.penalty.step_cap.cap = cap
-        run.multipliers.update({n: m * factor for n, m in run.multipliers.items()})
-        run._apply_multipliers(run.ctx, force=True)
 
     def _recut(self, pl_module: nn.Module, run: Any) -> None:
         """``recut-rms``: once, at the recovery point (the support is fixed), each tensor's multiplier from the RMS of
@@ -389,6 +378,7 @@ def defaults_callback(
     relative: bool = False,
     quantize: QuantizeConfig | None = None,
     step_cap: float | None | str = "default",
+    pattern_step_cap: float | None = None,
 ) -> DWFCallback:
     """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else.
 
@@ -407,12 +397,15 @@ def defaults_callback(
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
         quantize: The quantization-aware finish (``DWFCallback(quantize=...)``), for the size benchmark.
         step_cap: ``FactorLRConfig(step_cap=...)`` in place of the library's default (``None``: no cap).
+        pattern_step_cap: ``FactorLRConfig(pattern_step_cap=...)``: the cap while the pattern is being made.
 
     Returns:
         The callback.
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
     cap: dict[str, Any] = {} if step_cap == "default" else dict(step_cap=step_cap)
+    if pattern_step_cap is not None:
+        cap["pattern_step_cap"] = pattern_step_cap
     if multiplier == "auto":  # the library's rule, named (with another step cap, say)
         extra["factor_lr"] = FactorLRConfig(**cap)
     elif isinstance(multiplier, str):
@@ -515,6 +508,11 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
     if method in ("dwf", "dwf-balanced"):
         init = "balanced" if method == "dwf-balanced" else "dwf"
         multiplier, cap = cfg.get("factor_lr_multiplier"), cfg.get("step_cap", "default")
+        if multiplier in RECOVERY_CAPS:  # the library's two-phase cap, the run's cap while the pattern is made
+            pattern = DEFAULT_STEP_CAP if cap == "default" else cap
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=RECOVERY_CAPS[multiplier],
+                                    pattern_step_cap=pattern)
+            return [dwf, _TrackMultipliers(dwf, multiplier)] if multiplier in PHASE_FACTORS else [dwf]
         probe = _probe_callback(multiplier, cfg)
         if probe is not None:  # the defaults' multipliers, and a callback beside them that reshapes the run
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)

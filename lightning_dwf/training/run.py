@@ -89,6 +89,7 @@ class TrainingRun:
         self._exempt: frozenset[str] = frozenset()  # the regime's guarded tensors last put into the penalty
         self._scales: dict[str, float] = {}  # the regime's per-tensor λ factors last put into the penalty
         self._tensors: list[FactorizedTensor | GatedTensor] = []  # the module's sparse tensors (from bind)
+        self._cap_phase: bool | None = None  # the phase (pattern fixed) whose step cap is in the penalty
 
     def bind(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> dict[str, float]:
         """Fit start: bind the penalty to ``optimizers`` and set the factor LR multipliers (a resume keeps those it
@@ -97,8 +98,8 @@ class TrainingRun:
         self._tensors = sparse_tensors(module)
         self.penalty = FactorPenalty(factor_parameters(module), self.regime.lam, self.depth, self.rollback.scale)
         self.penalty.bind(optimizers)
-        self.penalty.cap_steps([t.factors for t in self._tensors if isinstance(t, FactorizedTensor)],
-                               self.factor_lr.step_cap)
+        self._cap_phase = None
+        self._cap_steps()
         self._exempt, self._scales = frozenset(), {}  # the new penalty exempts and scales nothing yet
         if not self.multipliers:
             self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)
@@ -141,8 +142,22 @@ class TrainingRun:
         """Before each batch: the regime's turn, then the factor LR warm-up."""
         ctx = self._at(module, optimizers, step, total_steps)
         self.regime.before_batch(ctx)
+        self._cap_steps()
         if self.factor_lr.warmup:
             self._apply_multipliers(ctx)
+
+    def _cap_steps(self) -> None:
+        """Put the step cap of the run's phase into the penalty (``FactorLRConfig.step_cap_for``) when the phase
+        changed: the pattern fixed or not."""
+        phase = self.regime.pattern_fixed
+        if self.penalty is None or phase == self._cap_phase:
+            return
+        cap, capped = self.factor_lr.step_cap_for(phase), self.penalty.step_cap
+        if capped is not None and cap is not None:
+            capped.cap = cap  # keeps the cap's buffers
+        else:
+            self.penalty.cap_steps([t.factors for t in self._tensors if isinstance(t, FactorizedTensor)], cap)
+        self._cap_phase = phase
 
     def before_step(self, module: nn.Module, optimizer: Any) -> None:
         """Right before ``optimizer`` steps (after AMP unscaling, before clipping): apply the penalty at the regime's

@@ -31,6 +31,7 @@ from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig, FactorLR
         (FactorLRConfig, dict(warmup=1.0), ValueError, "`warmup` is the fraction"),
         (FactorLRConfig, dict(check="loud"), ValueError, "`check` must be one of"),
         (FactorLRConfig, dict(step_cap=0), ValueError, "`step_cap` must be > 0"),
+        (FactorLRConfig, dict(pattern_step_cap=0), ValueError, "`pattern_step_cap` must be > 0"),
         (FactorLRConfig, dict(step_cap=float("inf")), ValueError, "`step_cap` must be a finite float"),
         (
             DWFCallback,

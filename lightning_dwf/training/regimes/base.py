@@ -127,6 +127,12 @@ class Regime(ABC):
         return 0
 
     @property
+    def pattern_fixed(self) -> bool:
+        """Whether the sparsity pattern is fixed now (a recovery phase): the factors' step cap changes here
+        (``FactorLRConfig.pattern_step_cap``). Default: never."""
+        return False
+
+    @property
     def check_lam(self) -> float:
         """The λ the LR check at train start compares with the factors' learning rate: the largest of the run, in the
         units of the largest factor LR (default: :attr:`lam` now)."""

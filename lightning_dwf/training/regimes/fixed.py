@@ -202,6 +202,10 @@ class FixedLam(Regime):
             self.release(ctx)
         return None
 
+    @property
+    def pattern_fixed(self) -> bool:
+        return self._released
+
     def release(self, ctx: RunContext) -> None:
         """Fix the pattern (below the collapse threshold: exact zeros) and set λ = 0 for the rest of the run."""
         super().release(ctx)

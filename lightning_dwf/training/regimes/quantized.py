@@ -102,6 +102,10 @@ class QuantizedFinish(Regime):
     def warmup_start(self) -> int:
         return self.inner.warmup_start
 
+    @property
+    def pattern_fixed(self) -> bool:
+        return self.quantizing or self.inner.pattern_fixed  # quantizing starts by releasing the inner pattern
+
     def lr_check_steps(self, steps: int) -> int:
         return self.inner.lr_check_steps(steps)
 

@@ -128,6 +128,10 @@ class TargetSparsity(Regime):
     def warmup_start(self) -> int:
         return max(self.controller.recovery_step, 0) if self.controller is not None else 0
 
+    @property
+    def pattern_fixed(self) -> bool:
+        return self.recovering
+
     def lr_check_steps(self, steps: int) -> int:
         return 0  # the controller sets λ from the LR floor itself; only the stability limit is left to check
 
