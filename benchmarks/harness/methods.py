@@ -118,8 +118,7 @@ def model_pruning(target: float, epochs: int) -> LayerPruning:
 #: (Rows before 2026-12-06 ran on the ``"auto"`` at twice the RMS, without the step cap; their ``at-rms`` rule is the
 #: ``"auto"`` of now without the cap, their ``cap-K`` rows that ``"auto"`` with ``step_cap=K``.)
 PLANNED_RULES = ("min", "sqrt", "at-2rms")
-TRACKING_RULES = ("track-rms", "track-max", "recut-rms", "ramp-half", "recovery-double", "recovery-cap-1",
-                  "recovery-dense", "recovery-cap-3")
+TRACKING_RULES = ("track-rms", "track-max", "recut-rms", "ramp-half", "recovery-double")
 #: Probe rules for target mode's global cut (the multipliers stay ``"auto"``'s): rank each weight by ``|w| / rms^a``,
 #: ``rms`` its tensor's RMS (zeros included, as structured mode ranks its groups), ``a`` from :data:`CUT_EXPONENTS`.
 CUT_EXPONENTS = {"cut-relative": 1.0, "cut-halfrel": 0.5}
@@ -138,10 +137,6 @@ ALLOCATED_CUTS = ("cut-alloc-mp",)
 #: Diagnostic probe (:class:`_NoPenalty`): target mode with λ held at 0, so that its gradual cut alone makes the zeros
 #: (DWF's factors trained as a gradual magnitude pruner): whether the penalty or the factorization costs a cell.
 NO_PENALTY = ("no-penalty",)
-MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(CUT_EXPONENTS) + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS
-                    + NO_PENALTY)
-#: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
-PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recovery-dense": (1.0, 1e3)}
 #: The recovery-phase rules (SGD-type), as the step cap from target mode's recovery point on (the support fixed,
 #: λ = 0), the run's own cap (``--step-cap``) before it: the library's ``FactorLRConfig(step_cap=<this>,
 #: pattern_step_cap=<the run's>)``. ``recovery-cap-1`` caps every weight at one dense step from there;
@@ -150,6 +145,10 @@ PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recove
 #: do; ``recovery-cap-3`` with ``--step-cap 1`` holds one dense step while the pattern is made, then gives the
 #: survivors 3.
 RECOVERY_CAPS = {"recovery-cap-1": 1.0, "recovery-dense": 1.0, "recovery-cap-3": 3.0}
+MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(RECOVERY_CAPS) + tuple(CUT_EXPONENTS)
+                    + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS + NO_PENALTY)
+#: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
+PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recovery-dense": (1.0, 1e3)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
 TRACK_EVERY = 25
 
@@ -406,9 +405,7 @@ def defaults_callback(
     cap: dict[str, Any] = {} if step_cap == "default" else dict(step_cap=step_cap)
     if pattern_step_cap is not None:
         cap["pattern_step_cap"] = pattern_step_cap
-    if multiplier == "auto":  # the library's rule, named (with another step cap, say)
-        extra["factor_lr"] = FactorLRConfig(**cap)
-    elif isinstance(multiplier, str):
+    if isinstance(multiplier, str) and multiplier != "auto":  # "auto": the library's rule, named
         if multiplier not in PLANNED_RULES:
             raise ValueError(f"defaults_callback plans the rules {PLANNED_RULES}; {multiplier!r} is a callback of "
                              "cell_callbacks")
