@@ -33,7 +33,10 @@ code (its rows then carry ``step_cap``).
 ``--multiplier auto`` names the library's rule, to run it under another ``--step-cap``. The recovery-phase rules
 change the run at target mode's recovery point (the support fixed): ``recovery-cap-1`` caps every weight at one dense
 step from there, ``recovery-dense`` moves every survivor exactly as a dense weight, ``recovery-cap-3`` (with
-``--step-cap 1``) lets the survivors move 3 times as far (:data:`~benchmarks.harness.methods.RECOVERY_CAPS`).
+``--step-cap 1``) lets the survivors move 3 times as far (:data:`~benchmarks.harness.methods.RECOVERY_CAPS`): the
+library's SGD default since 2026-12-06 (``FactorLRConfig(pattern_step_cap=1)``). A row with a ``step_cap`` key ran
+that cap throughout (``pattern_step_cap=None``); the ``--peers`` DWF rows made before the change are in
+``factor_lr_superseded.jsonl``.
 ``--peers`` also runs the cell's dense, default-DWF and ModelPruning configs (the matrix's own keys), for the cells
 the matrix does not run: the crossing datasets of :data:`~benchmarks.matrix.SUBSETS` (``fashion-mnist-4k``,
 ``mnist-subset-2k``: Fashion-MNIST at the MNIST subset's size, MNIST at the small-data axis's), which tell apart

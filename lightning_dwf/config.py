@@ -46,14 +46,22 @@ DEFAULT_MIN_LAYER_SHARE = 0.1
 
 #: ``FixedLamConfig(recovery=None)`` in a run with a step budget: λ ramps over the first half of the run, the proximal
 #: step and its per-layer guard make the zeros, and the second half trains the fixed pattern without penalty. Against a
-#: constant λ, measured in docs/guides/optimizers.md: under SGD the constant λ jumped from 8× to 900× compression
-#: between neighbouring λ, guarded no layer, and was 1.7–2.3 points less accurate at equal zeros; under AdamW the ramp
+#: constant λ, measured in docs/guides/optimizers.md: under SGD the constant λ jumped from 8× to 590× compression
+#: between neighbouring λ, guarded no layer, and was 1.7–2.6 points less accurate at equal zeros; under AdamW the ramp
 #: was 0.9–2.4 points more accurate at equal compression, and in structured DWF more accurate at equal MACs under both.
 DEFAULT_LAM_RECOVERY = 0.5
 
 #: Under SGD-type optimizers no factorized weight moves more than this many times as far per step as a dense weight at
 #: the optimizer's LR (``FactorLRConfig.step_cap``; measured in docs/findings/why.md).
 DEFAULT_STEP_CAP = 3.0
+
+#: Under SGD-type optimizers, the step cap while the sparsity pattern is being made
+#: (``FactorLRConfig.pattern_step_cap``): one dense step, :data:`DEFAULT_STEP_CAP` from then on. Against the cap of 3
+#: throughout, over the matrix's 57 SGD cells from scratch (docs/findings/why.md): 37 gains, 19 losses, mean +0.51
+#: points; it closed the cells where the LR sits at the edge of what dense training survives (LeNet-5 on 2,000 images
+#: at 99.5 %: −5.56 → +0.38 points to ModelPruning) and cost the MNIST subset, which wants fast factors, 0.3–0.7 points
+#: at 98–99.5 %.
+DEFAULT_PATTERN_STEP_CAP = 1.0
 
 #: Targets from which the default recovery phase is shorter (a longer ramp for the penalty).
 HIGH_TARGET = 0.995
@@ -283,10 +291,10 @@ class FactorLRConfig:
             (:meth:`~lightning_dwf.FactorPenalty.cap_steps`). Adam-type steps are normalized and gated (structured)
             tensors have their own rule; neither is capped.
         pattern_step_cap: the step cap while the sparsity pattern is being made (target mode before its recovery
-            point, a ramped fixed λ before its release); ``step_cap`` from then on. ``None`` (default): ``step_cap``
-            throughout. ``FactorLRConfig(pattern_step_cap=1)``: no weight moves farther than a dense weight until the
-            pattern is fixed, which closed the SGD cells where the optimizer's LR sits at the edge of what dense
-            training survives (docs/findings/why.md; not yet the default).
+            point, a fixed λ before its release); ``step_cap`` from then on. The default 1: no weight moves farther
+            than a dense weight until the pattern is fixed, which closed the SGD cells where the optimizer's LR sits at
+            the edge of what dense training survives (docs/findings/why.md). ``None``: ``step_cap`` throughout (the
+            default before 2026-12-06); ``step_cap=None, pattern_step_cap=None``: no cap at all.
     """
 
     multiplier: float | Literal["auto"] = "auto"
@@ -294,7 +302,7 @@ class FactorLRConfig:
     check: Literal["warn", "error", "off"] = "warn"
     rollbacks: int = 3
     step_cap: float | None = DEFAULT_STEP_CAP
-    pattern_step_cap: float | None = None
+    pattern_step_cap: float | None = DEFAULT_PATTERN_STEP_CAP
 
     def __post_init__(self) -> None:
         if self.multiplier != "auto":
@@ -317,13 +325,13 @@ class FactorLRConfig:
         if self.pattern_step_cap is not None:
             set_field(self, "pattern_step_cap", check_positive(
                 "pattern_step_cap", self.pattern_step_cap,
-                " E.g. FactorLRConfig(pattern_step_cap=1) (one dense step until the pattern is fixed), or None for "
-                "step_cap throughout (the default)."
+                f" E.g. FactorLRConfig(pattern_step_cap={DEFAULT_PATTERN_STEP_CAP:g}) (the default: one dense step "
+                "until the pattern is fixed), or None for step_cap throughout."
             ))
 
     def step_cap_for(self, pattern_fixed: bool) -> float | None:
-        """The step cap of the run's phase: :attr:`pattern_step_cap` while the pattern is being made (if set), else
-        :attr:`step_cap`."""
+        """The step cap of the run's phase: :attr:`pattern_step_cap` while the pattern is being made (unless ``None``),
+        else :attr:`step_cap`."""
         return self.step_cap if pattern_fixed or self.pattern_step_cap is None else self.pattern_step_cap
 
 

@@ -491,10 +491,11 @@ def test_factor_lr_plan_callback_and_table():
     (callback,) = methods.cell_callbacks(configs[0])
     assert (callback.target_sparsity, callback.depth, callback.factor_lr.multiplier) == (0.995, 3, 1.0)
     (auto,) = methods.cell_callbacks({k: v for k, v in configs[0].items() if k != "factor_lr_multiplier"})
-    assert auto.factor_lr.multiplier == "auto"
+    assert (auto.factor_lr.multiplier, auto.factor_lr.pattern_step_cap) == ("auto", 1.0)  # the library's two phases
     (named,) = factor_lr.plan("fashion-mnist", "lenet5", "sgd", 64, [0.995], ["auto"], [0], step_cap=1.0)
     (capped,) = methods.cell_callbacks(named)  # the library's rule under another step cap
     assert (capped.factor_lr.multiplier, capped.factor_lr.step_cap, named["step_cap"]) == ("auto", 1.0, 1.0)
+    assert capped.factor_lr.pattern_step_cap is None  # a probe row's step_cap held throughout, as it ran
     assert factor_lr._multiplier_argument("auto") == "auto"
 
     def row(cfg, acc, **extra):

@@ -395,16 +395,16 @@ def defaults_callback(
             rows made before ``recovery=None`` became the default).
         relative: With ``lam``: ``FixedLamConfig(lam, relative=True)`` (λ without units, per layer).
         quantize: The quantization-aware finish (``DWFCallback(quantize=...)``), for the size benchmark.
-        step_cap: ``FactorLRConfig(step_cap=...)`` in place of the library's default (``None``: no cap).
-        pattern_step_cap: ``FactorLRConfig(pattern_step_cap=...)``: the cap while the pattern is being made.
+        step_cap: ``FactorLRConfig(step_cap=...)`` in place of the library's two-phase default (``None``: no cap),
+            throughout the run unless ``pattern_step_cap`` is given: every probe row with a ``step_cap`` key ran so.
+        pattern_step_cap: With ``step_cap``: ``FactorLRConfig(pattern_step_cap=...)``, the cap while the pattern is
+            being made.
 
     Returns:
         The callback.
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
-    cap: dict[str, Any] = {} if step_cap == "default" else dict(step_cap=step_cap)
-    if pattern_step_cap is not None:
-        cap["pattern_step_cap"] = pattern_step_cap
+    cap: dict[str, Any] = {} if step_cap == "default" else dict(step_cap=step_cap, pattern_step_cap=pattern_step_cap)
     if isinstance(multiplier, str) and multiplier != "auto":  # "auto": the library's rule, named
         if multiplier not in PLANNED_RULES:
             raise ValueError(f"defaults_callback plans the rules {PLANNED_RULES}; {multiplier!r} is a callback of "

@@ -154,12 +154,12 @@ def test_lr_check_without_a_step_budget(tmp_path):
         )
 
 
-@pytest.mark.parametrize("pattern_cap", [1.0, None])
+@pytest.mark.parametrize("pattern_cap", ["default", 2.0, None])
 @pytest.mark.parametrize("knob", [dict(target_sparsity=0.9), dict(lam=1e-3)], ids=["target", "ramped-lam"])
 def test_pattern_step_cap_holds_until_the_pattern_is_fixed(tmp_path, knob, pattern_cap):
-    """``FactorLRConfig(pattern_step_cap=1)``: one dense step while the pattern is made (target mode before its
-    recovery point, a ramped fixed λ before its release), ``step_cap`` from the first step after; unset: ``step_cap``
-    throughout."""
+    """``FactorLRConfig(pattern_step_cap=K)`` (default 1): K dense steps while the pattern is made (target mode before
+    its recovery point, a ramped fixed λ before its release), ``step_cap`` from the first step after; ``None``:
+    ``step_cap`` throughout."""
 
     class Caps(Callback):
         def __init__(self) -> None:
@@ -169,10 +169,12 @@ def test_pattern_step_cap_holds_until_the_pattern_is_fixed(tmp_path, knob, patte
             self.seen.append((dwf.regime.pattern_fixed, dwf.penalty.step_cap.cap))
 
     dwf = DWFCallback(depth=3, verbose=False, collapse=CollapseConfig(save=False),
-                      factor_lr=FactorLRConfig(step_cap=3.0, pattern_step_cap=pattern_cap), **knob)
+                      factor_lr=FactorLRConfig(step_cap=3.0, **({} if pattern_cap == "default" else
+                                                                  dict(pattern_step_cap=pattern_cap))), **knob)
     caps = Caps()
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf, caps], enable_checkpointing=False))
     trainer.fit(ToyModel(lr=0.075, momentum=0.9, scheduler=True, n=512))
     phases = [fixed for fixed, _ in caps.seen]
     assert not phases[0] and phases[-1] and phases == sorted(phases)  # made, then fixed for the rest of the run
-    assert [cap for _, cap in caps.seen] == [3.0 if fixed or pattern_cap is None else 1.0 for fixed in phases]
+    made = {"default": 1.0, 2.0: 2.0, None: 3.0}[pattern_cap]
+    assert [cap for _, cap in caps.seen] == [3.0 if fixed else made for fixed in phases]
