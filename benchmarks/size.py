@@ -12,7 +12,7 @@ measured on the model *loaded back from that file*, so each row's bytes and accu
 
 Rows: ``benchmarks/results/size.jsonl``; table ``size_table.md``; plot ``size_<model>.png`` (accuracy vs bytes,
 log scale). The DWF rows of the sweep's tuned recipe (factor LR ×10, its own recovery), measured before the defaults
-led, are in ``size_superseded.jsonl``.
+led, and those of earlier SGD defaults (each row says which) are in ``size_superseded.jsonl``.
 """
 
 from __future__ import annotations
