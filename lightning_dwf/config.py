@@ -320,7 +320,8 @@ class FactorLRConfig:
         if self.step_cap is not None:
             set_field(self, "step_cap", check_positive(
                 "step_cap", self.step_cap,
-                f" E.g. FactorLRConfig(step_cap={DEFAULT_STEP_CAP:g}) (the default), or None for no cap."
+                f" E.g. FactorLRConfig(step_cap={DEFAULT_STEP_CAP:g}) (the default), or None for no cap once the "
+                "pattern is fixed (with pattern_step_cap=None too: no cap at all)."
             ))
         if self.pattern_step_cap is not None:
             set_field(self, "pattern_step_cap", check_positive(
