@@ -24,6 +24,10 @@ seconds and their medians, and the table gives each method's ratio to its baseli
 the ratio within the round, with the smallest and largest of them (on this 2-core machine a fit's speed can change
 by 10 % from one round to the next, and not alike for every method). The fit includes everything the callback does
 (factorization, penalty, factor LR, the controller and the cut at every control step, metrics, the collapse).
+
+``--fused on`` builds every optimizer, dense included, with PyTorch's fused kernel (``fused=True``); ``--fused both``
+runs every method both ways within each round and writes one row per way, so the two are timed side by side. DWF
+trains D times the parameters, so the optimizer's step is a larger share of its fit than of dense's.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, QuantizeCon
 
 OUT = RESULTS / "fit_cost.jsonl"
 METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb", "factorized", "gated")
+#: ``--fused``: the optimizers' fused kernel off, on, or both ways alternated within every round.
+FUSED = ("off", "on", "both")
 
 
 def callbacks(method: str, model: str, example: torch.Tensor) -> list:
@@ -92,29 +98,37 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fused", choices=FUSED, default="off",
+                        help="the optimizers' fused kernel (fused=True) for every fit, dense included: off, on, or "
+                             "both (each round runs every method both ways; one row per way)")
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the rows")
     args = parser.parse_args()
     if not args.report:
         torch.set_num_threads(args.threads)
         data = load_dataset("auto")
         methods = ["dense", *(m for m in args.methods if m != "dense")]
+        ways = {"off": [False], "on": [True], "both": [False, True]}[args.fused]
         for batch in args.batches:
             for model in args.models:
                 for opt in args.opts:
-                    cfg = dict(model=model, opt=opt, epochs=args.epochs, seed=0, batch=batch)
-                    times: dict[str, list[float]] = {m: [] for m in methods}
+                    cfgs = {fused: dict(model=model, opt=opt, epochs=args.epochs, seed=0, batch=batch,
+                                        **({"fused": True} if fused else {})) for fused in ways}
+                    times = {fused: {m: [] for m in methods} for fused in ways}
                     for _ in range(args.rounds):
-                        for method in methods:
-                            with tempfile.TemporaryDirectory() as directory:
-                                times[method].append(fit(cfg, data, callbacks(method, model, data.test_x[:2]),
-                                                         module_of(method, cfg, data),
-                                                         **trainer_arguments(method, directory))[1])
-                    row = dict(cfg, rounds=args.rounds, threads=torch.get_num_threads(), dataset=data.name,
-                               machine=platform.processor() or platform.machine(),
-                               versions=versions(["torch", "lightning"]),
-                               seconds={m: statistics.median(t) for m, t in times.items()}, round_seconds=times)
-                    append_rows(OUT, [row])
-                    print(row, flush=True)
+                        for fused, cfg in cfgs.items():
+                            for method in methods:
+                                with tempfile.TemporaryDirectory() as directory:
+                                    times[fused][method].append(fit(
+                                        cfg, data, callbacks(method, model, data.test_x[:2]),
+                                        module_of(method, cfg, data), **trainer_arguments(method, directory))[1])
+                    for fused, cfg in cfgs.items():
+                        row = dict(cfg, rounds=args.rounds, threads=torch.get_num_threads(), dataset=data.name,
+                                   machine=platform.processor() or platform.machine(),
+                                   versions=versions(["torch", "lightning"]),
+                                   seconds={m: statistics.median(t) for m, t in times[fused].items()},
+                                   round_seconds=times[fused], **({"interleaved": args.fused} if len(ways) > 1 else {}))
+                        append_rows(OUT, [row])
+                        print(row, flush=True)
     write_report()
 
 
@@ -150,7 +164,7 @@ def write_report() -> None:
     latest: dict[tuple, dict[str, tuple[float, tuple[float, float] | None]]] = {}
     dense: dict[tuple, float] = {}
     for r in rows:  # later rows replace earlier ones, method by method
-        key = (r["model"], r["opt"], r["batch"])
+        key = (r["model"], r["opt"] + (" (fused)" if r.get("fused") else ""), r["batch"])
         cell = latest.setdefault(key, {})
         for method, base, _ in COLUMNS:
             if method in r["seconds"] and base in r["seconds"]:

@@ -213,7 +213,8 @@ class Classifier(LightningModule):
     per-step cosine schedule, optionally after a linear warm-up over the first ``warmup`` fraction of the steps.
 
     The defaults (``optimizer="sgd"``, ``weight_decay=0``, ``warmup=0``) are the sweep's recipe: SGD and
-    ``CosineAnnealingLR`` over every step, exactly as before these options existed.
+    ``CosineAnnealingLR`` over every step, exactly as before these options existed. ``fused=True`` builds the
+    optimizer with PyTorch's fused kernel (same update up to rounding; ``benchmarks.fit_cost --fused``).
     """
 
     def __init__(
@@ -225,6 +226,7 @@ class Classifier(LightningModule):
         optimizer: str = "sgd",
         weight_decay: float = 0.0,
         warmup: float = 0.0,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -244,9 +246,10 @@ class Classifier(LightningModule):
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """The base optimizer over ``params`` (parameters or param groups)."""
         hp = self.hparams
+        fused = {"fused": True} if hp.get("fused") else {}  # unset in checkpoints from before the option
         if hp.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+            return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, **fused)
 
     def make_scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """Cosine over every step (no warm-up: the sweep's ``CosineAnnealingLR``), else warm-up then cosine to 0."""

@@ -118,7 +118,8 @@ def cost(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
 def new_module(cfg: dict, data: ImageData) -> Classifier:
     """``cfg``'s model with its optimizer's LR, freshly initialized from ``cfg["seed"]``."""
     seed_everything(cfg["seed"], verbose=False)
-    return Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes)
+    return Classifier(cfg["model"], lr=LR[cfg["opt"]], optimizer=cfg["opt"], num_classes=data.num_classes,
+                      fused=cfg.get("fused", False))
 
 
 def fit(cfg: dict, data: ImageData, callbacks: list[Callback], module: Classifier | None = None,

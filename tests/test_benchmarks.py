@@ -676,6 +676,49 @@ def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch)
     assert line.count("–") == len(fit_cost.COLUMNS)  # each ratio with the range of its rounds'
 
 
+def test_fit_cost_fused_both_times_each_way_in_the_same_rounds(tmp_path, monkeypatch):
+    """``--fused both`` fits every method with the default optimizer loop and with ``fused=True`` in each round, and
+    writes one row per way; the table keeps them apart."""
+    import sys
+
+    import torch
+
+    from benchmarks import fit_cost
+    from benchmarks.models import Classifier
+
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    try:
+        torch.optim.SGD([param], lr=0.1, momentum=0.9, fused=True).step()
+    except (RuntimeError, TypeError):
+        pytest.skip("this torch has no fused CPU kernel for SGD")
+    built: list[bool] = []
+    make = Classifier.make_optimizer
+
+    def recording(self, params):
+        optimizer = make(self, params)
+        built.append(bool(optimizer.defaults.get("fused")))
+        return optimizer
+
+    monkeypatch.setattr(Classifier, "make_optimizer", recording)
+    torch.manual_seed(0)
+    data = ImageData("tiny", torch.rand(256, 1, 28, 28), torch.arange(256) % 10, torch.rand(32, 1, 28, 28),
+                     torch.randint(0, 10, (32,)))
+    monkeypatch.setattr(fit_cost, "load_dataset", lambda name: data)
+    monkeypatch.setattr(fit_cost, "OUT", tmp_path / "fit_cost.jsonl")
+    monkeypatch.setattr(sys, "argv", ["fit_cost", "--models", "lenet300", "--opts", "sgd", "--batches", "4",
+                                      "--epochs", "1", "--rounds", "1", "--methods", "dense", "dwf",
+                                      "--fused", "both"])
+    fit_cost.main()
+    rows = store.read_rows(tmp_path / "fit_cost.jsonl")
+    assert [r.get("fused", False) for r in rows] == [False, True]
+    assert all(r["interleaved"] == "both" and set(r["seconds"]) == {"dense", "dwf"} for r in rows)
+    assert built == [False, False, True, True]  # one round: dense and DWF with the loop, then both fused
+    lines = (tmp_path / "fit_cost.md").read_text().splitlines()
+    assert any(x.startswith("| lenet300 | sgd | 4 |") for x in lines)
+    assert any(x.startswith("| lenet300 | sgd (fused) | 4 |") for x in lines)
+
+
 def test_fit_cost_ratio_is_the_median_of_the_rounds_ratios():
     """A ratio is the median over the rounds of the ratio within each round, with its range; a row without rounds
     (from before they were kept) gives the ratio of its medians."""

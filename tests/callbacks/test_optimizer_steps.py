@@ -1,6 +1,6 @@
 """The penalty reaches every optimizer step of a fit exactly once: under gradient accumulation, whatever
 ``configure_optimizers`` returns (its scheduler driving the factors' LR), with manual optimization and two optimizers,
-and inside gradient clipping."""
+inside gradient clipping, and in PyTorch's fused optimizer kernels."""
 
 from __future__ import annotations
 
@@ -126,3 +126,49 @@ def test_gradient_clipping_includes_the_penalty(tmp_path):
     assert len(factor_parameters(model)) == len(snap.factors) == 2 * depth
     for end, start in zip(factor_parameters(model), snap.factors):
         torch.testing.assert_close(end, start - lr * coef * start * scale)
+
+
+def _fused_on_cpu(optimizer: type[torch.optim.Optimizer]) -> bool:
+    """Whether this torch has ``optimizer``'s fused kernel for CPU tensors (torch >= 2.4)."""
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    try:
+        optimizer([param], lr=0.1, fused=True).step()
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+class FusedModel(ToyModel):
+    """SGD with momentum and weight decay, or AdamW, built with ``fused=True`` or the default loop."""
+
+    def __init__(self, optimizer: str, fused: bool) -> None:
+        super().__init__()
+        self.optimizer_name, self.fused = optimizer, fused
+
+    def configure_optimizers(self):
+        fused = {"fused": True} if self.fused else {}
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, **fused)
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01, **fused)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fused_optimizers_train_like_their_loop(tmp_path, optimizer):
+    """``fused=True`` (the cheaper kernel on CPU under Adam-type optimizers, docs/findings/cost.md) gets the same
+    penalty, step cap and cut as the default loop: the same zeros and the same weights up to rounding."""
+    if not _fused_on_cpu(torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW):
+        pytest.skip("this torch has no fused CPU kernel for the optimizer")
+    weights = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = FusedModel(optimizer, fused)
+        dwf = DWFCallback(depth=3, target_sparsity=0.8, collapse=CollapseConfig(save=False))
+        Trainer(**trainer_kwargs(tmp_path / str(fused), max_epochs=20, callbacks=[dwf],
+                                 enable_checkpointing=False)).fit(model)
+        weights[fused] = [p.detach().clone() for p in model.parameters()]
+    for loop, kernel in zip(weights[False], weights[True]):
+        assert torch.equal(loop == 0, kernel == 0)
+        torch.testing.assert_close(kernel, loop, atol=1e-3, rtol=1e-3)
+    zeros = sum(int((w == 0).sum()) for w in weights[True] if w.dim() > 1)
+    assert zeros == pytest.approx(0.8 * sum(w.numel() for w in weights[True] if w.dim() > 1), abs=1)
