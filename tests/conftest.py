@@ -125,6 +125,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+def fused_on_cpu(optimizer: type[torch.optim.Optimizer]) -> bool:
+    """Whether this torch has ``optimizer``'s fused kernel for CPU tensors (torch >= 2.4; the project allows 2.2)."""
+    param = nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    try:
+        optimizer([param], lr=0.1, fused=True).step()
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def trainer_kwargs(tmp_path, **overrides):
     """Lightning's test defaults: CPU, quiet, short."""
     kwargs = dict(

@@ -649,10 +649,9 @@ def test_peers_start_from_the_cells_seeded_init(monkeypatch, method):
     assert all(torch.equal(seen[0][k], v) and torch.equal(seen[1][k], v) for k, v in expected.items())
 
 
-def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch):
-    """The train-time benchmark fits dense, the defaults, structured DWF, the QAT finish, both with an offline W&B
-    logger (the pictures rendered), and the factorized and gated models with no callback, alternately, and tabulates
-    each ratio against the baseline of the same run."""
+def _run_fit_cost(tmp_path, monkeypatch, *args: str) -> list[dict]:
+    """``benchmarks.fit_cost`` on LeNet-300-100 over 256 random images at batch 4 (64 steps), one epoch and one round,
+    writing under ``tmp_path``; returns its rows."""
     import sys
 
     import torch
@@ -664,10 +663,19 @@ def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch)
                      torch.randint(0, 10, (32,)))
     monkeypatch.setattr(fit_cost, "load_dataset", lambda name: data)
     monkeypatch.setattr(fit_cost, "OUT", tmp_path / "fit_cost.jsonl")
-    monkeypatch.setattr(sys, "argv", ["fit_cost", "--models", "lenet300", "--opts", "adamw", "--batches", "4",
-                                      "--epochs", "1", "--rounds", "1", "--methods", *fit_cost.METHODS])  # 64 steps
+    monkeypatch.setattr(sys, "argv", ["fit_cost", "--models", "lenet300", "--batches", "4", "--epochs", "1",
+                                      "--rounds", "1", *args])
     fit_cost.main()
-    (row,) = store.read_rows(tmp_path / "fit_cost.jsonl")
+    return store.read_rows(tmp_path / "fit_cost.jsonl")
+
+
+def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch):
+    """The train-time benchmark fits dense, the defaults, structured DWF, the QAT finish, both with an offline W&B
+    logger (the pictures rendered), and the factorized and gated models with no callback, alternately, and tabulates
+    each ratio against the baseline of the same run."""
+    from benchmarks import fit_cost
+
+    (row,) = _run_fit_cost(tmp_path, monkeypatch, "--opts", "adamw", "--methods", *fit_cost.METHODS)
     assert set(row["seconds"]) == set(fit_cost.METHODS) and all(s > 0 for s in row["seconds"].values())
     assert {m: len(t) for m, t in row["round_seconds"].items()} == dict.fromkeys(fit_cost.METHODS, 1)
     lines = (tmp_path / "fit_cost.md").read_text().splitlines()
@@ -679,18 +687,12 @@ def test_fit_cost_times_every_method_and_writes_the_table(tmp_path, monkeypatch)
 def test_fit_cost_fused_both_times_each_way_in_the_same_rounds(tmp_path, monkeypatch):
     """``--fused both`` fits every method with the default optimizer loop and with ``fused=True`` in each round, and
     writes one row per way; the table keeps them apart."""
-    import sys
-
     import torch
+    from conftest import fused_on_cpu
 
-    from benchmarks import fit_cost
     from benchmarks.models import Classifier
 
-    param = torch.nn.Parameter(torch.ones(2))
-    param.grad = torch.ones(2)
-    try:
-        torch.optim.SGD([param], lr=0.1, momentum=0.9, fused=True).step()
-    except (RuntimeError, TypeError):
+    if not fused_on_cpu(torch.optim.SGD):
         pytest.skip("this torch has no fused CPU kernel for SGD")
     built: list[bool] = []
     make = Classifier.make_optimizer
@@ -701,16 +703,7 @@ def test_fit_cost_fused_both_times_each_way_in_the_same_rounds(tmp_path, monkeyp
         return optimizer
 
     monkeypatch.setattr(Classifier, "make_optimizer", recording)
-    torch.manual_seed(0)
-    data = ImageData("tiny", torch.rand(256, 1, 28, 28), torch.arange(256) % 10, torch.rand(32, 1, 28, 28),
-                     torch.randint(0, 10, (32,)))
-    monkeypatch.setattr(fit_cost, "load_dataset", lambda name: data)
-    monkeypatch.setattr(fit_cost, "OUT", tmp_path / "fit_cost.jsonl")
-    monkeypatch.setattr(sys, "argv", ["fit_cost", "--models", "lenet300", "--opts", "sgd", "--batches", "4",
-                                      "--epochs", "1", "--rounds", "1", "--methods", "dense", "dwf",
-                                      "--fused", "both"])
-    fit_cost.main()
-    rows = store.read_rows(tmp_path / "fit_cost.jsonl")
+    rows = _run_fit_cost(tmp_path, monkeypatch, "--opts", "sgd", "--methods", "dense", "dwf", "--fused", "both")
     assert [r.get("fused", False) for r in rows] == [False, True]
     assert all(r["interleaved"] == "both" and set(r["seconds"]) == {"dense", "dwf"} for r in rows)
     assert built == [False, False, True, True]  # one round: dense and DWF with the loop, then both fused

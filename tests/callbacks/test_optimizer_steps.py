@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, trainer_kwargs
+from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, fused_on_cpu, trainer_kwargs
 from lightning.pytorch import Trainer
 
 from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, factor_parameters
@@ -128,17 +128,6 @@ def test_gradient_clipping_includes_the_penalty(tmp_path):
         torch.testing.assert_close(end, start - lr * coef * start * scale)
 
 
-def _fused_on_cpu(optimizer: type[torch.optim.Optimizer]) -> bool:
-    """Whether this torch has ``optimizer``'s fused kernel for CPU tensors (torch >= 2.4)."""
-    param = torch.nn.Parameter(torch.ones(2))
-    param.grad = torch.ones(2)
-    try:
-        optimizer([param], lr=0.1, fused=True).step()
-    except (RuntimeError, TypeError):
-        return False
-    return True
-
-
 class FusedModel(ToyModel):
     """SGD with momentum and weight decay, or AdamW, built with ``fused=True`` or the default loop."""
 
@@ -157,7 +146,7 @@ class FusedModel(ToyModel):
 def test_fused_optimizers_train_like_their_loop(tmp_path, optimizer):
     """``fused=True`` (the cheaper kernel on CPU under Adam-type optimizers, docs/findings/cost.md) gets the same
     penalty, step cap and cut as the default loop: the same zeros and the same weights up to rounding."""
-    if not _fused_on_cpu(torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW):
+    if not fused_on_cpu(torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW):
         pytest.skip("this torch has no fused CPU kernel for the optimizer")
     weights = {}
     for fused in (False, True):
