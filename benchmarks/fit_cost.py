@@ -113,14 +113,7 @@ def main() -> None:
                 for opt in args.opts:
                     cfgs = {fused: dict(model=model, opt=opt, epochs=args.epochs, seed=0, batch=batch,
                                         **({"fused": True} if fused else {})) for fused in ways}
-                    times = {fused: {m: [] for m in methods} for fused in ways}
-                    for _ in range(args.rounds):
-                        for fused, cfg in cfgs.items():
-                            for method in methods:
-                                with tempfile.TemporaryDirectory() as directory:
-                                    times[fused][method].append(fit(
-                                        cfg, data, callbacks(method, model, data.test_x[:2]),
-                                        module_of(method, cfg, data), **trainer_arguments(method, directory))[1])
+                    times = time_rounds(cfgs, methods, args.rounds, data)
                     for fused, cfg in cfgs.items():
                         row = dict(cfg, rounds=args.rounds, threads=torch.get_num_threads(), dataset=data.name,
                                    machine=platform.processor() or platform.machine(),
@@ -130,6 +123,20 @@ def main() -> None:
                         append_rows(OUT, [row])
                         print(row, flush=True)
     write_report()
+
+
+def time_rounds(cfgs: dict[bool, dict], methods: list[str], rounds: int, data: ImageData) -> dict[bool, dict]:
+    """Seconds of every fit: ``rounds`` times, each config of ``cfgs`` (by ``fused``) with every method in turn;
+    returns ``{fused: {method: [seconds per round]}}``."""
+    times: dict[bool, dict[str, list[float]]] = {fused: {m: [] for m in methods} for fused in cfgs}
+    for _ in range(rounds):
+        for fused, cfg in cfgs.items():
+            for method in methods:
+                with tempfile.TemporaryDirectory() as directory:
+                    times[fused][method].append(fit(
+                        cfg, data, callbacks(method, cfg["model"], data.test_x[:2]), module_of(method, cfg, data),
+                        **trainer_arguments(method, directory))[1])
+    return times
 
 
 #: The table's columns: (method, its baseline in the same run, header).
