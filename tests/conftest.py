@@ -125,6 +125,10 @@ def _seed():
     torch.manual_seed(0)
 
 
+#: Why a test of ``fused=True`` skips: the fused CPU kernels of SGD/AdamW arrived in torch 2.4; the project allows 2.2.
+NO_FUSED_CPU = "fused CPU optimizer kernels need torch >= 2.4 (lightning-dwf supports torch >= 2.2)"
+
+
 def fused_on_cpu(optimizer: type[torch.optim.Optimizer]) -> bool:
     """Whether this torch has ``optimizer``'s fused kernel for CPU tensors (torch >= 2.4; the project allows 2.2)."""
     param = nn.Parameter(torch.ones(2))

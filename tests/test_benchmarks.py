@@ -688,12 +688,12 @@ def test_fit_cost_fused_both_times_each_way_in_the_same_rounds(tmp_path, monkeyp
     """``--fused both`` fits every method with the default optimizer loop and with ``fused=True`` in each round, and
     writes one row per way; the table keeps them apart."""
     import torch
-    from conftest import fused_on_cpu
+    from conftest import NO_FUSED_CPU, fused_on_cpu
 
     from benchmarks.models import Classifier
 
     if not fused_on_cpu(torch.optim.SGD):
-        pytest.skip("this torch has no fused CPU kernel for SGD")
+        pytest.skip(NO_FUSED_CPU)
     built: list[bool] = []
     make = Classifier.make_optimizer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, fused_on_cpu, trainer_kwargs
+from conftest import NO_FUSED_CPU, PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, fused_on_cpu, trainer_kwargs
 from lightning.pytorch import Trainer
 
 from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, factor_parameters
@@ -147,7 +147,7 @@ def test_fused_optimizers_train_like_their_loop(tmp_path, optimizer):
     """``fused=True`` (the cheaper kernel on CPU under Adam-type optimizers, docs/findings/cost.md) gets the same
     penalty, step cap and cut as the default loop: the same zeros and the same weights up to rounding."""
     if not fused_on_cpu(torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW):
-        pytest.skip("this torch has no fused CPU kernel for the optimizer")
+        pytest.skip(NO_FUSED_CPU)
     weights = {}
     for fused in (False, True):
         torch.manual_seed(0)
