@@ -11,6 +11,9 @@ order and epochs) of
 * ``dwf-structured``: ``DWFCallback(depth=3, regime=BudgetConfig(0.25), factorize=structure(model))`` (the structured
   speed benchmark's layers by outputs, the ViT's attention by heads);
 * ``dwf-qat``: the defaults with the quantization-aware finish (``quantize=QuantizeConfig(bits=8)``);
+* ``dwf-factors``: the defaults with ``FactorLRConfig(fixed_pattern="factors")``: the survivors go on training as
+  factors once the pattern is fixed (the Adam-type default before 2026-12-07; under SGD the same as ``dwf``), so the
+  dense fine-tune's cost is timed beside it (not a column of the table: the rows keep its seconds);
 * ``factorized``: the model factorized by ``factorize_(depth=3)`` and no callback: what the D-fold parameters cost
   alone (the product and its backward, the optimizer over D factors), with no penalty, cut, factor LR or metrics;
 * ``gated``: the same for structured DWF, ``factorize_(depth=3, config=structure(model))`` and no callback: what the
@@ -45,10 +48,11 @@ from benchmarks.harness.store import RESULTS, append_rows, read_rows, versions
 from benchmarks.models import Classifier
 from benchmarks.structured_speed import MODELS, fit, new_module, structure
 from examples.data import ImageData, load_dataset
-from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, QuantizeConfig, factorize_
+from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, FactorLRConfig, QuantizeConfig, factorize_
 
 OUT = RESULTS / "fit_cost.jsonl"
-METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb", "factorized", "gated")
+METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb", "factorized", "gated",
+           "dwf-factors")
 #: ``--fused``: the optimizers' fused kernel off, on, or both ways alternated within every round.
 FUSED = ("off", "on", "both")
 
@@ -60,6 +64,9 @@ def callbacks(method: str, model: str, example: torch.Tensor) -> list:
         return []
     if method in ("dwf", "dwf-wandb"):
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse)]
+    if method == "dwf-factors":
+        return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse,
+                            factor_lr=FactorLRConfig(fixed_pattern="factors"))]
     if method == "dwf-qat":
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse, quantize=QuantizeConfig(bits=8))]
     return [DWFCallback(depth=3, regime=BudgetConfig(0.25, example_inputs=example), factorize=structure(model),

@@ -137,11 +137,11 @@ ALLOCATED_CUTS = ("cut-alloc-mp",)
 #: Diagnostic probe (:class:`_NoPenalty`): target mode with λ held at 0, so that its gradual cut alone makes the zeros
 #: (DWF's factors trained as a gradual magnitude pruner): whether the penalty or the factorization costs a cell.
 NO_PENALTY = ("no-penalty",)
-#: Probe (:class:`_CollapsedRecovery`): at target mode's recovery point each factorized tensor is rebalanced to
-#: ``ω1 = w`` and ``ω2 … ωD`` = its 0/1 mask, frozen, with ``ω1``'s optimizer state reset and its multiplier 1 with no
-#: step cap: the survivors are fine-tuned exactly as dense weights under a mask (ModelPruning's fine-tune), not as a
-#: product of factors.
-COLLAPSED_RECOVERY = ("recovery-collapse",)
+#: What the survivors train as once the pattern is fixed (``FactorLRConfig.fixed_pattern``), whatever the optimizer:
+#: ``recovery-collapse`` as dense weights under their mask (``"dense"``; the Adam-type default since 2026-12-07; its
+#: first rows ran as a probe callback that did the same, bit for bit), ``recovery-factors`` as the D factors
+#: (``"factors"``; the SGD-type default, and the Adam-type one before).
+FIXED_PATTERN_RULES = {"recovery-collapse": "dense", "recovery-factors": "factors"}
 #: The recovery-phase rules (SGD-type), as the step cap from target mode's recovery point on (the support fixed,
 #: λ = 0), the run's own cap (``--step-cap``) before it: the library's ``FactorLRConfig(step_cap=<this>,
 #: pattern_step_cap=<the run's>)``. ``recovery-cap-1`` caps every weight at one dense step from there;
@@ -151,7 +151,7 @@ COLLAPSED_RECOVERY = ("recovery-collapse",)
 #: survivors 3.
 RECOVERY_CAPS = {"recovery-cap-1": 1.0, "recovery-dense": 1.0, "recovery-cap-3": 3.0}
 MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(RECOVERY_CAPS) + tuple(CUT_EXPONENTS)
-                    + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS + NO_PENALTY + COLLAPSED_RECOVERY)
+                    + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS + NO_PENALTY + tuple(FIXED_PATTERN_RULES))
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
 PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recovery-dense": (1.0, 1e3)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
@@ -349,43 +349,6 @@ class _NoPenalty(Callback):
         regime.lam = 0.0
 
 
-class _CollapsedRecovery(Callback):
-    """Probe ``recovery-collapse`` (:data:`COLLAPSED_RECOVERY`): once target mode's recovery phase has begun (after
-    the DWF callback's own batch end), each factorized tensor becomes ``ω1 = w``, ``ω_d = mask`` (d ≥ 2, frozen), so
-    that ``ω1`` trains exactly as the dense weight ``w`` would under the mask (a zero stays zero: its gradient is
-    multiplied by the mask). ``ω1``'s optimizer state is reset (it was the factor's), its multiplier is 1 and no step
-    cap applies, for the rest of the run."""
-
-    def __init__(self, dwf: DWFCallback) -> None:
-        self.dwf = dwf
-        self.switched = False
-
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, *args: Any) -> None:
-        run = self.dwf._run
-        if self.switched or run is None or run.penalty is None or not getattr(run.regime, "recovering", False):
-            return
-        self.switched = True
-        optimizers = [getattr(o, "optimizer", o) for o in trainer.optimizers]
-        for tensor in factorized_tensors(pl_module):
-            weights = tensor.product().detach()
-            first, *rest = tensor.factors
-            first.copy_(weights)
-            for factor in rest:
-                factor.copy_((weights != 0).to(factor.dtype))
-                factor.requires_grad_(False)
-                factor.grad = None
-            for opt in optimizers:
-                for factor in tensor.factors:
-                    opt.state.pop(factor, None)
-            for factor in tensor.factors:
-                run.penalty.multipliers[id(factor)] = 1.0
-        run.penalty.step_cap = None
-        run._cap_steps = lambda: None  # the phase's cap is off for good
-        run._apply_multipliers = lambda ctx, force=False: setattr(run.penalty, "lr_multiplier", run.rollback.scale)
-        print(f"recovery-collapse at step {trainer.global_step}", flush=True)
-
-
 @dataclass(frozen=True)
 class _RuleFactorLR(FactorLRConfig):
     """``FactorLRConfig()`` whose planned ``"auto"`` multipliers :func:`_plan_by_rule` reshapes by ``rule``."""
@@ -420,6 +383,7 @@ def defaults_callback(
     quantize: QuantizeConfig | None = None,
     step_cap: float | None | str = "default",
     pattern_step_cap: float | None = None,
+    fixed_pattern: str | None = None,
 ) -> DWFCallback:
     """DWF as a user adds it: ``DWFCallback(depth=D, target_sparsity=T)`` (or ``lam=λ``) and nothing else.
 
@@ -441,12 +405,15 @@ def defaults_callback(
             throughout the run unless ``pattern_step_cap`` is given: every probe row with a ``step_cap`` key ran so.
         pattern_step_cap: With ``step_cap``: ``FactorLRConfig(pattern_step_cap=...)``, the cap while the pattern is
             being made.
+        fixed_pattern: ``FactorLRConfig(fixed_pattern=...)`` in place of the library's ``"auto"``.
 
     Returns:
         The callback.
     """
     extra: dict[str, Any] = dict(factorize=FactorizeConfig(init=init)) if init != "dwf" else {}
     cap: dict[str, Any] = {} if step_cap == "default" else dict(step_cap=step_cap, pattern_step_cap=pattern_step_cap)
+    if fixed_pattern is not None:
+        cap["fixed_pattern"] = fixed_pattern
     if isinstance(multiplier, str) and multiplier != "auto":  # "auto": the library's rule, named
         if multiplier not in PLANNED_RULES:
             raise ValueError(f"defaults_callback plans the rules {PLANNED_RULES}; {multiplier!r} is a callback of "
@@ -527,8 +494,6 @@ def _probe_callback(rule: Any, cfg: dict[str, Any]) -> Callable[[DWFCallback], C
         return lambda dwf: _AllocatedCut(dwf, cfg)
     if rule in NO_PENALTY:
         return _NoPenalty
-    if rule in COLLAPSED_RECOVERY:
-        return _CollapsedRecovery
     return None
 
 
@@ -554,6 +519,9 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=RECOVERY_CAPS[multiplier],
                                     pattern_step_cap=pattern)
             return [dwf, _TrackMultipliers(dwf, multiplier)] if multiplier in PHASE_FACTORS else [dwf]
+        if multiplier in FIXED_PATTERN_RULES:
+            return [defaults_callback(depth, cfg["target"], init, step_cap=cap,
+                                      fixed_pattern=FIXED_PATTERN_RULES[multiplier])]
         probe = _probe_callback(multiplier, cfg)
         if probe is not None:  # the defaults' multipliers, and a callback beside them that reshapes the run
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)

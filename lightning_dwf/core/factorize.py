@@ -62,6 +62,17 @@ class FactorizedTensor:
         return self.product().abs()
 
     @torch.no_grad()
+    def concentrate_(self) -> None:
+        """Put the whole weight into the first factor: ``ω1 = w`` and ``ω2 … ωD`` = its 0/1 support, so the product is
+        ``w`` bit for bit (times 1.0) and a zero weight has zero gradient through the mask. Idempotent (on every rank's
+        own shards alike)."""
+        weights = self.product()
+        first, *rest = self.factors
+        first.copy_(weights)
+        for factor in rest:
+            factor.copy_((weights != 0).to(factor.dtype))
+
+    @torch.no_grad()
     def zero_units_(self, drop: Tensor, states: Sequence[Mapping]) -> int:
         """Zero all D factors of the weights where ``drop`` (bool, the tensor's shape) and reset their optimizer state
         tensors of the factors' shape (:func:`~lightning_dwf.core.unit_state.unit_state`); returns the number of weights

@@ -148,6 +148,11 @@ class FactorPenalty:
         self._hooks: list[Any] = []
         #: the per-weight step cap of SGD-type factors (:meth:`cap_steps`; None: off)
         self.step_cap: StepCap | None = None
+        #: first factors that train as dense weights (:meth:`train_densely`: multiplier ``lr_multiplier`` only), and
+        #: the factors that no longer train (their gradient is dropped before each step), by ``id``
+        self.dense: set[int] = set()
+        self.frozen: set[int] = set()
+        self._unfreeze: list[nn.Parameter] = []  # factors whose requires_grad train_densely turned off (unbind: on)
 
     def bind(self, optimizers: Sequence[Any]) -> None:
         """Find the factors in ``optimizers``' param groups and check how their weight decay works.
@@ -200,16 +205,44 @@ class FactorPenalty:
         sgd = [factors for factors in tensors if factors and self.kind_of(factors[0]) == "gradient"]
         self.step_cap = StepCap(cap, sgd) if cap is not None and sgd else None
 
+    def train_densely(self, tensors: Sequence[Sequence[nn.Parameter]], reset: bool) -> None:
+        """From now on (after :meth:`bind`), each tensor given as its D factors trains as a dense weight held in its
+        first factor (:meth:`~lightning_dwf.core.factorize.FactorizedTensor.concentrate_` put it there): the first
+        factor steps at the optimizer's LR (times the rollbacks' scale), without multiplier or step cap, and the other
+        factors no longer train. ``reset``: the first factors' optimizer state starts afresh (it was a factor's);
+        False on a resume, whose restored state is already the dense weight's.
+
+        The other factors get no gradient in a single process (``requires_grad`` off until :meth:`unbind`, which saves
+        their share of the backward pass); under ``torch.distributed`` they keep it, since DDP and FSDP expect a
+        gradient of every parameter they were built with, and their gradients are dropped before each step."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for first, *rest in tensors:
+            self.dense.add(id(first))
+            self.frozen.update(id(f) for f in rest)
+            if not distributed:
+                for factor in rest:
+                    if factor.requires_grad:
+                        factor.requires_grad_(False)
+                        factor.grad = None
+                        self._unfreeze.append(factor)
+            for factor in (first, *rest):
+                plan = self._plan_of.get(id(factor))
+                if plan is not None and (reset or factor is not first):
+                    plan.optimizer.state.pop(factor, None)
+
     @property
     def bound(self) -> bool:
         """Whether the penalty is bound to optimizers (between :meth:`bind` and :meth:`unbind`)."""
         return bool(self._plans)
 
-    def kind_of(self, factor: nn.Parameter) -> str:
-        """How the penalty reaches ``factor`` (:func:`penalty_kind` of its optimizer); after :meth:`bind`."""
+    def kind_of(self, factor: nn.Parameter, default: str | None = None) -> str:
+        """How the penalty reaches ``factor`` (:func:`penalty_kind` of its optimizer); after :meth:`bind`. A factor in
+        no bound optimizer (frozen) gives ``default``, or raises ``KeyError`` without one."""
         plan = self._plan_of.get(id(factor))
         if plan is None:
-            raise KeyError("this factor is in no bound optimizer")
+            if default is None:
+                raise KeyError("this factor is in no bound optimizer")
+            return default
         return plan.penalty
 
     def decoupled_step(self, factor: nn.Parameter, gradient: bool = False) -> float:
@@ -259,7 +292,10 @@ class FactorPenalty:
         return 0.0 if plan is None else peak_lr(plan.group)
 
     def multiplier_of(self, factor: nn.Parameter) -> float:
-        """The factor's LR multiplier now: ``lr_multiplier × multipliers[factor]``."""
+        """The factor's LR multiplier now: ``lr_multiplier × multipliers[factor]`` (``lr_multiplier`` alone for a first
+        factor that trains as a dense weight: :meth:`train_densely`)."""
+        if id(factor) in self.dense:
+            return self.lr_multiplier
         return self.lr_multiplier * self.multipliers.get(id(factor), 1.0)
 
     def unbind(self) -> None:
@@ -273,6 +309,11 @@ class FactorPenalty:
         self._snapshots.clear()
         self._buffers.clear()
         self.step_cap = None
+        self.dense.clear()
+        self.frozen.clear()
+        for factor in self._unfreeze:
+            factor.requires_grad_(True)
+        self._unfreeze.clear()
 
     def user_weight_decay(self) -> dict[str, float]:
         """``{"optimizer.group": weight_decay}`` for groups whose own nonzero decay on factors is neutralized."""
@@ -291,7 +332,11 @@ class FactorPenalty:
         opt = unwrap_optimizer(optimizer)
         coef = lam_to_weight_decay(self.lam, self.depth)
         for plan in self._plans.get(id(opt), ()):
-            params = [p for p in plan.params if p.requires_grad]
+            frozen = self.frozen
+            params = [p for p in plan.params if p.requires_grad and id(p) not in frozen]
+            for p in plan.params:
+                if id(p) in frozen:
+                    p.grad = None  # the optimizer skips a parameter without a gradient
             if not params:
                 continue
             wd = float(plan.group.get("weight_decay", 0.0) or 0.0)
@@ -336,7 +381,8 @@ class FactorPenalty:
     @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
         capped = self.step_cap
-        saved = [(p, m, self._copy(p)) for p in self._scaled_candidates[id(optimizer)]
+        trained = [p for p in self._scaled_candidates[id(optimizer)] if id(p) not in self.frozen]
+        saved = [(p, m, self._copy(p)) for p in trained
                  if (m := self.multiplier_of(p)) != 1.0 or (capped is not None and p in capped)]
         if saved:
             self._snapshots[id(optimizer)] = saved

@@ -90,6 +90,7 @@ class TrainingRun:
         self._scales: dict[str, float] = {}  # the regime's per-tensor λ factors last put into the penalty
         self._tensors: list[FactorizedTensor | GatedTensor] = []  # the module's sparse tensors (from bind)
         self._cap_phase: bool | None = None  # the phase (pattern fixed) whose step cap is in the penalty
+        self._dense = False  # the unstructured tensors train as dense weights (FactorLRConfig.fixed_pattern="dense")
 
     def bind(self, module: nn.Module, optimizers: Sequence[Any], step: int, total_steps: float) -> dict[str, float]:
         """Fit start: bind the penalty to ``optimizers`` and set the factor LR multipliers (a resume keeps those it
@@ -99,7 +100,7 @@ class TrainingRun:
         self.penalty = FactorPenalty(factor_parameters(module), self.regime.lam, self.depth, self.rollback.scale)
         self.penalty.bind(optimizers)
         self._cap_phase = None
-        self._cap_steps()
+        self._enter_phase(module, optimizers, step)
         self._exempt, self._scales = frozenset(), {}  # the new penalty exempts and scales nothing yet
         if not self.multipliers:
             self.multipliers = plan_multipliers(module, self.factor_lr, self.depth, self.penalty)
@@ -142,21 +143,33 @@ class TrainingRun:
         """Before each batch: the regime's turn, then the factor LR warm-up."""
         ctx = self._at(module, optimizers, step, total_steps)
         self.regime.before_batch(ctx)
-        self._cap_steps()
+        self._enter_phase(module, optimizers, step)
         if self.factor_lr.warmup:
             self._apply_multipliers(ctx)
 
-    def _cap_steps(self) -> None:
-        """Put the step cap of the run's phase into the penalty (``FactorLRConfig.step_cap_for``) when the phase
-        changed: the pattern fixed or not."""
+    def _enter_phase(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> None:
+        """When the phase changed (the pattern fixed or not): once the pattern is fixed, put each unstructured tensor
+        that ``FactorLRConfig.fixed_pattern`` names dense into its first factor and train it as a dense weight
+        (:meth:`~lightning_dwf.FactorPenalty.train_densely`; its optimizer state starts afresh unless a resume restored
+        the dense phase, and a rollback returns to this state at the earliest); then the step cap of the phase
+        (``FactorLRConfig.step_cap_for``) on the tensors that still train as factors."""
         phase = self.regime.pattern_fixed
         if self.penalty is None or phase == self._cap_phase:
             return
+        tensors = [t for t in self._tensors if isinstance(t, FactorizedTensor)]
+        dense = [t for t in tensors if phase and self.factor_lr.trains_densely(self.penalty.kind_of(t.factors[0], ""))]
+        if dense:
+            for tensor in dense:
+                tensor.concentrate_()
+            self.penalty.train_densely([t.factors for t in dense], reset=not self._dense)
+            self.rollback.take(module, optimizers, step)
+            self._dense = True
+            tensors = [t for t in tensors if t not in dense]
         cap, capped = self.factor_lr.step_cap_for(phase), self.penalty.step_cap
-        if capped is not None and cap is not None:
+        if capped is not None and cap is not None and tensors:
             capped.cap = cap  # keeps the cap's buffers
         else:
-            self.penalty.cap_steps([t.factors for t in self._tensors if isinstance(t, FactorizedTensor)], cap)
+            self.penalty.cap_steps([t.factors for t in tensors], cap)
         self._cap_phase = phase
 
     def before_step(self, module: nn.Module, optimizer: Any) -> None:
@@ -235,13 +248,17 @@ class TrainingRun:
         self.warn(dead_layer_message(names, what, detail, self.regime.dead_layer_fix()), DWFDeadLayerWarning)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lam": self.regime.lam, "rollbacks": self.rollback.count, "factor_lr_scale": self.rollback.scale,
-                "factor_lr_multipliers": dict(self.multipliers), **self.regime.state_dict()}
+        state = {"lam": self.regime.lam, "rollbacks": self.rollback.count, "factor_lr_scale": self.rollback.scale,
+                 "factor_lr_multipliers": dict(self.multipliers), **self.regime.state_dict()}
+        if self._dense:
+            state["dense_survivors"] = True
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollback.count = int(state.get("rollbacks", 0))
         self.rollback.scale = float(state.get("factor_lr_scale", 1.0))
         self.multipliers = dict(state.get("factor_lr_multipliers", {}))
+        self._dense = bool(state.get("dense_survivors", False))
         self.regime.load_state_dict(state)
 
     def _at(self, module: nn.Module, optimizers: Sequence[Any], step: int,

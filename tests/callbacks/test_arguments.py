@@ -32,6 +32,7 @@ from lightning_dwf import CollapseConfig, DWFCallback, FactorizeConfig, FactorLR
         (FactorLRConfig, dict(check="loud"), ValueError, "`check` must be one of"),
         (FactorLRConfig, dict(step_cap=0), ValueError, "`step_cap` must be > 0"),
         (FactorLRConfig, dict(pattern_step_cap=0), ValueError, "`pattern_step_cap` must be > 0"),
+        (FactorLRConfig, dict(fixed_pattern="frozen"), ValueError, "`fixed_pattern` must be one of"),
         (FactorLRConfig, dict(step_cap=float("inf")), ValueError, "`step_cap` must be a finite float"),
         (
             DWFCallback,

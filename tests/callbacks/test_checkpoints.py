@@ -5,6 +5,7 @@ float32-exact ones) so that a change of behaviour, not only a crash, fails."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -27,13 +28,17 @@ from lightning_dwf import (
 from .helpers import LINEAR_WEIGHTS, OptToy, zero_fraction
 
 
-@pytest.mark.parametrize(("opt", "recovery", "stop"), [("sgd", 0.0, 2), ("sgd", 0.5, 1), ("sgd", 0.5, 3),
-                                                       ("adamw", 0.0, 2)])
-def test_resume_is_exact(tmp_path, opt, recovery, stop):
+@pytest.mark.parametrize(("opt", "recovery", "stop", "fixed_pattern"), [
+    ("sgd", 0.0, 2, "factors"), ("sgd", 0.5, 1, "factors"), ("sgd", 0.5, 3, "factors"), ("adamw", 0.0, 2, "factors"),
+    ("sgd", 0.5, 1, "dense"), ("sgd", 0.5, 3, "dense"), ("adamw", 0.5, 3, "dense"),
+])
+def test_resume_is_exact(tmp_path, opt, recovery, stop, fixed_pattern):
     """A run interrupted after ``stop`` epochs and resumed from its checkpoint ends with the same collapsed model: λ
     fixed, or ramped and released at step 16 of 32 (interrupted before and after the release). AdamW: the decoupled
     shrink and the proximal step use the scheduled LR the resume restored (the penalty looks its param group up at
-    every step; ``optimizer.load_state_dict`` replaces the group dicts after the penalty was bound)."""
+    every step; ``optimizer.load_state_dict`` replaces the group dicts after the penalty was bound).
+    ``fixed_pattern="dense"``: a resume inside the dense phase keeps the dense weights' optimizer state (no second
+    reset), one before it enters the phase as the uninterrupted run did."""
 
     class StopAfter(Callback):  # an interruption: the run plans 4 epochs but stops after `stop`
         def on_train_epoch_end(self, trainer, pl_module):
@@ -44,7 +49,8 @@ def test_resume_is_exact(tmp_path, opt, recovery, stop):
         model = ToyModel(lr=0.3, momentum=0.9, scheduler=True, t_max=32) if opt == "sgd" else OptToy(opt, lr=1e-2)
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1, save_top_k=-1)
         lam = 0.02 if opt == "sgd" else 0.3
-        dwf = DWFCallback(depth=3, regime=FixedLamConfig(lam, recovery=recovery), factor_lr=PLAIN_FACTOR_LR)
+        factor_lr = dataclasses.replace(PLAIN_FACTOR_LR, fixed_pattern=fixed_pattern)
+        dwf = DWFCallback(depth=3, regime=FixedLamConfig(lam, recovery=recovery), factor_lr=factor_lr)
         callbacks = [dwf, ckpt] + ([StopAfter()] if interrupt else [])
         trainer = Trainer(**trainer_kwargs(tmp_path / root, max_epochs=4, callbacks=callbacks))
         trainer.fit(model, ckpt_path=ckpt_path)

@@ -178,3 +178,74 @@ def test_pattern_step_cap_holds_until_the_pattern_is_fixed(tmp_path, knob, patte
     assert not phases[0] and phases[-1] and phases == sorted(phases)  # made, then fixed for the rest of the run
     made = {"default": 1.0, 2.0: 2.0, None: 3.0}[pattern_cap]
     assert [cap for _, cap in caps.seen] == [3.0 if fixed else made for fixed in phases]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("fixed_pattern", ["auto", "dense", "factors"])
+def test_fixed_pattern_dense_fine_tunes_the_survivors_as_dense_weights(tmp_path, opt, fixed_pattern):
+    """``FactorLRConfig(fixed_pattern="dense")``: from the recovery point each tensor is ``ω1 = w`` (unchanged, bit
+    for bit) and its 0/1 mask in the other factors, which no longer move; the first step after it is a fresh dense
+    optimizer's step on ``ω1`` at the group's LR (no multiplier, no step cap, no factor momentum); the zeros stay
+    exact. ``"factors"`` keeps training every factor; ``"auto"`` (the default) is ``"dense"`` under AdamW and
+    ``"factors"`` under SGD."""
+    seen: dict[str, object] = {}
+
+    class Watch(Callback):  # after DWF's hooks
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            tensor = factorized_tensors(pl_module)[0]
+            if dwf.regime.pattern_fixed and "switch" not in seen:
+                seen["switch"] = trainer.global_step
+                seen["factors"] = [f.detach().clone() for f in tensor.factors]
+                seen["product_before"] = seen["product"]  # after the previous step and the cut
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if seen.get("switch") == trainer.global_step:
+                first = factorized_tensors(pl_module)[0].factors[0]
+                reference = first.detach().clone().requires_grad_()
+                reference.grad = first.grad.clone()
+                group = optimizer.param_groups[0]
+                make = torch.optim.SGD if opt == "sgd" else torch.optim.AdamW
+                # AdamW: DWF has undone the group's decoupled decay in advance (ω1 / (1 − lr·wd)), the step redoes it
+                kwargs = dict(momentum=0.9) if opt == "sgd" else dict(weight_decay=group["weight_decay"])
+                make([reference], lr=group["lr"], **kwargs).step()
+                seen["expected"] = reference.detach()
+                seen["trained"] = [f.requires_grad for f in factorized_tensors(pl_module)[0].factors]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            tensor = factorized_tensors(pl_module)[0]
+            if seen.get("switch") == trainer.global_step - 1:
+                seen["after"] = tensor.factors[0].detach().clone()
+            seen["product"] = tensor.product().detach().clone()
+
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, collapse=CollapseConfig(save=False),
+                      factor_lr=FactorLRConfig(fixed_pattern=fixed_pattern))
+    model = ToyModel(lr=0.1, momentum=0.9, scheduler=True, n=512) if opt == "sgd" else OptToy(opt, lr=1e-2, n=512)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=8, callbacks=[dwf, Watch()], enable_checkpointing=False)).fit(model)
+    first, *rest = seen["factors"]
+    product = seen["product_before"]
+    final = model.net[0].weight.detach()  # collapsed at fit end
+    weights = torch.cat([model.net[0].weight.detach().flatten(), model.net[2].weight.detach().flatten()])
+    assert (weights != 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    if fixed_pattern == "factors" or (fixed_pattern == "auto" and opt == "sgd"):
+        assert not torch.equal(rest[0], (product != 0).to(rest[0].dtype))
+        return
+    assert torch.equal(first, product)
+    assert all(torch.equal(f, (product != 0).to(f.dtype)) for f in rest)
+    torch.testing.assert_close(seen["after"], seen["expected"])
+    assert seen["trained"] == [True, False, False]  # one process: the mask factors get no gradient
+    assert torch.equal(final == 0, product == 0)  # the survivors of the recovery point, no more and no fewer
+    assert torch.equal(seen["product"] == 0, product == 0)  # and up to the last step
+
+
+def test_fixed_pattern_dense_gives_the_factors_back_trainable(tmp_path):
+    """A fit that keeps its factors (no collapse) ends with every factor trainable again, the mask factors still 0/1 and
+    the model's weights those the dense phase trained (``requires_grad`` is off only while the callback drives it)."""
+    collapse = CollapseConfig(on_fit_end=False, save=False)
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, collapse=collapse)
+    model = OptToy("adamw", lr=1e-2, n=512)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[dwf], enable_checkpointing=False)).fit(model)
+    for tensor in factorized_tensors(model):
+        first, *rest = tensor.factors
+        assert all(f.requires_grad for f in tensor.factors)
+        assert all(torch.equal(f, (first != 0).to(f.dtype)) for f in rest)
+        assert torch.equal(tensor.product(), first)

@@ -126,8 +126,9 @@ def test_explicit_control_threshold_is_used(tmp_path):
         DWFCallback(target_sparsity=0.9, schedule=ScheduleConfig(control_threshold=0.0))
 
 
+@pytest.mark.parametrize("fixed_pattern", ["factors", "dense"])
 @pytest.mark.parametrize("stop_epoch", [2, 7], ids=["during-ramp", "during-recovery"])
-def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
+def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch, fixed_pattern):
     class StopAfter(Callback):  # an interruption: the run plans 10 epochs but stops after `stop_epoch` + 1
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.should_stop = trainer.current_epoch == stop_epoch
@@ -146,7 +147,7 @@ def test_resume_restores_the_controller_exactly(tmp_path, stop_epoch):
             target_sparsity=0.95,
             verbose=False,
             schedule=ScheduleConfig(recovery=0.4),
-            factor_lr=FactorLRConfig(multiplier=2.0, warmup=0.2),
+            factor_lr=FactorLRConfig(multiplier=2.0, warmup=0.2, fixed_pattern=fixed_pattern),
         )
         ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
         trace = LamTrace(dwf)
