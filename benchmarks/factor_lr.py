@@ -38,8 +38,9 @@ library's SGD default since 2026-12-06 (``FactorLRConfig(pattern_step_cap=1)``).
 that cap throughout (``pattern_step_cap=None``); the ``--peers`` DWF rows made before the change are in
 ``factor_lr_superseded.jsonl``.
 ``recovery-collapse`` / ``recovery-factors`` set what the survivors train as once the pattern is fixed
-(``FactorLRConfig(fixed_pattern="dense")`` / ``"factors"``) under either optimizer: the dense fine-tune, the Adam-type
-default since 2026-12-07, tried under SGD, and the factors, the Adam-type default before it.
+(``FactorLRConfig(fixed_pattern="dense")`` / ``"factors"``, the default) under either optimizer. The AdamW rows of
+``recovery-collapse`` on the main matrix cells (seed 0) ran as the first pass of a matrix re-run with the dense
+fine-tune as the Adam-type default (stopped after 11 cells, when it lost up to 0.96 points) and were moved here.
 ``--peers`` also runs the cell's dense, default-DWF and ModelPruning configs (the matrix's own keys), for the cells
 the matrix does not run: the crossing datasets of :data:`~benchmarks.matrix.SUBSETS` (``fashion-mnist-4k``,
 ``mnist-subset-2k``: Fashion-MNIST at the MNIST subset's size, MNIST at the small-data axis's), which tell apart

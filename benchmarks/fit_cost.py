@@ -11,9 +11,9 @@ order and epochs) of
 * ``dwf-structured``: ``DWFCallback(depth=3, regime=BudgetConfig(0.25), factorize=structure(model))`` (the structured
   speed benchmark's layers by outputs, the ViT's attention by heads);
 * ``dwf-qat``: the defaults with the quantization-aware finish (``quantize=QuantizeConfig(bits=8)``);
-* ``dwf-factors``: the defaults with ``FactorLRConfig(fixed_pattern="factors")``: the survivors go on training as
-  factors once the pattern is fixed (the Adam-type default before 2026-12-07; under SGD the same as ``dwf``), so the
-  dense fine-tune's cost is timed beside it (not a column of the table: the rows keep its seconds);
+* ``dwf-dense``: the defaults with ``FactorLRConfig(fixed_pattern="dense")``: the survivors fine-tune as dense
+  weights once the pattern is fixed (one tensor trained instead of D), timed beside the defaults (not a column of the
+  table: the rows keep its seconds);
 * ``factorized``: the model factorized by ``factorize_(depth=3)`` and no callback: what the D-fold parameters cost
   alone (the product and its backward, the optimizer over D factors), with no penalty, cut, factor LR or metrics;
 * ``gated``: the same for structured DWF, ``factorize_(depth=3, config=structure(model))`` and no callback: what the
@@ -52,7 +52,7 @@ from lightning_dwf import BudgetConfig, CollapseConfig, DWFCallback, FactorLRCon
 
 OUT = RESULTS / "fit_cost.jsonl"
 METHODS = ("dense", "dwf", "dwf-structured", "dwf-qat", "dense-wandb", "dwf-wandb", "factorized", "gated",
-           "dwf-factors")
+           "dwf-dense")
 #: ``--fused``: the optimizers' fused kernel off, on, or both ways alternated within every round.
 FUSED = ("off", "on", "both")
 
@@ -64,9 +64,9 @@ def callbacks(method: str, model: str, example: torch.Tensor) -> list:
         return []
     if method in ("dwf", "dwf-wandb"):
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse)]
-    if method == "dwf-factors":
+    if method == "dwf-dense":
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse,
-                            factor_lr=FactorLRConfig(fixed_pattern="factors"))]
+                            factor_lr=FactorLRConfig(fixed_pattern="dense"))]
     if method == "dwf-qat":
         return [DWFCallback(depth=3, target_sparsity=0.9, collapse=collapse, quantize=QuantizeConfig(bits=8))]
     return [DWFCallback(depth=3, regime=BudgetConfig(0.25, example_inputs=example), factorize=structure(model),

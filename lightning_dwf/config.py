@@ -297,15 +297,15 @@ class FactorLRConfig:
             default before 2026-12-06); ``step_cap=None, pattern_step_cap=None``: no cap at all.
         fixed_pattern: how the surviving weights of unstructured tensors train once the sparsity pattern is fixed
             (target mode's recovery phase, a ramped fixed λ after its release, the quantization-aware finish).
-            ``"auto"`` (default): ``"dense"`` for tensors under Adam-type optimizers, ``"factors"`` under SGD-type
-            ones (docs/findings/why.md: the dense fine-tune closed the AdamW small-data cells and traded tenths both
-            ways under SGD). ``"factors"``: the D factors go on training, with their multipliers and ``step_cap``.
+            ``"factors"`` (default): the D factors go on training, with their multipliers and ``step_cap``.
             ``"dense"``: each tensor's weight is put into its first factor (``ω1 = w``, ``ω2 … ωD`` its 0/1 mask, which
             no longer train; ``w`` is unchanged, bit for bit) and ``ω1``'s optimizer state starts afresh, so the
             survivors fine-tune exactly as dense weights under their mask at the optimizer's LR, as a pruner's
             fine-tune does; no multiplier, warm-up or step cap applies to them from then on, and the optimizer steps
             one tensor instead of D. The factor-balance metrics then report the concentration as imbalance. Gated
-            (structured) tensors keep training their factors.
+            (structured) tensors keep training their factors. Measured (docs/findings/why.md): it closed the AdamW
+            small-data cells and the 3-epoch BN CNN cell under SGD, and cost 0.3–1 point on full-data runs under
+            both optimizers, so it is not the default.
     """
 
     multiplier: float | Literal["auto"] = "auto"
@@ -314,7 +314,7 @@ class FactorLRConfig:
     rollbacks: int = 3
     step_cap: float | None = DEFAULT_STEP_CAP
     pattern_step_cap: float | None = DEFAULT_PATTERN_STEP_CAP
-    fixed_pattern: Literal["auto", "factors", "dense"] = "auto"
+    fixed_pattern: Literal["factors", "dense"] = "factors"
 
     def __post_init__(self) -> None:
         if self.multiplier != "auto":
@@ -326,7 +326,7 @@ class FactorLRConfig:
             "the fraction of the run over which the factor LR multiplier ramps up from 1 (e.g. 0.1)",
         ))
         check_choice("check", self.check, ("warn", "error", "off"))
-        check_choice("fixed_pattern", self.fixed_pattern, ("auto", "factors", "dense"))
+        check_choice("fixed_pattern", self.fixed_pattern, ("factors", "dense"))
         if isinstance(self.rollbacks, bool) or not isinstance(self.rollbacks, int) or self.rollbacks < 0:
             raise ValueError(f"`rollbacks` must be an int >= 0 (0: stop at the first non-finite step), got "
                              f"{self.rollbacks!r}. E.g. FactorLRConfig(rollbacks=3), the default.")
@@ -342,11 +342,6 @@ class FactorLRConfig:
                 f" E.g. FactorLRConfig(pattern_step_cap={DEFAULT_PATTERN_STEP_CAP:g}) (the default: one dense step "
                 "until the pattern is fixed), or None for step_cap throughout."
             ))
-
-    def trains_densely(self, penalty: str) -> bool:
-        """Whether a tensor whose optimizer takes the penalty as ``penalty`` (``"gradient"``: SGD-type,
-        ``"decoupled"``: Adam-type) trains as a dense weight once the pattern is fixed (:attr:`fixed_pattern`)."""
-        return self.fixed_pattern == "dense" or (self.fixed_pattern == "auto" and penalty == "decoupled")
 
     def step_cap_for(self, pattern_fixed: bool) -> float | None:
         """The step cap of the run's phase: :attr:`pattern_step_cap` while the pattern is being made (unless ``None``),

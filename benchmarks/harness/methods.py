@@ -138,9 +138,8 @@ ALLOCATED_CUTS = ("cut-alloc-mp",)
 #: (DWF's factors trained as a gradual magnitude pruner): whether the penalty or the factorization costs a cell.
 NO_PENALTY = ("no-penalty",)
 #: What the survivors train as once the pattern is fixed (``FactorLRConfig.fixed_pattern``), whatever the optimizer:
-#: ``recovery-collapse`` as dense weights under their mask (``"dense"``; the Adam-type default since 2026-12-07; its
-#: first rows ran as a probe callback that did the same, bit for bit), ``recovery-factors`` as the D factors
-#: (``"factors"``; the SGD-type default, and the Adam-type one before).
+#: ``recovery-collapse`` as dense weights under their mask (``"dense"``; its first rows ran as a probe callback that did
+#: the same, bit for bit), ``recovery-factors`` as the D factors (``"factors"``, the library's default).
 FIXED_PATTERN_RULES = {"recovery-collapse": "dense", "recovery-factors": "factors"}
 #: The recovery-phase rules (SGD-type), as the step cap from target mode's recovery point on (the support fixed,
 #: λ = 0), the run's own cap (``--step-cap``) before it: the library's ``FactorLRConfig(step_cap=<this>,

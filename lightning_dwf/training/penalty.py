@@ -235,14 +235,11 @@ class FactorPenalty:
         """Whether the penalty is bound to optimizers (between :meth:`bind` and :meth:`unbind`)."""
         return bool(self._plans)
 
-    def kind_of(self, factor: nn.Parameter, default: str | None = None) -> str:
-        """How the penalty reaches ``factor`` (:func:`penalty_kind` of its optimizer); after :meth:`bind`. A factor in
-        no bound optimizer (frozen) gives ``default``, or raises ``KeyError`` without one."""
+    def kind_of(self, factor: nn.Parameter) -> str:
+        """How the penalty reaches ``factor`` (:func:`penalty_kind` of its optimizer); after :meth:`bind`."""
         plan = self._plan_of.get(id(factor))
         if plan is None:
-            if default is None:
-                raise KeyError("this factor is in no bound optimizer")
-            return default
+            raise KeyError("this factor is in no bound optimizer")
         return plan.penalty
 
     def decoupled_step(self, factor: nn.Parameter, gradient: bool = False) -> float:

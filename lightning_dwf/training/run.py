@@ -148,8 +148,9 @@ class TrainingRun:
             self._apply_multipliers(ctx)
 
     def _enter_phase(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> None:
-        """When the phase changed (the pattern fixed or not): once the pattern is fixed, put each unstructured tensor
-        that ``FactorLRConfig.fixed_pattern`` names dense into its first factor and train it as a dense weight
+        """When the phase changed (the pattern fixed or not): once the pattern is fixed and with
+        ``FactorLRConfig(fixed_pattern="dense")``, put each unstructured tensor into its first factor and train it as a
+        dense weight
         (:meth:`~lightning_dwf.FactorPenalty.train_densely`; its optimizer state starts afresh unless a resume restored
         the dense phase, and a rollback returns to this state at the earliest); then the step cap of the phase
         (``FactorLRConfig.step_cap_for``) on the tensors that still train as factors."""
@@ -157,14 +158,14 @@ class TrainingRun:
         if self.penalty is None or phase == self._cap_phase:
             return
         tensors = [t for t in self._tensors if isinstance(t, FactorizedTensor)]
-        dense = [t for t in tensors if phase and self.factor_lr.trains_densely(self.penalty.kind_of(t.factors[0], ""))]
+        dense = tensors if phase and self.factor_lr.fixed_pattern == "dense" else []
         if dense:
             for tensor in dense:
                 tensor.concentrate_()
             self.penalty.train_densely([t.factors for t in dense], reset=not self._dense)
             self.rollback.take(module, optimizers, step)
             self._dense = True
-            tensors = [t for t in tensors if t not in dense]
+            tensors = []
         cap, capped = self.factor_lr.step_cap_for(phase), self.penalty.step_cap
         if capped is not None and cap is not None and tensors:
             capped.cap = cap  # keeps the cap's buffers

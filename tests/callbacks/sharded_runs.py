@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import traceback
+from dataclasses import replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if __name__ == "__main__":  # run by torchrun: conftest (tests/) and this checkout's lightning_dwf come first
@@ -141,6 +142,9 @@ def dwf_for(mode: str) -> DWFCallback:
                            factor_lr=FactorLRConfig(check="off", warmup=0.0), collapse=CollapseConfig(export=True))
     if mode == "lam":  # Adam: the decoupled penalty and the proximal step after each optimizer step
         return DWFCallback(depth=3, lam=0.5, factor_lr=PLAIN_FACTOR_LR, collapse=CollapseConfig(export=True))
+    if mode == "dense":  # the same, the survivors fine-tuned as dense weights after the release (gradients dropped)
+        return DWFCallback(depth=3, lam=0.5, factor_lr=replace(PLAIN_FACTOR_LR, fixed_pattern="dense"),
+                           collapse=CollapseConfig(export=True))
     return DWFCallback(depth=3, target_sparsity=0.9, schedule=ScheduleConfig(recovery=0.4),
                        factor_lr=FactorLRConfig(check="off"), collapse=CollapseConfig(export=True))
 
@@ -155,8 +159,8 @@ def strategy_for(kind: str):
 def fit(out: str, name: str, kind: str, mode: str, model=None, callbacks=(), ckpt_path=None) -> dict:
     """One fit; returns the rank's results."""
     seed_everything(0)
-    model = model if model is not None else ShardedToy("adam" if mode == "lam" else "sgd",
-                                                       lr=1e-2 if mode == "lam" else 0.1, n=512)
+    adam = mode in ("lam", "dense")
+    model = model if model is not None else ShardedToy("adam" if adam else "sgd", lr=1e-2 if adam else 0.1, n=512)
     dwf, curve = dwf_for(mode), Curve()
     root = os.path.join(out, name)
     trainer = Trainer(**trainer_kwargs(root, strategy=strategy_for(kind), devices=2, max_epochs=EPOCHS,
@@ -200,6 +204,8 @@ def refused(out: str, name: str, order: str) -> dict:
 SCENARIOS = {
     "ddp-lam": lambda out: fit(out, "ddp-lam", "ddp", "lam"),
     "fsdp-lam": lambda out: fit(out, "fsdp-lam", "fsdp", "lam"),
+    "ddp-dense": lambda out: fit(out, "ddp-dense", "ddp", "dense"),
+    "fsdp-dense": lambda out: fit(out, "fsdp-dense", "fsdp", "dense"),
     "ddp-target": lambda out: fit(out, "ddp-target", "ddp", "target"),
     "fsdp-target": lambda out: fit(out, "fsdp-target", "fsdp", "target"),
     "fsdp-resume-sharded": lambda out: killed_and_resumed(out, "fsdp-resume-sharded", "fsdp"),

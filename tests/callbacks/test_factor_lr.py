@@ -181,13 +181,12 @@ def test_pattern_step_cap_holds_until_the_pattern_is_fixed(tmp_path, knob, patte
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
-@pytest.mark.parametrize("fixed_pattern", ["auto", "dense", "factors"])
+@pytest.mark.parametrize("fixed_pattern", ["dense", "factors"])
 def test_fixed_pattern_dense_fine_tunes_the_survivors_as_dense_weights(tmp_path, opt, fixed_pattern):
     """``FactorLRConfig(fixed_pattern="dense")``: from the recovery point each tensor is ``ω1 = w`` (unchanged, bit
     for bit) and its 0/1 mask in the other factors, which no longer move; the first step after it is a fresh dense
     optimizer's step on ``ω1`` at the group's LR (no multiplier, no step cap, no factor momentum); the zeros stay
-    exact. ``"factors"`` keeps training every factor; ``"auto"`` (the default) is ``"dense"`` under AdamW and
-    ``"factors"`` under SGD."""
+    exact. ``"factors"`` (the default) keeps training every factor."""
     seen: dict[str, object] = {}
 
     class Watch(Callback):  # after DWF's hooks
@@ -226,7 +225,7 @@ def test_fixed_pattern_dense_fine_tunes_the_survivors_as_dense_weights(tmp_path,
     final = model.net[0].weight.detach()  # collapsed at fit end
     weights = torch.cat([model.net[0].weight.detach().flatten(), model.net[2].weight.detach().flatten()])
     assert (weights != 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
-    if fixed_pattern == "factors" or (fixed_pattern == "auto" and opt == "sgd"):
+    if fixed_pattern == "factors":
         assert not torch.equal(rest[0], (product != 0).to(rest[0].dtype))
         return
     assert torch.equal(first, product)
@@ -240,8 +239,8 @@ def test_fixed_pattern_dense_fine_tunes_the_survivors_as_dense_weights(tmp_path,
 def test_fixed_pattern_dense_gives_the_factors_back_trainable(tmp_path):
     """A fit that keeps its factors (no collapse) ends with every factor trainable again, the mask factors still 0/1 and
     the model's weights those the dense phase trained (``requires_grad`` is off only while the callback drives it)."""
-    collapse = CollapseConfig(on_fit_end=False, save=False)
-    dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, collapse=collapse)
+    dwf = DWFCallback(depth=3, target_sparsity=0.9, verbose=False, factor_lr=FactorLRConfig(fixed_pattern="dense"),
+                      collapse=CollapseConfig(on_fit_end=False, save=False))
     model = OptToy("adamw", lr=1e-2, n=512)
     Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[dwf], enable_checkpointing=False)).fit(model)
     for tensor in factorized_tensors(model):

@@ -22,9 +22,9 @@ from .sharded_runs import LateToy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = [
-    "ddp-lam", "fsdp-lam", "ddp-target", "fsdp-target", "fsdp-resume-sharded", "fsdp-resume-full", "ddp-rollback",
-    "fsdp-rollback", "fsdp-rollback-no-warmup", "fsdp-resume-after-rollback", "ddp-quantize", "fsdp-quantize",
-    "fsdp-late", "refuse-shard-first", "refuse-not-factorized",
+    "ddp-lam", "fsdp-lam", "ddp-dense", "fsdp-dense", "ddp-target", "fsdp-target", "fsdp-resume-sharded",
+    "fsdp-resume-full", "ddp-rollback", "fsdp-rollback", "fsdp-rollback-no-warmup", "fsdp-resume-after-rollback",
+    "ddp-quantize", "fsdp-quantize", "fsdp-late", "refuse-shard-first", "refuse-not-factorized",
 ]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -62,16 +62,19 @@ def assert_same_fit(ddp: dict, fsdp: dict) -> None:
     torch.testing.assert_close(torch.tensor(fsdp["outputs"]), torch.tensor(ddp["outputs"]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["lam", "target", "rollback", "quantize"])
+@pytest.mark.parametrize("mode", ["lam", "dense", "target", "rollback", "quantize"])
 def test_fsdp2_matches_ddp(runs, mode):
-    """Fixed λ (Adam: decoupled penalty and the proximal step on shards), target sparsity (SGD: controller and the
-    gradual global cut), a forced divergence rolled back, and the 4-bit quantization-aware finish: FSDP2 ends where
-    DDP ends."""
+    """Fixed λ (Adam: decoupled penalty and the proximal step on shards), the same with the survivors fine-tuned as
+    dense weights after the release (``fixed_pattern="dense"``: the weight put into the first factor on each rank's
+    shards, the other factors' gradients dropped), target sparsity (SGD: controller and the gradual global cut), a
+    forced divergence rolled back, and the 4-bit quantization-aware finish: FSDP2 ends where DDP ends."""
     rank0, _ = runs
     ddp, fsdp = rank0[f"ddp-{mode}"], rank0[f"fsdp-{mode}"]
     assert fsdp["sharded"] and fsdp["still_factorized"] and not ddp["sharded"]
     assert_same_fit(ddp, fsdp)
-    if mode != "lam":  # the target is met exactly (the 4-bit grid may round a few more weights to zero)
+    if mode == "dense":  # the fine-tune changed the fit: not the factors' end state
+        assert fsdp["outputs"] != rank0["fsdp-lam"]["outputs"]
+    if mode not in ("lam", "dense"):  # the target is met exactly (the 4-bit grid may round a few more weights to zero)
         target_nonzero = fsdp["numel"] - round(0.9 * fsdp["numel"])
         if mode == "quantize":
             assert fsdp["nonzero"] <= target_nonzero
