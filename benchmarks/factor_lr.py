@@ -41,6 +41,7 @@ that cap throughout (``pattern_step_cap=None``); the ``--peers`` DWF rows made b
 (``FactorLRConfig(fixed_pattern="dense")`` / ``"factors"``, the default) under either optimizer. The AdamW rows of
 ``recovery-collapse`` on the main matrix cells (seed 0) ran as the first pass of a matrix re-run with the dense
 fine-tune as the Adam-type default (stopped after 11 cells, when it lost up to 0.96 points) and were moved here.
+``recovery-collapse-x3`` gives the dense fine-tune 3 times the optimizer's step (a probe of why it lost there).
 ``--peers`` also runs the cell's dense, default-DWF and ModelPruning configs (the matrix's own keys), for the cells
 the matrix does not run: the crossing datasets of :data:`~benchmarks.matrix.SUBSETS` (``fashion-mnist-4k``,
 ``mnist-subset-2k``: Fashion-MNIST at the MNIST subset's size, MNIST at the small-data axis's), which tell apart

@@ -141,6 +141,10 @@ NO_PENALTY = ("no-penalty",)
 #: ``recovery-collapse`` as dense weights under their mask (``"dense"``; its first rows ran as a probe callback that did
 #: the same, bit for bit), ``recovery-factors`` as the D factors (``"factors"``, the library's default).
 FIXED_PATTERN_RULES = {"recovery-collapse": "dense", "recovery-factors": "factors"}
+#: Probe (:class:`_DenseStepScale`): ``recovery-collapse`` with the dense fine-tune's step times this factor (every
+#: survivor moves k times as far as a dense weight at the optimizer's LR): whether the factors' speed on large
+#: survivors is what the full-data AdamW cells lose with the plain dense step.
+DENSE_STEP_SCALES = {"recovery-collapse-x3": 3.0}
 #: The recovery-phase rules (SGD-type), as the step cap from target mode's recovery point on (the support fixed,
 #: λ = 0), the run's own cap (``--step-cap``) before it: the library's ``FactorLRConfig(step_cap=<this>,
 #: pattern_step_cap=<the run's>)``. ``recovery-cap-1`` caps every weight at one dense step from there;
@@ -150,7 +154,8 @@ FIXED_PATTERN_RULES = {"recovery-collapse": "dense", "recovery-factors": "factor
 #: survivors 3.
 RECOVERY_CAPS = {"recovery-cap-1": 1.0, "recovery-dense": 1.0, "recovery-cap-3": 3.0}
 MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(RECOVERY_CAPS) + tuple(CUT_EXPONENTS)
-                    + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS + NO_PENALTY + tuple(FIXED_PATTERN_RULES))
+                    + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS + NO_PENALTY + tuple(FIXED_PATTERN_RULES)
+                    + tuple(DENSE_STEP_SCALES))
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
 PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recovery-dense": (1.0, 1e3)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
@@ -348,6 +353,20 @@ class _NoPenalty(Callback):
         regime.lam = 0.0
 
 
+class _DenseStepScale(Callback):
+    """Probe of :data:`DENSE_STEP_SCALES`: once the pattern is fixed (the survivors train as dense weights), their step
+    is ``scale`` times the optimizer's (the penalty's common multiplier, which the dense first factors keep; set before
+    every batch after the DWF callback's own hook, which resets it to the rollbacks' scale)."""
+
+    def __init__(self, dwf: DWFCallback, scale: float) -> None:
+        self.dwf, self.scale = dwf, scale
+
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        run = self.dwf._run
+        if run is not None and run.penalty is not None and run.regime.pattern_fixed:
+            run.penalty.lr_multiplier = run.rollback.scale * self.scale
+
+
 @dataclass(frozen=True)
 class _RuleFactorLR(FactorLRConfig):
     """``FactorLRConfig()`` whose planned ``"auto"`` multipliers :func:`_plan_by_rule` reshapes by ``rule``."""
@@ -518,6 +537,9 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=RECOVERY_CAPS[multiplier],
                                     pattern_step_cap=pattern)
             return [dwf, _TrackMultipliers(dwf, multiplier)] if multiplier in PHASE_FACTORS else [dwf]
+        if multiplier in DENSE_STEP_SCALES:
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap, fixed_pattern="dense")
+            return [dwf, _DenseStepScale(dwf, DENSE_STEP_SCALES[multiplier])]
         if multiplier in FIXED_PATTERN_RULES:
             return [defaults_callback(depth, cfg["target"], init, step_cap=cap,
                                       fixed_pattern=FIXED_PATTERN_RULES[multiplier])]
