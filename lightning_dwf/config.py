@@ -303,9 +303,9 @@ class FactorLRConfig:
             survivors fine-tune exactly as dense weights under their mask at the optimizer's LR, as a pruner's
             fine-tune does; no multiplier, warm-up or step cap applies to them from then on, and the optimizer steps
             one tensor instead of D. The factor-balance metrics then report the concentration as imbalance. Gated
-            (structured) tensors keep training their factors. Measured (docs/findings/why.md): it closed the AdamW
-            small-data cells and the 3-epoch BN CNN cell under SGD, and cost 0.3–1 point on full-data runs under
-            both optimizers, so it is not the default.
+            (structured) tensors keep training their factors. Measured (docs/findings/why.md): it gained 0.2–0.4
+            points on the AdamW small-data cells and the 3-epoch BN CNN cell under SGD, and lost up to 0.8 on
+            full-data AdamW runs and tenths both ways under SGD, so it is not the default.
     """
 
     multiplier: float | Literal["auto"] = "auto"
