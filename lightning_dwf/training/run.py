@@ -150,10 +150,9 @@ class TrainingRun:
     def _enter_phase(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> None:
         """When the phase changed (the pattern fixed or not): once the pattern is fixed and with
         ``FactorLRConfig(fixed_pattern="dense")``, put each unstructured tensor into its first factor and train it as a
-        dense weight
-        (:meth:`~lightning_dwf.FactorPenalty.train_densely`; its optimizer state starts afresh unless a resume restored
-        the dense phase, and a rollback returns to this state at the earliest); then the step cap of the phase
-        (``FactorLRConfig.step_cap_for``) on the tensors that still train as factors."""
+        dense weight (:meth:`~lightning_dwf.FactorPenalty.train_densely`; its optimizer state starts afresh unless a
+        resume restored the dense phase, and a rollback returns to this state at the earliest); then the step cap of
+        the phase (``FactorLRConfig.step_cap_for``) on the tensors that still train as factors."""
         phase = self.regime.pattern_fixed
         if self.penalty is None or phase == self._cap_phase:
             return
