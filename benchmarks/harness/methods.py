@@ -145,6 +145,10 @@ FIXED_PATTERN_RULES = {"recovery-collapse": "dense", "recovery-factors": "factor
 #: survivor moves k times as far as a dense weight at the optimizer's LR): whether the factors' speed on large
 #: survivors is what the full-data AdamW cells lose with the plain dense step.
 DENSE_STEP_SCALES = {"recovery-collapse-x3": 3.0}
+#: Probe (:class:`_CarriedState`): ``recovery-collapse`` whose first factors keep their Adam-type moments, rescaled to
+#: the dense weight's gradient (``g_w = g_ω1 · ω1/w``: the first moment times ``ω1/w``, the second times its square)
+#: instead of starting afresh: whether the fresh state is what the full-data AdamW cells lose with the dense step.
+CARRIED_STATE = ("recovery-collapse-state",)
 #: The recovery-phase rules (SGD-type), as the step cap from target mode's recovery point on (the support fixed,
 #: λ = 0), the run's own cap (``--step-cap``) before it: the library's ``FactorLRConfig(step_cap=<this>,
 #: pattern_step_cap=<the run's>)``. ``recovery-cap-1`` caps every weight at one dense step from there;
@@ -155,7 +159,7 @@ DENSE_STEP_SCALES = {"recovery-collapse-x3": 3.0}
 RECOVERY_CAPS = {"recovery-cap-1": 1.0, "recovery-dense": 1.0, "recovery-cap-3": 3.0}
 MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(RECOVERY_CAPS) + tuple(CUT_EXPONENTS)
                     + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS + NO_PENALTY + tuple(FIXED_PATTERN_RULES)
-                    + tuple(DENSE_STEP_SCALES))
+                    + tuple(DENSE_STEP_SCALES) + CARRIED_STATE)
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
 PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recovery-dense": (1.0, 1e3)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
@@ -367,6 +371,47 @@ class _DenseStepScale(Callback):
             run.penalty.lr_multiplier = run.rollback.scale * self.scale
 
 
+class _CarriedState(Callback):
+    """Probe of :data:`CARRIED_STATE` (placed before the DWF callback): before every batch of the factor phase it keeps
+    each first factor's values and optimizer state; at the first step of the dense phase it gives each first factor,
+    now the dense weight ``w``, the kept Adam-type moments rescaled by ``s = ω1_old / w`` (0 where ``w`` is 0):
+    ``exp_avg · s``, ``exp_avg_sq · s²``, the same step count."""
+
+    def __init__(self, dwf: DWFCallback) -> None:
+        self.dwf = dwf
+        self.kept: dict[int, tuple[torch.Tensor, dict, Any]] = {}  # by id of a first factor: (values, state, optimizer)
+        self.done = False
+
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        run = self.dwf._run
+        if self.done or run is None or run.penalty is None or run._dense:
+            return
+        self.kept.clear()
+        for opt in trainer.optimizers:
+            for tensor in sparse_tensors(pl_module):
+                first = tensor.factors[0]
+                state = opt.state.get(first)
+                if state and "exp_avg_sq" in state:
+                    self.kept[id(first)] = (first.detach().clone(), dict(state), opt)
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
+        run = self.dwf._run
+        if self.done or run is None or not run._dense:
+            return
+        self.done = True
+        for tensor in sparse_tensors(pl_module):
+            first = tensor.factors[0]
+            if id(first) not in self.kept:
+                continue
+            old, state, opt = self.kept[id(first)]
+            w = first.detach()
+            s = torch.where(w != 0, old / torch.where(w != 0, w, torch.ones_like(w)), torch.zeros_like(w))
+            opt.state[first] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"] * s,
+                                "exp_avg_sq": state["exp_avg_sq"] * s * s}
+        self.kept.clear()
+
+
 @dataclass(frozen=True)
 class _RuleFactorLR(FactorLRConfig):
     """``FactorLRConfig()`` whose planned ``"auto"`` multipliers :func:`_plan_by_rule` reshapes by ``rule``."""
@@ -540,6 +585,9 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
         if multiplier in DENSE_STEP_SCALES:
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap, fixed_pattern="dense")
             return [dwf, _DenseStepScale(dwf, DENSE_STEP_SCALES[multiplier])]
+        if multiplier in CARRIED_STATE:
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap, fixed_pattern="dense")
+            return [_CarriedState(dwf), dwf]
         if multiplier in FIXED_PATTERN_RULES:
             return [defaults_callback(depth, cfg["target"], init, step_cap=cap,
                                       fixed_pattern=FIXED_PATTERN_RULES[multiplier])]

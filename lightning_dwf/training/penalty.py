@@ -25,8 +25,18 @@ optimizer and scheduler state resume as usual. How the penalty enters the step d
   (:meth:`FactorPenalty.proximal_thresholds`). In target mode the cut sets the support instead.
 
 The user's own ``weight_decay`` on the factors is neutralized (the factors get exactly λ, no double penalty):
-coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) by subtracting ``wd·ω``; decoupled decay (AdamW, or
-``decoupled_weight_decay=True``: ``p *= 1 − lr·wd``) by scaling ω by ``1/(1 − lr·wd)`` before the step.
+coupled decay (SGD, Adam, RMSprop, …: ``grad += wd·p``) by subtracting ``wd·ω`` (after the shrink, of the factors the
+optimizer then sees); decoupled decay (AdamW, or ``decoupled_weight_decay=True``: ``p *= 1 − lr·wd``) by scaling ω by
+``1/(1 − lr·wd)`` before the step.
+
+A factor LR multiplier ``m`` scales the factor's whole update of the step, from its values before
+:meth:`FactorPenalty.before_step` to those after the optimizer's step: the decoupled shrink (taken at ``lr × m``) and
+the neutralized decay included. So under the decoupled penalty a factor with multiplier ``m`` steps as the optimizer
+at ``m × lr`` with decoupled decay ``m·2λ/D``, and the neutralization stays exact. That holds whichever way the step
+is called: Lightning's 32-bit and bfloat16 steps run the step pre-hook first and :meth:`~FactorPenalty.before_step`
+inside the optimizer's closure; a plain loop and 16-bit AMP with a gradient scaler call ``before_step`` first (until
+2026-12-07 those two took the update from the values after it: an ``m`` times weaker shrink, and a decoupled decay
+kept at ``(m − 1)·lr·wd`` per step).
 """
 
 from __future__ import annotations
@@ -122,7 +132,8 @@ class FactorPenalty:
         factors: the factor Parameters (:func:`lightning_dwf.factor_parameters`).
         lam: λ in mean-loss units; may be changed between steps (``penalty.lam = ...``).
         depth: D.
-        lr_multiplier: the factors' updates are scaled by this, which equals multiplying their
+        lr_multiplier: the factors' updates (from their values before :meth:`before_step` to those after the step:
+            the decoupled shrink included, module docstring) are scaled by this, which equals multiplying their
             learning rate for every optimizer whose update is linear in the LR (SGD, Adam, …). It may be changed
             between steps (the callback ramps it, and lowers it after a non-finite step).
     """
@@ -143,6 +154,7 @@ class FactorPenalty:
         self._plans: dict[int, list[_GroupPlan]] = {}
         self._plan_of: dict[int, _GroupPlan] = {}  # by id of the factor
         self._snapshots: dict[int, list[tuple[nn.Parameter, float, torch.Tensor]]] = {}
+        self._hooked: set[int] = set()  # optimizers (by id) whose snapshot of this step the step pre-hook took
         self._buffers: dict[int, torch.Tensor] = {}  # by id of the factor: its values before the step
         self._scaled_candidates: dict[int, list[nn.Parameter]] = {}  # by id of the optimizer: its factors
         self._hooks: list[Any] = []
@@ -304,6 +316,7 @@ class FactorPenalty:
         self._plan_of.clear()
         self._scaled_candidates.clear()
         self._snapshots.clear()
+        self._hooked.clear()
         self._buffers.clear()
         self.step_cap = None
         self.dense.clear()
@@ -327,6 +340,8 @@ class FactorPenalty:
         :func:`penalty_kind`; λ times the factor's :attr:`lam_scales`) and neutralize the user's own weight decay on
         them."""
         opt = unwrap_optimizer(optimizer)
+        if id(opt) in self._scaled_candidates and id(opt) not in self._hooked:
+            self._take_snapshot(opt)  # before the shrink below: the multiplier scales the step's whole update
         coef = lam_to_weight_decay(self.lam, self.depth)
         for plan in self._plans.get(id(opt), ()):
             frozen = self.frozen
@@ -341,13 +356,6 @@ class FactorPenalty:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            by_coef: dict[float, list[nn.Parameter]] = {}
-            for p in params:
-                dwf = self._coef_of(p, coef) if plan.penalty == "gradient" else 0.0
-                by_coef.setdefault(dwf - own, []).append(p)
-            for grad_coef, group_params in by_coef.items():
-                if grad_coef:
-                    torch._foreach_add_([p.grad for p in group_params], group_params, alpha=grad_coef)
             lr = float(plan.group["lr"])
             keep = 1.0
             if plan.kind == "decoupled" and wd:  # undo the step's `p *= 1 - lr·wd` in advance
@@ -367,6 +375,15 @@ class FactorPenalty:
             for scale, group_params in by_scale.items():
                 if scale != 1.0:
                     torch._foreach_mul_(group_params, scale)
+            # after the shrink, so that the coupled decay the optimizer adds (of the factors as they are at the step) is
+            # what is taken away
+            by_coef: dict[float, list[nn.Parameter]] = {}
+            for p in params:
+                dwf = self._coef_of(p, coef) if plan.penalty == "gradient" else 0.0
+                by_coef.setdefault(dwf - own, []).append(p)
+            for grad_coef, group_params in by_coef.items():
+                if grad_coef:
+                    torch._foreach_add_([p.grad for p in group_params], group_params, alpha=grad_coef)
 
     def _coef_of(self, factor: nn.Parameter, coef: float) -> float:
         """The penalty coefficient ``2λ/D`` of ``factor``, times its λ scale if it has one (0 when exempt)."""
@@ -375,14 +392,27 @@ class FactorPenalty:
         scale = self.lam_scales.get(id(factor))
         return coef if scale is None else coef * scale
 
-    @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
+        """The step pre-hook: keep the factors' values before the step, unless :meth:`before_step` already did in this
+        step. Lightning's 32-bit and bfloat16 steps call the hook first and run the closure (backward, then
+        :meth:`before_step`) inside ``optimizer.step``; a plain loop and 16-bit AMP with a gradient scaler call
+        :meth:`before_step` first. Either way the update the multipliers scale starts from the values before
+        :meth:`before_step`."""
+        if id(optimizer) in self._snapshots and id(optimizer) not in self._hooked:
+            return
+        self._take_snapshot(optimizer)
+        self._hooked.add(id(optimizer))
+
+    @torch.no_grad()
+    def _take_snapshot(self, optimizer: Optimizer) -> None:
         capped = self.step_cap
         trained = [p for p in self._scaled_candidates[id(optimizer)] if id(p) not in self.frozen]
         saved = [(p, m, self._copy(p)) for p in trained
                  if (m := self.multiplier_of(p)) != 1.0 or (capped is not None and p in capped)]
         if saved:
             self._snapshots[id(optimizer)] = saved
+        else:
+            self._snapshots.pop(id(optimizer), None)  # one of a step whose optimizer.step never came (AMP skipped it)
 
     def _copy(self, param: nn.Parameter) -> torch.Tensor:
         """``param``'s values before the step, in a buffer kept from step to step: a fresh copy of every factor at
@@ -400,6 +430,7 @@ class FactorPenalty:
     @torch.no_grad()
     def _scale_update(self, optimizer: Optimizer, *_: Any) -> None:
         saved = self._snapshots.pop(id(optimizer), None)
+        self._hooked.discard(id(optimizer))
         if saved is None:
             return
         limits = self.step_cap.limits(saved, self.lr_multiplier) if self.step_cap is not None else {}

@@ -105,6 +105,59 @@ def test_user_weight_decay_is_neutralized_on_factors():
             torch.testing.assert_close(pa, pb, rtol=tol, atol=tol, msg=name)
 
 
+_USER_OPTIMIZERS = {  # (the user's optimizer on every parameter, the reference on the factors: penalty kind)
+    "sgd": (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=0.3),
+            lambda ps, lr, wd: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=wd)),
+    "adam": (lambda ps, lr: torch.optim.Adam(ps, lr=lr, weight_decay=0.3),
+             lambda ps, lr, wd: torch.optim.AdamW(ps, lr=lr, weight_decay=wd)),
+    "adamw": (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.3),
+              lambda ps, lr, wd: torch.optim.AdamW(ps, lr=lr, weight_decay=wd)),
+}
+
+
+@pytest.mark.parametrize("order", ["plain", "closure"])
+@pytest.mark.parametrize("optimizer", sorted(_USER_OPTIMIZERS))
+@pytest.mark.parametrize("multiplier", [1.0, 5.0])
+@pytest.mark.parametrize("lam", [0.0, 0.02])
+def test_factors_step_at_the_multiplied_lr_with_the_users_decay_neutralized(order, optimizer, multiplier, lam):
+    """With a factor LR multiplier ``m`` and the user's weight decay on a mixed group, the factors step as the same
+    optimizer family at ``m × lr`` with the DWF penalty only: ``2λ/D`` through the gradient under SGD; under Adam-type
+    the decoupled shrink at ``m × lr``, which the multiplier scales with the rest of the step's update (a decay of
+    ``m·2λ/D`` at ``m × lr``). The other parameters keep the user's decay at ``lr``. The same whether
+    :meth:`FactorPenalty.before_step` runs before ``optimizer.step()`` (a plain loop, 16-bit AMP with a gradient
+    scaler) or inside its closure (Lightning's 32-bit and bfloat16 steps, after the step pre-hook)."""
+    depth, lr, x = 3, 0.01, torch.randn(8, 6)
+    user, reference = _USER_OPTIMIZERS[optimizer]
+    a, b = _tiny(depth), _tiny(depth)
+    opt_a = user(list(a.parameters()), lr)
+    pen = FactorPenalty(factor_parameters(a), lam, depth)
+    pen.bind([opt_a])
+    for factor in factor_parameters(a):
+        pen.multipliers[id(factor)] = multiplier
+    others = [p for n, p in b.named_parameters() if "original" not in n]
+    decay = 2 * lam / depth * (1.0 if optimizer == "sgd" else multiplier)
+    opts_b = [reference(factor_parameters(b), multiplier * lr, decay), user(others, lr)]
+
+    def closure():
+        opt_a.zero_grad()
+        a(x).pow(2).mean().backward()
+        pen.before_step(opt_a)
+
+    for _ in range(4):
+        if order == "plain":
+            closure()
+            opt_a.step()
+        else:
+            opt_a.step(closure)
+        for o in opts_b:
+            o.zero_grad()
+        b(x).pow(2).mean().backward()
+        for o in opts_b:
+            o.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_penalty_binding_errors():
     model = _tiny(3)
 
@@ -138,11 +191,13 @@ def test_lr_multiplier_equals_scaled_lr(optimizer):
     opt_a = make(a.parameters(), 0.01)
     pen = FactorPenalty(factor_parameters(a), 0.01, depth, lr_multiplier=mult)
     pen.bind([opt_a])
+    # SGD: the penalty is coupled L2 through the gradient; Adam: decoupled, i.e. AdamW decay 2λ/D on the factors, a
+    # shrink the multiplier scales with the rest of the update (decay mult·2λ/D at mult × lr)
+    decay = 2 * 0.01 / depth * (1.0 if optimizer == "sgd" else mult)
     groups = [
-        {"params": factor_parameters(b), "lr": 0.01 * mult, "weight_decay": 2 * 0.01 / depth},
+        {"params": factor_parameters(b), "lr": 0.01 * mult, "weight_decay": decay},
         {"params": [p for n, p in b.named_parameters() if "original" not in n], "weight_decay": 0.0},
     ]
-    # SGD: the penalty is coupled L2 through the gradient; Adam: decoupled, i.e. AdamW decay 2λ/D on the factors
     opt_b = make(groups, 0.01) if optimizer == "sgd" else torch.optim.AdamW(groups, lr=0.01)
     for _ in range(3):
         for model, opt in ((a, opt_a), (b, opt_b)):
