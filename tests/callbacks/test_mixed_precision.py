@@ -1,5 +1,6 @@
 """Mixed precision on CPU: bf16-mixed trains and collapses, fused SGD under 16-mixed (bf16-mixed on CPU, no grad scaler)
-gets the exact penalty, and one penalty step under bf16-mixed is exactly the optimizer's float32 step. The fused-SGD and
+gets the exact penalty, one penalty step under bf16-mixed is exactly the optimizer's float32 step, and a multiplied
+Adam-type factor step is the same under 16-bit AMP with a gradient scaler as at 32 bits. The fused-SGD and
 the one-step tests pin the behaviour: they compare exact values (or float32-exact ones) so that a change of behaviour,
 not only a crash, fails."""
 
@@ -11,8 +12,16 @@ import pytest
 import torch
 from conftest import PLAIN_FACTOR_LR, FactorSnapshot, ToyModel, trainer_kwargs
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 
-from lightning_dwf import CollapseConfig, DWFCallback, FixedLamConfig, factor_parameters, factorized_tensors
+from lightning_dwf import (
+    CollapseConfig,
+    DWFCallback,
+    FactorLRConfig,
+    FixedLamConfig,
+    factor_parameters,
+    factorized_tensors,
+)
 
 from .helpers import DEPTH, LAM, LR, SHRINK, InitialWeights
 
@@ -79,3 +88,33 @@ def test_one_penalty_step_is_exact_under_bf16_mixed(tmp_path, precision):
         grad = torch.zeros_like(start).add_(start, alpha=coef)  # FactorPenalty: grad += 2λ/D·ω on a zero data gradient
         assert torch.equal(end.detach(), start.add(grad, alpha=-LR))  # SGD: ω ← ω − lr·grad
         torch.testing.assert_close(end.detach(), start * SHRINK, rtol=1.3e-6, atol=0)
+
+
+class _AdamWToy(ToyModel):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="a CPU gradient scaler needs torch >= 2.3")
+@pytest.mark.parametrize("scaler", [False, True], ids=["32-true", "16-mixed-scaler"])
+def test_multiplied_decoupled_step_is_the_same_with_a_grad_scaler(tmp_path, scaler):
+    """Zero loss, AdamW with weight decay, factor LR multiplier m, one step: every factor becomes ω·(1 − m·lr·m·2λ/D)
+    (the shrink at ``m × lr``, scaled by m with the rest of the update; the user's decay cancelled) whether Lightning
+    runs the penalty inside the optimizer's closure (32 bits) or before ``scaler.step`` (16-bit AMP with a gradient
+    scaler, here on CPU). Before 2026-12-07 the scaler's order gave ω·(1 − lr·m·2λ/D)·(1 − m·lr·wd)/(1 − lr·wd)."""
+    lam, lr, m = 0.3, 0.01, 5.0
+    snap = FactorSnapshot()
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(lam, recovery=0), verbose=False,
+                      factor_lr=FactorLRConfig(multiplier=m, warmup=0.0, check="off", pattern_step_cap=None),
+                      collapse=CollapseConfig(on_fit_end=False))
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if scaler else []
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[dwf, snap], enable_checkpointing=False,
+                                       plugins=plugins))
+    trainer.fit(_AdamWToy(lr=lr, zero_loss=True, n=16, batch_size=16))
+    assert trainer.global_step == 1
+    assert (getattr(trainer.precision_plugin, "scaler", None) is not None) == scaler
+    kept = 1 - m * lr * m * 2 * lam / 3
+    for end, start in zip(factor_parameters(trainer.lightning_module), snap.factors, strict=True):
+        survived = end != 0  # the proximal step after it zeroes the smallest
+        assert survived.any()
+        torch.testing.assert_close(end.detach()[survived], start[survived] * kept, rtol=1e-6, atol=0)
