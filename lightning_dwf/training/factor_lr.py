@@ -92,7 +92,8 @@ def check_learning_rates(
       ``η0 ≥ ln(init_std/threshold)/(λ·steps)`` (cosine decay; a constant LR gets there twice as fast). Not checked
       under the decoupled penalty: there the callback's proximal step zeroes a weight once it falls below
       :func:`~lightning_dwf.core.functional.prox_threshold`, far above ``threshold``.
-    * Stability (every optimizer): ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step.
+    * Stability (every optimizer): ``2·η·λ/D ≥ 1`` makes the penalty step alone overshoot zero every step; under the
+      decoupled penalty ``2·η·λ/D × multiplier ≥ 1``, since the multiplier scales the shrink with the whole update.
 
     η is the effective LR of :func:`effective_lr`.
 
@@ -109,12 +110,15 @@ def check_learning_rates(
     top = max_lr_multiplier or lr_multiplier
     for (where, opt, eta), (*_, eta_max) in zip(factor_learning_rates(optimizers, factors, lr_multiplier),
                                                  factor_learning_rates(optimizers, factors, top), strict=True):
-        if lam > 0 and lam_to_weight_decay(lam, depth) * eta_max >= 1:
+        # under the decoupled penalty the multiplier scales the shrink (taken at the factor LR) with the whole update
+        scaled = max(top, 1.0) if penalty_kind(opt) == "decoupled" else 1.0
+        flip = lam_to_weight_decay(lam, depth) * eta_max * scaled
+        if lam > 0 and flip >= 1:
             errors.append(
-                f"{where}: effective factor lr {eta_max:.3g} × 2λ/D = {lam_to_weight_decay(lam, depth) * eta_max:.3g} "
-                ">= 1, so "
-                f"the penalty step alone flips the factors' sign every step. Use lr < {depth / (2 * lam):.3g} or a "
-                "smaller lam."
+                f"{where}: effective factor lr {eta_max:.3g} × 2λ/D"
+                + (f" × multiplier {scaled:g}" if scaled > 1 else "")
+                + f" = {flip:.3g} >= 1, so the penalty step alone flips the factors' sign every step. Lower the lr or "
+                f"lam by a factor of more than {flip:.3g}."
             )
             continue
         if penalty_kind(opt) == "decoupled":

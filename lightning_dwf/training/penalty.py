@@ -367,10 +367,12 @@ class FactorPenalty:
             for p in params:
                 shrink = 1.0
                 if plan.penalty == "decoupled" and coef:
-                    shrink = 1.0 - lr * self.multiplier_of(p) * self._coef_of(p, coef)
-                    if shrink <= 0:
-                        raise ValueError(f"lr × multiplier × 2λ/D = {1 - shrink:.3g} >= 1 for DWF factors: the "
-                                         "decoupled penalty would flip their sign. Use a smaller lam or lr.")
+                    m = self.multiplier_of(p)
+                    shrink = 1.0 - lr * m * self._coef_of(p, coef)
+                    if (1 - shrink) * max(m, 1.0) >= 1:  # the multiplier scales the shrink with the whole update
+                        raise ValueError(f"lr × multiplier² × 2λ/D = {(1 - shrink) * max(m, 1.0):.3g} >= 1 for DWF "
+                                         "factors: the decoupled penalty would flip their sign. Use a smaller lam or "
+                                         "lr.")
                 by_scale.setdefault(shrink / keep, []).append(p)
             for scale, group_params in by_scale.items():
                 if scale != 1.0:

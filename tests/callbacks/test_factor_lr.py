@@ -137,6 +137,9 @@ def test_lr_check_warns_and_errors(tmp_path):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=1e-4)])).fit(AdamToy())
     with pytest.raises(MisconfigurationException, match="flips the factors' sign"):
         Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=2e3)])).fit(AdamToy())
+    # λ = 100 at lr 1e-3: 2λ/D × (lr × 5) = 0.33, but the multiplier 5 scales that shrink again: 1.67 per step
+    with pytest.raises(MisconfigurationException, match=r"× multiplier 5 = 1\.67 >= 1, so the penalty step alone"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[DWFCallback(depth=3, lam=100.0)])).fit(AdamToy())
 
 
 def test_lr_check_without_a_step_budget(tmp_path):
