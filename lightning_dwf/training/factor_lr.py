@@ -17,7 +17,7 @@ from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
 from lightning_dwf.core.functional import auto_gated_lr_multiplier, auto_lr_multiplier, lam_to_weight_decay, lr_floor
 from lightning_dwf.core.gating import GatedTensor
 from lightning_dwf.core.sharding import root_mean_square
-from lightning_dwf.training.penalty import FactorPenalty, effective_lr, penalty_kind, unwrap_optimizer
+from lightning_dwf.training.penalty import FactorPenalty, effective_lr, penalty_kind, sign_flip, unwrap_optimizer
 
 
 @torch.no_grad()
@@ -110,13 +110,12 @@ def check_learning_rates(
     top = max_lr_multiplier or lr_multiplier
     for (where, opt, eta), (*_, eta_max) in zip(factor_learning_rates(optimizers, factors, lr_multiplier),
                                                  factor_learning_rates(optimizers, factors, top), strict=True):
-        # under the decoupled penalty the multiplier scales the shrink (taken at the factor LR) with the whole update
-        scaled = max(top, 1.0) if penalty_kind(opt) == "decoupled" else 1.0
-        flip = lam_to_weight_decay(lam, depth) * eta_max * scaled
+        coef = lam_to_weight_decay(lam, depth)
+        flip = sign_flip(coef, eta_max, top, penalty_kind(opt))
         if lam > 0 and flip >= 1:
             errors.append(
                 f"{where}: effective factor lr {eta_max:.3g} × 2λ/D"
-                + (f" × multiplier {scaled:g}" if scaled > 1 else "")
+                + (f" × multiplier {top:g}" if flip > coef * eta_max else "")
                 + f" = {flip:.3g} >= 1, so the penalty step alone flips the factors' sign every step. Lower the lr or "
                 f"lam by a factor of more than {flip:.3g}."
             )

@@ -101,6 +101,14 @@ def effective_lr(optimizer: Optimizer, group: dict[str, Any], lr_multiplier: flo
     return eta
 
 
+def sign_flip(coef: float, eta: float, multiplier: float, penalty: str) -> float:
+    """The fraction of a factor the penalty step alone takes per step: ``2λ/D × η`` (``coef × eta``), and under the
+    decoupled penalty times the multiplier once more, since the multiplier scales the shrink (taken at ``lr ×
+    multiplier``) with the step's whole update. At 1 or more the penalty flips the factors' sign every step: the train
+    start check (:func:`~lightning_dwf.training.factor_lr.check_learning_rates`) refuses it, the step raises."""
+    return coef * eta * (max(multiplier, 1.0) if penalty == "decoupled" else 1.0)
+
+
 @dataclass
 class _GroupPlan:
     optimizer: Optimizer
@@ -369,10 +377,9 @@ class FactorPenalty:
                 if plan.penalty == "decoupled" and coef:
                     m = self.multiplier_of(p)
                     shrink = 1.0 - lr * m * self._coef_of(p, coef)
-                    if (1 - shrink) * max(m, 1.0) >= 1:  # the multiplier scales the shrink with the whole update
-                        raise ValueError(f"lr × multiplier² × 2λ/D = {(1 - shrink) * max(m, 1.0):.3g} >= 1 for DWF "
-                                         "factors: the decoupled penalty would flip their sign. Use a smaller lam or "
-                                         "lr.")
+                    if (flip := sign_flip(self._coef_of(p, coef), lr * m, m, plan.penalty)) >= 1:
+                        raise ValueError(f"lr × multiplier² × 2λ/D = {flip:.3g} >= 1 for DWF factors: the decoupled "
+                                         "penalty would flip their sign. Use a smaller lam or lr.")
                 by_scale.setdefault(shrink / keep, []).append(p)
             for scale, group_params in by_scale.items():
                 if scale != 1.0:
