@@ -34,8 +34,8 @@ from lightning_dwf import (
     factorized_tensors,
 )
 from lightning_dwf.config import DEFAULT_STEP_CAP
-from lightning_dwf.core.factorize import sparse_tensors
-from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier
+from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
+from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier, balanced_factors
 from lightning_dwf.core.gate_targets import following_batch_norm
 from lightning_dwf.training import run as _training_run
 from lightning_dwf.training.support import cut_to_sparsity_, keep_masks, zero_weights_
@@ -137,6 +137,10 @@ ALLOCATED_CUTS = ("cut-alloc-mp",)
 #: Diagnostic probe (:class:`_NoPenalty`): target mode with λ held at 0, so that its gradual cut alone makes the zeros
 #: (DWF's factors trained as a gradual magnitude pruner): whether the penalty or the factorization costs a cell.
 NO_PENALTY = ("no-penalty",)
+#: Diagnostic probe (:class:`_NoPenaltyOnBatchNormFed`): the defaults, but the tensors a BatchNorm follows get no
+#: penalty (the cut still ranks them with the others): whether what ``no-penalty`` gains on a BatchNorm net is the
+#: penalty on the tensors whose scale the BatchNorm removes.
+NO_PENALTY_BN = ("no-penalty-bn",)
 #: What the survivors train as once the pattern is fixed (``FactorLRConfig.fixed_pattern``), whatever the optimizer:
 #: ``recovery-collapse`` as dense weights under their mask (``"dense"``; its first rows ran as a probe callback that did
 #: the same, bit for bit), ``recovery-factors`` as the D factors (``"factors"``, the library's default).
@@ -149,6 +153,11 @@ DENSE_STEP_SCALES = {"recovery-collapse-x3": 3.0}
 #: the dense weight's gradient (``g_w = g_ω1 · ω1/w``: the first moment times ``ω1/w``, the second times its square)
 #: instead of starting afresh: whether the fresh state is what the full-data AdamW cells lose with the dense step.
 CARRIED_STATE = ("recovery-collapse-state",)
+#: Probe (:class:`_DenseStart`): the first fraction of the run (the key's value; 0.1 is target mode's warm-up, before
+#: the first cut) trains every factorized tensor as a dense weight (held in its first factor, the others 1), then the
+#: factors restart balanced from the trained weights (``|ω_d| = |w|^(1/D)``) with fresh optimizer state: whether what a
+#: cell loses to the factorized training is its first steps from the DWF init (from a trained net DWF leads every cell).
+DENSE_STARTS = {"dense-start": 0.1, "dense-start-0.25": 0.25}
 #: The recovery-phase rules (SGD-type), as the step cap from target mode's recovery point on (the support fixed,
 #: λ = 0), the run's own cap (``--step-cap``) before it: the library's ``FactorLRConfig(step_cap=<this>,
 #: pattern_step_cap=<the run's>)``. ``recovery-cap-1`` caps every weight at one dense step from there;
@@ -159,7 +168,8 @@ CARRIED_STATE = ("recovery-collapse-state",)
 RECOVERY_CAPS = {"recovery-cap-1": 1.0, "recovery-dense": 1.0, "recovery-cap-3": 3.0}
 MULTIPLIER_RULES = (PLANNED_RULES + TRACKING_RULES + tuple(RECOVERY_CAPS) + tuple(CUT_EXPONENTS)
                     + tuple(SCALE_FREE_CUTS) + ALLOCATED_CUTS + NO_PENALTY + tuple(FIXED_PATTERN_RULES)
-                    + tuple(DENSE_STEP_SCALES) + CARRIED_STATE)
+                    + tuple(DENSE_STEP_SCALES) + CARRIED_STATE + tuple(DENSE_STARTS)
+                    + NO_PENALTY_BN)
 #: ``(ramp, recovery)`` factors on the planned multipliers of the phase rules (:meth:`_TrackMultipliers._phases`).
 PHASE_FACTORS = {"ramp-half": (0.5, 1.0), "recovery-double": (1.0, 2.0), "recovery-dense": (1.0, 1e3)}
 #: Optimizer steps between two updates of a ``track-*`` rule.
@@ -357,6 +367,20 @@ class _NoPenalty(Callback):
         regime.lam = 0.0
 
 
+class _NoPenaltyOnBatchNormFed(Callback):
+    """Probe ``no-penalty-bn``: the target regime exempts the BatchNorm-fed tensors from the penalty at every step (its
+    ``exempt``, which the run reads before each step, returns their names)."""
+
+    def __init__(self, dwf: DWFCallback) -> None:
+        self.dwf = dwf
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        fed = frozenset(t.name for t in sparse_tensors(pl_module)
+                        if following_batch_norm(pl_module, t.name.rsplit(".", 1)[0]))
+        print("no penalty on the BatchNorm-fed tensors", sorted(fed), flush=True)
+        _target_regime(self.dwf).exempt = lambda: fed
+
+
 class _DenseStepScale(Callback):
     """Probe of :data:`DENSE_STEP_SCALES`: once the pattern is fixed (the survivors train as dense weights), their step
     is ``scale`` times the optimizer's (the penalty's common multiplier, which the dense first factors keep; set before
@@ -410,6 +434,57 @@ class _CarriedState(Callback):
             opt.state[first] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"] * s,
                                 "exp_avg_sq": state["exp_avg_sq"] * s * s}
         self.kept.clear()
+
+
+class _DenseStart(Callback):
+    """Probe of :data:`DENSE_STARTS` (placed after the DWF callback): at train start every unstructured tensor goes into
+    its first factor (``concentrate_``: ``ω1 = w``, the other factors 1) and trains as a dense weight
+    (:meth:`~lightning_dwf.FactorPenalty.train_densely`: the optimizer's step, no multiplier, no step cap); after
+    ``fraction`` of the run's steps each tensor's factors become the balanced factorization of its weight, their
+    optimizer state starts afresh, and the run goes on as the defaults (multipliers, the step cap of the phase)."""
+
+    def __init__(self, dwf: DWFCallback, fraction: float) -> None:
+        self.dwf, self.fraction = dwf, fraction
+        self.switch: int | None = None  # the optimizer step of the switch; None once done
+
+    def _tensors(self) -> list[Any]:
+        return [t for t in self.dwf._run._tensors if isinstance(t, FactorizedTensor)]
+
+    @torch.no_grad()
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        run = self.dwf._run
+        tensors = self._tensors()
+        for tensor in tensors:
+            tensor.concentrate_()
+        run.penalty.train_densely([t.factors for t in tensors], reset=True)
+        run.rollback.take(pl_module, trainer.optimizers, trainer.global_step)
+        self.switch = round(self.fraction * trainer.estimated_stepping_batches)
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        run = self.dwf._run
+        if self.switch is None:
+            return
+        penalty = run.penalty
+        if trainer.global_step < self.switch:
+            penalty.step_cap = None  # the DWF callback's phase set it on every tensor
+            return
+        self.switch = None
+        tensors = self._tensors()
+        for tensor in tensors:
+            for factor, value in zip(tensor.factors, balanced_factors(tensor.product(), tensor.depth), strict=True):
+                factor.copy_(value)
+        penalty.dense.clear()
+        penalty.frozen.clear()
+        for factor in penalty._unfreeze:
+            factor.requires_grad_(True)
+        penalty._unfreeze.clear()
+        for opt in trainer.optimizers:
+            for tensor in tensors:
+                for factor in tensor.factors:
+                    getattr(opt, "_optimizer", opt).state.pop(factor, None)
+        penalty.cap_steps([t.factors for t in tensors], run.factor_lr.step_cap_for(run.regime.pattern_fixed))
+        run.rollback.take(pl_module, trainer.optimizers, trainer.global_step)
 
 
 @dataclass(frozen=True)
@@ -557,6 +632,8 @@ def _probe_callback(rule: Any, cfg: dict[str, Any]) -> Callable[[DWFCallback], C
         return lambda dwf: _AllocatedCut(dwf, cfg)
     if rule in NO_PENALTY:
         return _NoPenalty
+    if rule in NO_PENALTY_BN:
+        return _NoPenaltyOnBatchNormFed
     return None
 
 
@@ -588,6 +665,9 @@ def cell_callbacks(cfg: dict[str, Any]) -> list[Callback]:
         if multiplier in CARRIED_STATE:
             dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap, fixed_pattern="dense")
             return [_CarriedState(dwf), dwf]
+        if multiplier in DENSE_STARTS:
+            dwf = defaults_callback(depth, cfg["target"], init, step_cap=cap)
+            return [dwf, _DenseStart(dwf, DENSE_STARTS[multiplier])]
         if multiplier in FIXED_PATTERN_RULES:
             return [defaults_callback(depth, cfg["target"], init, step_cap=cap,
                                       fixed_pattern=FIXED_PATTERN_RULES[multiplier])]
