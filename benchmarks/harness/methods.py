@@ -38,6 +38,7 @@ from lightning_dwf.core.factorize import FactorizedTensor, sparse_tensors
 from lightning_dwf.core.functional import AUTO_MULTIPLIER_RANGE, _clipped_inverse, auto_lr_multiplier, balanced_factors
 from lightning_dwf.core.gate_targets import following_batch_norm
 from lightning_dwf.training import run as _training_run
+from lightning_dwf.training.penalty import unwrap_optimizer
 from lightning_dwf.training.support import cut_to_sparsity_, keep_masks, zero_weights_
 
 #: Learning rate of the fine-tune after one-shot pruning.
@@ -482,7 +483,7 @@ class _DenseStart(Callback):
         for opt in trainer.optimizers:
             for tensor in tensors:
                 for factor in tensor.factors:
-                    getattr(opt, "_optimizer", opt).state.pop(factor, None)
+                    unwrap_optimizer(opt).state.pop(factor, None)
         penalty.cap_steps([t.factors for t in tensors], run.factor_lr.step_cap_for(run.regime.pattern_fixed))
         run.rollback.take(pl_module, trainer.optimizers, trainer.global_step)
 

@@ -108,9 +108,9 @@ def check_learning_rates(
     errors: list[str] = []
     warns: list[str] = []
     top = max_lr_multiplier or lr_multiplier
+    coef = lam_to_weight_decay(lam, depth)
     for (where, opt, eta), (*_, eta_max) in zip(factor_learning_rates(optimizers, factors, lr_multiplier),
                                                  factor_learning_rates(optimizers, factors, top), strict=True):
-        coef = lam_to_weight_decay(lam, depth)
         flip = sign_flip(coef, eta_max, top, penalty_kind(opt))
         if lam > 0 and flip >= 1:
             errors.append(

@@ -375,9 +375,9 @@ class FactorPenalty:
             for p in params:
                 shrink = 1.0
                 if plan.penalty == "decoupled" and coef:
-                    m = self.multiplier_of(p)
-                    shrink = 1.0 - lr * m * self._coef_of(p, coef)
-                    if (flip := sign_flip(self._coef_of(p, coef), lr * m, m, plan.penalty)) >= 1:
+                    m, own_coef = self.multiplier_of(p), self._coef_of(p, coef)
+                    shrink = 1.0 - lr * m * own_coef
+                    if (flip := sign_flip(own_coef, lr * m, m, plan.penalty)) >= 1:
                         raise ValueError(f"lr × multiplier² × 2λ/D = {flip:.3g} >= 1 for DWF factors: the decoupled "
                                          "penalty would flip their sign. Use a smaller lam or lr.")
                 by_scale.setdefault(shrink / keep, []).append(p)
