@@ -120,7 +120,9 @@ def _layers(runs: list[dict]) -> str:
 
 def table(rows: list[dict], matrix_rows: list[dict]) -> str:
     """One line per (cell, epochs, target, depth, multiplier): its seeds, then the matrix's DWF (D = 3, ``"auto"``),
-    ModelPruning and PAT on the same seeds (or the ``--peers`` rows of a cell the matrix does not run)."""
+    ModelPruning and PAT on the same seeds (or the ``--peers`` rows of a cell the matrix does not run). Where a
+    reference method has rows made on the probe's own host (the CPU's kernel ISA, ``machine.isa``: other kernels give
+    other bits), only those are shown, so a probe is read against a baseline of its own host."""
     peers = [r for r in rows if "factor_lr_multiplier" not in r["config"]]
     reference = matrix.table_cells(matrix_rows + peers)
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -142,9 +144,12 @@ def table(rows: list[dict], matrix_rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (data, model, opt, bs, epochs, target, depth, mult), runs in sorted(groups.items(), key=_order):
-        seeds = {r["config"]["seed"] for r in runs}
+        seeds, hosts = {r["config"]["seed"] for r in runs}, {_isa(r) for r in runs}
         cell = reference.get((data, model, opt, bs, "scratch", epochs, target), {})
-        same = {m: [r for r in cell.get(m, []) if r["config"]["seed"] in seeds] for m in matrix.METHODS[1:]}
+        same = {}
+        for m in matrix.METHODS[1:]:
+            seeded = [r for r in cell.get(m, []) if r["config"]["seed"] in seeds]
+            same[m] = [r for r in seeded if _isa(r) in hosts] or seeded
         out.append(
             f"| {data} | {model} | {opt} | {bs} | {epochs} | {100 * target:g} % | {depth} | {_multiplier(mult)} | "
             f"{fmt_acc(runs)} | "
@@ -152,6 +157,11 @@ def table(rows: list[dict], matrix_rows: list[dict]) -> str:
             f"{fmt_acc(same['pat'])} |"
         )
     return "\n".join(out)
+
+
+def _isa(row: dict) -> str | None:
+    """The kernel ISA of the host that made ``row`` (``None`` for rows made before rows recorded it)."""
+    return (row.get("machine") or {}).get("isa")
 
 
 def _order(item: tuple[tuple, list[dict]]) -> tuple:

@@ -535,6 +535,24 @@ def test_factor_lr_peers_are_the_matrix_configs_of_a_cell_outside_it_and_fill_it
     assert "| mnist-subset-2k | lenet300 | sgd | 64 | 40 | 98 % | 3 | min | 90.00 | — | 80.00 | 85.00 | — |" in line
 
 
+def test_factor_lr_table_reads_a_probe_against_the_reference_rows_of_its_own_host():
+    """Where a reference method has rows of the probe's host (``machine.isa``) beside rows of another, the table shows
+    only the same host's; where it has none, the other host's."""
+    from benchmarks import factor_lr
+
+    (probe,) = factor_lr.plan("fashion-mnist", "cnn-bn", "sgd", 64, [0.9], ["no-penalty"], [0])
+    base = {k: v for k, v in probe.items() if k != "factor_lr_multiplier"}
+
+    def row(cfg, acc, isa):
+        return dict(config=cfg, results=dict(acc=acc, sparsity=0.9, emptied=[]), machine=dict(isa=isa))
+
+    matrix_rows = [row(dict(base, method=m), acc, "AVX512") for m, acc in (("dwf", 0.91), ("model-pruning", 0.92),
+                                                                         ("pat", 0.93))]
+    here = [row(dict(base, method=m), acc, "AVX2") for m, acc in (("dwf", 0.90), ("model-pruning", 0.94))]
+    (line,) = factor_lr.table([row(probe, 0.95, "AVX2"), *here], matrix_rows).splitlines()[2:]
+    assert line.endswith("| 95.00 | — | 90.00 | 94.00 | 93.00 |"), line  # PAT: no AVX2 row, the AVX512 one
+
+
 @pytest.mark.parametrize(("name", "full", "size"), [("fashion-mnist-4k", "fashion-mnist", 4_000),
                                                     ("mnist-subset-2k", "mnist-subset", 2_000)])
 def test_crossing_subsets_keep_a_stratified_share_of_their_full_dataset(name, full, size, monkeypatch):
