@@ -36,7 +36,8 @@ at ``m × lr`` with decoupled decay ``m·2λ/D``, and the neutralization stays e
 is called: Lightning's 32-bit and bfloat16 steps run the step pre-hook first and :meth:`~FactorPenalty.before_step`
 inside the optimizer's closure; a plain loop and 16-bit AMP with a gradient scaler call ``before_step`` first (until
 2026-12-07 those two took the update from the values after it: an ``m`` times weaker shrink, and a decoupled decay
-kept at ``(m − 1)·lr·wd`` per step).
+kept at ``(m − 1)·lr·wd`` per step), and there the changes of the factors themselves wait for the step's pre-hook, so
+that a step the scaler skips after a non-finite gradient changes no factor (until 2026-12-07 it kept its shrink).
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ class FactorPenalty:
         self._plan_of: dict[int, _GroupPlan] = {}  # by id of the factor
         self._snapshots: dict[int, list[tuple[nn.Parameter, float, torch.Tensor]]] = {}
         self._hooked: set[int] = set()  # optimizers (by id) whose snapshot of this step the step pre-hook took
+        #: by id of the optimizer: the factor scalings and gradient changes :meth:`before_step` left to the step
+        #: pre-hook (a plain loop, 16-bit AMP with a scaler)
+        self._pending: dict[int, list[tuple[dict[float, list[nn.Parameter]], dict[float, list[nn.Parameter]]]]] = {}
         self._buffers: dict[int, torch.Tensor] = {}  # by id of the factor: its values before the step
         self._scaled_candidates: dict[int, list[nn.Parameter]] = {}  # by id of the optimizer: its factors
         self._hooks: list[Any] = []
@@ -325,6 +329,7 @@ class FactorPenalty:
         self._scaled_candidates.clear()
         self._snapshots.clear()
         self._hooked.clear()
+        self._pending.clear()
         self._buffers.clear()
         self.step_cap = None
         self.dense.clear()
@@ -346,11 +351,18 @@ class FactorPenalty:
     def before_step(self, optimizer: Any) -> None:
         """Apply the penalty to the factors of ``optimizer`` (``2λ/D·ω`` into the gradient, or the decoupled shrink, by
         :func:`penalty_kind`; λ times the factor's :attr:`lam_scales`) and neutralize the user's own weight decay on
-        them."""
+        them.
+
+        The gradient penalty of SGD-type optimizers goes into the gradient at once (before clipping). A param group
+        whose step changes the factors themselves (the decoupled shrink, the neutralized decoupled decay) gets it at
+        once when the optimizer's step has begun (Lightning's 32-bit and bfloat16 steps call this inside the step's
+        closure), and otherwise (a plain loop, 16-bit AMP with a gradient scaler) from the step's pre-hook, its
+        gradient changes with it: a step the scaler skips after a non-finite gradient then leaves the factors as they
+        were."""
         opt = unwrap_optimizer(optimizer)
-        if id(opt) in self._scaled_candidates and id(opt) not in self._hooked:
-            self._take_snapshot(opt)  # before the shrink below: the multiplier scales the step's whole update
+        defer = id(opt) in self._scaled_candidates and id(opt) not in self._hooked
         coef = lam_to_weight_decay(self.lam, self.depth)
+        pending: list[tuple[dict[float, list[nn.Parameter]], dict[float, list[nn.Parameter]]]] = []
         for plan in self._plans.get(id(opt), ()):
             frozen = self.frozen
             params = [p for p in plan.params if p.requires_grad and id(p) not in frozen]
@@ -372,6 +384,7 @@ class FactorPenalty:
                     raise ValueError(f"lr·weight_decay = {1 - keep:.3g} >= 1 in a group with DWF factors; set "
                                      "weight_decay=0 for the factors.")
             by_scale: dict[float, list[nn.Parameter]] = {}
+            by_coef: dict[float, list[nn.Parameter]] = {}
             for p in params:
                 shrink = 1.0
                 if plan.penalty == "decoupled" and coef:
@@ -380,19 +393,17 @@ class FactorPenalty:
                     if (flip := sign_flip(own_coef, lr * m, m, plan.penalty)) >= 1:
                         raise ValueError(f"lr × multiplier² × 2λ/D = {flip:.3g} >= 1 for DWF factors: the decoupled "
                                          "penalty would flip their sign. Use a smaller lam or lr.")
-                by_scale.setdefault(shrink / keep, []).append(p)
-            for scale, group_params in by_scale.items():
-                if scale != 1.0:
-                    torch._foreach_mul_(group_params, scale)
-            # after the shrink, so that the coupled decay the optimizer adds (of the factors as they are at the step) is
-            # what is taken away
-            by_coef: dict[float, list[nn.Parameter]] = {}
-            for p in params:
+                if shrink / keep != 1.0:
+                    by_scale.setdefault(shrink / keep, []).append(p)
                 dwf = self._coef_of(p, coef) if plan.penalty == "gradient" else 0.0
-                by_coef.setdefault(dwf - own, []).append(p)
-            for grad_coef, group_params in by_coef.items():
-                if grad_coef:
-                    torch._foreach_add_([p.grad for p in group_params], group_params, alpha=grad_coef)
+                if dwf != own:
+                    by_coef.setdefault(dwf - own, []).append(p)
+            if defer and by_scale:
+                pending.append((by_scale, by_coef))
+            else:
+                _apply_penalty(by_scale, by_coef)
+        if defer:
+            self._pending[id(opt)] = pending  # replaces what a step the scaler skipped left
 
     def _coef_of(self, factor: nn.Parameter, coef: float) -> float:
         """The penalty coefficient ``2λ/D`` of ``factor``, times its λ scale if it has one (0 when exempt)."""
@@ -401,16 +412,17 @@ class FactorPenalty:
         scale = self.lam_scales.get(id(factor))
         return coef if scale is None else coef * scale
 
+    @torch.no_grad()
     def _snapshot(self, optimizer: Optimizer, *_: Any) -> None:
-        """The step pre-hook: keep the factors' values before the step, unless :meth:`before_step` already did in this
-        step. Lightning's 32-bit and bfloat16 steps call the hook first and run the closure (backward, then
+        """The step pre-hook: keep the factors' values before the step, then apply what :meth:`before_step` left to
+        it. Lightning's 32-bit and bfloat16 steps call the hook first and run the closure (backward, then
         :meth:`before_step`) inside ``optimizer.step``; a plain loop and 16-bit AMP with a gradient scaler call
-        :meth:`before_step` first. Either way the update the multipliers scale starts from the values before
-        :meth:`before_step`."""
-        if id(optimizer) in self._snapshots and id(optimizer) not in self._hooked:
-            return
+        :meth:`before_step` first, which leaves its changes of the factors to this hook. Either way the update the
+        multipliers scale starts from the values before the penalty."""
         self._take_snapshot(optimizer)
         self._hooked.add(id(optimizer))
+        for by_scale, by_coef in self._pending.pop(id(optimizer), ()):
+            _apply_penalty(by_scale, by_coef)
 
     @torch.no_grad()
     def _take_snapshot(self, optimizer: Optimizer) -> None:
@@ -421,7 +433,7 @@ class FactorPenalty:
         if saved:
             self._snapshots[id(optimizer)] = saved
         else:
-            self._snapshots.pop(id(optimizer), None)  # one of a step whose optimizer.step never came (AMP skipped it)
+            self._snapshots.pop(id(optimizer), None)
 
     def _copy(self, param: nn.Parameter) -> torch.Tensor:
         """``param``'s values before the step, in a buffer kept from step to step: a fresh copy of every factor at
@@ -448,3 +460,13 @@ class FactorPenalty:
             if is_sharded(p):
                 p, before = p.to_local(), before.to_local()
             torch.lerp(before, p, m if limit is None else limit, out=p)
+
+
+def _apply_penalty(by_scale: dict[float, list[nn.Parameter]], by_coef: dict[float, list[nn.Parameter]]) -> None:
+    """One param group's penalty step: scale the factors (the decoupled shrink, the neutralized decoupled decay), then
+    add to their gradients (the gradient penalty, the neutralized coupled decay, of the factors as they are at the
+    step)."""
+    for scale, params in by_scale.items():
+        torch._foreach_mul_(params, scale)
+    for grad_coef, params in by_coef.items():
+        torch._foreach_add_([p.grad for p in params], params, alpha=grad_coef)

@@ -118,3 +118,29 @@ def test_multiplied_decoupled_step_is_the_same_with_a_grad_scaler(tmp_path, scal
         survived = end != 0  # the proximal step after it zeroes the smallest
         assert survived.any()
         torch.testing.assert_close(end.detach()[survived], start[survived] * kept, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="a CPU gradient scaler needs torch >= 2.3")
+def test_a_step_the_grad_scaler_skips_leaves_the_factors_alone(tmp_path):
+    """Zero loss, AdamW with weight decay, multiplier m, 16-bit AMP with a gradient scaler; the first step's
+    gradients are made non-finite (the loss stays finite, as when float16 gradients overflow), so the scaler skips
+    it: after two steps every factor is ω·(1 − m·lr·m·2λ/D), one penalty step. Before 2026-12-07 the skipped step
+    left its shrink (at ``m × lr``, unscaled) and its neutralized decay behind."""
+    lam, lr, m = 0.3, 0.01, 5.0
+    snap = FactorSnapshot()
+    dwf = DWFCallback(depth=3, regime=FixedLamConfig(lam, recovery=0), verbose=False,
+                      factor_lr=FactorLRConfig(multiplier=m, warmup=0.0, check="off", pattern_step_cap=None),
+                      collapse=CollapseConfig(on_fit_end=False))
+    scaler = torch.amp.GradScaler("cpu")
+    model = _AdamWToy(lr=lr, zero_loss=True, n=32, batch_size=16)
+    bias = next(p for n, p in model.named_parameters() if n.endswith("bias"))
+    bias.register_hook(lambda g: g + float("inf") if scaler.get_scale() == scaler._init_scale else g)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[dwf, snap], enable_checkpointing=False,
+                                       plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]))
+    trainer.fit(model)
+    assert scaler.get_scale() < scaler._init_scale  # the first step was skipped
+    kept = 1 - m * lr * m * 2 * lam / 3
+    for end, start in zip(factor_parameters(trainer.lightning_module), snap.factors, strict=True):
+        survived = end != 0
+        assert survived.any()
+        torch.testing.assert_close(end.detach()[survived], start[survived] * kept, rtol=1e-6, atol=0)
