@@ -110,6 +110,11 @@ def sign_flip(coef: float, eta: float, multiplier: float, penalty: str) -> float
     return coef * eta * (max(multiplier, 1.0) if penalty == "decoupled" else 1.0)
 
 
+#: One param group's penalty step: its factors by the scale they get, and by the multiple of themselves added to
+#: their gradients (:func:`_apply_penalty`).
+_GroupStep = tuple[dict[float, list[nn.Parameter]], dict[float, list[nn.Parameter]]]
+
+
 @dataclass
 class _GroupPlan:
     optimizer: Optimizer
@@ -166,7 +171,7 @@ class FactorPenalty:
         self._hooked: set[int] = set()  # optimizers (by id) whose snapshot of this step the step pre-hook took
         #: by id of the optimizer: the factor scalings and gradient changes :meth:`before_step` left to the step
         #: pre-hook (a plain loop, 16-bit AMP with a scaler)
-        self._pending: dict[int, list[tuple[dict[float, list[nn.Parameter]], dict[float, list[nn.Parameter]]]]] = {}
+        self._pending: dict[int, list[_GroupStep]] = {}
         self._buffers: dict[int, torch.Tensor] = {}  # by id of the factor: its values before the step
         self._scaled_candidates: dict[int, list[nn.Parameter]] = {}  # by id of the optimizer: its factors
         self._hooks: list[Any] = []
@@ -362,7 +367,7 @@ class FactorPenalty:
         opt = unwrap_optimizer(optimizer)
         defer = id(opt) in self._scaled_candidates and id(opt) not in self._hooked
         coef = lam_to_weight_decay(self.lam, self.depth)
-        pending: list[tuple[dict[float, list[nn.Parameter]], dict[float, list[nn.Parameter]]]] = []
+        pending: list[_GroupStep] = []
         for plan in self._plans.get(id(opt), ()):
             frozen = self.frozen
             params = [p for p in plan.params if p.requires_grad and id(p) not in frozen]
