@@ -183,7 +183,7 @@ def cut_to_sparsity_(
     scores = {n: score(w).masked_fill(w < floor, 0.0) if score is not None else w for n, w in weights.items()}
     masks = keep_masks(scores, target, floor, min_share)
     zero_weights_(module, masks, optimizers)
-    smallest = [weights[n].abs().masked_fill(~m, math.inf).min() for n, m in masks.items() if m.numel()]
+    smallest = [torch.where(m, weights[n], math.inf).min() for n, m in masks.items() if m.numel()]  # magnitudes: >= 0
     return float(torch.stack(smallest).min()) if smallest else math.inf
 
 
