@@ -406,7 +406,7 @@ class FactorPenalty:
             if defer and by_scale:
                 pending.append((by_scale, by_coef))
             else:
-                _apply_penalty(by_scale, by_coef)
+                _apply_penalty((by_scale, by_coef))
         if defer:
             self._pending[id(opt)] = pending  # replaces what a step the scaler skipped left
 
@@ -426,8 +426,8 @@ class FactorPenalty:
         multipliers scale starts from the values before the penalty."""
         self._take_snapshot(optimizer)
         self._hooked.add(id(optimizer))
-        for by_scale, by_coef in self._pending.pop(id(optimizer), ()):
-            _apply_penalty(by_scale, by_coef)
+        for step in self._pending.pop(id(optimizer), ()):
+            _apply_penalty(step)
 
     @torch.no_grad()
     def _take_snapshot(self, optimizer: Optimizer) -> None:
@@ -467,10 +467,11 @@ class FactorPenalty:
             torch.lerp(before, p, m if limit is None else limit, out=p)
 
 
-def _apply_penalty(by_scale: dict[float, list[nn.Parameter]], by_coef: dict[float, list[nn.Parameter]]) -> None:
+def _apply_penalty(step: _GroupStep) -> None:
     """One param group's penalty step: scale the factors (the decoupled shrink, the neutralized decoupled decay), then
     add to their gradients (the gradient penalty, the neutralized coupled decay, of the factors as they are at the
     step)."""
+    by_scale, by_coef = step
     for scale, params in by_scale.items():
         torch._foreach_mul_(params, scale)
     for grad_coef, params in by_coef.items():
